@@ -1,0 +1,45 @@
+"""Launching the harness for real in tests: `mpirun -n P python -m harness.run ...`."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# A model small enough that a run costs ~import time; threads=1 so that runs with different
+# world sizes do bit-identical arithmetic.
+SMALL = ["model.layers=6", "model.width=64", "model.in_features=32", "data.batch_size=32",
+         "threads=1", "quiet=true"]
+
+
+def mpirun() -> str:
+    """The mpirun next to this Python (the PyPI mpich puts it in the venv), else on PATH."""
+    here = Path(sys.executable).parent / "mpirun"
+    found = str(here) if here.exists() else shutil.which("mpirun")
+    if not found:
+        raise RuntimeError("mpirun not found: install the project with its [mpi] extra")
+    return found
+
+
+def run_harness(n: int | None, *args: str, timeout: float = 240, cwd=None):
+    """Run the harness on n ranks (None: plain `python -m harness.run`, no mpirun)."""
+    cmd = [sys.executable, "-m", "harness.run", *args]
+    if n is not None:
+        cmd = [mpirun(), "-n", str(n), *cmd]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          cwd=cwd or REPO, env=env)
+
+
+def ok(proc) -> Path:
+    """Assert a run succeeded; return its run directory (the last line it printed)."""
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
+def meta(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "meta.json").read_text())
