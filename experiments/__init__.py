@@ -1,0 +1,1 @@
+"""Experiment definitions (`<name>.yaml`, selected with `exp=<name>`) and the paper workflow."""

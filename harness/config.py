@@ -1,0 +1,269 @@
+"""Typed, documented configuration; `exp=NAME key=value ...` on the command line.
+
+Resolution order (later wins): the defaults below < `experiments/NAME.yaml` < command-line
+`key=value` overrides (Hydra's override syntax for plain values and lists; OmegaConf does the
+parsing, merging and type checking). Everything is validated here, before any MPI communication,
+so every rank reaches the same verdict on its own and the job fails fast and identically.
+Hydra itself is not used: its `@hydra.main` would make every rank create an output directory.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import List, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
+DEFAULT_EXPERIMENT = "deep_mlp"
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message names the key and what is allowed."""
+
+
+def doc(text: str, default=MISSING, factory=MISSING):
+    """A dataclass field with its one-line meaning (shown by `--help`)."""
+    if factory is not MISSING:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class RunCfg:
+    dir: Optional[str] = doc("run directory; default results/<exp>-<timestamp>. "
+                             "An existing non-empty directory is refused", None)
+    save_weights: bool = doc("write each rank's final weights to ranks/weights.r<R>.pt "
+                             "(keyed by global layer index)", False)
+
+
+@dataclass
+class TrainCfg:
+    steps: int = doc("training steps (one step = one full batch through the pipeline)", 30)
+    lr: float = doc("SGD learning rate", 0.003)
+    momentum: float = doc("SGD momentum (0 = plain SGD)", 0.9)
+    seed: int = doc("seed for weights and data; same seed = same model for any world size", 0)
+
+
+@dataclass
+class DataCfg:
+    batch_size: int = doc("samples per step (split into pipeline.microbatches)", 256)
+    noise: float = doc("std of the Gaussian noise around each class centre", 1.0)
+
+
+@dataclass
+class ModelCfg:
+    layers: int = doc("Linear layers in the MLP (ReLU after each but the last)", 16)
+    width: int = doc("hidden width", 1024)
+    in_features: int = doc("input features of the synthetic data", 256)
+    classes: int = doc("classes of the synthetic data (cross-entropy loss)", 10)
+
+
+@dataclass
+class PipelineCfg:
+    split: Optional[List[int]] = doc("layers per stage, e.g. [9,7]; default: balanced by "
+                                     "parameter count", None)
+    microbatches: int = doc("microbatches per step (must divide data.batch_size)", 1)
+
+
+@dataclass
+class TraceCfg:
+    enabled: bool = doc("write per-rank traces (spans, pebbles, memory); false trains identically", True)
+    per_layer: bool = doc("one span and pebble attribution per layer (else per stage)", True)
+    sample_interval_ms: float = doc("memory sampling interval of the background thread", 10.0)
+    clock_exchanges: int = doc("ping-pong exchanges per rank for clock-offset estimation", 10)
+
+
+@dataclass
+class CommCfg:
+    timeout_s: float = doc("a blocking send/receive/wait that takes longer aborts the job", 120.0)
+    cuda_aware: str = doc("auto|true|false: pass CUDA buffers to MPI directly (else stage "
+                          "through host memory); auto asks MPI (mpi_memory_alloc_kinds)", "auto")
+
+
+@dataclass
+class DebugCfg:
+    fail_rank: int = doc("test knob: raise an exception on this rank (-1 = never)", -1)
+    fail_step: int = doc("test knob: ... at the start of this step", 0)
+    stall_rank: int = doc("test knob: this rank stops communicating (sleeps) ... (-1 = never)", -1)
+    stall_step: int = doc("test knob: ... at the start of this step, so its peers' receives "
+                          "can never complete", 0)
+    clock_rank: int = doc("test knob: rank whose trace clock is skewed (-1 = none)", -1)
+    clock_offset_ms: float = doc("test knob: constant offset added to that rank's clock", 0.0)
+    clock_drift_ppm: float = doc("test knob: drift of that rank's clock, parts per million", 0.0)
+
+
+@dataclass
+class Config:
+    exp: str = doc("experiment: experiments/<exp>.yaml", DEFAULT_EXPERIMENT)
+    description: str = doc("one line saying what the experiment shows", "")
+    world_sizes: Optional[List[int]] = doc("world sizes (ranks) the experiment can use; "
+                                           "default any from 1 to model.layers", None)
+    device: str = doc("auto|cpu|cuda; auto = cuda:<local rank> when CUDA is available", "auto")
+    threads: int = doc("torch threads per rank; 0 = cores / ranks on this host (at least 1)", 0)
+    quiet: bool = doc("no per-step progress line", False)
+    schedule: str = doc("pipeline schedule", "naive")
+    run: RunCfg = doc("", factory=RunCfg)
+    train: TrainCfg = doc("", factory=TrainCfg)
+    data: DataCfg = doc("", factory=DataCfg)
+    model: ModelCfg = doc("", factory=ModelCfg)
+    pipeline: PipelineCfg = doc("", factory=PipelineCfg)
+    trace: TraceCfg = doc("", factory=TraceCfg)
+    comm: CommCfg = doc("", factory=CommCfg)
+    debug: DebugCfg = doc("", factory=DebugCfg)
+
+
+def experiments() -> dict[str, str]:
+    """Available experiments: name -> description (from their yaml)."""
+    out = {}
+    for p in sorted(EXPERIMENTS_DIR.glob("*.yaml")):
+        y = OmegaConf.load(p)
+        if "sweep" in y:  # sweep definitions live beside experiments but are not runnable here
+            continue
+        out[p.stem] = str(y.get("description", ""))
+    return out
+
+
+def keys(cls=Config, prefix="") -> list[tuple[str, str, object]]:
+    """(dotted key, meaning, default) for every leaf field, for --help and error messages."""
+    out = []
+    for f in fields(cls):
+        default = f.default_factory() if f.default is MISSING else f.default
+        if is_dataclass(default):
+            out += keys(type(default), f"{prefix}{f.name}.")
+        else:
+            out.append((f"{prefix}{f.name}", f.metadata.get("help", ""), default))
+    return out
+
+
+def _section_keys(full_key: str) -> list[str]:
+    section = full_key.rsplit(".", 1)[0] + "." if "." in full_key else ""
+    return [k for k, _, _ in keys() if k.startswith(section) and "." not in k[len(section):]]
+
+
+def load(argv: list[str], world_size: int = 1) -> Config:
+    """Compose the config from `exp=NAME` and `key=value` arguments and validate it."""
+    overrides, exp = [], DEFAULT_EXPERIMENT
+    for arg in argv:
+        if "=" not in arg or arg.startswith(("+", "~", "-")):
+            raise ConfigError(f"cannot read argument {arg!r}: expected key=value "
+                              f"(e.g. train.steps=5); see --help")
+        k, v = arg.split("=", 1)
+        if k == "exp":
+            exp = v
+        else:
+            overrides.append(arg)
+    known = experiments()
+    if exp not in known:
+        raise ConfigError(f"exp={exp!r}: no experiments/{exp}.yaml; "
+                          f"allowed: {', '.join(known) or '(none found)'}")
+    try:
+        schema = OmegaConf.structured(Config)
+        exp_yaml = OmegaConf.load(EXPERIMENTS_DIR / f"{exp}.yaml")
+        cli = OmegaConf.from_dotlist(overrides)
+        merged = OmegaConf.merge(schema, exp_yaml, cli, {"exp": exp})
+        cfg: Config = OmegaConf.to_object(merged)
+    except ConfigKeyError as e:
+        key = getattr(e, "full_key", None) or str(e)
+        raise ConfigError(f"unknown key {key!r}; keys here: {', '.join(_section_keys(key))}") from None
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", "?")
+        want = next((type(d).__name__ for k, _, d in keys() if k == key and d is not None), "")
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"{key}: {msg}" + (f" (expected {want})" if want else "")) from None
+    validate(cfg, world_size)
+    return cfg
+
+
+def _check(cond: bool, msg: str):
+    if not cond:
+        raise ConfigError(msg)
+
+
+def validate(cfg: Config, world_size: int) -> None:
+    """Semantic checks that types alone cannot express. Raises ConfigError."""
+    from . import schedule as sched_mod  # local: schedule imports nothing from here
+
+    t, d, m, p = cfg.train, cfg.data, cfg.model, cfg.pipeline
+    _check(t.steps >= 1, f"train.steps={t.steps}: must be >= 1")
+    _check(t.lr > 0, f"train.lr={t.lr}: must be > 0")
+    _check(0 <= t.momentum < 1, f"train.momentum={t.momentum}: must be in [0, 1)")
+    _check(d.batch_size >= 1, f"data.batch_size={d.batch_size}: must be >= 1")
+    _check(d.noise >= 0, f"data.noise={d.noise}: must be >= 0")
+    for k in ("layers", "width", "in_features", "classes"):
+        v = getattr(m, k)
+        _check(v >= 1, f"model.{k}={v}: must be >= 1")
+    _check(cfg.device in ("auto", "cpu", "cuda"), f"device={cfg.device!r}: allowed auto, cpu, cuda")
+    if cfg.device == "cuda":
+        import torch
+        _check(torch.cuda.is_available(), "device=cuda: CUDA is not available here (no GPU, or a "
+               "CPU build of torch); use device=auto or device=cpu")
+    _check(cfg.threads >= 0, f"threads={cfg.threads}: must be >= 0 (0 = automatic)")
+    _check(cfg.comm.cuda_aware in ("auto", "true", "false"),
+           f"comm.cuda_aware={cfg.comm.cuda_aware!r}: allowed auto, true, false")
+    _check(cfg.comm.timeout_s > 0, f"comm.timeout_s={cfg.comm.timeout_s}: must be > 0")
+    _check(cfg.trace.sample_interval_ms > 0,
+           f"trace.sample_interval_ms={cfg.trace.sample_interval_ms}: must be > 0")
+    _check(cfg.trace.clock_exchanges >= 1,
+           f"trace.clock_exchanges={cfg.trace.clock_exchanges}: must be >= 1")
+    if cfg.world_sizes is not None:
+        _check(world_size in cfg.world_sizes,
+               f"world size {world_size}: experiment {cfg.exp!r} runs with "
+               f"{' or '.join(map(str, cfg.world_sizes))} ranks (world_sizes)")
+    _check(world_size <= m.layers,
+           f"world size {world_size}: more pipeline stages than model.layers={m.layers}; "
+           f"use at most {m.layers} ranks or more layers")
+    if p.split is not None:
+        _check(len(p.split) == world_size,
+               f"pipeline.split={list(p.split)}: needs one entry per rank ({world_size})")
+        _check(all(n >= 1 for n in p.split), f"pipeline.split={list(p.split)}: every stage needs >= 1 layer")
+        _check(sum(p.split) == m.layers,
+               f"pipeline.split={list(p.split)}: sums to {sum(p.split)}, model.layers={m.layers}")
+    _check(p.microbatches >= 1, f"pipeline.microbatches={p.microbatches}: must be >= 1")
+    _check(d.batch_size % p.microbatches == 0,
+           f"pipeline.microbatches={p.microbatches}: must divide data.batch_size={d.batch_size}")
+    _check(cfg.schedule in sched_mod.SCHEDULES,
+           f"schedule={cfg.schedule!r}: allowed {', '.join(sched_mod.SCHEDULES)}")
+    try:
+        sched_mod.build(cfg.schedule, world_size, p.microbatches, **_schedule_flags(cfg))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    # run.dir is checked by rank 0 when it creates the directory (rundir.choose): checking it
+    # here would race with rank 0 creating it.
+    for k in ("fail_rank", "stall_rank", "clock_rank"):
+        v = getattr(cfg.debug, k)
+        _check(-1 <= v < world_size, f"debug.{k}={v}: no such rank in a world of {world_size} "
+               f"(-1 = off)")
+
+
+def _schedule_flags(cfg: Config) -> dict:
+    """Keyword arguments of schedule.build that come from the config."""
+    return {}
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def help_text() -> str:
+    lines = ["usage: [mpirun -n P] python -m harness.run [exp=NAME] [key=value ...]", "",
+             "Trains a model split into P pipeline stages, one per MPI rank, and writes a run",
+             "directory (docs/run-format.md). Overrides use dotted keys, lists as [a,b].", "",
+             "experiments (exp=):"]
+    for name, desc in experiments().items():
+        lines.append(f"  {name:<18} {desc}")
+    lines += ["", "keys (default):"]
+    for k, h, d in keys():
+        if k in ("exp", "description"):
+            continue
+        lines.append(f"  {k + '=' + str(d):<34} {h}")
+    return "\n".join(lines)
+
+
+def cores_available() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
