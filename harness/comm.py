@@ -1,0 +1,222 @@
+"""All MPI traffic of the harness, instrumented in one place.
+
+Inside a training step only point-to-point calls happen (`P2P`): tensors move as raw buffers with
+the upper-case mpi4py calls (no pickling), each call is timed on the host clock and traced, and a
+watchdog aborts the job if a blocking call outlives `comm.timeout_s`, so a receive that can never
+complete does not wait forever. Collectives (`bcast`, `gather`, `barrier`) and the clock
+ping-pong are used only outside steps, during setup and teardown.
+
+CUDA tensors go to MPI directly when MPI can take device memory (CUDA-aware), else they are staged
+through pinned host memory with the copies traced as `d2h`/`h2d` spans. The CUDA paths are not
+verified on hardware (the development machines have no GPU).
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from .trace.clock import best_exchange
+
+WORLD = MPI.COMM_WORLD
+CLOCK_TAG = 32000  # pipeline tags are 2*mb (+1 for gradients), far below this
+
+
+def rank_size() -> tuple[int, int]:
+    return WORLD.Get_rank(), WORLD.Get_size()
+
+
+def local_rank_size() -> tuple[int, int]:
+    """Rank and number of ranks on this host (collective: call during setup)."""
+    node = WORLD.Split_type(MPI.COMM_TYPE_SHARED)
+    out = node.Get_rank(), node.Get_size()
+    node.Free()
+    return out
+
+
+def bcast(obj, root=0):
+    return WORLD.bcast(obj, root=root)
+
+
+def allgather(obj):
+    return WORLD.allgather(obj)
+
+
+def gather(obj, root=0):
+    return WORLD.gather(obj, root=root)
+
+
+def barrier():
+    WORLD.Barrier()
+
+
+def abort(code: int = 1):
+    WORLD.Abort(code)
+
+
+def library() -> str:
+    return " ".join(MPI.Get_library_version().split())[:200]
+
+
+def mpi_takes_cuda() -> bool:
+    """MPI 4.1's memory allocation kinds: a CUDA-aware MPI lists "cuda" (MPICH, Open MPI 5)."""
+    try:
+        kinds = WORLD.Get_info().get("mpi_memory_alloc_kinds") or ""
+    except Exception:  # noqa: BLE001 - an MPI without the key is not CUDA-aware as far as we know
+        return False
+    return "cuda" in kinds
+
+
+def _wire(t: torch.Tensor):
+    """A buffer MPI can read/write without copying: numpy for CPU, the tensor for CUDA."""
+    if t.dtype == torch.bfloat16:  # numpy has no bf16: move the same bytes as int16
+        t = t.view(torch.int16)
+    return t.numpy() if t.device.type == "cpu" else t
+
+
+class Watchdog(threading.Thread):
+    """Aborts via `on_timeout(what)` when one blocking call lasts longer than `timeout_s`."""
+
+    def __init__(self, timeout_s: float, on_timeout):
+        super().__init__(name="comm-watchdog", daemon=True)
+        self.timeout_s, self.on_timeout = timeout_s, on_timeout
+        self.blocked = None  # (deadline on time.monotonic, description) while in a blocking call
+        self._stop_evt = threading.Event()
+
+    def run(self):
+        poll = min(0.5, self.timeout_s / 10)
+        while not self._stop_evt.wait(poll):
+            b = self.blocked
+            if b is not None and time.monotonic() > b[0]:
+                self.on_timeout(b[1])
+                return
+
+    def stop(self):
+        self._stop_evt.set()
+
+
+class Pending:
+    """A posted Isend/Irecv; keeps its buffers alive until `P2P.wait` (MPI requires it)."""
+    __slots__ = ("req", "kind", "tensor", "host", "peer", "tag", "step", "mb", "pair", "t0")
+
+    def __init__(self, req, kind, tensor, host, peer, tag, step, mb, pair, t0):
+        self.req, self.kind, self.tensor, self.host = req, kind, tensor, host
+        self.peer, self.tag, self.step, self.mb, self.pair, self.t0 = peer, tag, step, mb, pair, t0
+
+
+class P2P:
+    """Point-to-point tensor transport for one rank, traced and guarded by a watchdog."""
+
+    def __init__(self, tracer, now, timeout_s: float, on_timeout, device, cuda_aware: bool):
+        self.tracer, self.now = tracer, now
+        self.device, self.cuda_aware = device, cuda_aware
+        self.stage_via_host = device.type == "cuda" and not cuda_aware
+        self.watchdog = Watchdog(timeout_s, on_timeout)
+        self.watchdog.start()
+        self.timeout_s = timeout_s
+
+    def close(self):
+        self.watchdog.stop()
+
+    def _guard(self, what: str):
+        self.watchdog.blocked = (time.monotonic() + self.timeout_s, what)
+
+    # -- device <-> wire ----------------------------------------------------------------------
+    def _to_wire(self, t, step, mb):
+        """-> (tensor whose memory MPI reads, host copy or None)."""
+        t = t.detach().contiguous()
+        if t.device.type != "cuda":
+            return t, None
+        if not self.stage_via_host:
+            torch.cuda.current_stream(t.device).synchronize()  # the kernel producing t is done
+            return t, None
+        t0 = self.now()
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t)  # synchronous: returns when the bytes are on the host
+        self.tracer.copy(step, mb, "d2h", t0, self.now(), host.numel() * host.element_size())
+        return host, host
+
+    def _recv_buffer(self, shape, dtype):
+        if self.device.type == "cuda" and self.stage_via_host:
+            return torch.empty(shape, dtype=dtype, pin_memory=True)
+        return torch.empty(shape, dtype=dtype, device=self.device)
+
+    def _from_wire(self, buf, step, mb):
+        if self.device.type == "cuda" and self.stage_via_host:
+            t0 = self.now()
+            out = buf.to(self.device)
+            torch.cuda.current_stream(self.device).synchronize()
+            self.tracer.copy(step, mb, "h2d", t0, self.now(), buf.numel() * buf.element_size())
+            return out
+        return buf
+
+    # -- blocking --------------------------------------------------------------------------
+    def send(self, t, dst, tag, step, mb, pair):
+        wire, _ = self._to_wire(t, step, mb)
+        self._guard(f"send {pair} to rank {dst} (tag {tag}, step {step})")
+        t0 = self.now()
+        WORLD.Send(_wire(wire), dest=dst, tag=tag)
+        t1 = self.now()
+        self.watchdog.blocked = None
+        self.tracer.comm(step, mb, "send", t0, t1, t0, dst, tag, wire.numel() * wire.element_size(), pair)
+
+    def recv(self, shape, dtype, src, tag, step, mb, pair):
+        buf = self._recv_buffer(shape, dtype)
+        self._guard(f"receive {pair} from rank {src} (tag {tag}, step {step})")
+        t0 = self.now()
+        WORLD.Recv(_wire(buf), source=src, tag=tag)
+        t1 = self.now()
+        self.watchdog.blocked = None
+        self.tracer.comm(step, mb, "recv", t0, t1, t0, src, tag, buf.numel() * buf.element_size(), pair)
+        return self._from_wire(buf, step, mb)
+
+    # -- non-blocking ----------------------------------------------------------------------
+    def isend(self, t, dst, tag, step, mb, pair) -> Pending:
+        wire, host = self._to_wire(t, step, mb)
+        t0 = self.now()
+        req = WORLD.Isend(_wire(wire), dest=dst, tag=tag)
+        return Pending(req, "send", wire, host, dst, tag, step, mb, pair, t0)
+
+    def irecv(self, shape, dtype, src, tag, step, mb, pair) -> Pending:
+        buf = self._recv_buffer(shape, dtype)
+        t0 = self.now()
+        req = WORLD.Irecv(_wire(buf), source=src, tag=tag)
+        return Pending(req, "recv", buf, None, src, tag, step, mb, pair, t0)
+
+    def wait(self, p: Pending):
+        """Complete a posted operation; returns the received tensor for a receive."""
+        verb = "send" if p.kind == "send" else "receive"
+        self._guard(f"wait for {verb} {p.pair} with rank {p.peer} (tag {p.tag}, step {p.step})")
+        tb = self.now()
+        p.req.Wait()
+        t1 = self.now()
+        self.watchdog.blocked = None
+        nbytes = p.tensor.numel() * p.tensor.element_size()
+        self.tracer.comm(p.step, p.mb, p.kind, p.t0, t1, tb, p.peer, p.tag, nbytes, p.pair)
+        return self._from_wire(p.tensor, p.step, p.mb) if p.kind == "recv" else None
+
+
+def clock_offsets(now, exchanges: int) -> list[dict] | None:
+    """Ping-pong every rank with rank 0 (Score-P): rank 0 gets, per rank, the exchange with the
+    smallest round trip as {rank, t_local, offset_ns, rtt_ns}; other ranks get None. Collective."""
+    rank, size = rank_size()
+    ping, stamp = np.zeros(1, np.int64), np.zeros(1, np.int64)
+    if rank == 0:
+        out = [{"rank": 0, "t_local": now(), "offset_ns": 0, "rtt_ns": 0}]
+        for r in range(1, size):
+            samples = []
+            for _ in range(exchanges):
+                t_send = now()
+                WORLD.Send(ping, dest=r, tag=CLOCK_TAG)
+                WORLD.Recv(stamp, source=r, tag=CLOCK_TAG)
+                samples.append((t_send, int(stamp[0]), now()))
+            out.append({"rank": r, **best_exchange(samples)})
+        return out
+    for _ in range(exchanges):
+        WORLD.Recv(ping, source=0, tag=CLOCK_TAG)
+        stamp[0] = now()
+        WORLD.Send(stamp, dest=0, tag=CLOCK_TAG)
+    return None

@@ -1,0 +1,287 @@
+"""Entry point: `[mpirun -n P] python -m harness.run [exp=NAME] [key=value ...]`.
+
+One process per pipeline stage. The order matters: the config is validated before any MPI
+communication; then rank 0 creates the run directory and shares it; then every rank builds its
+stage, writes its traces and stats while training, and rank 0 marks the run complete only after
+every rank has finished. An exception on any rank is printed once (by that rank), recorded in
+meta.json and brings the whole job down with MPI_Abort, so no rank is left blocked in a receive.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import sys
+import time
+import traceback
+from importlib import metadata
+from pathlib import Path
+
+from . import config
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(config.help_text())
+        return 0
+    from . import comm  # initialises MPI (only now: --help must work without it)
+
+    rank, size = comm.rank_size()
+    cfg, error = None, None
+    try:
+        cfg = config.load(argv, world_size=size)
+    except config.ConfigError as e:
+        error = str(e)
+    # Every rank validates on its own and should reach the same verdict; agreeing on it (the
+    # job's first communication) makes sure no rank trains while another has quit.
+    errors = comm.allgather(error)
+    if any(errors):
+        first = next(r for r, e in enumerate(errors) if e)
+        if rank == first:  # printed once
+            print(f"harness.run: error: {errors[first]}", file=sys.stderr, flush=True)
+        return 2
+    return Run(cfg, rank, size).main()
+
+
+class Run:
+    def __init__(self, cfg, rank: int, size: int):
+        self.cfg, self.rank, self.size = cfg, rank, size
+        self.last = rank == size - 1
+        self.run_dir = self.files = self.tracer = self.sampler = self.p2p = None
+
+    def main(self) -> int:
+        from . import comm
+        try:
+            if not self.setup_dir():
+                return 2
+            self.setup()
+            self.train()
+            self.finish()
+            return 0
+        except BaseException as e:  # noqa: BLE001 - whatever it is, the job must come down
+            self.fail(type(e).__name__, str(e), traceback.format_exc())
+            if self.size > 1:
+                comm.abort(1)
+            return 1
+
+    # -- setup --------------------------------------------------------------------------------
+    def setup_dir(self) -> bool:
+        from . import comm, rundir
+        decision = None
+        if self.rank == 0:
+            try:
+                path, notice = rundir.choose(self.cfg.exp, self.cfg.run.dir)
+                decision = (str(path), notice, None)
+            except OSError as e:
+                decision = (None, None, str(e))
+        path, notice, error = comm.bcast(decision)
+        if error:
+            if self.rank == 0:
+                print(f"harness.run: error: {error}", file=sys.stderr, flush=True)
+            return False
+        self.run_dir = Path(path)
+        self.files = rundir.RankFiles(self.run_dir, self.rank)
+        if notice and self.rank == 0:
+            print(notice, file=sys.stderr, flush=True)
+            self.files.log(notice)
+        return True
+
+    def setup(self):
+        import torch
+
+        from . import comm, model, rundir
+        from . import schedule as S
+        from .trace import clock as tclock
+        from .trace import memory, pebbles, writer
+
+        cfg, rank, size = self.cfg, self.rank, self.size
+        self.start_time = rundir.now_iso()
+        local_rank, local_size = comm.local_rank_size()
+        threads = cfg.threads or max(1, config.cores_available() // local_size)
+        torch.set_num_threads(threads)
+        if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
+            device = torch.device("cpu")
+        else:
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+            torch.cuda.set_device(device)
+        cuda_aware = (comm.mpi_takes_cuda() if cfg.comm.cuda_aware == "auto"
+                      else cfg.comm.cuda_aware == "true") and device.type == "cuda"
+
+        m = cfg.model
+        costs = model.layer_params(m)
+        bounds = (model.split_from_sizes(cfg.pipeline.split) if cfg.pipeline.split
+                  else model.partition(costs, size))
+        self.bounds = bounds
+        layers = model.build_stage(m, bounds[rank], cfg.train.seed).to(device)
+        opt = torch.optim.SGD(layers.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum)
+        self.schedule = S.build(cfg.schedule, size, cfg.pipeline.microbatches,
+                                **config._schedule_flags(cfg))
+
+        d = cfg.debug
+        skewed = d.clock_rank == rank
+        self.clock = tclock.Clock(int(d.clock_offset_ms * 1e6) if skewed else 0,
+                                  d.clock_drift_ppm if skewed else 0.0)
+        timer = (tclock.CudaTimer(self.clock, device) if device.type == "cuda"
+                 else tclock.HostTimer(self.clock))
+        mem_status = {}
+        if cfg.trace.enabled:
+            tracker = pebbles.PebbleTracker(self.clock.now, layers.parameters())
+            self.tracer = writer.Tracer(self.run_dir / "trace", rank, timer, tracker)
+            readers, mem_status = memory.open_sources(device)
+            self.sampler = memory.MemorySampler(readers, self.clock.now, self.tracer.memory.write_rows,
+                                                cfg.trace.sample_interval_ms / 1000)
+        else:
+            tracker, self.tracer = None, writer.NullTracer()
+        self.p2p = comm.P2P(self.tracer, self.clock.now, cfg.comm.timeout_s, self.on_timeout,
+                            device, cuda_aware)
+        data = model.Data(m, cfg.data.batch_size, cfg.data.noise, cfg.train.seed)
+        self.executor = self._executor(layers, bounds[rank], data, tracker, opt, device)
+        self.layers = layers
+
+        info = {"rank": rank, "host": socket.gethostname(), "pid": os.getpid(),
+                "device": str(device), "local_rank": local_rank, "threads": threads,
+                "timer": timer.kind if cfg.trace.enabled else None, "memory_sources": mem_status}
+        infos = comm.gather(info)
+        if rank == 0:
+            self.write_start_files(infos, costs, bounds, cuda_aware)
+        comm.barrier()
+        self.clock_start = comm.clock_offsets(self.clock.now, cfg.trace.clock_exchanges)
+        if self.sampler:
+            self.sampler.start()
+
+    def _executor(self, layers, bounds, data, tracker, opt, device):
+        from . import model
+        from .executor import StageExecutor
+        cfg = self.cfg
+        return StageExecutor(
+            rank=self.rank, size=self.size, layers=layers, bounds=bounds,
+            n_layers=cfg.model.layers, widths=model.widths(cfg.model), data=data,
+            m=cfg.pipeline.microbatches, p2p=self.p2p, tracer=self.tracer, tracker=tracker,
+            optimizer=opt, lr=cfg.train.lr, momentum=cfg.train.momentum,
+            per_layer=cfg.trace.per_layer, device=device,
+            fail_step=cfg.debug.fail_step if cfg.debug.fail_rank == self.rank else None,
+            stall_step=cfg.debug.stall_step if cfg.debug.stall_rank == self.rank else None)
+
+    def write_start_files(self, infos, costs, bounds, cuda_aware):
+        from . import comm, model, rundir
+        from . import schedule as S
+        cfg, d = self.cfg, self.run_dir
+        rundir.write_atomic(d / "config.yaml", config.to_yaml(cfg))
+        rundir.write_json(d / "schedule.json", S.to_json(self.schedule, cfg.schedule,
+                                                         cfg.pipeline.microbatches, False))
+        mb_rows = cfg.data.batch_size // cfg.pipeline.microbatches
+        per_mb = [model.activation_bytes(cfg.model, b, mb_rows, s == self.size - 1)
+                  for s, b in enumerate(bounds)]
+        in_flight = peak_in_flight(self.schedule)
+        self.meta = {
+            "format": 1, "experiment": cfg.exp, "status": "running", "error": None,
+            "world_size": self.size, "start_time": self.start_time, "end_time": None,
+            "ranks": infos,
+            "model": {"layers": cfg.model.layers, "widths": model.widths(cfg.model),
+                      "batch_size": cfg.data.batch_size, "dtype": "float32",
+                      "param_counts": costs},
+            "split": [list(b) for b in bounds],
+            "schedule": {"name": cfg.schedule, "microbatches": cfg.pipeline.microbatches,
+                         "overlap": False},
+            "pebbles_theory": {"bytes_per_microbatch": per_mb,
+                               "peak_bytes": [b * k for b, k in zip(per_mb, in_flight)]},
+            "trace": {"enabled": cfg.trace.enabled, "format": 1, "per_layer": cfg.trace.per_layer,
+                      "sample_interval_ms": cfg.trace.sample_interval_ms},
+            "clock": {"method": "ping-pong with rank 0, minimum round trip (Score-P)",
+                      "exchanges": cfg.trace.clock_exchanges, "estimates": []},
+            "versions": versions(), "mpi_library": comm.library(), "cuda_aware_mpi": cuda_aware,
+        }
+        rundir.write_json(d / "meta.json", self.meta)
+
+    # -- training ------------------------------------------------------------------------------
+    def train(self):
+        cfg, ex = self.cfg, self.executor
+        actions = self.schedule[self.rank]
+        for step in range(cfg.train.steps):
+            t0 = time.perf_counter()
+            out = ex.run_step(step, actions)
+            dt = time.perf_counter() - t0
+            self.tracer.flush()
+            self.files.stat(step, out["loss"], out["grad_norm"], out["update_norm"], dt)
+            if self.last:
+                line = (f"step {step + 1:>4}/{cfg.train.steps}  loss {out['loss']:.4f}  "
+                        f"step time {dt * 1e3:.1f} ms")
+                self.files.log(line)
+                if not cfg.quiet:
+                    print(line, flush=True)
+
+    def finish(self):
+        from . import comm, rundir
+        if self.cfg.run.save_weights:
+            import torch
+            first = self.bounds[self.rank][0]
+            state = {first + i: {k: v.detach().cpu() for k, v in blk.state_dict().items()}
+                     for i, blk in enumerate(self.layers)}
+            torch.save(state, self.run_dir / "ranks" / f"weights.r{self.rank}.pt")
+        clock_end = comm.clock_offsets(self.clock.now, self.cfg.trace.clock_exchanges)
+        if self.sampler:
+            self.sampler.stop()
+        self.tracer.close()
+        self.p2p.close()
+        self.files.close()
+        comm.barrier()  # every rank's files are complete
+        if self.rank == 0:
+            rundir.merge_stats(self.run_dir, self.size)
+            est = [dict(e, phase="start") for e in self.clock_start[1:]]
+            est += [dict(e, phase="end") for e in clock_end[1:]]
+            self.meta.update(status="complete", end_time=rundir.now_iso())
+            self.meta["clock"]["estimates"] = est
+            rundir.write_json(self.run_dir / "meta.json", self.meta)
+        comm.barrier()  # meta.json says complete before anyone says the run is done
+        if self.last:
+            print(self.run_dir, flush=True)
+
+    # -- failure -------------------------------------------------------------------------------
+    def fail(self, exc_type: str, message: str, tb: str):
+        from . import rundir
+        sys.stderr.write(f"[rank {self.rank}] harness.run failed; aborting the job\n{tb}")
+        sys.stderr.flush()
+        try:
+            if self.files:
+                self.files.log(f"FAILED\n{tb}")
+            if self.run_dir:
+                rundir.mark_failed(self.run_dir, self.rank, exc_type, message)
+            if self.tracer:
+                self.tracer.flush()
+        except Exception as e:  # noqa: BLE001 - recording the failure must not mask it
+            sys.stderr.write(f"[rank {self.rank}] could not record the failure: {e}\n")
+
+    def on_timeout(self, what: str):
+        """Watchdog thread: a blocking call outlived comm.timeout_s."""
+        from . import comm
+        msg = (f"rank {self.rank}: {what} did not complete within "
+               f"comm.timeout_s={self.cfg.comm.timeout_s:g} s")
+        self.fail("CommTimeout", msg, msg + "\n")
+        comm.abort(3)
+
+
+def peak_in_flight(sched) -> list[int]:
+    """Per stage, the most microbatches whose forward ran and backward has not yet."""
+    out = []
+    for acts in sched:
+        live = peak = 0
+        for a in acts:
+            live += (a.kind == "fwd") - (a.kind == "bwd")
+            peak = max(peak, live)
+        out.append(peak)
+    return out
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for dist in ("torch", "mpi4py", "numpy", "omegaconf", "psutil", "nvidia-ml-py", "mpich"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""The run directory (docs/run-format.md): chosen once by rank 0, never overwriting a run.
+
+Files that could be mistaken for complete (`meta.json`, `config.yaml`, `schedule.json`,
+`stats.csv`) are written whole to a temporary name and renamed (atomic on POSIX); the per-rank
+logs and stats are append-only and flushed every step.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import os
+from pathlib import Path
+
+STATS_COLS = ("step", "rank", "loss", "grad_norm", "update_norm", "step_time")
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat()
+
+
+def choose(exp: str, explicit: str | None) -> tuple[Path, str | None]:
+    """Create the run directory (rank 0 only). -> (path, notice or None).
+
+    An explicit `run.dir` that exists and is not empty is refused; the default name
+    results/<exp>-<timestamp> gets a -2, -3, ... suffix if taken, and says so.
+    """
+    if explicit is not None:
+        path = Path(explicit)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise FileExistsError(f"run.dir={explicit}: already exists and is not empty; "
+                                  f"a run never overwrites another (choose a new run.dir)")
+        path.mkdir(parents=True, exist_ok=True)
+        return path, None
+    base = Path("results") / f"{exp}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    base.parent.mkdir(parents=True, exist_ok=True)
+    path, n = base, 1
+    while True:
+        try:
+            path.mkdir()  # atomic: two jobs started in the same second cannot share a directory
+            break
+        except FileExistsError:
+            n += 1
+            path = base.with_name(f"{base.name}-{n}")
+    notice = f"note: {base} exists; this run writes to {path}" if n > 1 else None
+    return path, notice
+
+
+def write_atomic(path: Path, text: str, tag: str = "") -> None:
+    """Write `text` to `path` so that readers see the old file or the new one, never half."""
+    tmp = path.with_name(f".{path.name}.{tag or os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj, tag: str = "") -> None:
+    write_atomic(path, json.dumps(obj, indent=2, default=str) + "\n", tag)
+
+
+def mark_failed(run_dir: Path, rank: int, exc_type: str, message: str) -> None:
+    """Any rank may call this when it is about to abort the job: meta.json says failed."""
+    path = run_dir / "meta.json"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        meta = {"format": 1}
+    if meta.get("status") == "failed":  # the first failure is the cause; keep it
+        return
+    meta.update(status="failed", end_time=now_iso(),
+                error={"rank": rank, "type": exc_type, "message": message})
+    write_json(path, meta, tag=f"r{rank}")
+
+
+class RankFiles:
+    """A rank's own append-only files: ranks/rank<R>.log and ranks/stats.r<R>.csv."""
+
+    def __init__(self, run_dir: Path, rank: int):
+        d = run_dir / "ranks"
+        d.mkdir(exist_ok=True)
+        self.log_f = open(d / f"rank{rank}.log", "a", encoding="utf-8")  # noqa: SIM115
+        self.stats_f = open(d / f"stats.r{rank}.csv", "w", encoding="utf-8", newline="")  # noqa: SIM115
+        self.stats = csv.writer(self.stats_f)
+        self.stats.writerow(STATS_COLS)
+        self.rank = rank
+
+    def log(self, msg: str) -> None:
+        self.log_f.write(f"{now_iso()} {msg}\n")
+        self.log_f.flush()
+
+    def stat(self, step: int, loss, grad_norm: float, update_norm: float, step_time: float):
+        self.stats.writerow((step, self.rank, "" if loss is None else repr(loss),
+                             repr(grad_norm), repr(update_norm), f"{step_time:.6f}"))
+        self.stats_f.flush()
+
+    def close(self):
+        self.stats_f.close()
+        self.log_f.close()
+
+
+def merge_stats(run_dir: Path, world_size: int) -> None:
+    """stats.csv = every rank's rows, ordered by (step, rank); written atomically at the end."""
+    rows = []
+    for r in range(world_size):
+        with open(run_dir / "ranks" / f"stats.r{r}.csv", encoding="utf-8", newline="") as f:
+            rows += list(csv.reader(f))[1:]
+    rows.sort(key=lambda row: (int(row[0]), int(row[1])))
+    lines = [",".join(STATS_COLS)] + [",".join(row) for row in rows]
+    write_atomic(run_dir / "stats.csv", "\n".join(lines) + "\n")

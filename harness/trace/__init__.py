@@ -1,0 +1,1 @@
+"""Instrumentation: clocks and timers, pebbles (saved activations), memory samples, trace files."""

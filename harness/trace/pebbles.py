@@ -1,0 +1,100 @@
+"""Pebbles: every activation held for backward, with the time it was stored and freed.
+
+`torch.autograd.graph.saved_tensors_hooks(pack, unpack)` calls `pack` each time autograd saves a
+tensor for backward. We return a small holder in its place: it is created at save time and
+released when autograd frees the saved tensor (after the node's backward, unless the graph is
+retained), and its `__del__` timestamps the release (FIELD.md). The holder keeps the tensor
+alive exactly as autograd would have, so measuring does not change what is held.
+
+Two traps (FIELD.md): parameters are saved too (the Linear saves weight.t(), a view of the
+weight) and are not activations — we skip any tensor whose storage is a parameter's; and one
+tensor can be saved several times (a ReLU output is also the next Linear's input) — live
+pebbles are keyed by (data pointer, bytes), so the second save adds a reference, not bytes.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class Pebble:
+    __slots__ = ("key", "step", "mb", "layer", "kind", "bytes", "t_store", "t_free", "refs")
+
+    def __init__(self, key, step, mb, layer, kind, nbytes, t_store):
+        self.key, self.step, self.mb, self.layer, self.kind = key, step, mb, layer, kind
+        self.bytes, self.t_store, self.t_free, self.refs = nbytes, t_store, None, 0
+
+
+class _Holder:
+    """What autograd stores instead of the tensor; freeing it frees (one reference of) the pebble."""
+    __slots__ = ("t", "peb", "tracker")
+
+    def __init__(self, t, peb, tracker):
+        self.t, self.peb, self.tracker = t, peb, tracker
+
+    def __del__(self):
+        self.tracker._unref(self.peb)
+
+
+class PebbleTracker:
+    """Tracks pebbles of one rank. The executor sets `step`, `mb`, `layer` before each forward
+    piece, so each save is attributed to the layer that made it."""
+
+    def __init__(self, now, params):
+        self.now = now
+        self.param_storages = {p.untyped_storage().data_ptr() for p in params}
+        self.live: dict = {}      # key -> Pebble
+        self.freed: list = []     # freed pebbles not yet written
+        self.step = self.mb = self.layer = -1
+        self.live_bytes = 0
+
+    # -- autograd hooks -------------------------------------------------------------------
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def _pack(self, t):
+        if t.untyped_storage().data_ptr() in self.param_storages:
+            return t
+        return _Holder(t, self._ref(t, "saved"), self)
+
+    @staticmethod
+    def _unpack(h):
+        return h.t if type(h) is _Holder else h
+
+    # -- explicit holds: the received boundary tensor, the output kept for backward(grad) ------
+    def hold(self, t, kind: str, layer: int, step: int, mb: int):
+        """Count `t` as held until `release` is called with the returned token."""
+        return self._ref(t, kind, layer, step, mb)
+
+    def release(self, peb) -> None:
+        self._unref(peb)
+
+    # -- bookkeeping ------------------------------------------------------------------------
+    def _ref(self, t, kind, layer=None, step=None, mb=None):
+        nbytes = t.numel() * t.element_size()
+        key = (t.data_ptr(), nbytes)
+        peb = self.live.get(key)
+        if peb is None:
+            peb = Pebble(key, self.step if step is None else step, self.mb if mb is None else mb,
+                         self.layer if layer is None else layer, kind, nbytes, self.now())
+            self.live[key] = peb
+            self.live_bytes += nbytes
+        peb.refs += 1
+        return peb
+
+    def _unref(self, peb):
+        peb.refs -= 1
+        if peb.refs == 0:
+            peb.t_free = self.now()
+            if self.live.get(peb.key) is peb:
+                del self.live[peb.key]
+                self.live_bytes -= peb.bytes
+            self.freed.append(peb)
+
+    def take_freed(self) -> list:
+        """Freed pebbles since the last call (for the trace writer)."""
+        out, self.freed = self.freed, []
+        return out
+
+    def take_live(self) -> list:
+        """Pebbles still held (at the end of the run: never freed)."""
+        return list(self.live.values())
