@@ -1,0 +1,251 @@
+"""Check a schedule and predict its timeline, in pure Python (no MPI, no torch).
+
+The model is deliberately conservative, so a schedule that could hang under MPI hangs here too:
+every send is rendezvous (a ~1 MB tensor is above every MPI library's eager limit), i.e. a
+message starts moving only once both its send and its receive are posted. Each rank runs its own
+action list in order:
+
+- fwd / bwd / opt take their duration;
+- isend / irecv only post (they take their duration, 0 by default, and never block);
+- a blocking send or receive posts, then blocks until the transfer is done;
+- a wait blocks until the transfer of its posted message is done;
+- a transfer starts when both sides are posted and takes `latency`.
+
+Messages match by (stream act|grad, microbatch, source, destination), first-posted with
+first-posted, like MPI's ordering rule for one (source, tag) pair.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from harness.schedule import BWD, COMM, COMPUTE, FWD, KINDS, OPT, Action, peer
+
+UNIT = {FWD: 1.0, BWD: 2.0, OPT: 0.0}  # default costs: backward ~2x forward (two matmuls per one)
+
+
+class ScheduleError(ValueError):
+    """The schedule breaks the executor's contract (docs/schedules.md)."""
+
+
+class DeadlockError(ScheduleError):
+    """Every unfinished rank is blocked on a transfer whose other side is never posted."""
+
+
+@dataclass(frozen=True)
+class PlannedOp:
+    """One action of the planned timeline; times in the units of `durations` (unit costs: fwd=1)."""
+    rank: int
+    kind: str
+    mb: int
+    start: float
+    end: float
+
+
+def _static(sched) -> None:
+    """The per-rank contract and send/receive matching; raises ScheduleError on the first breach."""
+    p = len(sched)
+    ends = {}                                   # (stream, mb, src, dst) -> [sends, recvs]
+    for r, acts in enumerate(sched):
+        done = {FWD: set(), BWD: set()}
+        have = {"act": set(), "grad": set()}    # tensors received (completed) on this rank
+        posted = {}                             # (stream, side, mb) -> posts not yet waited for
+        opts = [k for k, a in enumerate(acts) if getattr(a, "kind", None) == OPT]
+        if len(opts) != 1:
+            raise ScheduleError(f"rank {r}: has {len(opts)} opt actions; every rank ends with "
+                                f"exactly one opt")
+        if opts[0] != len(acts) - 1:
+            raise ScheduleError(f"rank {r}: {acts[opts[0] + 1]!r} comes after opt; "
+                                f"opt ends the step")
+        for a in acts:
+            if not isinstance(a, Action):
+                raise ScheduleError(f"rank {r}: {a!r} is not an Action")
+            where = f"rank {r}: {a!r}"
+            if a.kind in (FWD, BWD):
+                if a.mb in done[a.kind]:
+                    raise ScheduleError(f"{where} appears twice")
+                if a.kind == FWD and r > 0 and a.mb not in have["act"]:
+                    raise ScheduleError(f"{where} runs before its activation arrived (needs "
+                                        f"recv_act{a.mb} or wait_recv_act{a.mb} earlier)")
+                if a.kind == BWD and a.mb not in done[FWD]:
+                    raise ScheduleError(f"{where} runs before fwd{a.mb}")
+                if a.kind == BWD and r < p - 1 and a.mb not in have["grad"]:
+                    raise ScheduleError(f"{where} runs before its gradient arrived (needs "
+                                        f"recv_grad{a.mb} or wait_recv_grad{a.mb} earlier)")
+                done[a.kind].add(a.mb)
+            if a.kind in COMPUTE:
+                continue
+            stream, role = COMM[a.kind]
+            side = "send" if "send" in role else "recv"
+            q = peer(a.kind, r)
+            if not 0 <= q < p:
+                raise ScheduleError(f"{where} has peer rank {q}, which does not exist "
+                                    f"({p} stages: no communication past the pipeline ends)")
+            if role in ("send", "isend") and a.mb not in done[FWD if stream == "act" else BWD]:
+                need = "fwd" if stream == "act" else "bwd"
+                raise ScheduleError(f"{where} to rank {q} before {need}{a.mb} produced it")
+            if role.startswith("wait"):
+                key = (stream, side, a.mb)
+                if not posted.get(key):
+                    raise ScheduleError(f"{where} without a matching i{side}_{stream}{a.mb} "
+                                        f"posted before it")
+                posted[key] -= 1
+            else:
+                src, dst = (r, q) if side == "send" else (q, r)
+                ends.setdefault((stream, a.mb, src, dst), [[], []])[side == "recv"].append(a)
+                if role.startswith("i"):
+                    posted[stream, side, a.mb] = posted.get((stream, side, a.mb), 0) + 1
+            if side == "recv" and not role.startswith("i"):
+                have[stream].add(a.mb)
+        for (stream, side, mb), n in posted.items():
+            if n:
+                raise ScheduleError(f"rank {r}: i{side}_{stream}{mb} is never completed "
+                                    f"(no wait_{side}_{stream}{mb} after it)")
+        for mb in sorted(done[FWD] - done[BWD]):
+            raise ScheduleError(f"rank {r}: fwd{mb} has no bwd{mb}")
+    for (stream, mb, src, dst), (sends, recvs) in sorted(ends.items()):
+        if len(sends) > len(recvs):
+            raise ScheduleError(f"rank {src}: {sends[len(recvs)]!r} to rank {dst} has no "
+                                f"matching receive (rank {dst} posts {len(recvs)} recv_{stream}{mb}/"
+                                f"irecv_{stream}{mb}, needs {len(sends)})")
+        if len(recvs) > len(sends):
+            raise ScheduleError(f"rank {dst}: {recvs[len(sends)]!r} from rank {src} has no "
+                                f"matching send (rank {src} posts {len(sends)} send_{stream}{mb}/"
+                                f"isend_{stream}{mb}, needs {len(recvs)})")
+
+
+def _cost(durations):
+    """durations -> a function (rank, Action) -> seconds."""
+    if durations is None:
+        return lambda r, a: UNIT.get(a.kind, 0.0)
+    if callable(durations):
+        return durations
+    unknown = set(durations) - set(KINDS)
+    if unknown:
+        raise ValueError(f"durations: unknown kinds {sorted(unknown)}; allowed: {', '.join(KINDS)}")
+    if FWD not in durations or BWD not in durations:
+        raise ValueError("durations: a dict needs at least 'fwd' and 'bwd' (the rest default to 0)")
+    return lambda r, a: durations.get(a.kind, 0.0)
+
+
+class _Msg:
+    """One message: when each side posted it (None until it has)."""
+    __slots__ = ("post",)
+
+    def __init__(self):
+        self.post = {"send": None, "recv": None}
+
+
+def _run(sched, cost, latency: float) -> list:
+    """Execute every rank's list against the rendezvous model; raise DeadlockError if stuck."""
+    p = len(sched)
+    msgs, count = {}, {}          # (stream, mb, src, dst) -> [_Msg]; (key, side) -> posts so far
+    pc, t = [0] * p, [0.0] * p
+    mine = [{} for _ in range(p)]  # per rank: (stream, side, mb) -> its posted, unwaited messages
+    ops = []
+
+    def post(r, a):
+        stream, role = COMM[a.kind]
+        side = "send" if "send" in role else "recv"
+        q = peer(a.kind, r)
+        key = (stream, a.mb) + ((r, q) if side == "send" else (q, r))
+        n = count.get((key, side), 0)
+        count[key, side] = n + 1
+        box = msgs.setdefault(key, [])
+        while len(box) <= n:
+            box.append(_Msg())
+        box[n].post[side] = t[r]
+        return box[n], side
+
+    blocked = [None] * p           # (msg, side) a rank registered for its current blocking call
+
+    def step(r) -> bool:
+        a = sched[r][pc[r]]
+        d = cost(r, a)
+        if d < 0:
+            raise ValueError(f"durations: rank {r} {a!r} has negative duration {d}")
+        end = t[r] + d
+        if a.kind not in COMPUTE:
+            role = COMM[a.kind][1]
+            if role in ("isend", "irecv"):
+                msg, side = post(r, a)
+                mine[r].setdefault((COMM[a.kind][0], side, a.mb), []).append(msg)
+            else:
+                if role in ("send", "recv"):
+                    if blocked[r] is None:
+                        blocked[r] = post(r, a)
+                    msg, side = blocked[r]
+                else:
+                    side = role[len("wait_"):]
+                    msg = mine[r][COMM[a.kind][0], side, a.mb][0]
+                other = msg.post["recv" if side == "send" else "send"]
+                if other is None:
+                    return False
+                end = max(end, max(msg.post.values()) + latency)
+                blocked[r] = None
+                if role.startswith("wait"):
+                    mine[r][COMM[a.kind][0], side, a.mb].pop(0)
+        ops.append(PlannedOp(r, a.kind, a.mb, t[r], end))
+        t[r] = end
+        pc[r] += 1
+        return True
+
+    progress = True
+    while progress:
+        progress = False
+        for r in range(p):
+            while pc[r] < len(sched[r]) and step(r):
+                progress = True
+    stuck = [r for r in range(p) if pc[r] < len(sched[r])]
+    if stuck:
+        parts = []
+        for r in stuck:
+            a = sched[r][pc[r]]
+            q, what = peer(a.kind, r), "receive" if "send" in a.kind else "send"
+            parts.append(f"rank {r} blocked at {a!r} (action {pc[r]}), waiting for rank {q} "
+                         f"to post the matching {what}")
+        raise DeadlockError("deadlock: " + "; ".join(parts))
+    return sorted(ops, key=lambda o: (o.rank, o.start, o.end))
+
+
+def check(sched) -> None:
+    """Raise ScheduleError (or DeadlockError) if `sched` breaks the executor's contract or hangs.
+
+    Whether a schedule deadlocks under this model does not depend on durations, so unit costs do.
+    """
+    _static(sched)
+    _run(sched, _cost(None), 0.0)
+
+
+def simulate(sched, durations=None, latency: float = 0.0) -> list:
+    """The planned timeline: one PlannedOp per action, sorted by rank then start time.
+
+    durations: None for unit costs (fwd 1, bwd 2, opt 0, communication calls 0); a dict
+    kind -> seconds (needs fwd and bwd; other kinds default to 0); or a callable
+    (rank, Action) -> seconds, e.g. measured per-op medians. Communication durations are the
+    local cost of the call; the wire time of every message is `latency`.
+    """
+    _static(sched)
+    return _run(sched, _cost(durations), float(latency))
+
+
+def makespan(ops) -> float:
+    """Span of the step: last end minus first start over all ranks."""
+    return max(o.end for o in ops) - min(o.start for o in ops)
+
+
+def idle_share(ops) -> list:
+    """Per rank, the share of the span not spent computing (fwd, bwd, opt): the bubble."""
+    span = makespan(ops)
+    ranks = max(o.rank for o in ops) + 1
+    busy = [0.0] * ranks
+    for o in ops:
+        if o.kind in COMPUTE:   # compute on one rank is sequential, so the union is the sum
+            busy[o.rank] += o.end - o.start
+    return [(span - b) / span if span else 0.0 for b in busy]
+
+
+def to_frame(ops):
+    """Long-form pandas DataFrame, one row per op: rank, kind, mb, start, end."""
+    import pandas as pd  # lazily: the simulator itself needs no third-party package
+    return pd.DataFrame([(o.rank, o.kind, o.mb, o.start, o.end) for o in ops],
+                        columns=["rank", "kind", "mb", "start", "end"])
