@@ -1,0 +1,284 @@
+"""Read a run directory (docs/run-format.md, format 1) into tidy pandas frames.
+
+All times in the returned frames are float **seconds since the run's start**, on rank 0's clock:
+each rank's local nanoseconds get that rank's clock offset (meta.clock.estimates, linear
+interpolation between the "start" and "end" estimates, Score-P's method), then the earliest
+aligned event start becomes 0. Frames (one row one thing, long form):
+
+- events:  rank, step, mb, layer, kind, lane, start, end, tb, peer, tag, bytes, pair
+           (tb: aligned time the rank began to block on a send/recv, NaN for other kinds;
+            lane: compute | send | recv | copy | step; pair: NA when empty)
+- pebbles: rank, step, mb, layer, kind, bytes, stored, freed   (freed NaN = never freed)
+- memory:  rank, time, source, bytes
+- stats:   step, rank, loss, grad_norm, update_norm, step_time  (step_time in seconds)
+
+The loader reads partial runs (a crashed or running job): it loads what is there, drops a
+truncated last line, and explains every gap in `Run.warnings`. It raises RunFormatError, naming
+the file, only when the directory is not a run or a file is in a format it does not know.
+"""
+from __future__ import annotations
+
+import io
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+FORMAT = 1  # the run-directory and trace format version this reader knows
+LANE = {"fwd": "compute", "bwd": "compute", "loss": "compute", "opt": "compute",
+        "send": "send", "recv": "recv", "d2h": "copy", "h2d": "copy", "step": "step"}
+_MAGIC = re.compile(r"#\s*harness-trace\s+(.*)")
+_INT = "int64"
+# dtypes as written; t columns stay integer nanoseconds until aligned (float64 loses ns past 2^53)
+_DTYPES = {
+    "events": {"step": _INT, "mb": _INT, "layer": _INT, "kind": str, "t0": _INT, "t1": _INT,
+               "tb": "Int64", "peer": _INT, "tag": _INT, "bytes": _INT, "pair": str},
+    "pebbles": {"step": _INT, "mb": _INT, "layer": _INT, "kind": str, "bytes": _INT,
+                "t_store": _INT, "t_free": "Int64"},
+    "memory": {"t": _INT, "source": str, "bytes": _INT},
+}
+
+
+class RunFormatError(ValueError):
+    """The path is not a run directory, or one of its files is in an unknown format."""
+
+
+@dataclass
+class Run:
+    """One loaded run. Frames are documented in the module docstring."""
+    path: Path
+    meta: dict
+    events: pd.DataFrame
+    pebbles: pd.DataFrame
+    memory: pd.DataFrame
+    stats: pd.DataFrame
+    schedule: dict | None          # schedule.json as written (None when absent)
+    origin_ns: int                 # rank-0-clock ns that is time 0 in the frames
+    steps: list = field(default_factory=list)     # complete steps: every rank finished them
+    warnings: list = field(default_factory=list)  # what is missing or odd, one line each
+
+    @property
+    def world_size(self) -> int:
+        return int(self.meta.get("world_size") or (self.events["rank"].max() + 1))
+
+
+def read_trace(path: Path, kind: str, warnings: list) -> pd.DataFrame | None:
+    """One per-rank trace file -> raw frame (local ns), or None if absent/empty."""
+    if not path.exists():
+        return None
+    with open(path, "rb") as f:
+        first = f.readline().decode("utf-8", "replace").strip()
+        f.seek(0, io.SEEK_END)
+        size = f.tell()
+        if size:
+            f.seek(size - 1)
+            truncated = f.read(1) != b"\n"
+    if not first:
+        warnings.append(f"{path}: empty file (the rank wrote nothing)")
+        return None
+    m = _MAGIC.match(first)
+    if not m:
+        raise RunFormatError(f"{path}: first line is not a '# harness-trace format=...' header")
+    fields = dict(kv.split("=", 1) for kv in m.group(1).split() if "=" in kv)
+    if fields.get("format") != str(FORMAT):
+        raise RunFormatError(f"{path}: unknown trace format version {fields.get('format')!r} "
+                             f"(this reader knows format={FORMAT})")
+    if fields.get("kind", kind) != kind:
+        raise RunFormatError(f"{path}: header says kind={fields['kind']}, expected kind={kind}")
+    src = path
+    if truncated:  # a crash mid-write leaves one partial last line: drop it (run-format.md)
+        data = path.read_bytes()
+        src = io.BytesIO(data[:data.rfind(b"\n") + 1])
+        warnings.append(f"{path}: dropped a truncated last line")
+    try:
+        df = pd.read_csv(src, comment="#", dtype=_DTYPES[kind], keep_default_na=True)
+    except pd.errors.EmptyDataError:
+        return None
+    except ValueError:  # a damaged row somewhere: read loosely, then drop what does not parse
+        if isinstance(src, io.BytesIO):
+            src.seek(0)
+        df = pd.read_csv(src, comment="#", on_bad_lines="skip")
+        need = [c for c, t in _DTYPES[kind].items() if t == _INT]
+        df[need] = df[need].apply(pd.to_numeric, errors="coerce")
+        bad = df[need].isna().any(axis=1)
+        if bad.any():
+            warnings.append(f"{path}: dropped {int(bad.sum())} unreadable rows")
+        df = df[~bad].astype({c: _INT for c in need})
+    return df
+
+
+def clock_offset_ns(meta: dict, rank: int, t_local: np.ndarray) -> np.ndarray:
+    """ns to add to rank `rank`'s local times to get rank 0's clock (Score-P's linear model).
+
+    Uses, per phase, the estimate with the smallest round trip; interpolates linearly between
+    "start" and "end" (and extrapolates the same line outside them, since drift is linear);
+    one estimate -> a constant offset; none -> 0.
+    """
+    est = [e for e in (meta.get("clock") or {}).get("estimates") or [] if e.get("rank") == rank]
+    best = {}
+    for e in est:
+        ph = e.get("phase", "start")
+        if ph not in best or e.get("rtt_ns", 0) < best[ph].get("rtt_ns", 0):
+            best[ph] = e
+    pts = [best[ph] for ph in ("start", "end") if ph in best] or list(best.values())[:1]
+    if not pts:
+        return np.zeros(len(t_local))
+    a, b = pts[0], pts[-1]
+    if len(pts) == 1 or b["t_local"] == a["t_local"]:
+        return np.full(len(t_local), float(a["offset_ns"]))
+    slope = (b["offset_ns"] - a["offset_ns"]) / (b["t_local"] - a["t_local"])
+    return a["offset_ns"] + slope * (np.asarray(t_local, dtype=np.int64) - a["t_local"])
+
+
+def _align(meta, rank, t):
+    """Local int ns -> rank-0 int ns (nullable: NA stays NA)."""
+    arr = pd.array(t, dtype="Int64")
+    vals = arr.to_numpy(dtype=np.int64, na_value=0)
+    out = vals + np.rint(clock_offset_ns(meta, rank, vals)).astype(np.int64)
+    na = np.asarray(arr.isna())
+    return pd.arrays.IntegerArray(out, na) if na.any() else out
+
+
+def _secs(t, origin):
+    """Aligned ns -> float seconds since origin (NA -> NaN); int64 subtraction first keeps ns."""
+    arr = pd.array(t, dtype="Int64")
+    return ((arr - origin).to_numpy(dtype=np.float64, na_value=np.nan)) / 1e9
+
+
+def _read_stats(d: Path, warnings: list) -> pd.DataFrame:
+    cols = ["step", "rank", "loss", "grad_norm", "update_norm", "step_time"]
+    if (d / "stats.csv").exists():
+        return pd.read_csv(d / "stats.csv", comment="#")
+    parts = sorted((d / "ranks").glob("stats.r*.csv"))
+    warnings.append("stats.csv absent: read ranks/stats.r*.csv" if parts
+                    else "no stats.csv and no ranks/stats.r*.csv")
+    frames = []
+    for p in parts:
+        data = p.read_bytes()
+        if data and not data.endswith(b"\n"):
+            data = data[:data.rfind(b"\n") + 1]
+            warnings.append(f"{p}: dropped a truncated last line")
+        try:
+            frames.append(pd.read_csv(io.BytesIO(data), comment="#"))
+        except pd.errors.EmptyDataError:
+            warnings.append(f"{p}: empty file")
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
+
+
+def _read_meta(d: Path) -> dict:
+    mp = d / "meta.json"
+    if not d.is_dir() or not mp.exists():
+        raise RunFormatError(f"{mp}: not a run directory (no meta.json)")
+    try:
+        meta = json.loads(mp.read_text())
+    except json.JSONDecodeError as e:
+        raise RunFormatError(f"{mp}: not valid JSON ({e})") from None
+    if meta.get("format", FORMAT) != FORMAT:
+        raise RunFormatError(f"{mp}: unknown run format version {meta.get('format')!r} "
+                             f"(this reader knows format={FORMAT})")
+    return meta
+
+
+def load_run(path) -> Run:
+    """Load the run directory `path` into a Run (see the module docstring for the frames)."""
+    d = Path(path)
+    meta = _read_meta(d)
+    warnings: list = []
+    status = meta.get("status", "unknown")
+    if status != "complete":
+        err = meta.get("error")
+        warnings.append(f"run status is {status!r}" + (f": {err}" if err else "")
+                        + " — loaded what was written")
+    world = int(meta.get("world_size") or 0)
+    raw = {k: {} for k in ("events", "pebbles", "memory")}
+    ranks = range(world) if world else sorted(
+        {int(m.group(1)) for p in (d / "trace").glob("*.r*.csv")
+         if (m := re.search(r"\.r(\d+)\.csv$", p.name))})
+    for r in ranks:
+        for kind in raw:
+            p = d / "trace" / f"{kind}.r{r}.csv"
+            df = read_trace(p, kind, warnings)
+            if df is None:
+                if not p.exists():
+                    warnings.append(f"rank {r}: {p.relative_to(d)} missing")
+                continue
+            df.insert(0, "rank", r)
+            # align every time column while still int ns, per rank (each rank has its own line)
+            for c in ("t0", "t1", "tb", "t_store", "t_free", "t"):
+                if c in df:
+                    df[c] = _align(meta, r, df[c])
+            raw[kind][r] = df
+    ev = _cat(raw["events"], ["rank"] + list(_DTYPES["events"]))
+    peb = _cat(raw["pebbles"], ["rank"] + list(_DTYPES["pebbles"]))
+    mem = _cat(raw["memory"], ["rank"] + list(_DTYPES["memory"]))
+    starts = [int(f[c].min()) for f, c in ((ev, "t0"), (peb, "t_store"), (mem, "t")) if len(f)]
+    origin = int(ev["t0"].min()) if len(ev) else (min(starts) if starts else 0)
+    events = pd.DataFrame({
+        "rank": ev["rank"], "step": ev["step"], "mb": ev["mb"], "layer": ev["layer"],
+        "kind": ev["kind"], "lane": ev["kind"].map(LANE).fillna("other"),
+        "start": _secs(ev["t0"], origin), "end": _secs(ev["t1"], origin),
+        "tb": _secs(ev["tb"], origin), "peer": ev["peer"], "tag": ev["tag"],
+        "bytes": ev["bytes"], "pair": ev["pair"].replace("", pd.NA)})
+    events = events.sort_values(["rank", "start"], kind="stable", ignore_index=True)
+    pebbles = pd.DataFrame({
+        "rank": peb["rank"], "step": peb["step"], "mb": peb["mb"], "layer": peb["layer"],
+        "kind": peb["kind"], "bytes": peb["bytes"],
+        "stored": _secs(peb["t_store"], origin), "freed": _secs(peb["t_free"], origin)})
+    pebbles = pebbles.sort_values(["rank", "stored"], kind="stable", ignore_index=True)
+    memory = pd.DataFrame({"rank": mem["rank"], "time": _secs(mem["t"], origin),
+                           "source": mem["source"], "bytes": mem["bytes"]})
+    memory = memory.sort_values(["rank", "source", "time"], kind="stable", ignore_index=True)
+    schedule = None
+    if (d / "schedule.json").exists():
+        try:
+            schedule = json.loads((d / "schedule.json").read_text())
+        except json.JSONDecodeError:
+            warnings.append(f"{d / 'schedule.json'}: not valid JSON, planned schedule skipped")
+    steps = _complete_steps(events, world, warnings)
+    return Run(d, meta, events, pebbles, memory, _read_stats(d, warnings), schedule,
+               origin, steps, warnings)
+
+
+def _cat(parts: dict, cols: list) -> pd.DataFrame:
+    if not parts:
+        return pd.DataFrame({c: pd.Series(dtype=object if c in ("kind", "pair", "source")
+                                          else "Int64" if c in ("tb", "t_free") else _INT)
+                             for c in cols})
+    return pd.concat(parts.values(), ignore_index=True)
+
+
+def _complete_steps(events: pd.DataFrame, world: int, warnings: list) -> list:
+    """Steps every rank finished: it has their `step` span (or, if no rank writes `step` spans,
+    any event). Gaps are reported per rank."""
+    if events.empty:
+        warnings.append("no events at all")
+        return []
+    ranks = range(world) if world else sorted(events["rank"].unique())
+    done = events[events["kind"] == "step"] if (events["kind"] == "step").any() else events
+    have = {int(r): set(v.tolist()) for r, v in done.groupby("rank")["step"].unique().items()}
+    all_steps = sorted(int(s) for s in events["step"].unique())
+    complete = [s for s in all_steps if all(s in have.get(r, ()) for r in ranks)]
+    for r in ranks:
+        got = have.get(r, set())
+        miss = [int(s) for s in all_steps if s not in got]
+        if miss and len(miss) == len(all_steps):
+            warnings.append(f"rank {r}: no complete step")
+        elif miss:
+            warnings.append(f"rank {r}: step(s) {_ranges(miss)} incomplete or missing")
+    return complete
+
+
+def _ranges(xs: list) -> str:
+    """[1,2,3,7] -> '1-3,7'"""
+    out, i = [], 0
+    while i < len(xs):
+        j = i
+        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
+            j += 1
+        out.append(str(xs[i]) if i == j else f"{xs[i]}-{xs[j]}")
+        i = j + 1
+    return ",".join(out)

@@ -1,0 +1,212 @@
+"""What naive model parallelism costs, as pure functions of the loaded frames (no file I/O).
+
+Definitions (FIELD.md; one line each in docs/analysis.md). All times in seconds.
+- span of a step      = last end - first start over the step's compute spans on all ranks
+                        (FIELD.md's definition taken over compute: a receive for step k is
+                        posted as soon as its rank finishes step k-1, while upstream ranks are
+                        still in step k-1, so counting it would make consecutive steps overlap
+                        and inflate idle time by the upstream's backward)
+- compute (busy)      = |union of the rank's compute-lane spans (fwd, bwd, loss, opt)| in the step
+- idle                = span - compute;   utilisation = compute / span
+- bubble (measured)   = mean over ranks of idle / span, per step
+- bubble (theory)     = (p-1)/p naive; (p-1)/(m+p-1) GPipe (Huang et al. 2019) and 1F1B
+                        (Narayanan et al. 2021) — equal per-stage times assumed
+- send                = |union of [tb, end] of sends| (time the rank was blocked sending)
+- receive wait        = Scalasca late sender: max(0, min(s.start, r.end) - r.tb)
+- receive transfer    = r.end - max(r.tb, s.start), clipped at 0 (negative only when the clocks
+                        break the clock condition, which is counted separately)
+- overlap %           = |compute ∩ communication| / |communication| x 100 (HolisticTraceAnalysis),
+                        communication = union of send and recv lane spans [start, end]
+- peak activations    = max over the step of live pebble bytes (stored, not yet freed)
+- clock violations    = receives that end before their matching send started (Scalasca's
+                        clock condition), after alignment
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from analysis import intervals as iv
+
+COMPUTE = ("fwd", "bwd", "loss", "opt")
+
+
+def recv_split(events: pd.DataFrame) -> pd.DataFrame:
+    """Each receive joined to its send on `pair`: wait (late sender) and transfer, in seconds.
+
+    Columns: rank, step, mb, pair, start, end, tb, peer, send_rank, send_start, send_end,
+    wait, transfer, matched, violation. Unmatched receives (the sender's trace is missing) get
+    NaN wait/transfer.
+    """
+    cols = ["rank", "step", "mb", "pair", "start", "end", "tb", "peer"]
+    r = events.loc[events["kind"] == "recv", cols]
+    s = events.loc[(events["kind"] == "send") & events["pair"].notna(),
+                   ["pair", "rank", "start", "end"]]
+    s = s.drop_duplicates("pair").rename(columns={"rank": "send_rank", "start": "send_start",
+                                                  "end": "send_end"})
+    m = r.merge(s, on="pair", how="left")
+    tb = m["tb"].fillna(m["start"]).to_numpy()
+    s0, r1 = m["send_start"].to_numpy(), m["end"].to_numpy()
+    m["wait"] = np.maximum(0.0, np.minimum(s0, r1) - tb)
+    m["transfer"] = np.maximum(0.0, r1 - np.maximum(tb, s0))
+    m["matched"] = m["send_start"].notna()
+    m["violation"] = m["matched"] & (r1 < s0)
+    return m
+
+
+def step_windows(events: pd.DataFrame) -> pd.DataFrame:
+    """Per step: first start and last end of compute over all ranks, and span = end - start.
+    Steps with no compute at all (a crashed rank's last step) fall back to all their events."""
+    comp = events[events["kind"].isin(COMPUTE)]
+    rest = events[~events["step"].isin(comp["step"].unique())]
+    w = pd.concat([comp, rest]).groupby("step").agg(start=("start", "min"), end=("end", "max"))
+    w["span"] = w["end"] - w["start"]
+    return w
+
+
+def live_bytes(pebbles: pd.DataFrame) -> pd.DataFrame:
+    """Activation bytes held per rank over time: one row per store/free, the level after it.
+
+    Columns: rank, time, bytes, step (step of the pebble stored/freed), store (bool). At equal
+    times frees come first, so a buffer handed from one pebble to the next is not counted twice.
+    """
+    if pebbles.empty:
+        return pd.DataFrame({"rank": [], "time": [], "bytes": [], "step": [], "store": []})
+    n = len(pebbles)
+    freed = pebbles["freed"].notna().to_numpy()
+    rank = np.r_[pebbles["rank"].to_numpy(), pebbles["rank"].to_numpy()[freed]]
+    t = np.r_[pebbles["stored"].to_numpy(), pebbles["freed"].to_numpy()[freed]]
+    b = pebbles["bytes"].to_numpy(np.int64)
+    delta = np.r_[b, -b[freed]]
+    step = np.r_[pebbles["step"].to_numpy(), pebbles["step"].to_numpy()[freed]]
+    store = np.r_[np.ones(n, bool), np.zeros(freed.sum(), bool)]
+    order = np.lexsort((store, t, rank))  # store=False (free) sorts before True at a tie
+    df = pd.DataFrame({"rank": rank[order], "time": t[order], "delta": delta[order],
+                       "step": step[order], "store": store[order]})
+    df["bytes"] = df.groupby("rank")["delta"].cumsum()
+    return df.drop(columns="delta")
+
+
+def step_table(events: pd.DataFrame, pebbles: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per (step, rank) that has events: the per-rank metrics of the module docstring."""
+    ev = events[events["lane"] != "step"]
+    steps = np.sort(ev["step"].unique())
+    ranks = np.sort(ev["rank"].unique())
+    R = len(ranks)
+    n = len(steps) * R
+    code = lambda df: (np.searchsorted(steps, df["step"].to_numpy()) * R   # noqa: E731
+                       + np.searchsorted(ranks, df["rank"].to_numpy()))
+    lane = ev["lane"].to_numpy()
+
+    def sel(mask, lo="start"):
+        d = ev[mask]
+        return code(d), d[lo].fillna(d["start"]).to_numpy(), d["end"].to_numpy()
+
+    comp = sel(np.isin(ev["kind"].to_numpy(), COMPUTE))
+    comm = sel(np.isin(lane, ("send", "recv")))
+    out = pd.DataFrame({"step": np.repeat(steps, R), "rank": np.tile(ranks, len(steps))})
+    win = step_windows(ev)
+    out["span"] = win["span"].reindex(out["step"]).to_numpy()
+    out["compute"] = iv.measure(*comp, n)
+    out["send"] = iv.measure(*sel(lane == "send", "tb"), n)
+    out["recv"] = iv.measure(*sel(lane == "recv", "tb"), n)
+    rs = recv_split(ev)
+    for c in ("wait", "transfer"):
+        out["recv_" + c] = np.bincount(code(rs), weights=rs[c].fillna(0).to_numpy(),
+                                       minlength=n)[:n] if len(rs) else 0.0
+    out["copy"] = iv.measure(*sel(lane == "copy", "tb"), n)
+    out["idle"] = out["span"] - out["compute"]
+    out["utilisation"] = out["compute"] / out["span"]
+    commt = iv.measure(*comm, n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out["overlap_pct"] = np.where(commt > 0, iv.intersection(*comp, *comm, n) / commt * 100,
+                                      np.nan)
+    # present: rows for (step, rank) pairs where the rank actually logged something
+    present = np.zeros(n, bool)
+    present[code(ev)] = True
+    out = out[present].reset_index(drop=True)
+    if pebbles is not None and len(pebbles):
+        lb = live_bytes(pebbles)
+        pk = lb[lb["store"]].groupby(["step", "rank"])["bytes"].max()
+        out["peak_act_bytes"] = pk.reindex(pd.MultiIndex.from_frame(out[["step", "rank"]])).values
+    else:
+        out["peak_act_bytes"] = np.nan
+    return out
+
+
+def bubble_theory(name: str, p: int, m: int) -> float | None:
+    """(p-1)/p for naive (one microbatch); (p-1)/(m+p-1) for GPipe and 1F1B; None otherwise."""
+    if name == "naive":
+        return (p - 1) / p
+    if name in ("gpipe", "1f1b"):
+        return (p - 1) / (m + p - 1)
+    return None
+
+
+def steady(steps: list) -> tuple[list, list, str]:
+    """(warm-up, steady steps, note): the first step is warm-up unless it is the only one."""
+    steps = sorted(steps)
+    if not steps:
+        return [], [], "no complete step"
+    if len(steps) == 1:
+        return [], steps, f"only one step ({steps[0]}): used as is, warm-up included"
+    return steps[:1], steps[1:], f"median over steps {steps[1]}..{steps[-1]}; step {steps[0]} " \
+                                 f"is warm-up and excluded"
+
+
+def clock_check(meta: dict, rs: pd.DataFrame) -> dict:
+    """Alignment uncertainty (max rtt/2 over the estimates, s) and clock-condition violations."""
+    est = (meta.get("clock") or {}).get("estimates") or []
+    rtt = [e.get("rtt_ns", 0) for e in est]
+    return {"uncertainty_s": max(rtt) / 2e9 if rtt else 0.0,
+            "violations": int(rs["violation"].sum()), "matched_pairs": int(rs["matched"].sum()),
+            "unmatched_receives": int((~rs["matched"]).sum())}
+
+
+def summarize(events, pebbles, memory, meta: dict, steps: list | None = None) -> dict:
+    """Everything metrics.json holds. `steps`: the complete steps (Run.steps); default all."""
+    table = step_table(events, pebbles)
+    steps = sorted(steps if steps is not None else table["step"].unique())
+    warm, stead, note = steady(steps)
+    t = table[table["step"].isin(stead)]
+    cols = ["span", "compute", "send", "recv", "recv_wait", "recv_transfer", "copy", "idle",
+            "utilisation", "overlap_pct", "peak_act_bytes"]
+    per_rank = t.groupby("rank")[cols].median()
+    per_rank["idle_fraction"] = per_rank["idle"] / per_rank["span"]
+    theory = (meta.get("pebbles_theory") or {}).get("peak_bytes") or []
+    per_rank["peak_act_theory"] = [theory[r] if r < len(theory) else np.nan
+                                   for r in per_rank.index]
+    dev = memory.groupby(["rank", "source"])["bytes"].max() if len(memory) else pd.Series()
+    bubble_step = t.assign(f=t["idle"] / t["span"]).groupby("step")["f"].mean()
+    sch = meta.get("schedule") or {}
+    p = int(meta.get("world_size") or events["rank"].nunique())
+    rs = recv_split(events)
+    return {
+        "steps": {"complete": steps, "warmup": warm, "steady": stead, "note": note},
+        "schedule": {"name": sch.get("name"), "microbatches": sch.get("microbatches"),
+                     "overlap": sch.get("overlap"), "stages": p},
+        "pipeline": {
+            "step_span_s": _f(t.groupby("step")["span"].first().median()),
+            "bubble_measured": _f(bubble_step.median()),
+            "bubble_theory": bubble_theory(sch.get("name"), p, int(sch.get("microbatches") or 1)),
+            "bubble_definition": "per step: mean over ranks of idle/span, idle = span - "
+                                 "|union of compute spans|, span = last end - first start of "
+                                 "compute over all ranks; median over steady steps",
+        },
+        "per_rank": [{"rank": int(r), **{k: _f(v) for k, v in row.items()},
+                      "peak_device_bytes": {s: int(b) for (rr, s), b in dev.items() if rr == r}}
+                     for r, row in per_rank.iterrows()],
+        "clock": clock_check(meta, rs),
+        "per_step": [{k: _f(v) for k, v in rec.items()} for rec in table.to_dict("records")],
+    }
+
+
+def _f(x):
+    """JSON-friendly scalar: NaN -> None, numpy -> python."""
+    if x is None or (isinstance(x, float) and np.isnan(x)):
+        return None
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating, float)):
+        return None if np.isnan(x) else float(x)
+    return x

@@ -1,0 +1,42 @@
+"""Small drawing helpers shared by the figures."""
+from __future__ import annotations
+
+import numpy as np
+from matplotlib.collections import PolyCollection
+
+
+def boxes(x0, x1, y0, y1) -> np.ndarray:
+    """Rectangles as an (N, 4, 2) vertex array, for one PolyCollection (vectorised)."""
+    x0, x1, y0, y1 = (np.broadcast_to(np.asarray(a, float), np.shape(x0)) for a in (x0, x1, y0, y1))
+    return np.stack([np.c_[x0, y0], np.c_[x1, y0], np.c_[x1, y1], np.c_[x0, y1]], axis=1)
+
+
+def add_boxes(ax, x0, x1, y0, y1, gid=None, **kw) -> PolyCollection:
+    """Draw many rectangles as one artist (BrokenBarHCollection's replacement)."""
+    pc = PolyCollection(boxes(x0, x1, y0, y1), closed=True, **kw)
+    if gid:
+        pc.set_gid(gid)
+    ax.add_collection(pc, autolim=False)
+    return pc
+
+
+def decimate(t: np.ndarray, y: np.ndarray, n: int = 4000):
+    """At most ~n points of a step curve, keeping each bin's maximum (peaks must survive)."""
+    if len(t) <= n:
+        return t, y
+    edges = np.linspace(t[0], t[-1], n + 1)
+    b = np.clip(np.searchsorted(edges, t, "right") - 1, 0, n - 1)
+    start = np.flatnonzero(np.r_[True, b[1:] != b[:-1]])
+    return t[start], np.maximum.reduceat(y, start)
+
+
+def step_curve(lb, rank, lo, hi):
+    """Live-bytes level of `rank` over [lo, hi] from metrics.live_bytes rows -> (t, bytes)."""
+    d = lb[lb["rank"] == rank]
+    t, b = d["time"].to_numpy(), d["bytes"].to_numpy(float)
+    i0 = np.searchsorted(t, lo, "right")
+    i1 = np.searchsorted(t, hi, "right")
+    level0 = b[i0 - 1] if i0 > 0 else 0.0
+    tt = np.r_[lo, t[i0:i1], hi]
+    bb = np.r_[level0, b[i0:i1], b[i1 - 1] if i1 > i0 else level0]
+    return tt, bb

@@ -1,0 +1,52 @@
+"""Memory over the run, per rank: activation bytes held (from pebbles) above, device memory
+samples (RSS on CPU; CUDA/NVML sources on GPU) below, on one time axis."""
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+from matplotlib.lines import Line2D
+
+from analysis import style
+from analysis.metrics import live_bytes
+from analysis.plots.common import decimate
+
+DASHES = {"rss": "-", "cuda_allocated": "--", "cuda_reserved": ":", "nvml_used": "-.",
+          "nvml_process": (0, (1, 1))}
+
+
+def memory_plot(pebbles, memory, fig=None):
+    """Returns (fig, [activations axes, device axes]). Long runs are decimated to ~4000 points
+    per curve keeping each bin's maximum, so peaks stay visible."""
+    if fig is None:
+        fig = plt.figure(figsize=(style.COLUMN, 2.8))
+    aax, dax = fig.subplots(2, 1, sharex=True)
+    lb = live_bytes(pebbles)
+    ts = [x for x in (lb["time"], memory["time"]) if len(x)]
+    lo = min(x.min() for x in ts) if ts else 0.0
+    hi = max(x.max() for x in ts) if ts else 1.0
+    scale, unit = style.time_unit(max(hi - lo, 1e-9))
+    ranks = sorted(set(lb["rank"].astype(int)) | set(memory["rank"].astype(int)))
+    aunit = style.bytes_unit(lb["bytes"].max() if len(lb) else 1)
+    for r in ranks:
+        d = lb[lb["rank"] == r]
+        if len(d):
+            t, b = decimate(d["time"].to_numpy(), d["bytes"].to_numpy(float))
+            aax.step(t * scale, b * aunit[0], where="post", color=style.rank_color(r),
+                     label=f"rank {r}")
+    aax.set_ylabel(f"activations ({aunit[1]})")
+    aax.set_ylim(bottom=0)
+    dunit = style.bytes_unit(memory["bytes"].max() if len(memory) else 1)
+    for (r, src), d in memory.groupby(["rank", "source"]):
+        t, b = decimate(d["time"].to_numpy(), d["bytes"].to_numpy(float))
+        dax.plot(t * scale, b * dunit[0], color=style.rank_color(r), ls=DASHES.get(src, "-"))
+    srcs = sorted(memory["source"].unique()) if len(memory) else []
+    # on CPU the only source is the process's resident set; say so rather than "device"
+    what = "process RSS" if srcs == ["rss"] else "memory"
+    dax.set_ylabel(f"{what} ({dunit[1]})")
+    dax.set_xlabel(f"time since run start ({unit})")
+    handles = [Line2D([], [], color=style.rank_color(r), label=f"rank {r}") for r in ranks]
+    if len(srcs) > 1:  # line styles tell sources apart only when there are several
+        handles += [Line2D([], [], color="black", ls=DASHES.get(x, "-"), label=x) for x in srcs]
+    fig.legend(handles=handles, loc="outside upper center", ncol=min(len(handles), 5))
+    if not len(memory):
+        dax.text(0.5, 0.5, "no memory samples", transform=dax.transAxes, ha="center")
+    return fig, [aax, dax]

@@ -1,0 +1,113 @@
+"""How fast is the analysis? `python -m benchmarks.analysis_speed [--sizes 1e5,1e6]`
+
+Writes synthetic run directories in the documented format (docs/run-format.md; one simulated
+1F1B step from tests/synthetic.py, tiled over as many steps as it takes), then times each phase
+of `python -m analysis.pebble` separately and prints seconds per million events.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
+from tests.synthetic import MS, pipeline_frames, write_run  # noqa: E402
+
+
+def synth_run(path: Path, n_events: float, p=4, m=8, lps=8) -> int:
+    """A run of about n_events events: one simulated step repeated; returns the event count."""
+    fr = pipeline_frames(p=p, m=m, schedule="1f1b", steps=1, layers_per_stage=lps,
+                         sample_ns=10 * MS)
+    ev, peb = fr["events"], fr["pebbles"]
+    k = max(1, math.ceil(n_events / len(ev)))
+    period = int(ev["t1"].max() - ev["t0"].min()) + MS
+
+    def tile(df, cols):
+        step = np.repeat(np.arange(k), len(df))
+        out = pd.concat([df] * k, ignore_index=True)
+        for c in cols:
+            out[c] = out[c] + step * period
+        out["step"] = step
+        return out
+    ev = tile(ev, ["t0", "t1", "tb"])
+    has = ev["pair"].notna()
+    pr = ev.loc[has, "pair"].astype(str)
+    ev.loc[has, "pair"] = (pr.str[0] + ev.loc[has, "step"].astype(str) + "."
+                           + pr.str.split(".", n=1).str[1])
+    peb = tile(peb, ["t_store", "t_free"])
+    t0, t1 = int(ev["t0"].min()), int(ev["t1"].max())
+    t = np.arange(t0, t1, 10 * MS)
+    mem = pd.concat([pd.DataFrame({"rank": r, "t": t, "source": "rss",
+                                   "bytes": (300 << 20) + (t - t0) % (7 << 20)})
+                     for r in range(p)], ignore_index=True)
+    stats = pd.DataFrame({"step": np.repeat(np.arange(k), p), "rank": np.tile(np.arange(p), k),
+                          "loss": 1.0, "grad_norm": 1.0, "update_norm": 0.1, "step_time": 0.1})
+    write_run(path, fr["meta"], ev, peb, mem, stats, fr["schedule"])
+    return len(ev)
+
+
+def bench(path: Path, n: int) -> dict:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from analysis import load_run, metrics, style
+    from analysis.chrome import write_chrome
+    from analysis.plots import memory_plot, pebble_graph, planned_frame, timeline
+    out = {}
+
+    def timed(name, fn):
+        t = time.perf_counter()
+        r = fn()
+        out[name] = time.perf_counter() - t
+        return r
+    run = timed("load", lambda: load_run(path))
+    timed("metrics", lambda: metrics.summarize(run.events, run.pebbles, run.memory, run.meta,
+                                               run.steps))
+    step = run.steps[-1]
+    shown = run.steps[-3:]
+    with plt.rc_context(style.RC):
+        for name, draw in (
+                ("pebble.png", lambda: pebble_graph(run.events, run.pebbles, run.meta, step)),
+                ("timeline.png", lambda: timeline(run.events, shown, planned_frame(
+                    run.schedule, run.events))),
+                ("memory.png", lambda: memory_plot(run.pebbles, run.memory))):
+            def go():
+                fig, _ = draw()
+                fig.savefig(path / name)
+                plt.close(fig)
+            timed(name, go)
+    def trace():
+        with open(path / "trace.json", "w", encoding="utf-8") as f:
+            write_chrome(f, run.events, run.pebbles, run.memory, run.meta)
+    timed("trace.json", trace)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="1e5,1e6", help="event counts, comma-separated")
+    a = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in (float(x) for x in a.sizes.split(",")):
+            d = Path(tmp) / f"run{int(size)}"
+            t = time.perf_counter()
+            n = synth_run(d, size)
+            print(f"{n:,} events ({len(pd.read_csv(d / 'stats.csv')) // 4:,} steps, 4 ranks): "
+                  f"written in {time.perf_counter() - t:.1f} s", flush=True)
+            res = bench(d, n)
+            for k, v in res.items():
+                print(f"  {k:<13} {v:7.2f} s   {v / n * 1e6:7.2f} s per million events")
+            tot = sum(res.values())
+            print(f"  {'total':<13} {tot:7.2f} s   {tot / n * 1e6:7.2f} s per million events",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()

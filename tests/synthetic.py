@@ -1,0 +1,264 @@
+"""Synthetic run directories, written exactly as docs/run-format.md (format 1) says.
+
+Two layers, both reusable outside the analysis tests:
+
+- `write_run(path, meta, events=..., pebbles=..., memory=..., stats=..., schedule=...)` writes
+  given frames (one row per span/pebble/sample, a `rank` column plus the documented columns,
+  times in each rank's *local* integer ns) into a run directory, one file per rank.
+- `pipeline_frames(...)` plays a schedule from `harness.schedule` on a simple cost model and
+  returns those frames; `make_run(path, ...)` does both. Known clock offsets (with drift) can be
+  put on each rank so a test can check that the analysis takes them off again.
+
+Cost model (deliberately simple so tests can compute answers by hand): each layer's forward takes
+`t_fwd`, its backward `t_bwd`, the loss `t_loss` forward and `t_loss` backward, `opt` takes
+`t_opt`; a send takes `xfer`; a receive posted at c whose send started at s0 ends at
+max(c, s0) + xfer (so wait = max(0, s0 - c), transfer = xfer — Scalasca's split).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from harness.schedule import COMM, build, peer, to_json
+
+EVENT_COLS = ["step", "mb", "layer", "kind", "t0", "t1", "tb", "peer", "tag", "bytes", "pair"]
+PEBBLE_COLS = ["step", "mb", "layer", "kind", "bytes", "t_store", "t_free"]
+MEMORY_COLS = ["t", "source", "bytes"]
+STATS_COLS = ["step", "rank", "loss", "grad_norm", "update_norm", "step_time"]
+BASE_NS = 5_000_000_000_000  # a plausible perf_counter_ns() value (~83 min after boot)
+MS = 1_000_000
+
+
+def _csv(df: pd.DataFrame, cols: list) -> str:
+    out = df.reindex(columns=cols).copy()
+    for c in out.columns:  # nullable ints print as ints, missing as empty (never "nan")
+        if out[c].dtype.kind == "f" and c not in ("loss", "grad_norm", "update_norm", "step_time"):
+            out[c] = out[c].astype("Int64")
+    return out.to_csv(index=False, lineterminator="\n", na_rep="")
+
+
+def _atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_run(path, meta: dict, events=None, pebbles=None, memory=None, stats=None,
+              schedule: dict | None = None, *, stats_csv: bool = True, fmt: int = 1) -> Path:
+    """Write a run directory. Frames need a `rank` column; times are local int ns."""
+    d = Path(path)
+    (d / "ranks").mkdir(parents=True, exist_ok=True)
+    (d / "trace").mkdir(exist_ok=True)
+    _atomic(d / "meta.json", json.dumps(meta, indent=1))
+    _atomic(d / "config.yaml", f"exp: {meta.get('experiment', 'synthetic')}\n")
+    if schedule is not None:
+        _atomic(d / "schedule.json", json.dumps(schedule))
+    frames = {"events": (events, EVENT_COLS), "pebbles": (pebbles, PEBBLE_COLS),
+              "memory": (memory, MEMORY_COLS)}
+    for r in range(meta["world_size"]):
+        for kind, (df, cols) in frames.items():
+            part = df[df["rank"] == r] if df is not None else pd.DataFrame(columns=cols)
+            head = f"# harness-trace format={fmt} kind={kind} rank={r}\n"
+            (d / "trace" / f"{kind}.r{r}.csv").write_text(head + _csv(part, cols))
+        (d / "ranks" / f"rank{r}.log").write_text(f"rank {r}: synthetic run\n")
+        if stats is not None:
+            (d / "ranks" / f"stats.r{r}.csv").write_text(_csv(stats[stats["rank"] == r],
+                                                              STATS_COLS))
+    if stats is not None and stats_csv:
+        _atomic(d / "stats.csv", _csv(stats.sort_values(["step", "rank"]), STATS_COLS))
+    return d
+
+
+def make_meta(p: int, layers_per_stage: int, schedule: str = "naive", m: int = 1,
+              status: str = "complete", estimates=(), theory=None, width: int = 64,
+              batch: int = 32) -> dict:
+    """A meta.json dict with every documented key."""
+    L = p * layers_per_stage
+    return {
+        "format": 1, "experiment": "synthetic", "status": status,
+        "error": None if status != "failed" else {"rank": p - 1, "type": "RuntimeError",
+                                                  "message": "synthetic failure"},
+        "world_size": p, "start_time": "2026-01-01T00:00:00+00:00", "end_time": None,
+        "ranks": [{"rank": r, "host": "localhost", "pid": 1000 + r, "device": "cpu",
+                   "local_rank": r, "threads": 1, "timer": "perf_counter_ns",
+                   "memory_sources": {"rss": "ok", "nvml": "unavailable: no GPU"}}
+                  for r in range(p)],
+        "model": {"layers": L, "widths": [width] * (L + 1), "batch_size": batch,
+                  "dtype": "float32", "param_counts": [width * width + width] * L},
+        "split": [[s * layers_per_stage, (s + 1) * layers_per_stage] for s in range(p)],
+        "schedule": {"name": schedule, "microbatches": m, "overlap": False},
+        "pebbles_theory": theory or {"bytes_per_microbatch": [0] * p, "peak_bytes": [0] * p},
+        "trace": {"enabled": True, "format": 1, "per_layer": True, "sample_interval_ms": 10},
+        "clock": {"method": "ping-pong, minimum round trip (Score-P)", "exchanges": 10,
+                  "estimates": list(estimates)},
+        "versions": {"python": "3.11", "torch": "synthetic"},
+        "mpi_library": "synthetic", "cuda_aware_mpi": False,
+    }
+
+
+def _actions(name: str, p: int, m: int, overlap: bool = False):
+    sched = build(name, p, m, overlap)
+    return [[(a.kind, a.mb) for a in acts] for acts in sched], to_json(sched, name, m, overlap)
+
+
+def pipeline_frames(p=2, m=1, schedule="naive", steps=3, layers_per_stage=2, *,
+                    t_fwd=1 * MS, t_bwd=2 * MS, t_loss=MS // 2, t_opt=MS // 2, xfer=MS // 10,
+                    act_bytes=4096, step_gap=MS, sample_ns=MS, rss_base=100 << 20,
+                    overlap=False) -> dict:
+    """Play `schedule` for `steps` steps; return frames in true time (ns) plus meta and schedule."""
+    acts, sched_json = _actions(schedule, p, m, overlap)
+    L = p * layers_per_stage
+    ev, peb = [], []
+    clock = [BASE_NS] * p
+    for step in range(steps):
+        sent, posted = {}, {}            # pair -> send start; pair -> irecv post time
+        live = {}                        # (rank, layer, mb) -> pebble row index
+        pc = [0] * p
+        start = list(clock)
+        while any(pc[r] < len(acts[r]) for r in range(p)):
+            moved = False
+            for r in range(p):
+                lo, hi = r * layers_per_stage, (r + 1) * layers_per_stage
+                while pc[r] < len(acts[r]):
+                    kind, mb = acts[r][pc[r]]
+                    c = clock[r]
+                    if kind in COMM:
+                        stream, role = COMM[kind]
+                        q = peer(kind, r)
+                        sending = "send" in role
+                        src, dst = (r, q) if sending else (q, r)
+                        pair = f"{'A' if stream == 'act' else 'G'}{step}.{mb}.{src}>{dst}"
+                        tag = 2 * mb + (stream == "grad")
+                        if role in ("isend", "irecv"):          # post only; no time passes
+                            (sent if sending else posted)[pair] = c
+                            pc[r] += 1
+                            moved = True
+                            continue
+                        if not sending and pair not in sent:    # blocked on the other side
+                            break
+                        if sending:
+                            t0 = sent.setdefault(pair, c)       # blocking send: posted now
+                            end = max(c, t0 + xfer)
+                        else:
+                            t0 = posted.pop(pair, c)
+                            end = max(c, max(t0, sent[pair]) + xfer)
+                        ev.append((r, step, mb, -1, "send" if sending else "recv", t0, end, c,
+                                   q, tag, act_bytes, pair))
+                        if stream == "act" and not sending:   # the received activation is held
+                            live[r, lo, mb, "recv"] = len(peb)
+                            peb.append([r, step, mb, lo, "recv", act_bytes, end, None])
+                        c = end
+                    elif kind == "fwd":
+                        for layer in range(lo, hi):
+                            ev.append((r, step, mb, layer, "fwd", c, c + t_fwd, None, -1, -1, 0,
+                                       None))
+                            live[r, layer, mb, "saved"] = len(peb)  # input saved for backward
+                            peb.append([r, step, mb, layer, "saved", act_bytes, c, None])
+                            c += t_fwd
+                        if r == p - 1:
+                            ev.append((r, step, mb, L, "loss", c, c + t_loss, None, -1, -1, 0,
+                                       None))
+                            live[r, L, mb, "saved"] = len(peb)
+                            peb.append([r, step, mb, L, "saved", act_bytes, c, None])
+                            c += t_loss
+                    elif kind == "bwd":
+                        layers = ([L] if r == p - 1 else []) + list(range(hi - 1, lo - 1, -1))
+                        for layer in layers:
+                            d = t_loss if layer == L else t_bwd
+                            ev.append((r, step, mb, layer, "bwd", c, c + d, None, -1, -1, 0,
+                                       None))
+                            c += d
+                            peb[live.pop((r, layer, mb, "saved"))][7] = c
+                            if layer == lo and (r, lo, mb, "recv") in live:
+                                peb[live.pop((r, lo, mb, "recv"))][7] = c
+                    elif kind == "opt":
+                        ev.append((r, step, -1, -1, "opt", c, c + t_opt, None, -1, -1, 0, None))
+                        c += t_opt
+                    else:
+                        raise ValueError(f"synthetic runs play blocking schedules only: {kind}")
+                    clock[r] = c
+                    pc[r] += 1
+                    moved = True
+            if not moved:
+                raise RuntimeError("synthetic schedule deadlocked")
+        for r in range(p):
+            ev.append((r, step, -1, -1, "step", start[r], clock[r], None, -1, -1, 0, None))
+        clock = [max(clock) + step_gap] * p    # ranks start the next step together
+    events = pd.DataFrame(ev, columns=["rank"] + EVENT_COLS)
+    events = events.sort_values(["rank", "t1"], kind="stable", ignore_index=True)
+    pebbles = pd.DataFrame(peb, columns=["rank"] + PEBBLE_COLS)
+    # writer order: a pebble's row is written when it is freed (run-format.md)
+    pebbles = pebbles.sort_values(["rank", "t_free"], kind="stable", ignore_index=True)
+    mem = []
+    for r in range(p):
+        pr = pebbles[pebbles["rank"] == r]
+        t = np.arange(BASE_NS, clock[r] + 1, sample_ns, dtype=np.int64)
+        stored = np.sort(pr["t_store"].to_numpy(np.int64))
+        freed = np.sort(pr["t_free"].dropna().to_numpy(np.int64))
+        live_n = np.searchsorted(stored, t, "right") - np.searchsorted(freed, t, "right")
+        mem.append(pd.DataFrame({"rank": r, "t": t, "source": "rss",
+                                 "bytes": rss_base + (10 << 20) * r + live_n * act_bytes}))
+    stats = pd.DataFrame([(s, r, (2.0 / (s + 1)) if r == p - 1 else np.nan, 1.0 / (s + 1),
+                           0.01 / (s + 1), 0.0) for s in range(steps) for r in range(p)],
+                         columns=STATS_COLS)
+    st = events[events["kind"] == "step"].set_index(["step", "rank"])
+    stats["step_time"] = [(st.loc[(s, r), "t1"] - st.loc[(s, r), "t0"]) / 1e9
+                          for s, r in zip(stats["step"], stats["rank"])]
+    in_flight = {"naive": [1] * p, "gpipe": [m] * p,
+                 "1f1b": [min(m, p - s) for s in range(p)]}[schedule]
+    per_mb = [int(pebbles[(pebbles["rank"] == s) & (pebbles["step"] == 0)
+                          & (pebbles["mb"] == 0)]["bytes"].sum()) for s in range(p)]
+    theory = {"bytes_per_microbatch": per_mb,
+              "peak_bytes": [b * k for b, k in zip(per_mb, in_flight)]}
+    meta = make_meta(p, layers_per_stage, schedule, m, theory=theory)
+    meta["schedule"]["overlap"] = overlap
+    return {"events": events, "pebbles": pebbles, "memory": pd.concat(mem, ignore_index=True),
+            "stats": stats, "meta": meta, "schedule": sched_json}
+
+
+def skew(frames: dict, clocks: dict) -> dict:
+    """Put known clocks on ranks: clocks[rank] = (offset_start_ns, offset_end_ns).
+
+    The rank's local time t satisfies true = t + o(t), o linear in t from o_start at the run's
+    first local time to o_end at its last (constant offset plus drift). The matching estimates
+    go into meta.clock, so an analysis that interpolates them recovers the true times.
+    """
+    out = {k: (v.copy() if isinstance(v, pd.DataFrame) else v) for k, v in frames.items()}
+    meta = json.loads(json.dumps(frames["meta"]))
+    est = []
+    t_first = int(frames["events"]["t0"].min())
+    t_last = int(frames["events"]["t1"].max())
+    for r, (oa, ob) in clocks.items():
+        ta, tb = t_first - oa, t_last - ob            # local times of the two estimates
+        k = (ob - oa) / (tb - ta)
+        for name, cols in (("events", ("t0", "t1", "tb")), ("pebbles", ("t_store", "t_free")),
+                           ("memory", ("t",))):
+            df = out[name]
+            sel = df["rank"] == r
+            for c in cols:
+                df[c] = df[c].astype("Int64")
+                true = df.loc[sel, c].astype("Float64")
+                # invert true = t + oa + k (t - ta)
+                df.loc[sel, c] = ((true - oa + k * ta) / (1 + k)).round().astype("Int64")
+        est += [{"rank": r, "phase": "start", "t_local": ta, "offset_ns": oa, "rtt_ns": 20_000},
+                {"rank": r, "phase": "end", "t_local": tb, "offset_ns": ob, "rtt_ns": 30_000}]
+    meta["clock"]["estimates"] = est
+    out["meta"] = meta
+    return out
+
+
+def make_run(path, *, clocks: dict | None = None, status: str = "complete",
+             stats_csv: bool = True, **kw) -> Path:
+    """pipeline_frames(**kw) (+ skew(clocks)) written to `path`; returns the path."""
+    fr = pipeline_frames(**kw)
+    if clocks:
+        fr = skew(fr, clocks)
+    fr["meta"]["status"] = status
+    if status == "failed":
+        fr["meta"]["error"] = {"rank": 1, "type": "RuntimeError", "message": "synthetic failure"}
+    return write_run(path, fr["meta"], fr["events"], fr["pebbles"], fr["memory"], fr["stats"],
+                     fr["schedule"], stats_csv=stats_csv)

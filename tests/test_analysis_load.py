@@ -1,0 +1,121 @@
+"""The loader on complete, partial (crashed / running) and corrupt run directories, and the CLI."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from analysis import RunFormatError, load_run
+from analysis.pebble import main
+
+try:
+    from tests.synthetic import make_run
+except ImportError:
+    from synthetic import make_run
+
+EVENT_COLS = ["rank", "step", "mb", "layer", "kind", "lane", "start", "end", "tb", "peer",
+              "tag", "bytes", "pair"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("runs") / "base", p=2, m=2, schedule="gpipe",
+                    steps=3)
+
+
+@pytest.fixture
+def run_dir(base, tmp_path):
+    d = tmp_path / "run"
+    shutil.copytree(base, d)
+    return d
+
+
+def test_complete_run_frames(run_dir):
+    run = load_run(run_dir)
+    assert run.warnings == [] and run.steps == [0, 1, 2]
+    assert list(run.events.columns) == EVENT_COLS
+    assert list(run.pebbles.columns) == ["rank", "step", "mb", "layer", "kind", "bytes",
+                                         "stored", "freed"]
+    assert list(run.memory.columns) == ["rank", "time", "source", "bytes"]
+    assert run.events["start"].min() == 0.0                      # seconds since run start
+    comm = run.events["kind"].isin(["send", "recv"])
+    assert run.events.loc[comm, "tb"].notna().all() and run.events.loc[~comm, "tb"].isna().all()
+    assert run.events.loc[comm, "pair"].notna().all() and run.events.loc[~comm, "pair"].isna().all()
+    assert len(run.stats) == 6 and run.schedule["name"] == "gpipe"
+
+
+def test_missing_rank_file(run_dir):
+    (run_dir / "trace" / "events.r1.csv").unlink()
+    run = load_run(run_dir)
+    assert set(run.events["rank"]) == {0}
+    assert any("events.r1.csv missing" in w for w in run.warnings)
+    assert any("rank 1" in w and "no complete step" in w for w in run.warnings)
+
+
+def test_truncated_last_line_is_dropped(run_dir):
+    p = run_dir / "trace" / "events.r0.csv"
+    n = len(load_run(run_dir).events)
+    data = p.read_bytes()
+    p.write_bytes(data[:-7])                 # cut mid-row, as a crash would
+    (run_dir / "trace" / "pebbles.r1.csv").write_bytes(
+        (run_dir / "trace" / "pebbles.r1.csv").read_bytes()[:-3])
+    run = load_run(run_dir)
+    assert len(run.events) == n - 1
+    assert sum("truncated last line" in w for w in run.warnings) == 2
+    assert run.events["end"].notna().all()
+
+
+@pytest.mark.parametrize("status", ["running", "failed"])
+def test_partial_run_status_and_missing_stats(run_dir, status):
+    meta = json.loads((run_dir / "meta.json").read_text())
+    meta["status"] = status
+    meta["error"] = {"rank": 1, "type": "RuntimeError", "message": "boom"} \
+        if status == "failed" else None
+    (run_dir / "meta.json").write_text(json.dumps(meta))
+    (run_dir / "stats.csv").unlink()
+    # the last step of rank 1 never finished: drop its rows from the step onwards
+    p = run_dir / "trace" / "events.r1.csv"
+    lines = p.read_text().splitlines(keepends=True)
+    p.write_text("".join(lines[:2] + [x for x in lines[2:] if not x.startswith("2,")]))
+    r1 = run_dir / "ranks" / "stats.r1.csv"
+    r1.write_bytes(r1.read_bytes()[:-4])
+    run = load_run(run_dir)
+    assert any(f"status is '{status}'" in w for w in run.warnings)
+    assert status != "failed" or any("boom" in w for w in run.warnings)
+    assert any("stats.csv absent" in w for w in run.warnings)
+    assert any("stats.r1.csv: dropped a truncated" in w for w in run.warnings)
+    assert len(run.stats) == 5
+    assert run.steps == [0, 1]
+    assert any("rank 1: step(s) 2 incomplete" in w for w in run.warnings)
+
+
+def test_not_a_run_names_the_file(tmp_path):
+    with pytest.raises(RunFormatError, match=r"meta\.json.*not a run directory"):
+        load_run(tmp_path)
+
+
+def test_unknown_trace_version_names_the_file(run_dir):
+    p = run_dir / "trace" / "pebbles.r0.csv"
+    p.write_text(p.read_text().replace("format=1", "format=7", 1))
+    with pytest.raises(RunFormatError, match=r"pebbles\.r0\.csv: unknown trace format version"):
+        load_run(run_dir)
+
+
+def test_cli_partial_run_and_errors(run_dir, tmp_path, capsys):
+    (run_dir / "trace" / "memory.r1.csv").unlink()
+    assert main([str(run_dir), "--format", "png", "-q"]) == 0
+    out = capsys.readouterr()
+    assert "warning: rank 1: trace/memory.r1.csv missing" in out.err
+    assert "bubble measured" in out.out
+    got = {p.name for p in (run_dir / "analysis").iterdir()}
+    assert {"metrics.json", "steps.csv", "trace.json", "pebble.png", "timeline.png",
+            "memory.png"} <= got
+    m = json.loads((run_dir / "analysis" / "metrics.json").read_text())
+    assert m["warnings"] and m["steps"]["warmup"] == [0]
+    assert np.isclose(m["pipeline"]["bubble_theory"], 1 / 3)       # gpipe p=2 m=2
+    assert main([str(run_dir), "--format", "png", "-q"]) == 0      # re-run into its own folder
+    other = make_run(tmp_path / "other", p=2, steps=2)
+    with pytest.raises(SystemExit, match="another run"):
+        main([str(other), "--out", str(run_dir / "analysis"), "-q"])
+    assert main([str(tmp_path / "nope"), "-q"]) == 2
+    assert "not a run directory" in capsys.readouterr().err
