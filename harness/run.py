@@ -141,7 +141,10 @@ class Run:
 
         info = {"rank": rank, "host": socket.gethostname(), "pid": os.getpid(),
                 "device": str(device), "local_rank": local_rank, "threads": threads,
-                "timer": timer.kind if cfg.trace.enabled else None, "memory_sources": mem_status}
+                "timer": timer.kind if cfg.trace.enabled else None, "memory_sources": mem_status,
+                # the test knob's parameters, so a test can compute the true offset it injected
+                "clock_knob": ({"offset_ns": self.clock.skew_ns, "drift_ppm": d.clock_drift_ppm,
+                                "origin_ns": self.clock.origin} if skewed else None)}
         infos = comm.gather(info)
         if rank == 0:
             self.write_start_files(infos, costs, bounds, cuda_aware)
