@@ -210,3 +210,24 @@ def _f(x):
     if isinstance(x, (np.floating, float)):
         return None if np.isnan(x) else float(x)
     return x
+
+
+def memory_by_step(events: pd.DataFrame, pebbles: pd.DataFrame,
+                   memory: pd.DataFrame) -> pd.DataFrame:
+    """Per (step, rank), what is held when the rank's step ends: activation bytes from pebbles
+    (stored by then and not yet freed) and the last memory sample by then, per source.
+
+    Columns: step, rank, end (s), act_bytes, and one column per memory source (e.g. rss).
+    This is the "does memory grow step after step" view of the detach lesson."""
+    ends = events.loc[events["kind"] == "step", ["step", "rank", "end"]].sort_values("end")
+    out = ends.reset_index(drop=True)
+    lb = live_bytes(pebbles).sort_values("time")
+    act = pd.merge_asof(out, lb[["time", "rank", "bytes"]].rename(columns={"time": "end"}),
+                        on="end", by="rank", direction="backward")
+    out["act_bytes"] = act["bytes"].fillna(0).to_numpy()
+    for src, d in memory.groupby("source"):
+        m = pd.merge_asof(out[["end", "rank"]],
+                          d[["time", "rank", "bytes"]].rename(columns={"time": "end"})
+                          .sort_values("end"), on="end", by="rank", direction="backward")
+        out[src] = m["bytes"].to_numpy()
+    return out.sort_values(["step", "rank"]).reset_index(drop=True)

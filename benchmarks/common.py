@@ -2,26 +2,10 @@
 from __future__ import annotations
 
 import csv
-import os
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
-
-def mpirun() -> str:
-    here = Path(sys.executable).parent / "mpirun"
-    return str(here) if here.exists() else "mpirun"
-
-
-def launch(n: int, args: list[str], run_dir: Path) -> Path:
-    """One `mpirun -n n python -m harness.run ...` into run_dir; raises with its stderr on failure."""
-    cmd = [mpirun(), "-n", str(n), sys.executable, "-m", "harness.run", *args, "quiet=true",
-           f"run.dir={run_dir}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    return run_dir
+from harness.launch import launch  # noqa: F401 - re-exported for the benchmarks
 
 
 def median_step_time(run_dir: Path, skip: int = 1) -> float:

@@ -66,6 +66,12 @@ class PipelineCfg:
     split: Optional[List[int]] = doc("layers per stage, e.g. [9,7]; default: balanced by "
                                      "parameter count", None)
     microbatches: int = doc("microbatches per step (must divide data.batch_size)", 1)
+    overlap: bool = doc("post receives early and send without blocking (Isend/Irecv + Wait), "
+                        "so transfers can overlap compute", False)
+    recv_requires_grad: bool = doc("the receiver marks the received activation requires_grad; "
+                                   "false = the seed's first lesson (earlier stages stop learning)", True)
+    detach: bool = doc("the sender detaches what it sends and lets its graph go after backward; "
+                       "false = the seed's second lesson (graphs of past steps kept: memory grows)", True)
 
 
 @dataclass
@@ -98,13 +104,14 @@ class DebugCfg:
 @dataclass
 class Config:
     exp: str = doc("experiment: experiments/<exp>.yaml", DEFAULT_EXPERIMENT)
+    base: Optional[str] = doc("experiment this one starts from (its yaml is merged first)", None)
     description: str = doc("one line saying what the experiment shows", "")
     world_sizes: Optional[List[int]] = doc("world sizes (ranks) the experiment can use; "
                                            "default any from 1 to model.layers", None)
     device: str = doc("auto|cpu|cuda; auto = cuda:<local rank> when CUDA is available", "auto")
     threads: int = doc("torch threads per rank; 0 = cores / ranks on this host (at least 1)", 0)
     quiet: bool = doc("no per-step progress line", False)
-    schedule: str = doc("pipeline schedule", "naive")
+    schedule: str = doc("pipeline schedule: naive (m=1), gpipe, 1f1b", "naive")
     run: RunCfg = doc("", factory=RunCfg)
     train: TrainCfg = doc("", factory=TrainCfg)
     data: DataCfg = doc("", factory=DataCfg)
@@ -161,9 +168,8 @@ def load(argv: list[str], world_size: int = 1) -> Config:
                           f"allowed: {', '.join(known) or '(none found)'}")
     try:
         schema = OmegaConf.structured(Config)
-        exp_yaml = OmegaConf.load(EXPERIMENTS_DIR / f"{exp}.yaml")
         cli = OmegaConf.from_dotlist(overrides)
-        merged = OmegaConf.merge(schema, exp_yaml, cli, {"exp": exp})
+        merged = OmegaConf.merge(schema, *_experiment_chain(exp, known), cli, {"exp": exp})
         cfg: Config = OmegaConf.to_object(merged)
     except ConfigKeyError as e:
         key = getattr(e, "full_key", None) or str(e)
@@ -175,6 +181,21 @@ def load(argv: list[str], world_size: int = 1) -> Config:
         raise ConfigError(f"{key}: {msg}" + (f" (expected {want})" if want else "")) from None
     validate(cfg, world_size)
     return cfg
+
+
+def _experiment_chain(exp: str, known) -> list:
+    """The yaml of `exp` preceded by those of its `base`, `base`'s base, ... (oldest first)."""
+    chain, name = [], exp
+    while name is not None:
+        if name in (n for n, _ in chain):
+            raise ConfigError(f"exp={exp!r}: its base chain loops at {name!r}")
+        if name not in known:
+            raise ConfigError(f"base={name!r} (in experiments/{chain[-1][0]}.yaml): no such "
+                              f"experiment; allowed: {', '.join(known)}")
+        y = OmegaConf.load(EXPERIMENTS_DIR / f"{name}.yaml")
+        chain.append((name, y))
+        name = y.get("base")
+    return [y for _, y in reversed(chain)]
 
 
 def _check(cond: bool, msg: str):
@@ -240,7 +261,7 @@ def validate(cfg: Config, world_size: int) -> None:
 
 def _schedule_flags(cfg: Config) -> dict:
     """Keyword arguments of schedule.build that come from the config."""
-    return {}
+    return {"overlap": cfg.pipeline.overlap}
 
 
 def to_yaml(cfg: Config) -> str:
@@ -256,7 +277,7 @@ def help_text() -> str:
         lines.append(f"  {name:<18} {desc}")
     lines += ["", "keys (default):"]
     for k, h, d in keys():
-        if k in ("exp", "description"):
+        if k in ("exp", "description", "base"):
             continue
         lines.append(f"  {k + '=' + str(d):<34} {h}")
     return "\n".join(lines)

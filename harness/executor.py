@@ -23,7 +23,7 @@ from . import schedule as S
 class StageExecutor:
     def __init__(self, *, rank, size, layers, bounds, n_layers, widths, data, m, p2p, tracer,
                  tracker, optimizer, lr, momentum, per_layer, device, fail_step=None,
-                 stall_step=None):
+                 stall_step=None, recv_requires_grad=True, detach=True):
         self.rank, self.size = rank, size
         self.first, self.last = rank == 0, rank == size - 1
         self.layers, self.layer_ids = layers, list(range(*bounds))
@@ -32,6 +32,8 @@ class StageExecutor:
         self.opt, self.lr, self.momentum = optimizer, lr, momentum
         self.params = [p for p in layers.parameters()]
         self.device, self.fail_step, self.stall_step = device, fail_step, stall_step
+        self.recv_requires_grad, self.detach = recv_requires_grad, detach
+        self.kept = []  # detach=false only: every step's attached outputs, never let go
         self.hook_bwd = tracer.enabled and per_layer
         self.per_stage = tracer.enabled and not per_layer
         mb_rows = data.batch_size // m
@@ -124,17 +126,27 @@ class StageExecutor:
     def backward(self, mb):
         out = self.outputs.pop(mb)
         m0 = self.tracer.mark()
+        # detach=false (the ablation): the attached output is kept past its step and the graph
+        # behind it is retained (retain_graph=True, what code that keeps attached tensors across
+        # steps needs to silence "backward through the graph a second time"), so every step's
+        # saved activations stay reachable. docs/lessons.md says exactly what changes.
+        retain = not self.detach
+        if retain:
+            self.kept.append(out)
         if self.last:
             self.losses.append(out.detach())
-            out.backward()
+            out.backward(retain_graph=retain)
         else:
-            out.backward(self.grads.pop(mb))
+            out.backward(self.grads.pop(mb), retain_graph=retain)
         if self.per_stage:
             self.tracer.span(self.step, mb, -1, "bwd", m0, self.tracer.mark())
         self._release(("out", mb))
         if not self.first:
             inp = self.inputs.pop(mb)
-            self.in_grads[mb] = inp.grad
+            # recv_requires_grad=false: autograd never computed a gradient for the input, so
+            # there is none to send; zeros keep the protocol going (what a `grad or zeros`
+            # fallback in naive code does) and the upstream stages get exactly zero gradient.
+            self.in_grads[mb] = inp.grad if inp.grad is not None else torch.zeros_like(inp)
             self._release(("recv", mb))
 
     def optimize(self, _mb):
@@ -157,7 +169,8 @@ class StageExecutor:
         return f"{what}{self.step}.{mb}.{src}>{dst}"
 
     def _received_act(self, mb, buf):
-        buf.requires_grad_(True)  # the seed's first lesson: without it the chain breaks here
+        # the seed's first lesson: without requires_grad the chain breaks here
+        buf.requires_grad_(self.recv_requires_grad)
         self.inputs[mb] = buf
         if self.tracker is not None:
             self.holds[("recv", mb)] = self.tracker.hold(buf, "recv", self.layer_ids[0], self.step, mb)

@@ -163,6 +163,7 @@ class Run:
             m=cfg.pipeline.microbatches, p2p=self.p2p, tracer=self.tracer, tracker=tracker,
             optimizer=opt, lr=cfg.train.lr, momentum=cfg.train.momentum,
             per_layer=cfg.trace.per_layer, device=device,
+            recv_requires_grad=cfg.pipeline.recv_requires_grad, detach=cfg.pipeline.detach,
             fail_step=cfg.debug.fail_step if cfg.debug.fail_rank == self.rank else None,
             stall_step=cfg.debug.stall_step if cfg.debug.stall_rank == self.rank else None)
 
@@ -172,11 +173,12 @@ class Run:
         cfg, d = self.cfg, self.run_dir
         rundir.write_atomic(d / "config.yaml", config.to_yaml(cfg))
         rundir.write_json(d / "schedule.json", S.to_json(self.schedule, cfg.schedule,
-                                                         cfg.pipeline.microbatches, False))
+                                                         cfg.pipeline.microbatches,
+                                                         cfg.pipeline.overlap))
         mb_rows = cfg.data.batch_size // cfg.pipeline.microbatches
         per_mb = [model.activation_bytes(cfg.model, b, mb_rows, s == self.size - 1)
                   for s, b in enumerate(bounds)]
-        in_flight = peak_in_flight(self.schedule)
+        in_flight = [max(S.in_flight(acts)) for acts in self.schedule]
         self.meta = {
             "format": 1, "experiment": cfg.exp, "status": "running", "error": None,
             "world_size": self.size, "start_time": self.start_time, "end_time": None,
@@ -186,7 +188,9 @@ class Run:
                       "param_counts": costs},
             "split": [list(b) for b in bounds],
             "schedule": {"name": cfg.schedule, "microbatches": cfg.pipeline.microbatches,
-                         "overlap": False},
+                         "overlap": cfg.pipeline.overlap,
+                         "recv_requires_grad": cfg.pipeline.recv_requires_grad,
+                         "detach": cfg.pipeline.detach},
             "pebbles_theory": {"bytes_per_microbatch": per_mb,
                                "peak_bytes": [b * k for b, k in zip(per_mb, in_flight)]},
             "trace": {"enabled": cfg.trace.enabled, "format": 1, "per_layer": cfg.trace.per_layer,
@@ -262,18 +266,6 @@ class Run:
                f"comm.timeout_s={self.cfg.comm.timeout_s:g} s")
         self.fail("CommTimeout", msg, msg + "\n")
         comm.abort(3)
-
-
-def peak_in_flight(sched) -> list[int]:
-    """Per stage, the most microbatches whose forward ran and backward has not yet."""
-    out = []
-    for acts in sched:
-        live = peak = 0
-        for a in acts:
-            live += (a.kind == "fwd") - (a.kind == "bwd")
-            peak = max(peak, live)
-        out.append(peak)
-    return out
 
 
 def versions() -> dict:

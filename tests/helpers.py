@@ -1,12 +1,16 @@
 """Launching the harness for real in tests: `mpirun -n P python -m harness.run ...`."""
 from __future__ import annotations
 
+import csv
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
+
+from harness.launch import mpirun
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -14,15 +18,6 @@ REPO = Path(__file__).resolve().parent.parent
 # world sizes do bit-identical arithmetic.
 SMALL = ["model.layers=6", "model.width=64", "model.in_features=32", "data.batch_size=32",
          "threads=1", "quiet=true"]
-
-
-def mpirun() -> str:
-    """The mpirun next to this Python (the PyPI mpich puts it in the venv), else on PATH."""
-    here = Path(sys.executable).parent / "mpirun"
-    found = str(here) if here.exists() else shutil.which("mpirun")
-    if not found:
-        raise RuntimeError("mpirun not found: install the project with its [mpi] extra")
-    return found
 
 
 def run_harness(n: int | None, *args: str, timeout: float = 240, cwd=None):
@@ -43,3 +38,17 @@ def ok(proc) -> Path:
 
 def meta(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / "meta.json").read_text())
+
+
+def losses(run_dir: Path) -> list[float]:
+    """The last stage's loss per step, from stats.csv."""
+    with open(Path(run_dir) / "stats.csv") as f:
+        return [float(r["loss"]) for r in csv.DictReader(f) if r["loss"]]
+
+
+def weights(run_dir: Path, world: int) -> dict:
+    """Final weights of all stages (run.save_weights=true), keyed by global layer index."""
+    out = {}
+    for r in range(world):
+        out.update(torch.load(Path(run_dir) / "ranks" / f"weights.r{r}.pt"))
+    return out

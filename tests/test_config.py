@@ -60,7 +60,7 @@ def test_help_lists_experiments_and_every_key_with_its_meaning():
     text = config.help_text()
     assert "deep_mlp" in text
     for key, meaning, _ in config.keys():
-        if key in ("exp", "description"):
+        if key in ("exp", "description", "base"):
             continue
         assert key in text
         assert meaning, f"{key} has no documented meaning"
@@ -73,3 +73,14 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     back = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(config.Config),
                                                OmegaConf.load(tmp_path / "c.yaml")))
     assert back == cfg
+
+
+def test_an_experiment_starts_from_its_base_and_overrides_it(tmp_path, monkeypatch):
+    (tmp_path / "a.yaml").write_text("description: a\ntrain: {steps: 7, lr: 0.5}\n")
+    (tmp_path / "b.yaml").write_text("base: a\ndescription: b\ntrain: {steps: 9}\n")
+    (tmp_path / "loop.yaml").write_text("base: loop\n")
+    monkeypatch.setattr(config, "EXPERIMENTS_DIR", tmp_path)
+    cfg = config.load(["exp=b"], world_size=1)
+    assert (cfg.train.steps, cfg.train.lr, cfg.description) == (9, 0.5, "b")
+    with pytest.raises(ConfigError, match="loops"):
+        config.load(["exp=loop"], world_size=1)

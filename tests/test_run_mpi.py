@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from helpers import SMALL, meta, ok, run_harness
+from helpers import SMALL, losses, meta, ok, run_harness, weights
 
 STEPS = ["train.steps=4"]
 
@@ -22,16 +22,6 @@ def runs(tmp_path_factory):
     return out
 
 
-def losses(run_dir):
-    with open(run_dir / "stats.csv") as f:
-        return [float(r["loss"]) for r in csv.DictReader(f) if r["loss"]]
-
-
-def weights(run_dir, world):
-    out = {}
-    for r in range(world):
-        out.update(torch.load(run_dir / "ranks" / f"weights.r{r}.pt"))
-    return out
 
 
 def test_pipelined_runs_reproduce_the_single_process_losses_exactly(runs):
