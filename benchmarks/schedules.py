@@ -5,8 +5,9 @@ torch.distributed.pipelining running the same model, split, data and thread coun
 
 For each (schedule, m) it runs ours (`mpirun -n P python -m harness.run`) and PyTorch's
 (`torchrun --nproc-per-node P -m benchmarks.torch_pipe`, gloo) back to back, so both see the
-same machine state, and prints the median step time (first 2 steps are warm-up), our measured
-bubble (analysis.metrics) and the theory. Our naive is PyTorch's GPipe with m=1. Also checks
+same machine state, `--repeats` times alternating who goes first, and prints the median step
+time (first 2 steps are warm-up), the median of the per-pair ratios, our measured bubble
+(analysis.metrics) and the theory. Our naive is PyTorch's GPipe with m=1. Also checks
 that both computed the same losses (they start from the same weights and data).
 """
 from __future__ import annotations
@@ -47,6 +48,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--repeats", type=int, default=3, help="pairs of runs per case (default 3)")
     ap.add_argument("--ms", default="1,2,4,8", help="microbatch counts for GPipe and 1F1B")
     ap.add_argument("overrides", nargs="*", help="harness key=value for both (model, batch...)")
     a = ap.parse_args(argv)
@@ -55,17 +57,33 @@ def main(argv=None):
     cases = [("naive", 1, "gpipe")] + [(s, m, s) for s in ("gpipe", "1f1b") for m in ms
                                        if not (s == "1f1b" and m == 1)]
     print(f"{'schedule':>8} {'m':>2} | {'ours ms':>8} {'torch ms':>8} {'ours/torch':>10} | "
-          f"{'bubble':>6} {'theory':>6} | losses", flush=True)
+          f"{'bubble':>6} {'theory':>6} | losses   (medians of {a.repeats} back-to-back pairs)",
+          flush=True)
+    med = statistics.median
     with tempfile.TemporaryDirectory() as tmp:
         for name, m, peer in cases:
-            d = Path(tmp) / f"{name}-{m}"
-            t_ours, bubble, loss_ours = ours(a.ranks, name, m, a.steps, a.overrides, d)
-            pt = torch_run(a.ranks, peer, m, a.steps, a.overrides, Path(tmp) / f"{name}-{m}.json")
-            t_torch = statistics.median(pt["step_times"][2:])
-            same = all(abs(x - y) <= 1e-5 * abs(y) for x, y in zip(loss_ours, pt["losses"]))
-            print(f"{name:>8} {m:>2} | {t_ours * 1e3:8.1f} {t_torch * 1e3:8.1f} "
-                  f"{t_ours / t_torch:10.3f} | {bubble:6.1%} {theory(name, a.ranks, m)['bubble']:6.1%}"
-                  f" | {'equal' if same else 'DIFFER'}", flush=True)
+            t_o, t_t, ratios, bubbles, same = [], [], [], [], True
+            for r in range(a.repeats):
+                def run_ours():
+                    d = Path(tmp) / f"{name}-{m}-{r}"
+                    t, b, loss = ours(a.ranks, name, m, a.steps, a.overrides, d)
+                    t_o.append(t), bubbles.append(b)
+                    return loss
+
+                def run_torch():
+                    pt = torch_run(a.ranks, peer, m, a.steps, a.overrides,
+                                   Path(tmp) / f"{name}-{m}-{r}.json")
+                    t_t.append(med(pt["step_times"][2:]))
+                    return pt["losses"]
+                # alternate who goes first, so drift in machine speed favours neither
+                first, second = (run_ours, run_torch) if r % 2 == 0 else (run_torch, run_ours)
+                la, lb = first(), second()
+                same &= all(abs(x - y) <= 1e-5 * abs(y) for x, y in zip(la, lb))
+                ratios.append(t_o[-1] / t_t[-1])
+            print(f"{name:>8} {m:>2} | {med(t_o) * 1e3:8.1f} {med(t_t) * 1e3:8.1f} "
+                  f"{med(ratios):10.3f} | {med(bubbles):6.1%} "
+                  f"{theory(name, a.ranks, m)['bubble']:6.1%} | {'equal' if same else 'DIFFER'}",
+                  flush=True)
 
 
 if __name__ == "__main__":

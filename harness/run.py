@@ -145,6 +145,10 @@ class Run:
                 # the test knob's parameters, so a test can compute the true offset it injected
                 "clock_knob": ({"offset_ns": self.clock.skew_ns, "drift_ppm": d.clock_drift_ppm,
                                 "origin_ns": self.clock.origin} if skewed else None)}
+        self.files.log(f"rank {rank}/{size} on {info['host']} pid {info['pid']}: {device}, "
+                       f"{threads} threads, layers {bounds[rank][0]}..{bounds[rank][1] - 1}, "
+                       f"schedule {cfg.schedule} m={cfg.pipeline.microbatches}, "
+                       f"cuda-aware MPI {cuda_aware}, memory sources {mem_status}")
         infos = comm.gather(info)
         if rank == 0:
             self.write_start_files(infos, costs, bounds, cuda_aware)
