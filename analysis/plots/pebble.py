@@ -41,8 +41,10 @@ def _label(layer, meta):
     return "loss" if layer == (meta.get("model") or {}).get("layers") else str(layer)
 
 
-def pebble_graph(events, pebbles, meta: dict, step: int, fig=None):
-    """Draw step `step` of a run. Returns (fig, axes): one axes per rank, then the bytes axes."""
+def pebble_graph(events, pebbles, meta: dict, step: int, fig=None, span: float | None = None):
+    """Draw step `step` of a run. Returns (fig, axes): one axes per rank, then the bytes axes.
+    `span`: seconds the time axis shows (default the step's own); give several graphs the same
+    value to draw them on one time scale."""
     ev = events[(events["step"] == step) & (events["lane"] != "step")]
     if ev.empty:
         raise ValueError(f"step {step} has no events")
@@ -52,7 +54,8 @@ def pebble_graph(events, pebbles, meta: dict, step: int, fig=None):
     win = step_windows(ev).iloc[0]
     lo, hi = win["start"], win["end"]
     near = events[(events["step"] != step) & (events["end"] > lo) & (events["start"] < hi)]
-    scale, unit = style.time_unit(hi - lo)
+    shown = max(hi - lo, span or 0.0)
+    scale, unit = style.time_unit(shown)
     X = lambda t: (np.asarray(t, float) - lo) * scale  # noqa: E731  seconds -> axis units
     ranks = sorted(ev["rank"].unique())
     rows = {r: _rows(ev[ev["rank"] == r], peb[peb["rank"] == r], meta, r) for r in ranks}
@@ -128,7 +131,7 @@ def pebble_graph(events, pebbles, meta: dict, step: int, fig=None):
     bax.set_xlabel(f"time in step {step} ({unit})")
     bax.set_ylim(bottom=0)
     bax.legend(loc="lower right", bbox_to_anchor=(1, 1), ncol=len(ranks), borderaxespad=0.1)
-    axes[0].set_xlim(0, X(hi))
+    axes[0].set_xlim(0, shown * scale)
     _legend(fig, m)
     return fig, axes
 

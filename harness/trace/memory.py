@@ -74,7 +74,10 @@ class MemorySampler(threading.Thread):
     def run(self):
         rows, flush_every = [], max(1, int(0.25 / self.interval))  # flush ~4 times a second
         dead = set()
-        while not self._stop_evt.wait(self.interval):
+        # one sample at start, one every interval, one at stop: even a run shorter than the
+        # interval has its memory at both ends
+        stopping = False
+        while True:
             t = self.now()
             for name, read in self.readers.items():
                 if name in dead:
@@ -87,6 +90,9 @@ class MemorySampler(threading.Thread):
             if self.samples % flush_every == 0:
                 self.write_rows(rows)
                 rows = []
+            if stopping:
+                break
+            stopping = self._stop_evt.wait(self.interval)
         self.write_rows(rows)
 
     def stop(self):

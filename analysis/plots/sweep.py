@@ -1,0 +1,176 @@
+"""Figures 2-4 of the paper set, from the tables of analysis.sweep_stats (medians and
+interquartile ranges over repeats). Each takes a frame and returns (fig, axes); none reads or
+saves a file. Points measured with more ranks than cores are drawn hollow and footnoted: their
+ranks shared cores, so their times (not their memory) are not those of a real pipeline."""
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+
+from analysis import style
+
+MARKER = {"naive": "s", "gpipe": "o", "1f1b": "^"}
+SCHED = {"naive": "naive", "gpipe": "GPipe", "1f1b": "1F1B"}
+SCHED_COLOR = {"naive": "#000000", "gpipe": style.PALETTE[0], "1f1b": style.PALETTE[1]}
+# multiplicative x offsets on the log2 m axis so error bars of schedules at one m do not overlap
+NUDGE = {"naive": 1.0, "gpipe": 0.92, "1f1b": 1.08}
+PART_STYLE = {  # figure 4 segments, bottom to top; the timeline's colours for the same things
+    "compute": dict(facecolor=style.KIND["fwd"], label="compute"),
+    "recv_wait": dict(facecolor="white", edgecolor=style.KIND["recv"], hatch="/////",
+                      label="receive: waiting for the sender"),
+    "recv_transfer": dict(facecolor=style.KIND["recv"], label="receive: transfer"),
+    "send": dict(facecolor=style.KIND["send"], label="send (blocked)"),
+    "other_idle": dict(facecolor=style.IDLE, label="other idle"),
+}
+
+
+def _p_color(p) -> str:
+    """One colour per pipeline depth (p=2 the palette's first)."""
+    return style.PALETTE[(int(p) - 2) % 7]
+
+
+def _m_axis(ax, ms):
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ms, [str(m) for m in ms])
+    ax.minorticks_off()
+    ax.set_xlim(min(ms) / 1.35, max(ms) * 1.35)
+    ax.set_xlabel("microbatches per step, m")
+
+
+def _note(fig, table, cores):
+    if "oversubscribed" in table and table["oversubscribed"].any():
+        ps = sorted(int(p) for p in table.loc[table["oversubscribed"].astype(bool), "p"].unique())
+        fig.text(0.01, 0.0, f"hollow: p={','.join(map(str, ps))} on {cores or 'fewer'} cores, "
+                 f"oversubscribed (ranks share cores)", fontsize=5.5, va="top", ha="left")
+
+
+def bubble_plot(table, cores: int | None = None, fig=None):
+    """Bubble fraction against m, one colour per p: measured medians with interquartile
+    ranges (marker = schedule), theory (p-1)/(m+p-1) as a curve (naive: (p-1)/p at m=1)."""
+    if fig is None:
+        fig = plt.figure(figsize=(style.COLUMN, 2.4))
+    ax = fig.subplots()
+    ms = sorted(int(m) for m in table["m"].unique())
+    mm = np.geomspace(min(ms), max(ms), 60)
+    for p in sorted(table["p"].unique()):
+        c = _p_color(p)
+        ax.plot(mm, (p - 1) / (mm + p - 1), color=c, lw=0.8, zorder=1, gid=f"theory-p{p}")
+        for s, d in table[table["p"] == p].groupby("schedule"):
+            x = d["m"].to_numpy(float) * NUDGE.get(s, 1.0)
+            y = d["bubble"].to_numpy(float)
+            err = np.vstack([y - d["bubble_q1"], d["bubble_q3"] - y])
+            hollow = d["oversubscribed"].astype(bool).to_numpy()
+            for h in (False, True):
+                k = hollow == h
+                if k.any():
+                    ax.errorbar(x[k], y[k], yerr=err[:, k], fmt=MARKER.get(s, "D"), ms=3.5,
+                                color=c, mfc="white" if h else c, mew=0.8, elinewidth=0.7,
+                                capsize=1.5, zorder=3, gid=f"measured-p{p}-{s}")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("bubble: idle share of a step")
+    _m_axis(ax, ms)
+    handles = [Line2D([], [], color=_p_color(p), lw=0.8,
+                      label=f"p={int(p)}, theory" + (" (p−1)/(m+p−1)" if i == 0 else ""))
+               for i, p in enumerate(sorted(table["p"].unique()))]
+    handles += [Line2D([], [], ls="", marker=MARKER.get(s, "D"), color="0.2", ms=3.5,
+                       label=f"{SCHED.get(s, s)} measured") for s in _order(table["schedule"])]
+    ax.legend(handles=handles, loc="upper right", ncol=1)
+    _note(fig, table, cores)
+    return fig, ax
+
+
+def _order(names):
+    return [s for s in ("naive", "gpipe", "1f1b") if s in set(names)] + \
+        sorted(set(names) - {"naive", "gpipe", "1f1b"})
+
+
+def peak_memory_plot(table, cores: int | None = None, fig=None):
+    """Peak activation memory per stage against m, one panel per p: measured (open markers,
+    median over repeats; marker = stage) on the theory (wide dashes: meta.pebbles_theory,
+    bytes per microbatch x microbatches in flight), GPipe and 1F1B (naive at m=1)."""
+    ps = sorted(int(p) for p in table["p"].unique())
+    if fig is None:
+        fig = plt.figure(figsize=(style.WIDE if len(ps) > 1 else style.COLUMN, 2.4))
+    axes = np.atleast_1d(fig.subplots(1, len(ps), sharey=True))
+    scale, unit = style.bytes_unit(float(np.nanmax(table[["peak_act", "peak_theory"]].to_numpy())))
+    stage_marker = ["o", "s", "^", "D", "v", "P", "X", "*"]
+    ms = sorted(int(m) for m in table["m"].unique())
+    for ax, p in zip(axes, ps):
+        d = table[table["p"] == p]
+        for (s, r), g in d.groupby(["schedule", "rank"]):
+            g = g.sort_values("m")
+            c = SCHED_COLOR.get(s, "0.5")
+            x = g["m"].to_numpy(float) * NUDGE.get(s, 1.0)
+            # theory: a wide dash at each m (visible for a single m too), joined thinly
+            ax.plot(x, g["peak_theory"] * scale, color=c, lw=0.5, alpha=0.6, zorder=1)
+            ax.plot(x, g["peak_theory"] * scale, ls="", marker="_", ms=10, mew=1.2, color=c,
+                    zorder=2, gid=f"theory-p{p}-{s}-r{r}")
+            ax.plot(x, g["peak_act"] * scale, ls="", marker=stage_marker[int(r) % 8], ms=3.5,
+                    color=c, mfc="white", mew=0.8, zorder=3, gid=f"measured-p{p}-{s}-r{r}")
+        over = bool(d["oversubscribed"].any())
+        ax.set_title(f"p = {p}" + (f" (oversubscribed on {cores or 'fewer'} cores; memory is "
+                                   f"unaffected)" if over else ""))
+        _m_axis(ax, ms)
+        ax.set_ylim(bottom=0)
+    axes[0].set_ylabel(f"peak activations held ({unit})")
+    hs = [Patch(color=SCHED_COLOR.get(s, "0.5"), label=SCHED.get(s, s))
+          for s in _order(table["schedule"])]
+    nst = int(table["rank"].max()) + 1
+    hs += [Line2D([], [], ls="", marker=stage_marker[r % 8], ms=3.5, color="0.3", mfc="white",
+                  mew=0.8, label=f"stage {r} measured") for r in range(nst)]
+    hs += [Line2D([], [], ls="", marker="_", ms=10, mew=1.2, color="0.3", label="theory")]
+    fig.legend(handles=hs, loc="outside upper center", ncol=min(len(hs), 7))
+    return fig, list(axes)
+
+
+def breakdown_plot(table, cores: int | None = None, fig=None):
+    """Where a step's time goes: per (schedule, m), blocking then overlapped communication,
+    one stacked bar per rank: compute, receive wait, transfer, blocked send, other idle
+    (medians over repeats; the bar's error line is the IQR of the step span)."""
+    keys = table[["p", "schedule", "m"]].drop_duplicates()
+    keys = keys.assign(o=[_order(keys["schedule"]).index(s) for s in keys["schedule"]])
+    keys = keys.sort_values(["p", "o", "m"])
+    if fig is None:
+        fig = plt.figure(figsize=(style.WIDE, 2.5))
+    ax = fig.subplots()
+    scale, unit = style.time_unit(float(table["span"].max()))
+    x, ticks, labels, groups = 0.0, [], [], []
+    for k in keys.itertuples():
+        g0 = x
+        for ov in (False, True):
+            d = table[(table["p"] == k.p) & (table["schedule"] == k.schedule) &
+                      (table["m"] == k.m) & (table["overlap"] == ov)].sort_values("rank")
+            for r in d.itertuples():
+                bottom = 0.0
+                for part, kw in PART_STYLE.items():
+                    h = getattr(r, part) * scale
+                    ax.bar(x, h, bottom=bottom, width=0.8, linewidth=0.3,
+                           edgecolor=kw.get("edgecolor", "black"), gid=f"part-{part}",
+                           **{k2: v for k2, v in kw.items() if k2 not in ("label", "edgecolor")})
+                    bottom += h
+                ax.errorbar(x, r.span * scale, yerr=[[(r.span - r.span_q1) * scale],
+                                                    [(r.span_q3 - r.span) * scale]],
+                            color="black", lw=0.6, capsize=1.5)
+                ticks.append(x)
+                labels.append(f"r{r.rank}")
+                x += 1
+            groups.append(((g0 + x - 1) / 2, "blocking" if not ov else "overlap"))
+            g0 = x = x + 0.4
+        ax.text((groups[-2][0] + groups[-1][0]) / 2, -0.24,
+                f"{SCHED.get(k.schedule, k.schedule)}, m={k.m}, p={k.p}",
+                transform=ax.get_xaxis_transform(), ha="center", va="top")
+        x += 0.8
+    ax.set_xticks(ticks, labels)
+    for gx, name in groups:
+        ax.text(gx, -0.12, name, transform=ax.get_xaxis_transform(), ha="center", va="top",
+                fontsize=6)
+    ax.set_ylabel(f"time per step ({unit})")
+    ax.set_xlim(-0.8, x - 0.8)
+    hs = [Patch(**{k: v for k, v in kw.items()}, linewidth=0.3,
+                **({} if "edgecolor" in kw else {"edgecolor": "black"}))
+          for kw in PART_STYLE.values()]
+    fig.legend(handles=hs, loc="outside upper center", ncol=len(hs))
+    _note(fig, table, cores)
+    return fig, ax

@@ -1,0 +1,167 @@
+"""Numbers of a sweep, as pure functions: per-run records from each run's metrics, then medians
+and interquartile ranges over repeats (rliable's split: statistics here, drawing in
+analysis/plots/sweep.py, file I/O only in analysis/figures.py).
+
+Two tidy frames describe a sweep:
+- runs:  one row per run — point, repeat, tag, exp, p, schedule, m, overlap, oversubscribed,
+         span (s), bubble (measured), bubble_theory, threads, device, compute (s, mean
+         over ranks)
+- ranks: one row per (run, rank) — the run's identity columns, then compute, send, recv_wait,
+         recv_transfer, other_idle, span (s), peak_act, peak_theory (bytes)
+Every per-run value is already a median over that run's steady steps (metrics.summarize);
+`spread` then takes median and quartiles over the repeats of a point.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from analysis.metrics import bubble_theory
+
+ID = ["point", "repeat", "tag", "exp", "p", "schedule", "m", "overlap", "oversubscribed"]
+# where a rank's step goes: these add up to the step's span (other_idle is the rest)
+PARTS = ["compute", "recv_wait", "recv_transfer", "send", "other_idle"]
+
+
+def run_records(row: dict, meta: dict, summary: dict) -> tuple[dict, list[dict]]:
+    """One run's record and its per-rank records.
+
+    row: the run's sweep.csv row (point, repeat, tag, oversubscribed); meta: its meta.json;
+    summary: metrics.summarize of its frames (medians over steady steps)."""
+    sch = meta.get("schedule") or {}
+    p = int(meta.get("world_size") or summary["schedule"]["stages"])
+    m = int(sch.get("microbatches") or 1)
+    name = sch.get("name")
+    ident = {"point": row.get("point"), "repeat": row.get("repeat"), "tag": row.get("tag"),
+             "exp": meta.get("experiment"), "p": p, "schedule": name, "m": m,
+             "overlap": bool(sch.get("overlap")),
+             "oversubscribed": bool(row.get("oversubscribed", False))}
+    pipe = summary["pipeline"]
+    ranks_meta = meta.get("ranks") or [{}]
+    run = {**ident, "span": pipe["step_span_s"], "bubble": pipe["bubble_measured"],
+           "bubble_theory": bubble_theory(name, p, m),
+           "threads": ranks_meta[0].get("threads"), "device": ranks_meta[0].get("device"),
+           # mean compute per rank: grows with m on CPU (small matmuls run less efficiently)
+           "compute": float(np.mean([r.get("compute") or 0.0 for r in summary["per_rank"]]))}
+    ranks = []
+    for r in summary["per_rank"]:
+        rec = {**ident, "rank": int(r["rank"]), "span": r["span"]}
+        for k in ("compute", "recv_wait", "recv_transfer", "send"):
+            rec[k] = r.get(k) or 0.0
+        # the rest of the span: idle that is neither a blocked receive nor a blocked send
+        rec["other_idle"] = max(0.0, (r["span"] or 0.0) - sum(rec[k] for k in PARTS[:-1]))
+        rec["peak_act"] = r.get("peak_act_bytes")
+        rec["peak_theory"] = r.get("peak_act_theory")
+        ranks.append(rec)
+    return run, ranks
+
+
+def spread(df: pd.DataFrame, by: list, cols: list) -> pd.DataFrame:
+    """Median, first and third quartile and count over the rows of each group.
+
+    Returns one row per group with columns `by`, then for each c in cols: c (median), c_q1,
+    c_q3, and n (rows in the group) and oversubscribed (any row of the group was)."""
+    if df.empty:
+        return pd.DataFrame(columns=by + [f"{c}{s}" for c in cols for s in ("", "_q1", "_q3")]
+                            + ["n", "oversubscribed"])
+    g = df.groupby(by, dropna=False)
+    out = g[cols].median()
+    for c in cols:
+        out[f"{c}_q1"] = g[c].quantile(0.25)
+        out[f"{c}_q3"] = g[c].quantile(0.75)
+    out["n"] = g.size()
+    out["oversubscribed"] = g["oversubscribed"].any() if "oversubscribed" in df else False
+    return out.reset_index()
+
+
+def measurements(runs: pd.DataFrame) -> pd.DataFrame:
+    """Runs that measure schedules (not the lessons' ablations)."""
+    return runs[runs["tag"] != "lessons"]
+
+
+def bubble_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Figure 2's data: per (p, schedule, m), blocking communication only: bubble and span
+    medians/IQR over repeats, and the theory."""
+    d = measurements(runs)
+    d = d[~d["overlap"].astype(bool)]
+    t = spread(d, ["p", "schedule", "m"], ["bubble", "span", "compute"])
+    t["bubble_theory"] = [bubble_theory(s, p, m) for s, p, m in zip(t["schedule"], t["p"], t["m"])]
+    return t
+
+
+def memory_table(ranks: pd.DataFrame) -> pd.DataFrame:
+    """Figure 3's data: per (p, schedule, m, rank), blocking runs: peak activation bytes
+    (median/IQR over repeats) and the theory (meta.pebbles_theory.peak_bytes)."""
+    d = measurements(ranks)
+    d = d[~d["overlap"].astype(bool)]
+    t = spread(d, ["p", "schedule", "m", "rank"], ["peak_act"])
+    th = d.groupby(["p", "schedule", "m", "rank"])["peak_theory"].first()
+    key = pd.MultiIndex.from_frame(t[["p", "schedule", "m", "rank"]])
+    t["peak_theory"] = th.reindex(key).values
+    return t
+
+
+def stage_table(ranks: pd.DataFrame) -> pd.DataFrame:
+    """Compute time per stage and step, per (p, schedule, m, rank), blocking runs (medians)."""
+    d = measurements(ranks)
+    return spread(d[~d["overlap"].astype(bool)], ["p", "schedule", "m", "rank"], ["compute"])
+
+
+def breakdown_table(ranks: pd.DataFrame) -> pd.DataFrame:
+    """Figure 4's data: where each rank's step goes, for the (p, schedule, m) that were run
+    both with and without overlapped communication. Medians over repeats of each part."""
+    d = measurements(ranks)
+    both = d.groupby(["p", "schedule", "m"])["overlap"].nunique()
+    keep = both[both == 2].index
+    d = d.set_index(["p", "schedule", "m"]).loc[lambda x: x.index.isin(keep)].reset_index()
+    t = spread(d, ["p", "schedule", "m", "overlap", "rank"], PARTS + ["span"])
+    # the rest of the median span, so that a bar's parts add up to it exactly (medians of
+    # parts need not add up to the median of their sum)
+    t["other_idle"] = (t["span"] - t[PARTS[:-1]].sum(axis=1)).clip(lower=0)
+    return t
+
+
+def representative(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per point, the repeat whose step span is the median one (for single-run figures):
+    a typical run rather than the fastest or the slowest."""
+    dist = (runs["span"] - runs.groupby("point")["span"].transform("median")).abs()
+    return runs.loc[dist.groupby(runs["point"]).idxmin()].reset_index(drop=True)
+
+
+def headline(bubble: pd.DataFrame, memory: pd.DataFrame, breakdown: pd.DataFrame,
+             stages: pd.DataFrame | None = None) -> dict:
+    """The numbers the captions quote, as plain Python."""
+    out = {"bubble": [], "memory_ratio": [], "overlap": []}
+    per_stage = ({} if stages is None else
+                 {k: [float(x) * 1e3 for x in g.sort_values("rank")["compute"]]
+                  for k, g in stages.groupby(["p", "schedule", "m"])})
+    for r in bubble.itertuples():
+        out["bubble"].append({"p": int(r.p), "schedule": r.schedule, "m": int(r.m),
+                              "compute_stage_ms": per_stage.get((r.p, r.schedule, r.m), []),
+                              "measured": float(r.bubble), "q1": float(r.bubble_q1),
+                              "q3": float(r.bubble_q3), "theory": r.bubble_theory,
+                              "span_ms": float(r.span) * 1e3,
+                              "compute_ms": float(r.compute) * 1e3, "n": int(r.n)})
+    s0 = memory[memory["rank"] == 0].pivot_table(index=["p", "m"], columns="schedule",
+                                                 values=["peak_act", "peak_theory"])
+    for (p, m), r in s0.iterrows():
+        try:
+            ratio = r[("peak_act", "1f1b")] / r[("peak_act", "gpipe")]
+            th = r[("peak_theory", "1f1b")] / r[("peak_theory", "gpipe")]
+        except KeyError:
+            continue
+        if not (np.isfinite(ratio) and np.isfinite(th)):  # m where only naive ran
+            continue
+        out["memory_ratio"].append({"p": int(p), "m": int(m), "stage": 0,
+                                    "measured": float(ratio), "theory": float(th)})
+    if len(breakdown):
+        g = breakdown.groupby(["p", "schedule", "m", "overlap"])
+        sp, comp = g["span"].first().unstack(), g["compute"].mean().unstack()
+        for (p, s, m), r in sp.iterrows():
+            c = comp.loc[(p, s, m)]   # the same work either way: its change is run-to-run noise
+            out["overlap"].append({"p": int(p), "schedule": s, "m": int(m),
+                                   "span_ms_blocking": float(r[False]) * 1e3,
+                                   "span_ms_overlap": float(r[True]) * 1e3,
+                                   "compute_ms_blocking": float(c[False]) * 1e3,
+                                   "compute_ms_overlap": float(c[True]) * 1e3})
+    return out

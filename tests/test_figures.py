@@ -1,0 +1,176 @@
+"""The paper's figure set on small real runs: one tiny 2-rank sweep (experiments/paper_quick.yaml,
+7 mpirun jobs), then every figure function and the whole `analysis.figures` pass on it."""
+import io
+import json
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pytest
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from analysis import load_run, metrics, style, sweep_stats  # noqa: E402
+from analysis import figures as figs  # noqa: E402
+from analysis.plots import (breakdown_plot, bubble_plot, frame_states,  # noqa: E402
+                            pebble_animation, peak_memory_plot, schedules_side_by_side)
+from experiments import sweep  # noqa: E402
+
+QUICK = Path(sweep.__file__).parent / "paper_quick.yaml"
+
+
+@pytest.fixture(scope="module")
+def sw(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep") / "quick"
+    idx = sweep.run_sweep(sweep.load_spec(QUICK), out, log=lambda *a, **k: None)
+    assert (idx.loc[idx["status"] != "skipped", "status"] == "complete").all(), idx["message"]
+    return figs.load_sweep(out)
+
+
+def _png(fig) -> np.ndarray:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    buf.seek(0)
+    img = plt.imread(buf)
+    assert img.shape[0] > 100 and img.shape[1] > 200
+    assert img[..., :3].std() > 0.05          # not a blank canvas
+    return img
+
+
+def _run(sw, schedule, overlap=False):
+    r = sw["runs"]
+    r = r[(r["schedule"] == schedule) & (r["overlap"] == overlap) & (r["tag"] != "lessons")]
+    rec = r.iloc[0]
+    return load_run(sw["path"][(rec["point"], int(rec["repeat"]))])
+
+
+def test_fig1_three_schedules_share_one_time_scale(sw):
+    runs = [_run(sw, s) for s in ("naive", "gpipe", "1f1b")]
+    panels = [{"title": s, "events": r.events, "pebbles": r.pebbles, "meta": r.meta,
+               "step": r.steps[-1]} for s, r in zip(("naive", "gpipe", "1f1b"), runs)]
+    with plt.rc_context(style.RC):
+        fig, axes = schedules_side_by_side(panels)
+        assert len(axes) == 3 and all(len(a) == 3 for a in axes)   # 2 ranks + bytes, each
+        xlims = {a[0].get_xlim() for a in axes}
+        assert len(xlims) == 1                                      # the same time axis
+        spans = [metrics.step_windows(r.events[r.events["step"] == r.steps[-1]])["span"].iloc[0]
+                 for r in runs]
+        scale, _ = style.time_unit(max(spans))
+        assert xlims.pop()[1] == pytest.approx(max(spans) * scale)
+        assert len(fig.legends) == 1 and not any(sf.legends for sf in fig.subfigs)
+        _png(fig)
+
+
+def test_fig2_one_measured_point_per_p_m_and_theory(sw):
+    t = sweep_stats.bubble_table(sw["runs"])
+    assert sorted(zip(t["schedule"], t["m"])) == [("1f1b", 2), ("gpipe", 2), ("naive", 1)]
+    with plt.rc_context(style.RC):
+        fig, ax = bubble_plot(t, sw["cores"])
+        pts = {}
+        for c in ax.containers:    # errorbar containers: (data line, caps, bars)
+            line = c.lines[0]
+            pts[line.get_gid()] = (line.get_xdata(), line.get_ydata())
+        assert len(pts) == len(t)
+        for r in t.itertuples():
+            x, y = pts[f"measured-p{r.p}-{r.schedule}"]
+            assert y[0] == pytest.approx(r.bubble) and len(x) == 1
+        theory = [l for l in ax.lines if (l.get_gid() or "").startswith("theory")]
+        assert len(theory) == 1                                     # one curve: p = 2
+        x, y = theory[0].get_xdata(), theory[0].get_ydata()
+        assert np.allclose(y, 1 / (x + 1))                          # (p-1)/(m+p-1), p = 2
+        _png(fig)
+
+
+def test_fig3_measured_markers_are_the_pebble_peaks(sw):
+    t = sweep_stats.memory_table(sw["ranks"])
+    with plt.rc_context(style.RC):
+        fig, axes = peak_memory_plot(t, sw["cores"])
+        scale, _ = style.bytes_unit(float(np.nanmax(t[["peak_act", "peak_theory"]].to_numpy())))
+        for s in ("gpipe", "1f1b"):
+            run = _run(sw, s)
+            steady = metrics.steady(run.steps)[1]
+            tab = metrics.step_table(run.events, run.pebbles)
+            peaks = tab[tab["step"].isin(steady)].groupby("rank")["peak_act_bytes"].median()
+            for r, b in peaks.items():
+                line = next(l for l in axes[0].lines if l.get_gid() == f"measured-p2-{s}-r{r}")
+                assert line.get_ydata()[0] == pytest.approx(b * scale)
+                th = next(l for l in axes[0].lines if l.get_gid() == f"theory-p2-{s}-r{r}")
+                theory = run.meta["pebbles_theory"]["peak_bytes"][r]
+                assert th.get_ydata()[0] == pytest.approx(theory * scale)
+        _png(fig)
+
+
+def test_fig4_bars_add_up_to_the_step(sw):
+    t = sweep_stats.breakdown_table(sw["ranks"])
+    assert set(zip(t["schedule"], t["overlap"])) == {("gpipe", False), ("gpipe", True)}
+    tot, other = t[sweep_stats.PARTS].sum(axis=1), t["other_idle"] > 0
+    # the parts add up to the median span, unless medians of parts already exceed it (then
+    # "other idle" is 0 and the bar stands a little above the span's IQR line)
+    assert np.allclose(tot[other], t["span"][other]) and (tot >= t["span"] - 1e-12).all()
+    with plt.rc_context(style.RC):
+        fig, ax = breakdown_plot(t, sw["cores"])
+        bars = [p for p in ax.patches if (p.get_gid() or "").startswith("part-")]
+        assert len(bars) == len(t) * len(sweep_stats.PARTS)
+        tops = sorted(max(b.get_y() + b.get_height() for b in bars if b.get_x() == x)
+                      for x in {b.get_x() for b in bars})
+        scale, _ = style.time_unit(float(t["span"].max()))
+        assert np.allclose(tops, sorted(t[sweep_stats.PARTS].sum(axis=1) * scale))
+        _png(fig)
+
+
+def _groups_from_trace(run, step, eps):
+    """The animation's event groups, recomputed here from the frames (module docstring)."""
+    ev = run.events[(run.events["step"] == step)]
+    comp = ev[ev["kind"].isin(["fwd", "bwd", "loss", "opt"])]
+    lo, hi = comp["start"].min(), comp["end"].max()
+    ev = ev[ev["kind"].isin(["fwd", "bwd", "loss", "opt", "send", "recv"])]
+    pb = run.pebbles[run.pebbles["step"] == step]
+    t = np.sort(np.clip(np.concatenate([ev["start"], ev["end"], pb["stored"],
+                                        pb["freed"].dropna()]), lo, hi))
+    return 1 + int((np.diff(t) > eps).sum())
+
+
+@pytest.mark.parametrize("schedule", ["naive", "1f1b"])
+def test_fig6_one_frame_per_event_group_empty_at_both_ends(sw, schedule):
+    run = _run(sw, schedule)
+    step = run.steps[-1]
+    eps = 2e-5
+    states = frame_states(run.events, run.pebbles, run.meta, step, eps=eps)
+    assert len(states) == _groups_from_trace(run, step, eps) + 2
+    for s in (states[0], states[-1]):
+        assert s["fill"] and all(f == 0 for f in s["fill"].values()) and not s["ops"]
+    assert max(max(s["fill"].values()) for s in states) == 1    # every pebble fills at some point
+    m = run.meta["schedule"]["microbatches"]
+    assert {mb for s in states for (_, row, _), mb in s["ops"].items()
+            if row != "opt"} == set(range(m))                   # every microbatch's ops light up
+    assert any(s["edges"] for s in states)                      # messages seen in flight
+    assert [s["t"] for s in states] == sorted(s["t"] for s in states)
+    with plt.rc_context({**style.RC, "figure.constrained_layout.use": False}):
+        fig, ax, update = pebble_animation(states, run.events, run.meta, step)
+        update(len(states) // 2)
+        _png(fig)
+
+
+def test_make_writes_the_whole_set(sw, tmp_path):
+    out = tmp_path / "figs"
+    n = figs.make(sw["dir"], out, formats=("png",), log=lambda s: None)
+    assert not n["skipped"]
+    for name in ("fig1_schedules", "fig2_bubble", "fig3_memory", "fig4_breakdown",
+                 "lesson_requires_grad", "lesson_detach"):
+        img = plt.imread(out / f"{name}.png")
+        assert img.shape[1] > 300 and img[..., :3].std() > 0.05, name
+    from PIL import Image
+    gif = Image.open(out / "fig6_animation.gif")
+    pngs = list((out / "fig6_frames").glob("*.png"))
+    assert gif.n_frames == n["animation"]["frames"] == len(pngs)
+    assert (out / "fig6_animation.gif").stat().st_size < 2e6
+    assert json.loads((out / "numbers.json").read_text())["setup"]["repeats"] == 1
+    rg = n["lessons"]["requires_grad"]
+    assert rg["weights_changed_per_stage"] == [False, True]        # lesson 1, measured
+    from experiments.paper import index_markdown
+    md = index_markdown(n)
+    for f in ("fig1_schedules.png", "fig2_bubble.png", "fig6_animation.gif", "lesson_detach.png"):
+        assert f"]({f})" in md
+    assert "device cpu" in md and "1 repeat per point" in md
