@@ -52,3 +52,18 @@ def weights(run_dir: Path, world: int) -> dict:
     for r in range(world):
         out.update(torch.load(Path(run_dir) / "ranks" / f"weights.r{r}.pt"))
     return out
+
+
+def render_png(fig, min_width: int = 200):
+    """Save a figure to PNG in memory, close it, check it is a real picture; return the pixels."""
+    import io
+
+    import matplotlib.pyplot as plt
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    buf.seek(0)
+    img = plt.imread(buf)
+    assert img.shape[0] > 100 and img.shape[1] > min_width
+    assert img[..., :3].std() > 0.05          # not a blank canvas
+    return img

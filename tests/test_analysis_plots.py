@@ -1,8 +1,5 @@
 """Figures on synthetic runs: non-empty images whose drawn content matches the data."""
-import io
-
 import matplotlib
-import numpy as np
 import pytest
 
 matplotlib.use("Agg")
@@ -11,6 +8,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from analysis import load_run, style  # noqa: E402
 from analysis.metrics import recv_split  # noqa: E402
 from analysis.plots import memory_plot, pebble_graph, planned_frame, timeline  # noqa: E402
+from helpers import render_png  # noqa: E402
 
 try:
     from tests.synthetic import make_run
@@ -27,15 +25,9 @@ def run(request, tmp_path_factory):
                              steps=3, overlap=overlap))
 
 
-def _png(fig) -> np.ndarray:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    buf.seek(0)
-    img = plt.imread(buf)
-    assert img.shape[0] > 100 and img.shape[1] > 300
-    assert img[..., :3].std() > 0.05          # not a blank canvas
-    return img
+
+def _png(fig):
+    return render_png(fig, 300)
 
 
 def _collections(fig, gid):

@@ -1,6 +1,5 @@
 """The paper's figure set on small real runs: one tiny 2-rank sweep (experiments/paper_quick.yaml,
 7 mpirun jobs), then every figure function and the whole `analysis.figures` pass on it."""
-import io
 import json
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from analysis import figures as figs  # noqa: E402
 from analysis.plots import (breakdown_plot, bubble_plot, frame_states,  # noqa: E402
                             pebble_animation, peak_memory_plot, schedules_side_by_side)
 from experiments import sweep  # noqa: E402
+from helpers import render_png  # noqa: E402
 
 QUICK = Path(sweep.__file__).parent / "paper_quick.yaml"
 
@@ -28,15 +28,9 @@ def sw(tmp_path_factory):
     return figs.load_sweep(out)
 
 
-def _png(fig) -> np.ndarray:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    buf.seek(0)
-    img = plt.imread(buf)
-    assert img.shape[0] > 100 and img.shape[1] > 200
-    assert img[..., :3].std() > 0.05          # not a blank canvas
-    return img
+
+def _png(fig):
+    return render_png(fig, 200)
 
 
 def _run(sw, schedule, overlap=False):
