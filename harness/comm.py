@@ -110,8 +110,14 @@ class Pending:
 class P2P:
     """Point-to-point tensor transport for one rank, traced and guarded by a watchdog."""
 
-    def __init__(self, tracer, now, timeout_s: float, on_timeout, device, cuda_aware: bool):
+    def __init__(self, tracer, now, timeout_s: float, on_timeout, device, cuda_aware: bool,
+                 wait: str = "spin", poll_us: float = 50.0):
         self.tracer, self.now = tracer, now
+        # "spin": MPI's own blocking calls, which busy-poll (MPICH) — exact completion times, but
+        # the waiting rank keeps a core busy, which on a shared or SMT CPU slows the rank that
+        # computes. "sleep": non-blocking call + Test, sleeping poll_us between tests after a
+        # short spin — frees the core, completion times late by up to ~poll_us.
+        self.sleep_s = poll_us * 1e-6 if wait == "sleep" else None
         self.device, self.cuda_aware = device, cuda_aware
         self.stage_via_host = device.type == "cuda" and not cuda_aware
         self.watchdog = Watchdog(timeout_s, on_timeout)
@@ -153,12 +159,25 @@ class P2P:
             return out
         return buf
 
+    def _complete(self, req, blocking, post):
+        """Run a blocking operation: MPI's own (`blocking()`), or in "sleep" mode the posted
+        request (`req`, or `post()`) tested until done, spinning ~20 us, then sleeping."""
+        if self.sleep_s is None:
+            blocking()
+            return
+        req = req if req is not None else post()
+        spin_until = time.perf_counter() + 20e-6
+        while not req.Test():
+            if time.perf_counter() > spin_until:
+                time.sleep(self.sleep_s)
+
     # -- blocking --------------------------------------------------------------------------
     def send(self, t, dst, tag, step, mb, pair):
         wire, _ = self._to_wire(t, step, mb)
         self._guard(f"send {pair} to rank {dst} (tag {tag}, step {step})")
         t0 = self.now()
-        WORLD.Send(_wire(wire), dest=dst, tag=tag)
+        self._complete(None, lambda: WORLD.Send(_wire(wire), dest=dst, tag=tag),
+                       lambda: WORLD.Isend(_wire(wire), dest=dst, tag=tag))
         t1 = self.now()
         self.watchdog.blocked = None
         self.tracer.comm(step, mb, "send", t0, t1, t0, dst, tag, wire.numel() * wire.element_size(), pair)
@@ -167,7 +186,8 @@ class P2P:
         buf = self._recv_buffer(shape, dtype)
         self._guard(f"receive {pair} from rank {src} (tag {tag}, step {step})")
         t0 = self.now()
-        WORLD.Recv(_wire(buf), source=src, tag=tag)
+        self._complete(None, lambda: WORLD.Recv(_wire(buf), source=src, tag=tag),
+                       lambda: WORLD.Irecv(_wire(buf), source=src, tag=tag))
         t1 = self.now()
         self.watchdog.blocked = None
         self.tracer.comm(step, mb, "recv", t0, t1, t0, src, tag, buf.numel() * buf.element_size(), pair)
@@ -191,7 +211,7 @@ class P2P:
         verb = "send" if p.kind == "send" else "receive"
         self._guard(f"wait for {verb} {p.pair} with rank {p.peer} (tag {p.tag}, step {p.step})")
         tb = self.now()
-        p.req.Wait()
+        self._complete(p.req, p.req.Wait, None)
         t1 = self.now()
         self.watchdog.blocked = None
         nbytes = p.tensor.numel() * p.tensor.element_size()

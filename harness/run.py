@@ -134,7 +134,7 @@ class Run:
         else:
             tracker, self.tracer = None, writer.NullTracer()
         self.p2p = comm.P2P(self.tracer, self.clock.now, cfg.comm.timeout_s, self.on_timeout,
-                            device, cuda_aware)
+                            device, cuda_aware, cfg.comm.wait, cfg.comm.poll_us)
         data = model.Data(m, cfg.data.batch_size, cfg.data.noise, cfg.train.seed)
         self.executor = self._executor(layers, bounds[rank], data, tracker, opt, device)
         self.layers = layers
@@ -202,6 +202,8 @@ class Run:
             "clock": {"method": "ping-pong with rank 0, minimum round trip (Score-P)",
                       "exchanges": cfg.trace.clock_exchanges, "estimates": []},
             "versions": versions(), "mpi_library": comm.library(), "cuda_aware_mpi": cuda_aware,
+            "comm": {"wait": cfg.comm.wait,
+                     "poll_us": cfg.comm.poll_us if cfg.comm.wait == "sleep" else None},
         }
         rundir.write_json(d / "meta.json", self.meta)
 

@@ -136,3 +136,12 @@ def test_tracing_off_trains_identically(runs, tmp_path):
     assert losses(d) == losses(runs[2])
     assert not (d / "trace").exists()
     assert json.loads((d / "meta.json").read_text())["trace"]["enabled"] is False
+
+
+def test_sleeping_waits_train_identically(runs, tmp_path):
+    """comm.wait=sleep (test-and-sleep instead of MPI's busy-polling waits) changes how a rank
+    waits, not what it computes."""
+    d = ok(run_harness(2, *SMALL, *STEPS, "comm.wait=sleep", "comm.poll_us=20",
+                       f"run.dir={tmp_path / 'r'}"))
+    assert losses(d) == losses(runs[2])
+    assert json.loads((d / "meta.json").read_text())["comm"] == {"wait": "sleep", "poll_us": 20.0}
