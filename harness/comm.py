@@ -127,9 +127,6 @@ class P2P:
     def close(self):
         self.watchdog.stop()
 
-    def _guard(self, what: str):
-        self.watchdog.blocked = (time.monotonic() + self.timeout_s, what)
-
     # -- device <-> wire ----------------------------------------------------------------------
     def _to_wire(self, t, step, mb):
         """-> (tensor whose memory MPI reads, host copy or None)."""
@@ -159,37 +156,38 @@ class P2P:
             return out
         return buf
 
-    def _complete(self, req, blocking, post):
-        """Run a blocking operation: MPI's own (`blocking()`), or in "sleep" mode the posted
-        request (`req`, or `post()`) tested until done, spinning ~20 us, then sleeping."""
+    def _block(self, what: str, req, blocking, post) -> tuple[int, int]:
+        """Run one blocking operation under the watchdog; -> (start, end) on the trace clock.
+
+        MPI's own blocking call (`blocking()`), or in "sleep" mode the posted request (`req`,
+        or `post()`) tested until done, spinning ~20 us, then sleeping between tests."""
+        self.watchdog.blocked = (time.monotonic() + self.timeout_s, what)
+        t0 = self.now()
         if self.sleep_s is None:
             blocking()
-            return
-        req = req if req is not None else post()
-        spin_until = time.perf_counter() + 20e-6
-        while not req.Test():
-            if time.perf_counter() > spin_until:
-                time.sleep(self.sleep_s)
+        else:
+            req = req if req is not None else post()
+            spin_until = time.perf_counter() + 20e-6
+            while not req.Test():
+                if time.perf_counter() > spin_until:
+                    time.sleep(self.sleep_s)
+        t1 = self.now()
+        self.watchdog.blocked = None
+        return t0, t1
 
     # -- blocking --------------------------------------------------------------------------
     def send(self, t, dst, tag, step, mb, pair):
         wire, _ = self._to_wire(t, step, mb)
-        self._guard(f"send {pair} to rank {dst} (tag {tag}, step {step})")
-        t0 = self.now()
-        self._complete(None, lambda: WORLD.Send(_wire(wire), dest=dst, tag=tag),
-                       lambda: WORLD.Isend(_wire(wire), dest=dst, tag=tag))
-        t1 = self.now()
-        self.watchdog.blocked = None
+        t0, t1 = self._block(f"send {pair} to rank {dst} (tag {tag}, step {step})", None,
+                             lambda: WORLD.Send(_wire(wire), dest=dst, tag=tag),
+                             lambda: WORLD.Isend(_wire(wire), dest=dst, tag=tag))
         self.tracer.comm(step, mb, "send", t0, t1, t0, dst, tag, wire.numel() * wire.element_size(), pair)
 
     def recv(self, shape, dtype, src, tag, step, mb, pair):
         buf = self._recv_buffer(shape, dtype)
-        self._guard(f"receive {pair} from rank {src} (tag {tag}, step {step})")
-        t0 = self.now()
-        self._complete(None, lambda: WORLD.Recv(_wire(buf), source=src, tag=tag),
-                       lambda: WORLD.Irecv(_wire(buf), source=src, tag=tag))
-        t1 = self.now()
-        self.watchdog.blocked = None
+        t0, t1 = self._block(f"receive {pair} from rank {src} (tag {tag}, step {step})", None,
+                             lambda: WORLD.Recv(_wire(buf), source=src, tag=tag),
+                             lambda: WORLD.Irecv(_wire(buf), source=src, tag=tag))
         self.tracer.comm(step, mb, "recv", t0, t1, t0, src, tag, buf.numel() * buf.element_size(), pair)
         return self._from_wire(buf, step, mb)
 
@@ -209,11 +207,8 @@ class P2P:
     def wait(self, p: Pending):
         """Complete a posted operation; returns the received tensor for a receive."""
         verb = "send" if p.kind == "send" else "receive"
-        self._guard(f"wait for {verb} {p.pair} with rank {p.peer} (tag {p.tag}, step {p.step})")
-        tb = self.now()
-        self._complete(p.req, p.req.Wait, None)
-        t1 = self.now()
-        self.watchdog.blocked = None
+        tb, t1 = self._block(f"wait for {verb} {p.pair} with rank {p.peer} (tag {p.tag}, "
+                             f"step {p.step})", p.req, p.req.Wait, None)
         nbytes = p.tensor.numel() * p.tensor.element_size()
         self.tracer.comm(p.step, p.mb, p.kind, p.t0, t1, tb, p.peer, p.tag, nbytes, p.pair)
         return self._from_wire(p.tensor, p.step, p.mb) if p.kind == "recv" else None
