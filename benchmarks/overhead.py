@@ -30,7 +30,7 @@ def interleaved(steps: int, overrides: list[str], ranks: int) -> tuple[float, fl
     from harness import config, model
     from harness import schedule as S
     from harness.executor import StageExecutor
-    from harness.trace import clock, memory, pebbles, writer
+    from harness.trace import clock, open_trace
 
     cfg = config.load(overrides, world_size=ranks)
     torch.set_num_threads(cfg.threads or max(1, config.cores_available() // ranks))
@@ -43,13 +43,10 @@ def interleaved(steps: int, overrides: list[str], ranks: int) -> tuple[float, fl
         layers = model.build_stage(m, bounds, cfg.train.seed)
         opt = torch.optim.SGD(layers.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum)
         clk = clock.Clock()
-        tracker, tracer, sampler = None, writer.NullTracer(), None
-        if traced:
-            tracker = pebbles.PebbleTracker(clk.now, layers.parameters())
-            tracer = writer.Tracer(tmp, 0, clock.HostTimer(clk), tracker)
-            readers, _ = memory.open_sources(torch.device("cpu"))
-            sampler = memory.MemorySampler(readers, clk.now, tracer.memory.write_rows,
-                                           cfg.trace.sample_interval_ms / 1000)
+        tracker, tracer, sampler, _ = open_trace(
+            traced, tmp, 0, clock.HostTimer(clk), clk.now, layers.parameters(),
+            torch.device("cpu"), cfg.trace.sample_interval_ms / 1000)
+        if sampler:
             sampler.start()
         data = model.Data(m, cfg.data.batch_size, cfg.data.noise, cfg.train.seed)
         ex = StageExecutor(rank=0, size=1, layers=layers, bounds=bounds, n_layers=bounds[1],

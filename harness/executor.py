@@ -12,6 +12,7 @@ Tensor shapes: stage s receives [B/m, widths[first_s]] and sends [B/m, widths[en
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -30,7 +31,7 @@ class StageExecutor:
         self.n_layers, self.m, self.data = n_layers, m, data
         self.p2p, self.tracer, self.tracker = p2p, tracer, tracker
         self.opt, self.lr, self.momentum = optimizer, lr, momentum
-        self.params = [p for p in layers.parameters()]
+        self.params = list(layers.parameters())
         self.device, self.fail_step, self.stall_step = device, fail_step, stall_step
         self.recv_requires_grad, self.detach = recv_requires_grad, detach
         self.kept = []  # detach=false only: every step's attached outputs, never let go
@@ -84,7 +85,7 @@ class StageExecutor:
         if trk is not None:
             trk.step, trk.mb = step, mb
         m_stage = tr.mark()
-        with trk.hooks() if trk is not None else _nullctx():
+        with trk.hooks() if trk is not None else contextlib.nullcontext():
             for gi, blk in zip(self.layer_ids, self.layers):
                 if trk is not None:
                     trk.layer = gi
@@ -230,10 +231,3 @@ class StageExecutor:
     def wait_recv_grad(self, mb):
         self.grads[mb] = self.p2p.wait(self.pending.pop(("recv_grad", mb)))
 
-
-class _nullctx:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False

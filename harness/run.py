@@ -93,7 +93,7 @@ class Run:
         from . import comm, model, rundir
         from . import schedule as S
         from .trace import clock as tclock
-        from .trace import memory, pebbles, writer
+        from .trace import open_trace
 
         cfg, rank, size = self.cfg, self.rank, self.size
         self.start_time = rundir.now_iso()
@@ -124,15 +124,9 @@ class Run:
                                   d.clock_drift_ppm if skewed else 0.0)
         timer = (tclock.CudaTimer(self.clock, device) if device.type == "cuda"
                  else tclock.HostTimer(self.clock))
-        mem_status = {}
-        if cfg.trace.enabled:
-            tracker = pebbles.PebbleTracker(self.clock.now, layers.parameters())
-            self.tracer = writer.Tracer(self.run_dir / "trace", rank, timer, tracker)
-            readers, mem_status = memory.open_sources(device)
-            self.sampler = memory.MemorySampler(readers, self.clock.now, self.tracer.memory.write_rows,
-                                                cfg.trace.sample_interval_ms / 1000)
-        else:
-            tracker, self.tracer = None, writer.NullTracer()
+        tracker, self.tracer, self.sampler, mem_status = open_trace(
+            cfg.trace.enabled, self.run_dir / "trace", rank, timer, self.clock.now,
+            layers.parameters(), device, cfg.trace.sample_interval_ms / 1000)
         self.p2p = comm.P2P(self.tracer, self.clock.now, cfg.comm.timeout_s, self.on_timeout,
                             device, cuda_aware, cfg.comm.wait, cfg.comm.poll_us)
         data = model.Data(m, cfg.data.batch_size, cfg.data.noise, cfg.train.seed)
@@ -174,6 +168,7 @@ class Run:
     def write_start_files(self, infos, costs, bounds, cuda_aware):
         from . import comm, model, rundir
         from . import schedule as S
+        from .trace.writer import FORMAT
         cfg, d = self.cfg, self.run_dir
         rundir.write_atomic(d / "config.yaml", config.to_yaml(cfg))
         rundir.write_json(d / "schedule.json", S.to_json(self.schedule, cfg.schedule,
@@ -197,7 +192,7 @@ class Run:
                          "detach": cfg.pipeline.detach},
             "pebbles_theory": {"bytes_per_microbatch": per_mb,
                                "peak_bytes": [b * k for b, k in zip(per_mb, in_flight)]},
-            "trace": {"enabled": cfg.trace.enabled, "format": 1, "per_layer": cfg.trace.per_layer,
+            "trace": {"enabled": cfg.trace.enabled, "format": FORMAT, "per_layer": cfg.trace.per_layer,
                       "sample_interval_ms": cfg.trace.sample_interval_ms},
             "clock": {"method": "ping-pong with rank 0, minimum round trip (Score-P)",
                       "exchanges": cfg.trace.clock_exchanges, "estimates": []},
