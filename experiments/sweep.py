@@ -42,6 +42,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from harness.config import cores_available
+from harness.rundir import write_atomic, write_json
+
 INDEX = "sweep.csv"
 _SPECIAL = ("ranks", "tag", "repeats")  # point fields that are not config overrides (nor exp)
 
@@ -173,10 +176,6 @@ def error_line(text: str) -> str:
     return (errs or lines or ["(no message)"])[-1][:300]
 
 
-def cores() -> int:
-    from harness.config import cores_available
-    return cores_available()
-
 
 def _aside(run_dir: Path) -> Path:
     n = 1
@@ -192,9 +191,7 @@ def frame(rows: list[dict]) -> pd.DataFrame:
 
 def write_index(rows: list[dict], out: Path) -> None:
     """sweep.csv, atomically: a reader sees the previous index or the new one, never half."""
-    tmp = out / f".{INDEX}.{os.getpid()}.tmp"
-    frame(rows).to_csv(tmp, index=False)
-    os.replace(tmp, out / INDEX)
+    write_atomic(out / INDEX, frame(rows).to_csv(index=False))
 
 
 def _row(p: Point, repeat, run_dir, status, message, seconds, ncores, keys) -> dict:
@@ -214,7 +211,7 @@ def run_sweep(spec: dict, out, launcher=None, ncores: int | None = None, log=Non
         from harness.launch import launch as launcher
     out = Path(out)
     log = log or (lambda s, end="\n": print(s, end=end, file=sys.stderr, flush=True))
-    ncores = ncores or cores()
+    ncores = ncores or cores_available()
     name = spec["sweep"].get("name", "sweep")
     stored = out / "sweep.json"
     if stored.exists():
@@ -223,9 +220,7 @@ def run_sweep(spec: dict, out, launcher=None, ncores: int | None = None, log=Non
             raise SystemExit(f"error: {out} holds sweep {old!r}, not {name!r}; "
                              f"choose another --out")
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    tmp = out / f".sweep.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(spec, indent=1, default=str))
-    os.replace(tmp, stored)
+    write_json(stored, spec)
     points = [check(p) for p in expand(spec)]
     keys = sorted({k for p in points for k, _ in p.overrides})
     timeout = timeout or float(spec["sweep"].get("timeout_s", 900))
