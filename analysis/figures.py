@@ -7,7 +7,7 @@ complete runs it lists, and writes into DIR (default SWEEP_DIR/figures):
   fig2_bubble          bubble fraction against m, per p: measured (median, IQR) and theory
   fig3_memory          peak activation memory per stage against m: GPipe, 1F1B, theory
   fig4_breakdown       where a step's time goes, blocking vs overlapped communication
-  lesson_requires_grad, lesson_detach   the two lessons (experiments.lessons.figures)
+  lesson_requires_grad, lesson_detach   the two lessons (analysis.lessons)
   fig6_animation.gif   + fig6_frames/NNN.png: the animated pebble graph of one measured step
   numbers.json         the measured numbers (experiments.paper turns them into figures.md)
 
@@ -18,14 +18,25 @@ analysis.sweep_stats and drawing in analysis.plots.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import json
 import sys
 import time
 from pathlib import Path
 
-import pandas as pd
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no screen
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from analysis import lessons, load_run, metrics, style, sweep_stats  # noqa: E402
+from analysis.metrics import steady, step_windows  # noqa: E402
+from analysis.plots import (breakdown_plot, bubble_plot, peak_memory_plot,  # noqa: E402
+                            schedules_side_by_side)
+from analysis.plots.animate import durations, frame_states, pebble_animation  # noqa: E402
 
 GIF_DPI = 120     # the GIF is for screens: ~650 px wide, 6-pt labels still legible
 FRAME_EPS = 1e-4  # s: event times closer than this form one animation frame (animate.py):
@@ -34,7 +45,6 @@ FRAME_EPS = 1e-4  # s: event times closer than this form one animation frame (an
 
 def load_sweep(sweep_dir) -> dict:
     """sweep.csv + the complete runs -> index, runs and ranks frames (sweep_stats) and paths."""
-    from analysis import load_run, metrics, sweep_stats
     d = Path(sweep_dir)
     index = pd.read_csv(d / "sweep.csv")
     runs, ranks, path, meta = [], [], {}, {}
@@ -54,7 +64,6 @@ def load_sweep(sweep_dir) -> dict:
 
 def _pick(sw, p, schedule, m, tag_not="lessons"):
     """The representative (median-span) run of a point, or None."""
-    from analysis import sweep_stats
     r = sw["runs"]
     r = r[(r["p"] == p) & (r["schedule"] == schedule) & (r["m"] == m) & ~r["overlap"]
           & (r["tag"] != tag_not)]
@@ -81,15 +90,6 @@ def main(argv=None) -> int:
 
 def make(sweep_dir, out, formats=("png", "pdf"), gif=True, log=None) -> dict:
     """Every figure of the set from a sweep directory; returns what numbers.json holds."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from analysis import load_run, style, sweep_stats
-    from analysis.metrics import step_windows
-    from analysis.plots import (breakdown_plot, bubble_plot, peak_memory_plot,
-                                schedules_side_by_side)
-
     t0 = time.perf_counter()
     log = log or (lambda s: print(f"[{time.perf_counter() - t0:5.1f} s] {s}", file=sys.stderr,
                                   flush=True))
@@ -104,10 +104,7 @@ def make(sweep_dir, out, formats=("png", "pdf"), gif=True, log=None) -> dict:
     brk = sweep_stats.breakdown_table(ranks) if len(ranks) else pd.DataFrame()
 
     def save(name, fig):
-        for f in formats:
-            fig.savefig(out / f"{name}.{f}")
-        plt.close(fig)
-        made[name] = [f"{name}.{f}" for f in formats]
+        made[name] = style.save(fig, out, name, formats)
         log(f"drew {name}")
 
     meas = sweep_stats.measurements(runs) if len(runs) else runs
@@ -153,22 +150,20 @@ def make(sweep_dir, out, formats=("png", "pdf"), gif=True, log=None) -> dict:
 
 
 def _lessons(sw, out, formats, made, skipped, log):
-    """Figure 5 through experiments.lessons.figures (the lessons script's own drawing)."""
+    """Figure 5 through analysis.lessons (the lessons' numbers and drawing)."""
     r = sw["runs"]
     les = r[r["tag"] == "lessons"]
     runs = {e: sw["path"][(g["point"].iloc[0], int(g["repeat"].iloc[0]))]
             for e, g in les.groupby("exp")}
-    if not {"deep_mlp", "no_requires_grad", "no_detach"} <= set(runs):
+    if not set(lessons.RUNS) <= set(runs):
         skipped["lesson_requires_grad"] = skipped["lesson_detach"] = \
             "needs lessons-tagged runs of deep_mlp, no_requires_grad and no_detach"
         return None
-    from experiments.lessons import figures as lesson_figures
-    with contextlib.redirect_stdout(io.StringIO()) as said:  # its printout goes to numbers
-        numbers = lesson_figures(runs, out, formats=formats)
+    numbers = lessons.figures(runs, out, formats=formats)
     for name in ("lesson_requires_grad", "lesson_detach"):
         made[name] = [f"{name}.{f}" for f in formats]
     log("drew lesson_requires_grad, lesson_detach")
-    numbers["printed"] = said.getvalue().strip().splitlines()
+    numbers["printed"] = lessons.describe(numbers)
     numbers["runs"] = {k: str(v) for k, v in runs.items()}
     numbers["steps"] = load_steps(runs["deep_mlp"])
     return numbers
@@ -177,25 +172,17 @@ def _lessons(sw, out, formats, made, skipped, log):
 def typical_step(run) -> int:
     """The steady step whose span is the run's median one (a single drawn step should be
     typical, not the one an OS hiccup happened to stretch)."""
-    from analysis.metrics import steady, step_windows
     st = steady(run.steps)[1] or run.steps
     w = step_windows(run.events[run.events["step"].isin(st) & (run.events["lane"] != "step")])
     return int((w["span"] - w["span"].median()).abs().idxmin())
 
 
 def load_steps(run_dir) -> int:
-    from omegaconf import OmegaConf
     return int(OmegaConf.load(Path(run_dir) / "config.yaml").train.steps)
 
 
 def _animation(sw, p, out, made, skipped, log):
     """Figure 6: GIF and PNG frames of the representative naive run's last step."""
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
-    from analysis import load_run, style
-    from analysis.metrics import step_windows
-    from analysis.plots.animate import durations, frame_states, pebble_animation
     path = _pick(sw, p, "naive", 1)
     if path is None:
         skipped["fig6_animation"] = "no naive run"
@@ -240,7 +227,6 @@ def _animation(sw, p, out, made, skipped, log):
 
 def setup(sw) -> dict:
     """What the captions say about how the numbers were made."""
-    from omegaconf import OmegaConf
     r = sw["runs"]
     meas = r[r["tag"] != "lessons"] if len(r) else r
     if meas.empty:

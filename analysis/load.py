@@ -27,19 +27,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-FORMAT = 1  # the run-directory and trace format version this reader knows
-LANE = {"fwd": "compute", "bwd": "compute", "loss": "compute", "opt": "compute",
-        "send": "send", "recv": "recv", "d2h": "copy", "h2d": "copy", "step": "step"}
-_MAGIC = re.compile(r"#\s*harness-trace\s+(.*)")
+from harness.runformat import FORMAT, LANE, STATS_COLS, TRACE_COLS, parse_header, trace_file
+from harness.trace.clock import interpolate_offset
+
 _INT = "int64"
-# dtypes as written; t columns stay integer nanoseconds until aligned (float64 loses ns past 2^53)
-_DTYPES = {
-    "events": {"step": _INT, "mb": _INT, "layer": _INT, "kind": str, "t0": _INT, "t1": _INT,
-               "tb": "Int64", "peer": _INT, "tag": _INT, "bytes": _INT, "pair": str},
-    "pebbles": {"step": _INT, "mb": _INT, "layer": _INT, "kind": str, "bytes": _INT,
-                "t_store": _INT, "t_free": "Int64"},
-    "memory": {"t": _INT, "source": str, "bytes": _INT},
-}
+# dtypes of the columns as written (runformat.TRACE_COLS); t columns stay integer nanoseconds
+# until aligned (float64 loses ns past 2^53); every column not named here is an integer
+_TEXT, _NULLABLE = {"kind", "pair", "source"}, {"tb", "t_free"}
+_DTYPES = {kind: {c: str if c in _TEXT else "Int64" if c in _NULLABLE else _INT for c in cols}
+           for kind, cols in TRACE_COLS.items()}
 
 
 class RunFormatError(ValueError):
@@ -79,10 +75,9 @@ def read_trace(path: Path, kind: str, warnings: list) -> pd.DataFrame | None:
     if not first:
         warnings.append(f"{path}: empty file (the rank wrote nothing)")
         return None
-    m = _MAGIC.match(first)
-    if not m:
+    fields = parse_header(first)
+    if fields is None:
         raise RunFormatError(f"{path}: first line is not a '# harness-trace format=...' header")
-    fields = dict(kv.split("=", 1) for kv in m.group(1).split() if "=" in kv)
     if fields.get("format") != str(FORMAT):
         raise RunFormatError(f"{path}: unknown trace format version {fields.get('format')!r} "
                              f"(this reader knows format={FORMAT})")
@@ -126,11 +121,9 @@ def clock_offset_ns(meta: dict, rank: int, t_local: np.ndarray) -> np.ndarray:
     pts = [best[ph] for ph in ("start", "end") if ph in best] or list(best.values())[:1]
     if not pts:
         return np.zeros(len(t_local))
-    a, b = pts[0], pts[-1]
-    if len(pts) == 1 or b["t_local"] == a["t_local"]:
-        return np.full(len(t_local), float(a["offset_ns"]))
-    slope = (b["offset_ns"] - a["offset_ns"]) / (b["t_local"] - a["t_local"])
-    return a["offset_ns"] + slope * (np.asarray(t_local, dtype=np.int64) - a["t_local"])
+    t = np.asarray(t_local, dtype=np.int64)
+    return np.asarray(interpolate_offset(t, pts[0], pts[-1] if len(pts) > 1 else None),
+                      dtype=np.float64)
 
 
 def _align(meta, rank, t):
@@ -149,7 +142,7 @@ def _secs(t, origin):
 
 
 def _read_stats(d: Path, warnings: list) -> pd.DataFrame:
-    cols = ["step", "rank", "loss", "grad_norm", "update_norm", "step_time"]
+    cols = list(STATS_COLS)
     if (d / "stats.csv").exists():
         return pd.read_csv(d / "stats.csv", comment="#")
     parts = sorted((d / "ranks").glob("stats.r*.csv"))
@@ -196,11 +189,11 @@ def load_run(path) -> Run:
     world = int(meta.get("world_size") or 0)
     raw = {k: {} for k in ("events", "pebbles", "memory")}
     ranks = range(world) if world else sorted(
-        {int(m.group(1)) for p in (d / "trace").glob("*.r*.csv")
+        {int(m.group(1)) for p in (d / trace_file("events", 0)).parent.glob("*.r*.csv")
          if (m := re.search(r"\.r(\d+)\.csv$", p.name))})
     for r in ranks:
         for kind in raw:
-            p = d / "trace" / f"{kind}.r{r}.csv"
+            p = d / trace_file(kind, r)
             df = read_trace(p, kind, warnings)
             if df is None:
                 if not p.exists():

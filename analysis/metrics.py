@@ -9,7 +9,7 @@ Definitions (FIELD.md; one line each in docs/analysis.md). All times in seconds.
 - compute (busy)      = |union of the rank's compute-lane spans (fwd, bwd, loss, opt)| in the step
 - idle                = span - compute;   utilisation = compute / span
 - bubble (measured)   = mean over ranks of idle / span, per step
-- bubble (theory)     = (p-1)/p naive; (p-1)/(m+p-1) GPipe (Huang et al. 2019) and 1F1B
+- bubble (theory)     = harness.schedule.bubble (naive (p-1)/p; GPipe and 1F1B (p-1)/(m+p-1))
                         (Narayanan et al. 2021) — equal per-stage times assumed
 - send                = |union of [tb, end] of sends| (time the rank was blocked sending)
 - receive wait        = Scalasca late sender: max(0, min(s.start, r.end) - r.tb)
@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import intervals as iv
+from harness import schedule as S
 
 COMPUTE = ("fwd", "bwd", "loss", "opt")
 
@@ -135,12 +136,8 @@ def step_table(events: pd.DataFrame, pebbles: pd.DataFrame | None = None) -> pd.
 
 
 def bubble_theory(name: str, p: int, m: int) -> float | None:
-    """(p-1)/p for naive (one microbatch); (p-1)/(m+p-1) for GPipe and 1F1B; None otherwise."""
-    if name == "naive":
-        return (p - 1) / p
-    if name in ("gpipe", "1f1b"):
-        return (p - 1) / (m + p - 1)
-    return None
+    """The schedule's closed-form bubble (harness.schedule.bubble); None for unknown schedules."""
+    return S.bubble(name, p, m)
 
 
 def steady(steps: list) -> tuple[list, list, str]:

@@ -1,6 +1,8 @@
 """The terminal table: metrics.json's summary as fixed-width text (pure: dict in, str out)."""
 from __future__ import annotations
 
+from harness.schedule import BUBBLE_FORMULA
+
 MIB = 2**20
 
 
@@ -41,8 +43,8 @@ def table(summary: dict, title: str = "") -> str:
     lines.append(f"step span {_ms(pipe['step_span_s'])} ms; bubble measured "
                  f"{_pct(pipe['bubble_measured'])} % vs theory "
                  + ("-" if th is None else f"{th * 100:.1f} %")
-                 + f" ({sch['name']}: " + ("(p-1)/p" if sch["name"] == "naive" else
-                                           "(p-1)/(m+p-1)") + ")")
+                 + (f" ({sch['name']}: {BUBBLE_FORMULA[sch['name']]})"
+                    if sch["name"] in BUBBLE_FORMULA else ""))
     lines.append(f"clock alignment: ±{clock['uncertainty_s'] * 1e6:.1f} µs (max rtt/2); "
                  f"{clock['violations']} clock-condition violations in "
                  f"{clock['matched_pairs']} send/recv pairs"

@@ -5,6 +5,9 @@ two-column paper: COLUMN = 3.4 in (one column), WIDE = 7.0 in (both columns). No
 """
 from __future__ import annotations
 
+from pathlib import Path
+
+import matplotlib.pyplot as plt
 from cycler import cycler
 from matplotlib import colormaps
 from matplotlib.colors import to_rgba
@@ -61,3 +64,13 @@ def bytes_unit(peak: float) -> tuple[float, str]:
         if peak >= scale:
             return 1 / scale, unit
     return 1.0, "B"
+
+
+def save(fig, out, name: str, formats) -> list[str]:
+    """Save `fig` as out/name.<fmt> for each format and close it; returns the file names.
+    Call inside `rc_context(RC)`, so the savefig settings apply."""
+    files = [f"{name}.{fmt}" for fmt in formats]
+    for f in files:
+        fig.savefig(Path(out) / f)
+    plt.close(fig)
+    return files

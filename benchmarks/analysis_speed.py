@@ -1,23 +1,28 @@
 """How fast is the analysis? `python -m benchmarks.analysis_speed [--sizes 1e5,1e6]`
 
 Writes synthetic run directories in the documented format (docs/run-format.md; one simulated
-1F1B step from tests/synthetic.py, tiled over as many steps as it takes), then times each phase
+1F1B step from harness/synthetic.py, tiled over as many steps as it takes), then times each phase
 of `python -m analysis.pebble` separately and prints seconds per million events.
 """
 from __future__ import annotations
 
 import argparse
 import math
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
+import matplotlib
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
-from tests.synthetic import MS, pipeline_frames, write_run  # noqa: E402
+matplotlib.use("Agg")  # files only, no screen
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from analysis import load_run, metrics, style  # noqa: E402
+from analysis.chrome import write_chrome  # noqa: E402
+from analysis.plots import memory_plot, pebble_graph, planned_frame, timeline  # noqa: E402
+from harness.synthetic import MS, pipeline_frames, write_run  # noqa: E402
 
 
 def synth_run(path: Path, n_events: float, p=4, m=8, lps=8) -> int:
@@ -53,13 +58,6 @@ def synth_run(path: Path, n_events: float, p=4, m=8, lps=8) -> int:
 
 
 def bench(path: Path, n: int) -> dict:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from analysis import load_run, metrics, style
-    from analysis.chrome import write_chrome
-    from analysis.plots import memory_plot, pebble_graph, planned_frame, timeline
     out = {}
 
     def timed(name, fn):

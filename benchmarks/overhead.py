@@ -20,18 +20,17 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from benchmarks.common import dir_bytes, launch, median_step_time
+from harness import config, model
+from harness import schedule as S
+from harness.executor import StageExecutor
+from harness.trace import clock, open_trace
 
 
 def interleaved(steps: int, overrides: list[str], ranks: int) -> tuple[float, float, float]:
     """(median traced step, median untraced step, median per-step ratio), seconds."""
-    import torch
-
-    from harness import config, model
-    from harness import schedule as S
-    from harness.executor import StageExecutor
-    from harness.trace import clock, open_trace
-
     cfg = config.load(overrides, world_size=ranks)
     torch.set_num_threads(cfg.threads or max(1, config.cores_available() // ranks))
     m = cfg.model
@@ -50,10 +49,10 @@ def interleaved(steps: int, overrides: list[str], ranks: int) -> tuple[float, fl
             sampler.start()
         data = model.Data(m, cfg.data.batch_size, cfg.data.noise, cfg.train.seed)
         ex = StageExecutor(rank=0, size=1, layers=layers, bounds=bounds, n_layers=bounds[1],
-                           widths=model.widths(m), data=data, m=1, p2p=None, tracer=tracer,
-                           tracker=tracker, optimizer=opt, lr=cfg.train.lr,
-                           momentum=cfg.train.momentum, per_layer=cfg.trace.per_layer,
-                           device=torch.device("cpu"))
+                           widths=model.widths(m), data=data, p2p=None, tracer=tracer,
+                           tracker=tracker, optimizer=opt, device=torch.device("cpu"),
+                           pipeline=cfg.pipeline, train=cfg.train, trace=cfg.trace,
+                           debug=cfg.debug)
         return ex, tracer, sampler
 
     with tempfile.TemporaryDirectory() as tmp:

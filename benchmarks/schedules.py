@@ -21,7 +21,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from analysis import load_run, metrics
 from benchmarks.common import launch, median_step_time
+from harness.schedule import theory
 
 
 def torch_run(ranks, schedule, m, steps, overrides, out: Path) -> dict:
@@ -35,7 +37,6 @@ def torch_run(ranks, schedule, m, steps, overrides, out: Path) -> dict:
 
 
 def ours(ranks, schedule, m, steps, overrides, d: Path) -> tuple[float, float, list]:
-    from analysis import load_run, metrics
     launch(ranks, [f"schedule={schedule}", f"pipeline.microbatches={m}", f"train.steps={steps}",
                    *overrides], d)
     run = load_run(d)
@@ -52,7 +53,6 @@ def main(argv=None):
     ap.add_argument("--ms", default="1,2,4,8", help="microbatch counts for GPipe and 1F1B")
     ap.add_argument("overrides", nargs="*", help="harness key=value for both (model, batch...)")
     a = ap.parse_args(argv)
-    from harness.schedule import theory
     ms = [int(x) for x in a.ms.split(",")]
     cases = [("naive", 1, "gpipe")] + [(s, m, s) for s in ("gpipe", "1f1b") for m in ms
                                        if not (s == "1f1b" and m == 1)]

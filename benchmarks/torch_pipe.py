@@ -16,9 +16,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
+from harness import config, model
+
 
 def main(schedule: str, m: int, steps: int, out: str, overrides: list[str]):
-    from harness import config, model
     dist.init_process_group("gloo")
     rank, size = dist.get_rank(), dist.get_world_size()
     cfg = config.load(overrides, world_size=size)

@@ -19,6 +19,12 @@ import sys
 import time
 from pathlib import Path
 
+from PIL import Image
+
+from analysis import figures
+from experiments import sweep
+from harness.schedule import BUBBLE_FORMULA
+
 HERE = Path(__file__).resolve().parent
 GALLERY_PX = 1000  # width of the README's gallery images
 NAME = {"naive": "naive", "gpipe": "GPipe", "1f1b": "1F1B"}
@@ -34,7 +40,6 @@ def main(argv=None) -> int:
     ap.add_argument("--gallery", help="also write small PNGs and the GIF into this folder")
     ap.add_argument("--no-gif", action="store_true", help="skip the animation")
     a = ap.parse_args(argv)
-    from experiments import sweep
     spec = sweep.load_spec(HERE / ("paper_quick.yaml" if a.quick else "paper.yaml"))
     name = spec["sweep"]["name"]
     out = Path(a.out or f"results/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -42,7 +47,6 @@ def main(argv=None) -> int:
     index = sweep.run_sweep(spec, out)
     t_sweep = time.perf_counter() - t0
     print(f"sweep: {sweep.summary(index)} in {t_sweep:.0f} s", file=sys.stderr)
-    from analysis import figures
     numbers = figures.make(out, out / "figures", gif=not a.no_gif)
     numbers["sweep_wall_s"] = t_sweep
     (out / "figures" / "figures.md").write_text(index_markdown(numbers))
@@ -56,7 +60,6 @@ def main(argv=None) -> int:
 
 def gallery(src: Path, dest: Path, px: int = GALLERY_PX) -> list[Path]:
     """Downsized copies of the PNGs (README-sized) and the GIF."""
-    from PIL import Image
     dest.mkdir(parents=True, exist_ok=True)
     done = []
     for p in sorted(src.glob("*.png")):
@@ -113,22 +116,22 @@ def _bubble_caption(b: list, s: dict) -> str:
     found = ""
     if naive and deep:
         c0, c1 = (sum(r["compute_stage_ms"]) for r in (naive, deep))
+        trend = ("grows" if c1 > 1.02 * c0 else "shrinks" if c1 < 0.98 * c0
+                 else "stays within 2 %")
         found = (f" Measured for p={p0}: naive {_pct(naive['measured'])} (theory "
                  f"{_pct(naive['theory'])}); {NAME.get(deep['schedule'])} at m={deep['m']} "
-                 f"{_pct(deep['measured'])} (theory {_pct(deep['theory'])}). Two measured "
-                 f"reasons for the gap at larger m: the compute itself grows with m — the "
-                 f"stages' compute per step adds up to {c1:.1f} ms at m={deep['m']} against "
-                 f"{c0:.1f} ms at m=1 (a CPU runs the smaller matmuls of smaller microbatches "
-                 f"less efficiently) — and with blocking rendezvous Send/Recv each of the "
-                 f"2(p−1)m messages makes its two ranks wait for each other, so a delay on one "
-                 f"rank stalls the other (blocked sends and receive waits in figure 4).")
+                 f"{_pct(deep['measured'])} (theory {_pct(deep['theory'])}). The stages' "
+                 f"compute per step {trend} with m: {c1:.1f} ms at m={deep['m']} against "
+                 f"{c0:.1f} ms at m=1 ({(c1 / c0 - 1) * 100:+.0f} %). Where the rest of the "
+                 f"idle time goes (blocked sends, receive waits, transfers): figure 4.")
     over = (f" Hollow markers: p={','.join(map(str, s['oversubscribed_ps']))} ran on "
             f"{s['cores']} cores (oversubscribed; MPI ranks busy-poll while they wait), so "
             f"those times are not a pipeline's." if s.get("oversubscribed_ps") else "")
     return ("Bubble fraction (per step: mean over ranks of idle/span, idle = span − compute; "
             "docs/analysis.md) against m for each p: markers are measured medians over "
             "repeats with interquartile ranges (marker = schedule), curves the theory "
-            "(p−1)/(m+p−1) for equal stage times and no communication cost." + found + over
+            f"{BUBBLE_FORMULA['gpipe']} for equal stage times and no communication cost."
+            + found + over
             + "\n\n" + "\n".join(rows))
 
 

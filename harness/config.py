@@ -253,7 +253,7 @@ def validate(cfg: Config, world_size: int) -> None:
     _check(cfg.schedule in sched_mod.SCHEDULES,
            f"schedule={cfg.schedule!r}: allowed {', '.join(sched_mod.SCHEDULES)}")
     try:
-        sched_mod.build(cfg.schedule, world_size, p.microbatches, **_schedule_flags(cfg))
+        sched_mod.build(cfg.schedule, world_size, p.microbatches, **schedule_flags(cfg))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     # run.dir is checked by rank 0 when it creates the directory (rundir.choose): checking it
@@ -264,7 +264,7 @@ def validate(cfg: Config, world_size: int) -> None:
                f"(-1 = off)")
 
 
-def _schedule_flags(cfg: Config) -> dict:
+def schedule_flags(cfg: Config) -> dict:
     """Keyword arguments of schedule.build that come from the config."""
     return {"overlap": cfg.pipeline.overlap}
 

@@ -12,8 +12,8 @@ Tensor shapes: stage s receives [B/m, widths[first_s]] and sends [B/m, widths[en
 """
 from __future__ import annotations
 
-import contextlib
 import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -21,35 +21,56 @@ import torch.nn.functional as F
 from . import schedule as S
 
 
+@dataclass
+class StepState:
+    """Everything one step holds per microbatch; a fresh one each step, so nothing leaks across."""
+    step: int
+    x_mb: list | None                                 # stage 0: its input microbatches
+    y_mb: list | None                                 # last stage: its target microbatches
+    inputs: dict = field(default_factory=dict)        # mb -> received activation (requires_grad)
+    outputs: dict = field(default_factory=dict)       # mb -> attached output (or loss), until bwd
+    grads: dict = field(default_factory=dict)         # mb -> received gradient of the output
+    in_grads: dict = field(default_factory=dict)      # mb -> gradient of the input, to send
+    holds: dict = field(default_factory=dict)         # (what, mb) -> pebble token
+    pending: dict = field(default_factory=dict)       # (stream, side, mb) -> comm.Pending
+    losses: list = field(default_factory=list)        # last stage: each microbatch's loss
+    stats: dict = field(default_factory=dict)         # grad_norm, update_norm (from opt)
+
+
 class StageExecutor:
-    def __init__(self, *, rank, size, layers, bounds, n_layers, widths, data, m, p2p, tracer,
-                 tracker, optimizer, lr, momentum, per_layer, device, fail_step=None,
-                 stall_step=None, recv_requires_grad=True, detach=True):
+    """One rank's stage: its layers, its optimizer, and a handler per kind of action.
+
+    Communication has one handler per operation (send, recv, isend, irecv, wait); what moves is
+    decided by the action: its stream (activation or gradient) picks the tensor, and its peer,
+    tag and pair id come from `schedule.message`, so a new schedule needs no new handler.
+    """
+
+    def __init__(self, *, rank, size, layers, bounds, n_layers, widths, data, p2p, tracer,
+                 tracker, optimizer, device, pipeline, train, trace, debug):
+        """pipeline, train, trace, debug: the config sections of the same names (harness.config)."""
         self.rank, self.size = rank, size
         self.first, self.last = rank == 0, rank == size - 1
         self.layers, self.layer_ids = layers, list(range(*bounds))
-        self.n_layers, self.m, self.data = n_layers, m, data
+        self.n_layers, self.m, self.data = n_layers, pipeline.microbatches, data
         self.p2p, self.tracer, self.tracker = p2p, tracer, tracker
-        self.opt, self.lr, self.momentum = optimizer, lr, momentum
+        self.opt, self.lr, self.momentum = optimizer, train.lr, train.momentum
         self.params = list(layers.parameters())
-        self.device, self.fail_step, self.stall_step = device, fail_step, stall_step
-        self.recv_requires_grad, self.detach = recv_requires_grad, detach
+        self.device = device
+        self.fail_step = debug.fail_step if debug.fail_rank == rank else None
+        self.stall_step = debug.stall_step if debug.stall_rank == rank else None
+        self.recv_requires_grad, self.detach = pipeline.recv_requires_grad, pipeline.detach
         self.kept = []  # detach=false only: every step's attached outputs, never let go
-        self.hook_bwd = tracer.enabled and per_layer
-        self.per_stage = tracer.enabled and not per_layer
-        mb_rows = data.batch_size // m
-        self.in_shape = (mb_rows, widths[bounds[0]])
-        self.out_shape = (mb_rows, widths[bounds[1]])
-        self.dispatch = {
-            S.FWD: self.forward, S.BWD: self.backward, S.OPT: self.optimize,
-            S.SEND_ACT: self.send_act, S.RECV_ACT: self.recv_act,
-            S.SEND_GRAD: self.send_grad, S.RECV_GRAD: self.recv_grad,
-            S.ISEND_ACT: self.isend_act, S.IRECV_ACT: self.irecv_act,
-            S.ISEND_GRAD: self.isend_grad, S.IRECV_GRAD: self.irecv_grad,
-            S.WAIT_SEND_ACT: lambda mb: self._wait_send("send_act", mb),
-            S.WAIT_SEND_GRAD: lambda mb: self._wait_send("send_grad", mb),
-            S.WAIT_RECV_ACT: self.wait_recv_act, S.WAIT_RECV_GRAD: self.wait_recv_grad,
-        }
+        self.hook_bwd = tracer.enabled and trace.per_layer
+        self.per_stage = tracer.enabled and not trace.per_layer
+        mb_rows = data.batch_size // self.m
+        # the shape of what each stream carries into this rank: activations [B/m, width in],
+        # gradients of the output [B/m, width out]
+        self.recv_shape = {"act": (mb_rows, widths[bounds[0]]), "grad": (mb_rows, widths[bounds[1]])}
+        comm = {"send": self.send, "recv": self.recv, "isend": self.isend, "irecv": self.irecv,
+                "wait_send": self.wait, "wait_recv": self.wait}
+        self.dispatch = {S.FWD: self.forward, S.BWD: self.backward, S.OPT: self.optimize,
+                         **{k: comm[role] for k, (_, role) in S.COMM.items()}}
+        self.st = None  # StepState of the running step
 
     # -- one step ------------------------------------------------------------------------------
     def run_step(self, step: int, actions: list) -> dict:
@@ -60,35 +81,30 @@ class StageExecutor:
         if self.stall_step == step:  # a hung peer: the others' receives must not wait forever
             while True:
                 time.sleep(3600)
-        self.step = step
         self.tracer.begin_step()
         m0 = self.tracer.mark()
         x, y = self.data.batch(step, need_x=self.first)
-        self.x_mb = list(x.to(self.device).chunk(self.m)) if self.first else None
-        self.y_mb = list(y.to(self.device).chunk(self.m)) if self.last else None
-        # per-microbatch state; everything is dropped by the time the step ends
-        self.inputs, self.outputs, self.grads, self.in_grads = {}, {}, {}, {}
-        self.holds, self.pending, self.losses = {}, {}, []
-        self.stats = {}
+        self.st = st = StepState(
+            step, list(x.to(self.device).chunk(self.m)) if self.first else None,
+            list(y.to(self.device).chunk(self.m)) if self.last else None)
         for a in actions:
-            self.dispatch[a.kind](a.mb)
+            self.dispatch[a.kind](a)
         self.tracer.span(step, -1, -1, "step", m0, self.tracer.mark())
         # one host sync for the step's loss, not one per microbatch
-        loss = float(torch.stack(self.losses).double().sum()) if self.last else None
-        return {"loss": loss, **self.stats}
+        loss = float(torch.stack(st.losses).double().sum()) if self.last else None
+        self.st = None
+        return {"loss": loss, **st.stats}
 
     # -- compute ---------------------------------------------------------------------------------
-    def forward(self, mb):
-        tr, step = self.tracer, self.step
-        x = self.x_mb[mb] if self.first else self.inputs[mb]
-        trk = self.tracker
-        if trk is not None:
-            trk.step, trk.mb = step, mb
+    def forward(self, a):
+        st, tr, trk, mb = self.st, self.tracer, self.tracker, a.mb
+        step = st.step
+        x = st.x_mb[mb] if self.first else st.inputs[mb]
+        trk.step, trk.mb = step, mb
         m_stage = tr.mark()
-        with trk.hooks() if trk is not None else contextlib.nullcontext():
+        with trk.hooks():
             for gi, blk in zip(self.layer_ids, self.layers):
-                if trk is not None:
-                    trk.layer = gi
+                trk.layer = gi
                 m0 = tr.mark()
                 h = blk.linear(x)
                 out = blk.act(h) if blk.act is not None else h
@@ -97,20 +113,19 @@ class StageExecutor:
                     self._time_backward(h.grad_fn, out.grad_fn, gi, mb)
                 x = out
             if self.last:
-                if trk is not None:
-                    trk.layer = self.n_layers
+                trk.layer = self.n_layers
                 m0 = tr.mark()
                 lsm = F.log_softmax(x, dim=1)
                 # / m: each microbatch's mean loss is 1/m of the batch mean loss's share
-                loss = F.nll_loss(lsm, self.y_mb[mb]) / self.m
+                loss = F.nll_loss(lsm, st.y_mb[mb]) / self.m
                 tr.span(step, mb, self.n_layers, "loss", m0, tr.mark())
                 if self.hook_bwd:
                     self._time_backward(lsm.grad_fn, loss.grad_fn, self.n_layers, mb)
-                self.outputs[mb] = loss
+                st.outputs[mb] = loss
             else:
-                self.outputs[mb] = x
-                if trk is not None:  # the output kept for backward(grad) is a pebble too
-                    self.holds[("out", mb)] = trk.hold(x, "out", self.layer_ids[-1], step, mb)
+                st.outputs[mb] = x
+                # the output kept for backward(grad) is a pebble too
+                st.holds[("out", mb)] = trk.hold(x, "out", self.layer_ids[-1], step, mb)
         if self.per_stage:
             tr.span(step, mb, -1, "fwd", m_stage, tr.mark())
 
@@ -119,13 +134,14 @@ class StageExecutor:
         node (ReLU) is about to run and ends when its first node (addmm) has run."""
         if first_node is None or last_node is None:
             return
-        tr, step, box = self.tracer, self.step, []
+        tr, step, box = self.tracer, self.st.step, []
         last_node.register_prehook(lambda grad_out: box.append(tr.mark()))
         first_node.register_hook(
             lambda grad_in, grad_out: tr.span(step, mb, layer, "bwd", box[0], tr.mark()))
 
-    def backward(self, mb):
-        out = self.outputs.pop(mb)
+    def backward(self, a):
+        st, mb = self.st, a.mb
+        out = st.outputs.pop(mb)
         m0 = self.tracer.mark()
         # detach=false (the ablation): the attached output is kept past its step and the graph
         # behind it is retained (retain_graph=True, what code that keeps attached tensors across
@@ -135,22 +151,22 @@ class StageExecutor:
         if retain:
             self.kept.append(out)
         if self.last:
-            self.losses.append(out.detach())
+            st.losses.append(out.detach())
             out.backward(retain_graph=retain)
         else:
-            out.backward(self.grads.pop(mb), retain_graph=retain)
+            out.backward(st.grads.pop(mb), retain_graph=retain)
         if self.per_stage:
-            self.tracer.span(self.step, mb, -1, "bwd", m0, self.tracer.mark())
+            self.tracer.span(st.step, mb, -1, "bwd", m0, self.tracer.mark())
         self._release(("out", mb))
         if not self.first:
-            inp = self.inputs.pop(mb)
+            inp = st.inputs.pop(mb)
             # recv_requires_grad=false: autograd never computed a gradient for the input, so
             # there is none to send; zeros keep the protocol going (what a `grad or zeros`
             # fallback in naive code does) and the upstream stages get exactly zero gradient.
-            self.in_grads[mb] = inp.grad if inp.grad is not None else torch.zeros_like(inp)
+            st.in_grads[mb] = inp.grad if inp.grad is not None else torch.zeros_like(inp)
             self._release(("recv", mb))
 
-    def optimize(self, _mb):
+    def optimize(self, _a):
         tr = self.tracer
         m0 = tr.mark()
         grads = [p.grad for p in self.params if p.grad is not None]
@@ -162,72 +178,56 @@ class StageExecutor:
         else:
             unorm = self.lr * gnorm
         self.opt.zero_grad(set_to_none=True)
-        tr.span(self.step, -1, -1, "opt", m0, tr.mark())
-        self.stats = {"grad_norm": gnorm, "update_norm": unorm}
+        tr.span(self.st.step, -1, -1, "opt", m0, tr.mark())
+        self.st.stats = {"grad_norm": gnorm, "update_norm": unorm}
 
-    # -- communication -------------------------------------------------------------------------
-    def _pair(self, what, mb, src, dst):
-        return f"{what}{self.step}.{mb}.{src}>{dst}"
+    # -- communication: one handler per operation, the action says what and with whom ---------
+    def _outgoing(self, stream, mb):
+        """The tensor a send of `stream` moves: the attached output (kept for backward, sent
+        detached by comm) or the input gradient (sent once, then dropped)."""
+        return self.st.outputs[mb] if stream == "act" else self.st.in_grads.pop(mb)
 
-    def _received_act(self, mb, buf):
+    def _incoming(self, stream, mb, buf):
+        st = self.st
+        if stream == "grad":
+            st.grads[mb] = buf
+            return
         # the seed's first lesson: without requires_grad the chain breaks here
         buf.requires_grad_(self.recv_requires_grad)
-        self.inputs[mb] = buf
-        if self.tracker is not None:
-            self.holds[("recv", mb)] = self.tracker.hold(buf, "recv", self.layer_ids[0], self.step, mb)
+        st.inputs[mb] = buf
+        st.holds[("recv", mb)] = self.tracker.hold(buf, "recv", self.layer_ids[0], st.step, mb)
 
     def _release(self, key):
-        tok = self.holds.pop(key, None)
+        tok = self.st.holds.pop(key, None)  # stage 0 holds no received tensor, the last no output
         if tok is not None:
             self.tracker.release(tok)
 
-    def send_act(self, mb):
-        r = self.rank
-        self.p2p.send(self.outputs[mb], r + 1, 2 * mb, self.step, mb, self._pair("A", mb, r, r + 1))
+    def send(self, a):
+        q, tag, pair = S.message(a.kind, self.rank, self.st.step, a.mb)
+        self.p2p.send(self._outgoing(S.COMM[a.kind][0], a.mb), q, tag, self.st.step, a.mb, pair)
 
-    def recv_act(self, mb):
-        r = self.rank
-        buf = self.p2p.recv(self.in_shape, torch.float32, r - 1, 2 * mb, self.step, mb,
-                            self._pair("A", mb, r - 1, r))
-        self._received_act(mb, buf)
+    def recv(self, a):
+        stream = S.COMM[a.kind][0]
+        q, tag, pair = S.message(a.kind, self.rank, self.st.step, a.mb)
+        buf = self.p2p.recv(self.recv_shape[stream], torch.float32, q, tag, self.st.step, a.mb,
+                            pair)
+        self._incoming(stream, a.mb, buf)
 
-    def send_grad(self, mb):
-        r = self.rank
-        self.p2p.send(self.in_grads.pop(mb), r - 1, 2 * mb + 1, self.step, mb,
-                      self._pair("G", mb, r, r - 1))
+    def isend(self, a):
+        stream = S.COMM[a.kind][0]
+        q, tag, pair = S.message(a.kind, self.rank, self.st.step, a.mb)
+        self.st.pending[stream, "send", a.mb] = self.p2p.isend(
+            self._outgoing(stream, a.mb), q, tag, self.st.step, a.mb, pair)
 
-    def recv_grad(self, mb):
-        r = self.rank
-        self.grads[mb] = self.p2p.recv(self.out_shape, torch.float32, r + 1, 2 * mb + 1,
-                                       self.step, mb, self._pair("G", mb, r + 1, r))
+    def irecv(self, a):
+        stream = S.COMM[a.kind][0]
+        q, tag, pair = S.message(a.kind, self.rank, self.st.step, a.mb)
+        self.st.pending[stream, "recv", a.mb] = self.p2p.irecv(
+            self.recv_shape[stream], torch.float32, q, tag, self.st.step, a.mb, pair)
 
-    def isend_act(self, mb):
-        r = self.rank
-        self.pending[("send_act", mb)] = self.p2p.isend(
-            self.outputs[mb], r + 1, 2 * mb, self.step, mb, self._pair("A", mb, r, r + 1))
-
-    def isend_grad(self, mb):
-        r = self.rank
-        self.pending[("send_grad", mb)] = self.p2p.isend(
-            self.in_grads.pop(mb), r - 1, 2 * mb + 1, self.step, mb, self._pair("G", mb, r, r - 1))
-
-    def irecv_act(self, mb):
-        r = self.rank
-        self.pending[("recv_act", mb)] = self.p2p.irecv(
-            self.in_shape, torch.float32, r - 1, 2 * mb, self.step, mb, self._pair("A", mb, r - 1, r))
-
-    def irecv_grad(self, mb):
-        r = self.rank
-        self.pending[("recv_grad", mb)] = self.p2p.irecv(
-            self.out_shape, torch.float32, r + 1, 2 * mb + 1, self.step, mb,
-            self._pair("G", mb, r + 1, r))
-
-    def _wait_send(self, what, mb):
-        self.p2p.wait(self.pending.pop((what, mb)))
-
-    def wait_recv_act(self, mb):
-        self._received_act(mb, self.p2p.wait(self.pending.pop(("recv_act", mb))))
-
-    def wait_recv_grad(self, mb):
-        self.grads[mb] = self.p2p.wait(self.pending.pop(("recv_grad", mb)))
-
+    def wait(self, a):
+        stream = S.COMM[a.kind][0]
+        side = "send" if S.sending(a.kind) else "recv"
+        got = self.p2p.wait(self.st.pending.pop((stream, side, a.mb)))
+        if side == "recv":
+            self._incoming(stream, a.mb, got)

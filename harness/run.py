@@ -116,7 +116,7 @@ class Run:
         layers = model.build_stage(m, bounds[rank], cfg.train.seed).to(device)
         opt = torch.optim.SGD(layers.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum)
         self.schedule = S.build(cfg.schedule, size, cfg.pipeline.microbatches,
-                                **config._schedule_flags(cfg))
+                                **config.schedule_flags(cfg))
 
         d = cfg.debug
         skewed = d.clock_rank == rank
@@ -125,7 +125,7 @@ class Run:
         timer = (tclock.CudaTimer(self.clock, device) if device.type == "cuda"
                  else tclock.HostTimer(self.clock))
         tracker, self.tracer, self.sampler, mem_status = open_trace(
-            cfg.trace.enabled, self.run_dir / "trace", rank, timer, self.clock.now,
+            cfg.trace.enabled, self.run_dir, rank, timer, self.clock.now,
             layers.parameters(), device, cfg.trace.sample_interval_ms / 1000)
         self.p2p = comm.P2P(self.tracer, self.clock.now, cfg.comm.timeout_s, self.on_timeout,
                             device, cuda_aware, cfg.comm.wait, cfg.comm.poll_us)
@@ -158,17 +158,13 @@ class Run:
         return StageExecutor(
             rank=self.rank, size=self.size, layers=layers, bounds=bounds,
             n_layers=cfg.model.layers, widths=model.widths(cfg.model), data=data,
-            m=cfg.pipeline.microbatches, p2p=self.p2p, tracer=self.tracer, tracker=tracker,
-            optimizer=opt, lr=cfg.train.lr, momentum=cfg.train.momentum,
-            per_layer=cfg.trace.per_layer, device=device,
-            recv_requires_grad=cfg.pipeline.recv_requires_grad, detach=cfg.pipeline.detach,
-            fail_step=cfg.debug.fail_step if cfg.debug.fail_rank == self.rank else None,
-            stall_step=cfg.debug.stall_step if cfg.debug.stall_rank == self.rank else None)
+            p2p=self.p2p, tracer=self.tracer, tracker=tracker, optimizer=opt, device=device,
+            pipeline=cfg.pipeline, train=cfg.train, trace=cfg.trace, debug=cfg.debug)
 
     def write_start_files(self, infos, costs, bounds, cuda_aware):
         from . import comm, model, rundir
         from . import schedule as S
-        from .trace.writer import FORMAT
+        from .runformat import FORMAT
         cfg, d = self.cfg, self.run_dir
         rundir.write_atomic(d / "config.yaml", config.to_yaml(cfg))
         rundir.write_json(d / "schedule.json", S.to_json(self.schedule, cfg.schedule,
@@ -179,7 +175,7 @@ class Run:
                   for s, b in enumerate(bounds)]
         in_flight = [max(S.in_flight(acts)) for acts in self.schedule]
         self.meta = {
-            "format": 1, "experiment": cfg.exp, "status": "running", "error": None,
+            "format": FORMAT, "experiment": cfg.exp, "status": "running", "error": None,
             "world_size": self.size, "start_time": self.start_time, "end_time": None,
             "ranks": infos,
             "model": {"layers": cfg.model.layers, "widths": model.widths(cfg.model),
@@ -220,13 +216,13 @@ class Run:
                     print(line, flush=True)
 
     def finish(self):
-        from . import comm, rundir
+        from . import comm, rundir, runformat
         if self.cfg.run.save_weights:
             import torch
             first = self.bounds[self.rank][0]
             state = {first + i: {k: v.detach().cpu() for k, v in blk.state_dict().items()}
                      for i, blk in enumerate(self.layers)}
-            torch.save(state, self.run_dir / "ranks" / f"weights.r{self.rank}.pt")
+            torch.save(state, self.run_dir / runformat.weights_file(self.rank))
         clock_end = comm.clock_offsets(self.clock.now, self.cfg.trace.clock_exchanges)
         if self.sampler:
             self.sampler.stop()

@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-STATS_COLS = ("step", "rank", "loss", "grad_norm", "update_norm", "step_time")
+from .runformat import FORMAT, STATS_COLS, log_file, stats_file
 
 
 def now_iso() -> str:
@@ -66,7 +66,7 @@ def mark_failed(run_dir: Path, rank: int, exc_type: str, message: str) -> None:
     try:
         meta = json.loads(path.read_text())
     except (OSError, ValueError):
-        meta = {"format": 1}
+        meta = {"format": FORMAT}
     if meta.get("status") == "failed":  # the first failure is the cause; keep it
         return
     meta.update(status="failed", end_time=now_iso(),
@@ -78,10 +78,9 @@ class RankFiles:
     """A rank's own append-only files: ranks/rank<R>.log and ranks/stats.r<R>.csv."""
 
     def __init__(self, run_dir: Path, rank: int):
-        d = run_dir / "ranks"
-        d.mkdir(exist_ok=True)
-        self.log_f = open(d / f"rank{rank}.log", "a", encoding="utf-8")  # noqa: SIM115
-        self.stats_f = open(d / f"stats.r{rank}.csv", "w", encoding="utf-8", newline="")  # noqa: SIM115
+        (run_dir / log_file(rank)).parent.mkdir(exist_ok=True)
+        self.log_f = open(run_dir / log_file(rank), "a", encoding="utf-8")  # noqa: SIM115
+        self.stats_f = open(run_dir / stats_file(rank), "w", encoding="utf-8", newline="")  # noqa: SIM115
         self.stats = csv.writer(self.stats_f)
         self.stats.writerow(STATS_COLS)
         self.rank = rank
@@ -104,7 +103,7 @@ def merge_stats(run_dir: Path, world_size: int) -> None:
     """stats.csv = every rank's rows, ordered by (step, rank); written atomically at the end."""
     rows = []
     for r in range(world_size):
-        with open(run_dir / "ranks" / f"stats.r{r}.csv", encoding="utf-8", newline="") as f:
+        with open(run_dir / stats_file(r), encoding="utf-8", newline="") as f:
             rows += list(csv.reader(f))[1:]
     rows.sort(key=lambda row: (int(row[0]), int(row[1])))
     lines = [",".join(STATS_COLS)] + [",".join(row) for row in rows]

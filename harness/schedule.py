@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import runformat
+
 # Compute
 FWD, BWD, OPT = "fwd", "bwd", "opt"
 # Blocking point-to-point (MPI Send/Recv)
@@ -39,12 +41,24 @@ COMM = {SEND_ACT: ("act", "send"), RECV_ACT: ("act", "recv"),
 KIND_OF = {v: k for k, v in COMM.items()}
 
 
+def sending(kind: str) -> bool:
+    """Is this communication action the sending side (send, isend, wait_send)?"""
+    return COMM[kind][1] in ("send", "isend", "wait_send")
+
+
 def peer(kind: str, rank: int) -> int:
     """The other rank of a communication action on `rank` (may be outside 0..p-1 if malformed)."""
-    stream, role = COMM[kind]
-    sending = role in ("send", "isend", "wait_send")
     # activations travel downstream, gradients upstream
-    return rank + 1 if sending == (stream == "act") else rank - 1
+    return rank + 1 if sending(kind) == (COMM[kind][0] == "act") else rank - 1
+
+
+def message(kind: str, rank: int, step: int, mb: int) -> tuple[int, int, str]:
+    """(peer, MPI tag, pair id) of the message a communication action on `rank` moves; both
+    sides of a message compute the same tag and pair id (runformat)."""
+    stream = COMM[kind][0]
+    q = peer(kind, rank)
+    src, dst = (rank, q) if sending(kind) else (q, rank)
+    return q, runformat.tag(stream, mb), runformat.pair_id(stream, step, mb, src, dst)
 
 
 @dataclass(frozen=True)
@@ -237,6 +251,22 @@ def in_flight(acts: list) -> list:
     return out
 
 
+# The closed-form bubble of each schedule, for equal per-stage fwd and bwd times and free
+# communication: (formula as text, function of p and m). The one definition of the theory;
+# the analysis, the reports and the figures use it (bubble, BUBBLE_FORMULA).
+_BUBBLE = {
+    "naive": ("(p-1)/p", lambda p, m: (p - 1) / p),                       # one stage at a time
+    "gpipe": ("(p-1)/(m+p-1)", lambda p, m: (p - 1) / (m + p - 1)),       # Huang et al. 2019
+    "1f1b": ("(p-1)/(m+p-1)", lambda p, m: (p - 1) / (m + p - 1)),        # Narayanan et al. 2021
+}
+BUBBLE_FORMULA = {name: f for name, (f, _) in _BUBBLE.items()}
+
+
+def bubble(name: str, p: int, m: int) -> float | None:
+    """Theoretical bubble (idle share of each rank's step) of schedule `name`; None if unknown."""
+    return _BUBBLE[name][1](p, m) if name in _BUBBLE else None
+
+
 def theory(name: str, p: int, m: int) -> dict:
     """Numbers the analysis compares measurements against, for equal per-stage fwd and bwd times.
 
@@ -248,8 +278,7 @@ def theory(name: str, p: int, m: int) -> dict:
       and microbatch: 2·(p-1)·m.
     """
     sched = build(name, p, m)
-    bubble = (p - 1) / p if name == "naive" else (p - 1) / (m + p - 1)
-    return {"bubble": bubble,
+    return {"bubble": bubble(name, p, m),
             "peak_in_flight": [max(in_flight(acts)) for acts in sched],
             "messages": 2 * (p - 1) * m}
 

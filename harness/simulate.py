@@ -13,6 +13,10 @@ action list in order:
 
 Messages match by (stream act|grad, microbatch, source, destination), first-posted with
 first-posted, like MPI's ordering rule for one (source, tag) pair.
+
+`protocol="eager"` models small messages instead (below the MPI library's eager limit): a send
+never waits for its receive; the sender is done `latency` after posting, and the receiver gets
+the message `latency` after both sides posted.
 """
 from __future__ import annotations
 
@@ -135,8 +139,8 @@ class _Msg:
         self.post = {"send": None, "recv": None}
 
 
-def _run(sched, cost, latency: float) -> list:
-    """Execute every rank's list against the rendezvous model; raise DeadlockError if stuck."""
+def _run(sched, cost, latency: float, eager: bool = False) -> list:
+    """Execute every rank's list against the message model; raise DeadlockError if stuck."""
     p = len(sched)
     msgs, count = {}, {}          # (stream, mb, src, dst) -> [_Msg]; (key, side) -> posts so far
     pc, t = [0] * p, [0.0] * p
@@ -177,10 +181,13 @@ def _run(sched, cost, latency: float) -> list:
                 else:
                     side = role[len("wait_"):]
                     msg = mine[r][COMM[a.kind][0], side, a.mb][0]
-                other = msg.post["recv" if side == "send" else "send"]
-                if other is None:
-                    return False
-                end = max(end, max(msg.post.values()) + latency)
+                if eager and side == "send":    # the message leaves without its receiver
+                    end = max(end, msg.post["send"] + latency)
+                else:
+                    other = msg.post["recv" if side == "send" else "send"]
+                    if other is None:
+                        return False
+                    end = max(end, max(msg.post.values()) + latency)
                 blocked[r] = None
                 if role.startswith("wait"):
                     mine[r][COMM[a.kind][0], side, a.mb].pop(0)
@@ -216,16 +223,19 @@ def check(sched) -> None:
     _run(sched, _cost(None), 0.0)
 
 
-def simulate(sched, durations=None, latency: float = 0.0) -> list:
+def simulate(sched, durations=None, latency: float = 0.0, protocol: str = "rendezvous") -> list:
     """The planned timeline: one PlannedOp per action, sorted by rank then start time.
 
     durations: None for unit costs (fwd 1, bwd 2, opt 0, communication calls 0); a dict
     kind -> seconds (needs fwd and bwd; other kinds default to 0); or a callable
     (rank, Action) -> seconds, e.g. measured per-op medians. Communication durations are the
-    local cost of the call; the wire time of every message is `latency`.
+    local cost of the call; the wire time of every message is `latency`. protocol: "rendezvous"
+    (a send waits for its receive; the default, and what `check` uses) or "eager".
     """
+    if protocol not in ("rendezvous", "eager"):
+        raise ValueError(f"protocol={protocol!r}: allowed rendezvous, eager")
     _static(sched)
-    return _run(sched, _cost(durations), float(latency))
+    return _run(sched, _cost(durations), float(latency), protocol == "eager")
 
 
 def makespan(ops) -> float:

@@ -7,11 +7,7 @@ import pytest
 from analysis import load_run
 from analysis.chrome import TID, chrome_json
 from analysis.metrics import live_bytes, step_table
-
-try:
-    from tests.synthetic import make_run
-except ImportError:
-    from synthetic import make_run
+from harness.synthetic import make_run
 
 
 @pytest.fixture(scope="module", params=["gpipe", "1f1b"])

@@ -7,11 +7,7 @@ import pytest
 
 from analysis import RunFormatError, load_run
 from analysis.pebble import main
-
-try:
-    from tests.synthetic import make_run
-except ImportError:
-    from synthetic import make_run
+from harness.synthetic import make_run
 
 EVENT_COLS = ["rank", "step", "mb", "layer", "kind", "lane", "start", "end", "tb", "peer",
               "tag", "bytes", "pair"]

@@ -7,13 +7,8 @@ from analysis import intervals as iv
 from analysis import metrics as M
 from analysis.load import clock_offset_ns, load_run
 
-try:
-    from tests.synthetic import make_run
-except ImportError:  # pytest's rootdir-less import mode puts tests/ itself on sys.path
-    from synthetic import make_run
-
-LANE = {"fwd": "compute", "bwd": "compute", "loss": "compute", "opt": "compute",
-        "send": "send", "recv": "recv", "d2h": "copy", "h2d": "copy", "step": "step"}
+from harness.runformat import LANE
+from harness.synthetic import make_run
 
 
 def frame(rows):

@@ -9,11 +9,7 @@ from analysis import load_run, style  # noqa: E402
 from analysis.metrics import recv_split  # noqa: E402
 from analysis.plots import memory_plot, pebble_graph, planned_frame, timeline  # noqa: E402
 from helpers import render_png  # noqa: E402
-
-try:
-    from tests.synthetic import make_run
-except ImportError:
-    from synthetic import make_run
+from harness.synthetic import make_run
 
 
 @pytest.fixture(scope="module", params=[("naive", 1, False), ("gpipe", 3, True),

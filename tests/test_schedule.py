@@ -148,3 +148,20 @@ def test_json_round_trip(name, p, m, ov):
     assert obj["name"] == name and obj["stages"] == p and obj["microbatches"] == m
     assert obj["overlap"] is ov
     assert from_json(obj) == sched
+
+
+@pytest.mark.parametrize("name,p,m,ov", [("gpipe", 3, 2, False), ("1f1b", 4, 5, True)])
+def test_both_sides_of_every_message_agree_on_tag_and_pair(name, p, m, ov):
+    """schedule.message is the one place peer, tag and pair id come from: the sender's and the
+    receiver's views of each message must coincide (and tags differ by stream)."""
+    from harness.schedule import message, sending
+    seen = {}
+    for r, acts in enumerate(build(name, p, m, ov)):
+        for a in acts:
+            if a.kind in COMM and not COMM[a.kind][1].startswith("wait"):
+                q, tag, pair = message(a.kind, r, 7, a.mb)
+                src, dst = (r, q) if sending(a.kind) else (q, r)
+                seen.setdefault(pair, set()).add((src, dst, tag))
+                assert pair == f"{'A' if COMM[a.kind][0] == 'act' else 'G'}7.{a.mb}.{src}>{dst}"
+                assert tag == 2 * a.mb + (COMM[a.kind][0] == "grad")
+    assert seen and all(len(v) == 1 for v in seen.values())

@@ -78,7 +78,7 @@ def test_without_requires_grad_only_the_last_stage_learns(tmp_path):
             assert float(r["grad_norm"]) == 0.0 and float(r["update_norm"]) == 0.0
         else:
             assert float(r["grad_norm"]) > 0.0 and float(r["update_norm"]) > 0.0
-    from experiments.lessons import weights_changed
+    from analysis.lessons import weights_changed
     assert weights_changed(d, 3) == [False, False, True]
 
 

@@ -180,3 +180,24 @@ def test_planned_op_is_frozen():
     op = PlannedOp(0, "fwd", 0, 0.0, 1.0)
     with pytest.raises(Exception):
         op.start = 2.0
+
+
+def test_eager_sends_never_wait_for_their_receiver():
+    """GPipe p=2 m=2, latency 0.5, rank 0's fwd 1, rank 1's fwd 3. Rank 0: fwd0 [0,1], send0
+    [1,1.5], fwd1 [1.5,2.5], send1 posted at 2.5. Rank 1: recv0 ends 1.5, fwd0 [1.5,4.5], posts
+    recv1 at 4.5. Rendezvous: send1 waits for that post, ends 5.0. Eager: send1 ends at its post
+    + latency, 3.0; the receive still ends at max(posts) + latency = 5.0."""
+    sched = build("gpipe", 2, 2)
+
+    def cost(r, a):
+        return {"fwd": 1.0 if r == 0 else 3.0, "bwd": 2.0}.get(a.kind, 0.0)
+    ren = simulate(sched, cost, latency=0.5)
+    eag = simulate(sched, cost, latency=0.5, protocol="eager")
+
+    def op(ops, r, kind):
+        return next(o for o in ops if o.rank == r and o.kind == kind and o.mb == 1)
+    assert (op(eag, 0, "send_act").start, op(eag, 0, "send_act").end) == (2.5, 3.0)
+    assert op(ren, 0, "send_act").end == 5.0
+    assert op(eag, 1, "recv_act").end == op(ren, 1, "recv_act").end == 5.0
+    with pytest.raises(ValueError, match="protocol"):
+        simulate(sched, protocol="magic")

@@ -153,3 +153,34 @@ def test_trace_file_has_versioned_first_line_and_pandas_reads_it(tmp_path):
     df = pd.read_csv(tmp_path / "events.r3.csv", comment="#")
     assert list(df.columns) == list(writer.EVENT_COLS)
     assert df["pair"].tolist()[1] == "A0.0.3>4" and df["bytes"].tolist() == [0, 64]
+
+
+def test_writer_and_reader_agree_on_the_run_format(tmp_path):
+    """The harness's Tracer writes, analysis.load reads: same files, columns and values. A column
+    added to one side only, a renamed file or a changed header fails here."""
+    from analysis.load import read_trace
+    from harness import runformat as F
+    from harness.trace.pebbles import PebbleTracker
+
+    clk = C.Clock()
+    tracker = PebbleTracker(clk.now, [])
+    tr = writer.Tracer(tmp_path, 2, C.HostTimer(clk), tracker)
+    tr.span(0, 1, 3, "fwd", 100, 200)
+    tr.comm(0, 1, "send", 210, 300, 220, 3, F.tag("act", 1), 64, F.pair_id("act", 0, 1, 2, 3))
+    tok = tracker.hold(torch.zeros(4), "recv", 3, 0, 1)
+    tracker.release(tok)
+    tr.memory.write_rows([(400, "rss", 1 << 20)])
+    tr.close()
+    warnings = []
+    for kind, cols in F.TRACE_COLS.items():
+        path = tmp_path / F.trace_file(kind, 2)
+        assert path.read_text().splitlines()[0] == F.trace_header(kind, 2)
+        df = read_trace(path, kind, warnings)
+        assert list(df.columns) == list(cols), kind
+        assert len(df) == {"events": 2, "pebbles": 1, "memory": 1}[kind]
+    assert warnings == []
+    ev = read_trace(tmp_path / F.trace_file("events", 2), "events", [])
+    send = ev[ev["kind"] == "send"].iloc[0]
+    assert (send["tag"], send["pair"], send["tb"]) == (2, "A0.1.2>3", 220)
+    peb = read_trace(tmp_path / F.trace_file("pebbles", 2), "pebbles", [])
+    assert (peb["kind"].iloc[0], peb["bytes"].iloc[0]) == ("recv", 16)

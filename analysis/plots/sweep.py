@@ -10,6 +10,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from analysis import style
+from harness import schedule as S
 
 MARKER = {"naive": "s", "gpipe": "o", "1f1b": "^"}
 SCHED = {"naive": "naive", "gpipe": "GPipe", "1f1b": "1F1B"}
@@ -56,7 +57,8 @@ def bubble_plot(table, cores: int | None = None, fig=None):
     mm = np.geomspace(min(ms), max(ms), 60)
     for p in sorted(table["p"].unique()):
         c = _p_color(p)
-        ax.plot(mm, (p - 1) / (mm + p - 1), color=c, lw=0.8, zorder=1, gid=f"theory-p{p}")
+        ax.plot(mm, [S.bubble("gpipe", int(p), x) for x in mm], color=c, lw=0.8, zorder=1,
+                gid=f"theory-p{p}")
         for s, d in table[table["p"] == p].groupby("schedule"):
             x = d["m"].to_numpy(float) * NUDGE.get(s, 1.0)
             y = d["bubble"].to_numpy(float)
@@ -72,7 +74,8 @@ def bubble_plot(table, cores: int | None = None, fig=None):
     ax.set_ylabel("bubble: idle share of a step")
     _m_axis(ax, ms)
     handles = [Line2D([], [], color=_p_color(p), lw=0.8,
-                      label=f"p={int(p)}, theory" + (" (p−1)/(m+p−1)" if i == 0 else ""))
+                      label=f"p={int(p)}, theory" + (f" {S.BUBBLE_FORMULA['gpipe']}" if i == 0
+                                                      else ""))
                for i, p in enumerate(sorted(table["p"].unique()))]
     handles += [Line2D([], [], ls="", marker=MARKER.get(s, "D"), color="0.2", ms=3.5,
                        label=f"{SCHED.get(s, s)} measured") for s in _order(table["schedule"])]

@@ -15,6 +15,8 @@ from matplotlib.patches import Patch
 from analysis import style
 from analysis.metrics import COMPUTE, recv_split
 from analysis.plots.common import add_boxes
+from harness.schedule import from_json
+from harness.simulate import simulate, to_frame
 
 LANE_GAP = 2.6  # y distance between ranks (two lanes of height ~1 plus a gap)
 
@@ -151,11 +153,6 @@ def planned_frame(schedule: dict | None, events) -> pd.DataFrame | None:
     duration of that action (fwd/bwd summed over layers and loss per microbatch); wire time:
     the median measured receive transfer."""
     if not schedule:
-        return None
-    try:
-        from harness.schedule import from_json
-        from harness.simulate import simulate, to_frame
-    except ImportError:
         return None
     comp = events[events["kind"].isin(COMPUTE)]
     kind = comp["kind"].replace({"loss": "fwd"})  # the loss forward belongs to the stage's fwd

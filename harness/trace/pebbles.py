@@ -13,6 +13,8 @@ pebbles are keyed by (data pointer, bytes), so the second save adds a reference,
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -98,3 +100,18 @@ class PebbleTracker:
     def take_live(self) -> list:
         """Pebbles still held (at the end of the run: never freed)."""
         return list(self.live.values())
+
+
+class NullTracker:
+    """Tracing off: the tracker's calls, nothing recorded (so the executor never asks)."""
+    step = mb = layer = -1
+
+    @staticmethod
+    def hooks():
+        return contextlib.nullcontext()
+
+    def hold(self, *a):
+        return None
+
+    def release(self, peb) -> None:
+        pass

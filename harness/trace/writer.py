@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-FORMAT = 1
-EVENT_COLS = ("step", "mb", "layer", "kind", "t0", "t1", "tb", "peer", "tag", "bytes", "pair")
-PEBBLE_COLS = ("step", "mb", "layer", "kind", "bytes", "t_store", "t_free")
-MEMORY_COLS = ("t", "source", "bytes")
+from ..runformat import EVENT_COLS, FORMAT, MEMORY_COLS, PEBBLE_COLS, trace_file, trace_header
+
+__all__ = ["EVENT_COLS", "FORMAT", "MEMORY_COLS", "PEBBLE_COLS", "Tracer", "NullTracer", "TraceFile"]
 
 
 def _cell(v) -> str:
@@ -21,7 +20,7 @@ def _cell(v) -> str:
 class TraceFile:
     def __init__(self, path: Path, kind: str, rank: int, cols: tuple):
         self.f = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed by close()
-        self.f.write(f"# harness-trace format={FORMAT} kind={kind} rank={rank}\n")
+        self.f.write(trace_header(kind, rank) + "\n")
         self.f.write(",".join(cols) + "\n")
         self.f.flush()
 
@@ -38,13 +37,16 @@ class Tracer:
     """Collects one rank's spans and pebbles and writes them once per step."""
     enabled = True
 
-    def __init__(self, trace_dir: Path, rank: int, timer, tracker):
-        trace_dir.mkdir(parents=True, exist_ok=True)
+    def __init__(self, run_dir: Path, rank: int, timer, tracker):
         self.timer, self.tracker = timer, tracker
         self.mark = timer.mark
-        self.events = TraceFile(trace_dir / f"events.r{rank}.csv", "events", rank, EVENT_COLS)
-        self.pebbles = TraceFile(trace_dir / f"pebbles.r{rank}.csv", "pebbles", rank, PEBBLE_COLS)
-        self.memory = TraceFile(trace_dir / f"memory.r{rank}.csv", "memory", rank, MEMORY_COLS)
+        files = {}
+        for kind, cols in (("events", EVENT_COLS), ("pebbles", PEBBLE_COLS),
+                           ("memory", MEMORY_COLS)):
+            path = run_dir / trace_file(kind, rank)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            files[kind] = TraceFile(path, kind, rank, cols)
+        self.events, self.pebbles, self.memory = files["events"], files["pebbles"], files["memory"]
         self.spans: list = []   # (step, mb, layer, kind, mark0, mark1) — marks resolved at flush
         self.comms: list = []   # full event rows on the host clock
 

@@ -1,12 +1,12 @@
-"""Synthetic run directories, written exactly as docs/run-format.md (format 1) says.
+"""Synthetic run directories, written exactly as docs/run-format.md says (harness.runformat).
 
-Two layers, both reusable outside the analysis tests:
+For the analysis tests and benchmarks: runs whose every number is known. Two layers:
 
 - `write_run(path, meta, events=..., pebbles=..., memory=..., stats=..., schedule=...)` writes
   given frames (one row per span/pebble/sample, a `rank` column plus the documented columns,
   times in each rank's *local* integer ns) into a run directory, one file per rank.
-- `pipeline_frames(...)` plays a schedule from `harness.schedule` on a simple cost model and
-  returns those frames; `make_run(path, ...)` does both. Known clock offsets (with drift) can be
+- `pipeline_frames(...)` plays a schedule from `harness.schedule` through `harness.simulate`
+  (eager messages) on a simple cost model and returns those frames; `make_run(path, ...)` does both. Known clock offsets (with drift) can be
   put on each rank so a test can check that the analysis takes them off again.
 
 Cost model (deliberately simple so tests can compute answers by hand): each layer's forward takes
@@ -23,12 +23,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from harness.schedule import COMM, build, peer, to_json
+from . import runformat as F
+from . import schedule as S
+from .schedule import BWD, COMM, FWD, OPT, build, message, sending, to_json
+from .simulate import simulate
 
-EVENT_COLS = ["step", "mb", "layer", "kind", "t0", "t1", "tb", "peer", "tag", "bytes", "pair"]
-PEBBLE_COLS = ["step", "mb", "layer", "kind", "bytes", "t_store", "t_free"]
-MEMORY_COLS = ["t", "source", "bytes"]
-STATS_COLS = ["step", "rank", "loss", "grad_norm", "update_norm", "step_time"]
+EVENT_COLS, PEBBLE_COLS = list(F.EVENT_COLS), list(F.PEBBLE_COLS)
+MEMORY_COLS, STATS_COLS = list(F.MEMORY_COLS), list(F.STATS_COLS)
 BASE_NS = 5_000_000_000_000  # a plausible perf_counter_ns() value (~83 min after boot)
 MS = 1_000_000
 
@@ -48,11 +49,11 @@ def _atomic(path: Path, text: str) -> None:
 
 
 def write_run(path, meta: dict, events=None, pebbles=None, memory=None, stats=None,
-              schedule: dict | None = None, *, stats_csv: bool = True, fmt: int = 1) -> Path:
+              schedule: dict | None = None, *, stats_csv: bool = True, fmt: int = F.FORMAT) -> Path:
     """Write a run directory. Frames need a `rank` column; times are local int ns."""
     d = Path(path)
-    (d / "ranks").mkdir(parents=True, exist_ok=True)
-    (d / "trace").mkdir(exist_ok=True)
+    (d / F.RANKS_DIR).mkdir(parents=True, exist_ok=True)
+    (d / F.TRACE_DIR).mkdir(exist_ok=True)
     _atomic(d / "meta.json", json.dumps(meta, indent=1))
     _atomic(d / "config.yaml", f"exp: {meta.get('experiment', 'synthetic')}\n")
     if schedule is not None:
@@ -62,12 +63,11 @@ def write_run(path, meta: dict, events=None, pebbles=None, memory=None, stats=No
     for r in range(meta["world_size"]):
         for kind, (df, cols) in frames.items():
             part = df[df["rank"] == r] if df is not None else pd.DataFrame(columns=cols)
-            head = f"# harness-trace format={fmt} kind={kind} rank={r}\n"
-            (d / "trace" / f"{kind}.r{r}.csv").write_text(head + _csv(part, cols))
-        (d / "ranks" / f"rank{r}.log").write_text(f"rank {r}: synthetic run\n")
+            head = F.trace_header(kind, r).replace(f"format={F.FORMAT}", f"format={fmt}")
+            (d / F.trace_file(kind, r)).write_text(head + "\n" + _csv(part, cols))
+        (d / F.log_file(r)).write_text(f"rank {r}: synthetic run\n")
         if stats is not None:
-            (d / "ranks" / f"stats.r{r}.csv").write_text(_csv(stats[stats["rank"] == r],
-                                                              STATS_COLS))
+            (d / F.stats_file(r)).write_text(_csv(stats[stats["rank"] == r], STATS_COLS))
     if stats is not None and stats_csv:
         _atomic(d / "stats.csv", _csv(stats.sort_values(["step", "rank"]), STATS_COLS))
     return d
@@ -79,7 +79,7 @@ def make_meta(p: int, layers_per_stage: int, schedule: str = "naive", m: int = 1
     """A meta.json dict with every documented key."""
     L = p * layers_per_stage
     return {
-        "format": 1, "experiment": "synthetic", "status": status,
+        "format": F.FORMAT, "experiment": "synthetic", "status": status,
         "error": None if status != "failed" else {"rank": p - 1, "type": "RuntimeError",
                                                   "message": "synthetic failure"},
         "world_size": p, "start_time": "2026-01-01T00:00:00+00:00", "end_time": None,
@@ -92,7 +92,7 @@ def make_meta(p: int, layers_per_stage: int, schedule: str = "naive", m: int = 1
         "split": [[s * layers_per_stage, (s + 1) * layers_per_stage] for s in range(p)],
         "schedule": {"name": schedule, "microbatches": m, "overlap": False},
         "pebbles_theory": theory or {"bytes_per_microbatch": [0] * p, "peak_bytes": [0] * p},
-        "trace": {"enabled": True, "format": 1, "per_layer": True, "sample_interval_ms": 10},
+        "trace": {"enabled": True, "format": F.FORMAT, "per_layer": True, "sample_interval_ms": 10},
         "clock": {"method": "ping-pong, minimum round trip (Score-P)", "exchanges": 10,
                   "estimates": list(estimates)},
         "versions": {"python": "3.11", "torch": "synthetic"},
@@ -100,94 +100,69 @@ def make_meta(p: int, layers_per_stage: int, schedule: str = "naive", m: int = 1
     }
 
 
-def _actions(name: str, p: int, m: int, overlap: bool = False):
-    sched = build(name, p, m, overlap)
-    return [[(a.kind, a.mb) for a in acts] for acts in sched], to_json(sched, name, m, overlap)
-
-
 def pipeline_frames(p=2, m=1, schedule="naive", steps=3, layers_per_stage=2, *,
                     t_fwd=1 * MS, t_bwd=2 * MS, t_loss=MS // 2, t_opt=MS // 2, xfer=MS // 10,
                     act_bytes=4096, step_gap=MS, sample_ns=MS, rss_base=100 << 20,
                     overlap=False) -> dict:
-    """Play `schedule` for `steps` steps; return frames in true time (ns) plus meta and schedule."""
-    acts, sched_json = _actions(schedule, p, m, overlap)
+    """Play `schedule` for `steps` steps; return frames in true time (ns) plus meta and schedule.
+
+    Each step is one `harness.simulate` run (eager messages, latency `xfer`, communication calls
+    free), laid out on the ranks' clocks and expanded into per-layer spans and pebbles."""
+    sched = build(schedule, p, m, overlap)
     L = p * layers_per_stage
+
+    def cost(r, a):  # ns of one action: its layers (+ the loss on the last stage)
+        loss = t_loss if r == p - 1 else 0
+        return {FWD: layers_per_stage * t_fwd + loss, BWD: layers_per_stage * t_bwd + loss,
+                OPT: t_opt}.get(a.kind, 0)
+
+    ops = simulate(sched, cost, latency=xfer, protocol="eager")
     ev, peb = [], []
     clock = [BASE_NS] * p
     for step in range(steps):
-        sent, posted = {}, {}            # pair -> send start; pair -> irecv post time
-        live = {}                        # (rank, layer, mb) -> pebble row index
-        pc = [0] * p
-        start = list(clock)
-        while any(pc[r] < len(acts[r]) for r in range(p)):
-            moved = False
-            for r in range(p):
-                lo, hi = r * layers_per_stage, (r + 1) * layers_per_stage
-                while pc[r] < len(acts[r]):
-                    kind, mb = acts[r][pc[r]]
-                    c = clock[r]
-                    if kind in COMM:
-                        stream, role = COMM[kind]
-                        q = peer(kind, r)
-                        sending = "send" in role
-                        src, dst = (r, q) if sending else (q, r)
-                        pair = f"{'A' if stream == 'act' else 'G'}{step}.{mb}.{src}>{dst}"
-                        tag = 2 * mb + (stream == "grad")
-                        if role in ("isend", "irecv"):          # post only; no time passes
-                            (sent if sending else posted)[pair] = c
-                            pc[r] += 1
-                            moved = True
-                            continue
-                        if not sending and pair not in sent:    # blocked on the other side
-                            break
-                        if sending:
-                            t0 = sent.setdefault(pair, c)       # blocking send: posted now
-                            end = max(c, t0 + xfer)
-                        else:
-                            t0 = posted.pop(pair, c)
-                            end = max(c, max(t0, sent[pair]) + xfer)
-                        ev.append((r, step, mb, -1, "send" if sending else "recv", t0, end, c,
-                                   q, tag, act_bytes, pair))
-                        if stream == "act" and not sending:   # the received activation is held
-                            live[r, lo, mb, "recv"] = len(peb)
-                            peb.append([r, step, mb, lo, "recv", act_bytes, end, None])
-                        c = end
-                    elif kind == "fwd":
-                        for layer in range(lo, hi):
-                            ev.append((r, step, mb, layer, "fwd", c, c + t_fwd, None, -1, -1, 0,
-                                       None))
-                            live[r, layer, mb, "saved"] = len(peb)  # input saved for backward
-                            peb.append([r, step, mb, layer, "saved", act_bytes, c, None])
-                            c += t_fwd
-                        if r == p - 1:
-                            ev.append((r, step, mb, L, "loss", c, c + t_loss, None, -1, -1, 0,
-                                       None))
-                            live[r, L, mb, "saved"] = len(peb)
-                            peb.append([r, step, mb, L, "saved", act_bytes, c, None])
-                            c += t_loss
-                    elif kind == "bwd":
-                        layers = ([L] if r == p - 1 else []) + list(range(hi - 1, lo - 1, -1))
-                        for layer in layers:
-                            d = t_loss if layer == L else t_bwd
-                            ev.append((r, step, mb, layer, "bwd", c, c + d, None, -1, -1, 0,
-                                       None))
-                            c += d
-                            peb[live.pop((r, layer, mb, "saved"))][7] = c
-                            if layer == lo and (r, lo, mb, "recv") in live:
-                                peb[live.pop((r, lo, mb, "recv"))][7] = c
-                    elif kind == "opt":
-                        ev.append((r, step, -1, -1, "opt", c, c + t_opt, None, -1, -1, 0, None))
-                        c += t_opt
-                    else:
-                        raise ValueError(f"synthetic runs play blocking schedules only: {kind}")
-                    clock[r] = c
-                    pc[r] += 1
-                    moved = True
-            if not moved:
-                raise RuntimeError("synthetic schedule deadlocked")
+        t_step = max(clock)                  # ranks start the step together
+        posted = {}                          # (rank, stream, side, mb) -> post time (i-calls)
+        live = {}                            # (rank, layer, mb, kind) -> pebble row index
+        for o in ops:
+            r, c, end = o.rank, t_step + int(o.start), t_step + int(o.end)
+            lo, hi = r * layers_per_stage, (r + 1) * layers_per_stage
+            if o.kind in COMM:
+                stream, role = COMM[o.kind]
+                side = "send" if sending(o.kind) else "recv"
+                if role in ("isend", "irecv"):               # post only; no time passes
+                    posted[r, stream, side, o.mb] = c
+                    continue
+                t0 = posted.pop((r, stream, side, o.mb), c)
+                q, tag, pair = message(o.kind, r, step, o.mb)
+                ev.append((r, step, o.mb, -1, side, t0, end, c, q, tag, act_bytes, pair))
+                if stream == "act" and side == "recv":       # the received activation is held
+                    live[r, lo, o.mb, "recv"] = len(peb)
+                    peb.append([r, step, o.mb, lo, "recv", act_bytes, end, None])
+            elif o.kind == FWD:
+                for layer in range(lo, hi):
+                    ev.append((r, step, o.mb, layer, "fwd", c, c + t_fwd, None, -1, -1, 0, None))
+                    live[r, layer, o.mb, "saved"] = len(peb)  # input saved for backward
+                    peb.append([r, step, o.mb, layer, "saved", act_bytes, c, None])
+                    c += t_fwd
+                if r == p - 1:
+                    ev.append((r, step, o.mb, L, "loss", c, c + t_loss, None, -1, -1, 0, None))
+                    live[r, L, o.mb, "saved"] = len(peb)
+                    peb.append([r, step, o.mb, L, "saved", act_bytes, c, None])
+            elif o.kind == BWD:
+                layers = ([L] if r == p - 1 else []) + list(range(hi - 1, lo - 1, -1))
+                for layer in layers:
+                    d = t_loss if layer == L else t_bwd
+                    ev.append((r, step, o.mb, layer, "bwd", c, c + d, None, -1, -1, 0, None))
+                    c += d
+                    peb[live.pop((r, layer, o.mb, "saved"))][7] = c
+                    if layer == lo and (r, lo, o.mb, "recv") in live:
+                        peb[live.pop((r, lo, o.mb, "recv"))][7] = c
+            elif o.kind == OPT:
+                ev.append((r, step, -1, -1, "opt", c, end, None, -1, -1, 0, None))
+            clock[r] = end
         for r in range(p):
-            ev.append((r, step, -1, -1, "step", start[r], clock[r], None, -1, -1, 0, None))
-        clock = [max(clock) + step_gap] * p    # ranks start the next step together
+            ev.append((r, step, -1, -1, "step", t_step, clock[r], None, -1, -1, 0, None))
+        clock = [max(clock) + step_gap] * p
     events = pd.DataFrame(ev, columns=["rank"] + EVENT_COLS)
     events = events.sort_values(["rank", "t1"], kind="stable", ignore_index=True)
     pebbles = pd.DataFrame(peb, columns=["rank"] + PEBBLE_COLS)
@@ -208,8 +183,7 @@ def pipeline_frames(p=2, m=1, schedule="naive", steps=3, layers_per_stage=2, *,
     st = events[events["kind"] == "step"].set_index(["step", "rank"])
     stats["step_time"] = [(st.loc[(s, r), "t1"] - st.loc[(s, r), "t0"]) / 1e9
                           for s, r in zip(stats["step"], stats["rank"])]
-    in_flight = {"naive": [1] * p, "gpipe": [m] * p,
-                 "1f1b": [min(m, p - s) for s in range(p)]}[schedule]
+    in_flight = [max(S.in_flight(acts)) for acts in sched]
     per_mb = [int(pebbles[(pebbles["rank"] == s) & (pebbles["step"] == 0)
                           & (pebbles["mb"] == 0)]["bytes"].sum()) for s in range(p)]
     theory = {"bytes_per_microbatch": per_mb,
@@ -217,7 +191,7 @@ def pipeline_frames(p=2, m=1, schedule="naive", steps=3, layers_per_stage=2, *,
     meta = make_meta(p, layers_per_stage, schedule, m, theory=theory)
     meta["schedule"]["overlap"] = overlap
     return {"events": events, "pebbles": pebbles, "memory": pd.concat(mem, ignore_index=True),
-            "stats": stats, "meta": meta, "schedule": sched_json}
+            "stats": stats, "meta": meta, "schedule": to_json(sched, schedule, m, overlap)}
 
 
 def skew(frames: dict, clocks: dict) -> dict:
