@@ -29,7 +29,7 @@ import pandas as pd
 from analysis import intervals as iv
 from harness import schedule as S
 
-COMPUTE = ("fwd", "bwd", "loss", "opt")
+COMPUTE = ("fwd", "bwd", "loss", "opt", "norms")  # norms: the run's gradient/update statistics
 
 
 def recv_split(events: pd.DataFrame) -> pd.DataFrame:

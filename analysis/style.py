@@ -17,7 +17,7 @@ COLUMN, WIDE = 3.4, 7.0  # inches
 # Okabe & Ito (2008) colour-blind-safe palette, black moved last (used for annotation)
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442",
            "#000000"]
-KIND = {"fwd": "#0072B2", "bwd": "#D55E00", "loss": "#CC79A7", "opt": "#7F7F7F",
+KIND = {"fwd": "#0072B2", "bwd": "#D55E00", "loss": "#CC79A7", "opt": "#7F7F7F", "norms": "#BBBBBB",
         "send": "#009E73", "recv": "#56B4E9", "wait": "#FFFFFF", "copy": "#F0E442"}
 IDLE = "#DDDDDD"
 OTHER = "#9E9E9E"  # compute of a neighbouring step seen in the window

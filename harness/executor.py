@@ -71,6 +71,7 @@ class StageExecutor:
         self.dispatch = {S.FWD: self.forward, S.BWD: self.backward, S.OPT: self.optimize,
                          **{k: comm[role] for k, (_, role) in S.COMM.items()}}
         self.st = None  # StepState of the running step
+        self.bwd_marks = []  # (layer, start, end) marks of the running backward call
 
     # -- one step ------------------------------------------------------------------------------
     def run_step(self, step: int, actions: list) -> dict:
@@ -84,9 +85,13 @@ class StageExecutor:
         self.tracer.begin_step()
         m0 = self.tracer.mark()
         x, y = self.data.batch(step, need_x=self.first)
+        # each microbatch its own tensor (a chunk view would keep the whole batch's storage
+        # alive), dropped from here once used: autograd's saved copy is then the only
+        # reference, and the pebble's free time is when the memory is really released
         self.st = st = StepState(
-            step, list(x.to(self.device).chunk(self.m)) if self.first else None,
-            list(y.to(self.device).chunk(self.m)) if self.last else None)
+            step, [c.clone() for c in x.to(self.device).chunk(self.m)] if self.first else None,
+            [c.clone() for c in y.to(self.device).chunk(self.m)] if self.last else None)
+        del x, y
         for a in actions:
             self.dispatch[a.kind](a)
         self.tracer.span(step, -1, -1, "step", m0, self.tracer.mark())
@@ -99,7 +104,10 @@ class StageExecutor:
     def forward(self, a):
         st, tr, trk, mb = self.st, self.tracer, self.tracker, a.mb
         step = st.step
-        x = st.x_mb[mb] if self.first else st.inputs[mb]
+        if self.first:
+            x, st.x_mb[mb] = st.x_mb[mb], None
+        else:
+            x = st.inputs[mb]
         trk.step, trk.mb = step, mb
         m_stage = tr.mark()
         with trk.hooks():
@@ -117,7 +125,8 @@ class StageExecutor:
                 m0 = tr.mark()
                 lsm = F.log_softmax(x, dim=1)
                 # / m: each microbatch's mean loss is 1/m of the batch mean loss's share
-                loss = F.nll_loss(lsm, st.y_mb[mb]) / self.m
+                y, st.y_mb[mb] = st.y_mb[mb], None
+                loss = F.nll_loss(lsm, y) / self.m
                 tr.span(step, mb, self.n_layers, "loss", m0, tr.mark())
                 if self.hook_bwd:
                     self._time_backward(lsm.grad_fn, loss.grad_fn, self.n_layers, mb)
@@ -130,14 +139,29 @@ class StageExecutor:
             tr.span(step, mb, -1, "fwd", m_stage, tr.mark())
 
     def _time_backward(self, first_node, last_node, layer, mb):
-        """Time one layer's backward with autograd node hooks: it starts when the layer's last
-        node (ReLU) is about to run and ends when its first node (addmm) has run."""
+        """Mark one layer's backward with autograd node hooks: it starts when the layer's last
+        node (ReLU) is about to run and ends when its first node (addmm) has run. The marks go
+        to `self.bwd_marks`; `backward` turns them into spans that tile the whole call."""
         if first_node is None or last_node is None:
             return
-        tr, step, box = self.tracer, self.st.step, []
+        tr, box = self.tracer, []
         last_node.register_prehook(lambda grad_out: box.append(tr.mark()))
         first_node.register_hook(
-            lambda grad_in, grad_out: tr.span(step, mb, layer, "bwd", box[0], tr.mark()))
+            lambda grad_in, grad_out: self.bwd_marks.append((layer, box[0], tr.mark())))
+
+    def _tile_backward(self, mb, m0, m1):
+        """Per-layer bwd spans covering the backward call [m0, m1] without gaps.
+
+        Autograd also works between the layers' nodes: accumulating each weight's gradient
+        into `.grad` (AccumulateGrad, from the second microbatch on an add), freeing saved
+        tensors. That work follows the layer whose nodes produced the gradient, so each layer's
+        span runs from its own start (the call's start, for the first) to the next layer's start
+        (the call's end, for the last): all of backward() is compute, nothing is lost as idle.
+        """
+        marks, self.bwd_marks = self.bwd_marks, []
+        for k, (layer, s, _e) in enumerate(marks):
+            end = marks[k + 1][1] if k + 1 < len(marks) else m1
+            self.tracer.span(self.st.step, mb, layer, "bwd", m0 if k == 0 else s, end)
 
     def backward(self, a):
         st, mb = self.st, a.mb
@@ -155,30 +179,42 @@ class StageExecutor:
             out.backward(retain_graph=retain)
         else:
             out.backward(st.grads.pop(mb), retain_graph=retain)
+        m1 = self.tracer.mark()
         if self.per_stage:
-            self.tracer.span(st.step, mb, -1, "bwd", m0, self.tracer.mark())
+            self.tracer.span(st.step, mb, -1, "bwd", m0, m1)
+        elif self.hook_bwd:
+            self._tile_backward(mb, m0, m1)
         self._release(("out", mb))
         if not self.first:
             inp = st.inputs.pop(mb)
             # recv_requires_grad=false: autograd never computed a gradient for the input, so
             # there is none to send; zeros keep the protocol going (what a `grad or zeros`
             # fallback in naive code does) and the upstream stages get exactly zero gradient.
-            st.in_grads[mb] = inp.grad if inp.grad is not None else torch.zeros_like(inp)
+            g = inp.grad if inp.grad is not None else torch.zeros_like(inp)
+            st.in_grads[mb] = g
+            if retain:  # the retained graph keeps the input, and with it this .grad, for good:
+                # a pebble of its own kind, never released (with detach=true the gradient is a
+                # message buffer, gone once sent)
+                self.tracker.hold(g, "in_grad", self.layer_ids[0], st.step, mb)
             self._release(("recv", mb))
 
     def optimize(self, _a):
         tr = self.tracer
         m0 = tr.mark()
+        self.opt.step()
+        m1 = tr.mark()
+        tr.span(self.st.step, -1, -1, "opt", m0, m1)
+        # the run's statistics are the harness's work, not the optimizer's: their own span.
+        # SGD's step leaves .grad as it was, so the gradient norm is the same after it.
         grads = [p.grad for p in self.params if p.grad is not None]
         gnorm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-        self.opt.step()
         if self.momentum > 0:  # SGD applies lr * momentum buffer (no dampening, no decay)
             bufs = [self.opt.state[p]["momentum_buffer"] for p in self.params if p in self.opt.state]
             unorm = self.lr * float(torch.nn.utils.get_total_norm(bufs)) if bufs else 0.0
         else:
             unorm = self.lr * gnorm
+        tr.span(self.st.step, -1, -1, "norms", m1, tr.mark())
         self.opt.zero_grad(set_to_none=True)
-        tr.span(self.st.step, -1, -1, "opt", m0, tr.mark())
         self.st.stats = {"grad_norm": gnorm, "update_norm": unorm}
 
     # -- communication: one handler per operation, the action says what and with whom ---------

@@ -20,7 +20,7 @@ TRACE_COLS = {"events": EVENT_COLS, "pebbles": PEBBLE_COLS, "memory": MEMORY_COL
 STATS_COLS = ("step", "rank", "loss", "grad_norm", "update_norm", "step_time")
 
 # the lane (row of the timeline) of each event kind
-LANE = {"fwd": "compute", "bwd": "compute", "loss": "compute", "opt": "compute",
+LANE = {"fwd": "compute", "bwd": "compute", "loss": "compute", "opt": "compute", "norms": "compute",
         "send": "send", "recv": "recv", "d2h": "copy", "h2d": "copy", "step": "step"}
 
 MAGIC = re.compile(r"#\s*harness-trace\s+(.*)")

@@ -32,7 +32,7 @@ def _rows(ev, peb, meta, rank):
         L = (meta.get("model") or {}).get("layers")
         if L is not None and rank == len(split) - 1 and (ev["kind"] == "loss").any():
             layers.add(L)
-    return sorted(int(x) for x in layers), bool((ev["kind"] == "opt").any())
+    return sorted(int(x) for x in layers), bool(ev["kind"].isin(("opt", "norms")).any())
 
 
 def _label(layer, meta):
@@ -104,7 +104,7 @@ def pebble_graph(events, pebbles, meta: dict, step: int, fig=None, span: float |
         kind, layer = c["kind"].to_numpy(), c["layer"].to_numpy()
         y = np.array([f_row.get(l, 0) if k in ("fwd", "loss") else
                       b_row.get(l, n) if k == "bwd" else 2 * n for k, l in zip(kind, layer)])
-        col = [style.KIND["opt"] if k == "opt" else style.mb_color(b, m)
+        col = [style.KIND[k] if k in ("opt", "norms") else style.mb_color(b, m)
                for k, b in zip(kind, c["mb"])]
         add_boxes(ax, X(c["start"]), X(c["end"]), y - 0.4, y + 0.4, gid="compute",
                   facecolor=col, edgecolor="black", linewidth=0.3, zorder=2)

@@ -50,7 +50,7 @@ def timeline(events, steps=None, planned: pd.DataFrame | None = None, fig=None):
         ax, pax = fig.subplots(1, 1), None
     yc = ev["rank"].to_numpy() * LANE_GAP
     comp = ev["kind"].isin(COMPUTE).to_numpy()
-    for kind in ("fwd", "loss", "bwd", "opt"):
+    for kind in ("fwd", "loss", "bwd", "opt", "norms"):
         k = comp & (ev["kind"] == kind).to_numpy()
         if k.any():
             add_boxes(ax, X(ev["start"][k]), X(ev["end"][k]), yc[k] - 0.4, yc[k] + 0.4,
@@ -89,8 +89,8 @@ def timeline(events, steps=None, planned: pd.DataFrame | None = None, fig=None):
     ax.set_title("measured", loc="left")
     if planned is not None:
         ax.tick_params(axis="x", labelbottom=True)
-    handles = [Patch(facecolor=style.KIND[k], label=k) for k in ("fwd", "bwd", "loss", "opt")
-               if (ev["kind"] == k).any()]
+    handles = [Patch(facecolor=style.KIND[k], label=k)
+               for k in ("fwd", "bwd", "loss", "opt", "norms") if (ev["kind"] == k).any()]
     handles += [Patch(facecolor=style.KIND["send"], label="send"),
                 Patch(facecolor="white", edgecolor=style.KIND["recv"], hatch="////",
                       label="recv: wait"),
@@ -155,7 +155,8 @@ def planned_frame(schedule: dict | None, events) -> pd.DataFrame | None:
     if not schedule:
         return None
     comp = events[events["kind"].isin(COMPUTE)]
-    kind = comp["kind"].replace({"loss": "fwd"})  # the loss forward belongs to the stage's fwd
+    # the loss forward belongs to the stage's fwd action, the statistics to its opt action
+    kind = comp["kind"].replace({"loss": "fwd", "norms": "opt"})
     dur = (comp.assign(k=kind, d=comp["end"] - comp["start"])
            .groupby(["rank", "step", "k", "mb"])["d"].sum()
            .groupby(["rank", "k"]).median())

@@ -10,7 +10,7 @@ def open_trace(enabled: bool, run_dir, rank: int, timer, now, params, device,
     from . import memory, pebbles, writer
     if not enabled:
         return pebbles.NullTracker(), writer.NullTracer(), None, {}
-    tracker = pebbles.PebbleTracker(now, params)
+    tracker = pebbles.PebbleTracker(timer.mark, params)  # pebbles on the spans' clock
     tracer = writer.Tracer(run_dir, rank, timer, tracker)
     readers, status = memory.open_sources(device)
     sampler = memory.MemorySampler(readers, now, tracer.memory.write_rows, sample_interval_s)

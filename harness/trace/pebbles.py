@@ -39,10 +39,15 @@ class _Holder:
 
 class PebbleTracker:
     """Tracks pebbles of one rank. The executor sets `step`, `mb`, `layer` before each forward
-    piece, so each save is attributed to the layer that made it."""
+    piece, so each save is attributed to the layer that made it.
 
-    def __init__(self, now, params):
-        self.now = now
+    `mark` is the rank's timer (trace.clock): on a GPU an event recorded on the current stream
+    at save and at release, so a pebble is on the device timeline like the spans (the host runs
+    ahead of the device). Marks are resolved to host ns by `resolve_marks` once per step."""
+
+    def __init__(self, mark, params):
+        self.now = mark
+        self.unresolved: list = []  # pebbles whose t_store or t_free is still a timer mark
         self.param_storages = {p.untyped_storage().data_ptr() for p in params}
         self.live: dict = {}      # key -> Pebble
         self.freed: list = []     # freed pebbles not yet written
@@ -78,6 +83,7 @@ class PebbleTracker:
         if peb is None:
             peb = Pebble(key, self.step if step is None else step, self.mb if mb is None else mb,
                          self.layer if layer is None else layer, kind, nbytes, self.now())
+            self.unresolved.append(peb)
             self.live[key] = peb
             self.live_bytes += nbytes
         peb.refs += 1
@@ -87,10 +93,22 @@ class PebbleTracker:
         peb.refs -= 1
         if peb.refs == 0:
             peb.t_free = self.now()
+            self.unresolved.append(peb)
             if self.live.get(peb.key) is peb:
                 del self.live[peb.key]
                 self.live_bytes -= peb.bytes
             self.freed.append(peb)
+
+    def resolve_marks(self, resolve) -> None:
+        """Turn this step's marks into host ns with the timer's `resolve` (call once per step,
+        while the step's anchor holds)."""
+        todo, self.unresolved = self.unresolved, []
+        pebs = [p for p in dict.fromkeys(todo)]  # a pebble stored and freed in one step: once
+        marks = [m for p in pebs for m in (p.t_store, p.t_free)]
+        times = resolve([0 if m is None else m for m in marks])
+        for i, p in enumerate(pebs):
+            p.t_store = times[2 * i]
+            p.t_free = None if p.t_free is None else times[2 * i + 1]
 
     def take_freed(self) -> list:
         """Freed pebbles since the last call (for the trace writer)."""
@@ -105,6 +123,9 @@ class PebbleTracker:
 class NullTracker:
     """Tracing off: the tracker's calls, nothing recorded (so the executor never asks)."""
     step = mb = layer = -1
+
+    def resolve_marks(self, resolve) -> None:
+        pass
 
     @staticmethod
     def hooks():

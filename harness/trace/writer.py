@@ -72,6 +72,7 @@ class Tracer:
         rows.sort(key=lambda r: r[4])
         self.events.write_rows(rows)
         self.spans, self.comms = [], []
+        self.tracker.resolve_marks(self.timer.resolve)
         self.pebbles.write_rows([(p.step, p.mb, p.layer, p.kind, p.bytes, p.t_store, p.t_free)
                                  for p in self.tracker.take_freed()])
 
