@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import dir_bytes, launch, median_step_time
-from harness import config, model
+from harness import config, model, stage
 from harness import schedule as S
 from harness.executor import StageExecutor
 from harness.trace import clock, open_trace
@@ -49,7 +49,7 @@ def interleaved(steps: int, overrides: list[str], ranks: int) -> tuple[float, fl
             sampler.start()
         data = model.Data(m, cfg.data.batch_size, cfg.data.noise, cfg.train.seed)
         ex = StageExecutor(rank=0, size=1, layers=layers, bounds=bounds, n_layers=bounds[1],
-                           widths=model.widths(m), data=data, p2p=None, tracer=tracer,
+                           loss=stage.mlp_loss, data=data.batch, recv={}, p2p=None, tracer=tracer,
                            tracker=tracker, optimizer=opt, device=torch.device("cpu"),
                            pipeline=cfg.pipeline, train=cfg.train, trace=cfg.trace,
                            debug=cfg.debug)

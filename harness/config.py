@@ -55,10 +55,26 @@ class DataCfg:
 
 @dataclass
 class ModelCfg:
+    name: str = doc("built-in model: mlp (the deep MLP below) or gpt (the gpt.* section)", "mlp")
+    factory: Optional[str] = doc("your own model: 'package.module:function' returning a "
+                                 "harness.models.BlockModel (docs/models.md); wins over name", None)
     layers: int = doc("Linear layers in the MLP (ReLU after each but the last)", 16)
     width: int = doc("hidden width", 1024)
     in_features: int = doc("input features of the synthetic data", 256)
     classes: int = doc("classes of the synthetic data (cross-entropy loss)", 10)
+
+
+@dataclass
+class GptCfg:
+    vocab: int = doc("GPT: vocabulary (token ids 0..vocab-1)", 256)
+    seq: int = doc("GPT: sequence length", 128)
+    d: int = doc("GPT: model width", 256)
+    heads: int = doc("GPT: attention heads (must divide gpt.d)", 4)
+    layers: int = doc("GPT: transformer blocks (the model has layers + 2 blocks: embedding "
+                      "and head are blocks too)", 8)
+    mlp_ratio: int = doc("GPT: MLP hidden width / d", 4)
+    attention: str = doc("GPT: explicit (q·kᵀ, mask, softmax, ·v written out) or sdpa "
+                         "(scaled_dot_product_attention)", "explicit")
 
 
 @dataclass
@@ -72,6 +88,10 @@ class PipelineCfg:
                                    "false = the seed's first lesson (earlier stages stop learning)", True)
     detach: bool = doc("the sender detaches what it sends and lets its graph go after backward; "
                        "false = the seed's second lesson (graphs of past steps kept: memory grows)", True)
+    balance: str = doc("default split: params (equal parameters per stage) or time (each "
+                       "block's forward+backward measured once at set-up)", "params")
+    recompute: str = doc("GPT: none, full (checkpoint each block) or attention (only the "
+                         "attention core, selective recomputation)", "none")
 
 
 @dataclass
@@ -119,6 +139,7 @@ class Config:
     train: TrainCfg = doc("", factory=TrainCfg)
     data: DataCfg = doc("", factory=DataCfg)
     model: ModelCfg = doc("", factory=ModelCfg)
+    gpt: GptCfg = doc("", factory=GptCfg)
     pipeline: PipelineCfg = doc("", factory=PipelineCfg)
     trace: TraceCfg = doc("", factory=TraceCfg)
     comm: CommCfg = doc("", factory=CommCfg)
@@ -219,6 +240,25 @@ def validate(cfg: Config, world_size: int) -> None:
     for k in ("layers", "width", "in_features", "classes"):
         v = getattr(m, k)
         _check(v >= 1, f"model.{k}={v}: must be >= 1")
+    _check(m.name in ("mlp", "gpt"), f"model.name={m.name!r}: allowed mlp, gpt "
+           f"(your own model: model.factory=package.module:function)")
+    if m.factory is not None:
+        from .models.base import resolve_factory  # local: imports the user's module (and torch)
+        try:
+            resolve_factory(m.factory)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    g = cfg.gpt
+    for k in ("vocab", "seq", "d", "heads", "layers", "mlp_ratio"):
+        _check(getattr(g, k) >= 1, f"gpt.{k}={getattr(g, k)}: must be >= 1")
+    _check(g.d % g.heads == 0, f"gpt.d={g.d}: must be a multiple of gpt.heads={g.heads}")
+    _check(g.attention in ("explicit", "sdpa"), f"gpt.attention={g.attention!r}: allowed explicit, sdpa")
+    _check(p.balance in ("params", "time"), f"pipeline.balance={p.balance!r}: allowed params, time")
+    _check(p.recompute in ("none", "full", "attention"),
+           f"pipeline.recompute={p.recompute!r}: allowed none, full, attention")
+    _check(p.recompute == "none" or (m.name == "gpt" and m.factory is None),
+           f"pipeline.recompute={p.recompute}: only the built-in GPT (model.name=gpt) recomputes")
+    blocks = m.layers if m.name == "mlp" else g.layers + 2
     _check(cfg.device in ("auto", "cpu", "cuda"), f"device={cfg.device!r}: allowed auto, cpu, cuda")
     if cfg.device == "cuda":
         import torch
@@ -238,15 +278,18 @@ def validate(cfg: Config, world_size: int) -> None:
         _check(world_size in cfg.world_sizes,
                f"world size {world_size}: experiment {cfg.exp!r} runs with "
                f"{' or '.join(map(str, cfg.world_sizes))} ranks (world_sizes)")
-    _check(world_size <= m.layers,
-           f"world size {world_size}: more pipeline stages than model.layers={m.layers}; "
-           f"use at most {m.layers} ranks or more layers")
-    if p.split is not None:
+    if m.factory is None:  # a factory's block count is known once it is built (stage.build)
+        what = "model.layers" if m.name == "mlp" else "gpt.layers+2 blocks"
+        _check(world_size <= blocks,
+               f"world size {world_size}: more pipeline stages than {what}={blocks}; "
+               f"use at most {blocks} ranks or more layers")
+    if p.split is not None and m.factory is None:
         _check(len(p.split) == world_size,
                f"pipeline.split={list(p.split)}: needs one entry per rank ({world_size})")
         _check(all(n >= 1 for n in p.split), f"pipeline.split={list(p.split)}: every stage needs >= 1 layer")
-        _check(sum(p.split) == m.layers,
-               f"pipeline.split={list(p.split)}: sums to {sum(p.split)}, model.layers={m.layers}")
+        _check(sum(p.split) == blocks,
+               f"pipeline.split={list(p.split)}: sums to {sum(p.split)}, the model has {blocks} "
+               f"blocks")
     _check(p.microbatches >= 1, f"pipeline.microbatches={p.microbatches}: must be >= 1")
     _check(d.batch_size % p.microbatches == 0,
            f"pipeline.microbatches={p.microbatches}: must divide data.batch_size={d.batch_size}")

@@ -8,7 +8,9 @@ The boundary-tensor rules of naive model parallelism live here, once:
 With microbatches the loss of each is divided by m, so the accumulated gradient equals the
 full-batch gradient (the classic pipeline bug, FIELD.md).
 
-Tensor shapes: stage s receives [B/m, widths[first_s]] and sends [B/m, widths[end_s]].
+The model is any list of blocks (harness.models.BlockModel: one tensor in, one out); the shapes
+and dtypes of what crosses each stage boundary come from probing the model once at set-up
+(`recv`), e.g. [B/m, width] for the MLP, [B/m, seq, d] hidden states for the GPT.
 """
 from __future__ import annotations
 
@@ -16,7 +18,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from . import schedule as S
 
@@ -45,13 +46,18 @@ class StageExecutor:
     tag and pair id come from `schedule.message`, so a new schedule needs no new handler.
     """
 
-    def __init__(self, *, rank, size, layers, bounds, n_layers, widths, data, p2p, tracer,
+    def __init__(self, *, rank, size, layers, bounds, n_layers, loss, data, recv, p2p, tracer,
                  tracker, optimizer, device, pipeline, train, trace, debug):
-        """pipeline, train, trace, debug: the config sections of the same names (harness.config)."""
+        """layers: this stage's blocks (global indices `bounds`, end exclusive) of a model of
+        `n_layers` blocks; loss(output, targets) -> mean loss (used on the last stage);
+        data(step) -> (inputs, targets) of the full batch; recv: {"act": (shape, dtype),
+        "grad": (shape, dtype)}, what a microbatch's activation and output gradient look like
+        when they arrive here. pipeline, train, trace, debug: the config sections."""
         self.rank, self.size = rank, size
         self.first, self.last = rank == 0, rank == size - 1
         self.layers, self.layer_ids = layers, list(range(*bounds))
         self.n_layers, self.m, self.data = n_layers, pipeline.microbatches, data
+        self.loss_fn, self.recv_spec = loss, recv
         self.p2p, self.tracer, self.tracker = p2p, tracer, tracker
         self.opt, self.lr, self.momentum = optimizer, train.lr, train.momentum
         self.params = list(layers.parameters())
@@ -62,16 +68,12 @@ class StageExecutor:
         self.kept = []  # detach=false only: every step's attached outputs, never let go
         self.hook_bwd = tracer.enabled and trace.per_layer
         self.per_stage = tracer.enabled and not trace.per_layer
-        mb_rows = data.batch_size // self.m
-        # the shape of what each stream carries into this rank: activations [B/m, width in],
-        # gradients of the output [B/m, width out]
-        self.recv_shape = {"act": (mb_rows, widths[bounds[0]]), "grad": (mb_rows, widths[bounds[1]])}
         comm = {"send": self.send, "recv": self.recv, "isend": self.isend, "irecv": self.irecv,
                 "wait_send": self.wait, "wait_recv": self.wait}
         self.dispatch = {S.FWD: self.forward, S.BWD: self.backward, S.OPT: self.optimize,
                          **{k: comm[role] for k, (_, role) in S.COMM.items()}}
         self.st = None  # StepState of the running step
-        self.bwd_marks = []  # (layer, start, end) marks of the running backward call
+        self.bwd_marks = []  # (layer, start) marks of the running backward call
 
     # -- one step ------------------------------------------------------------------------------
     def run_step(self, step: int, actions: list) -> dict:
@@ -84,7 +86,7 @@ class StageExecutor:
                 time.sleep(3600)
         self.tracer.begin_step()
         m0 = self.tracer.mark()
-        x, y = self.data.batch(step, need_x=self.first)
+        x, y = self.data(step)
         # each microbatch its own tensor (a chunk view would keep the whole batch's storage
         # alive), dropped from here once used: autograd's saved copy is then the only
         # reference, and the pebble's free time is when the memory is really released
@@ -114,22 +116,19 @@ class StageExecutor:
             for gi, blk in zip(self.layer_ids, self.layers):
                 trk.layer = gi
                 m0 = tr.mark()
-                h = blk.linear(x)
-                out = blk.act(h) if blk.act is not None else h
+                x = blk(x)
                 if self.hook_bwd:
                     tr.span(step, mb, gi, "fwd", m0, tr.mark())
-                    self._time_backward(h.grad_fn, out.grad_fn, gi, mb)
-                x = out
+                    self._mark_backward(x, gi)
             if self.last:
                 trk.layer = self.n_layers
                 m0 = tr.mark()
-                lsm = F.log_softmax(x, dim=1)
-                # / m: each microbatch's mean loss is 1/m of the batch mean loss's share
                 y, st.y_mb[mb] = st.y_mb[mb], None
-                loss = F.nll_loss(lsm, y) / self.m
+                # / m: each microbatch's mean loss is 1/m of the batch mean loss's share
+                loss = self.loss_fn(x, y) / self.m
                 tr.span(step, mb, self.n_layers, "loss", m0, tr.mark())
                 if self.hook_bwd:
-                    self._time_backward(lsm.grad_fn, loss.grad_fn, self.n_layers, mb)
+                    self._mark_backward(loss, self.n_layers)
                 st.outputs[mb] = loss
             else:
                 st.outputs[mb] = x
@@ -138,17 +137,13 @@ class StageExecutor:
         if self.per_stage:
             tr.span(step, mb, -1, "fwd", m_stage, tr.mark())
 
-    def _time_backward(self, first_node, last_node, layer, mb):
-        """Mark one layer's backward with autograd node hooks: it starts when the layer's last
-        node (ReLU) is about to run and ends when its first node (addmm) has run. The marks go
-        to `self.bwd_marks`; `backward` turns them into spans that tile the whole call."""
-        if first_node is None or last_node is None:
-            return
-        tr, box = self.tracer, []
-        last_node.register_prehook(lambda grad_out: box.append(tr.mark()))
-        first_node.register_hook(
-            lambda grad_in, grad_out: self.bwd_marks.append((layer, box[0], tr.mark())))
-
+    def _mark_backward(self, out, layer):
+        """A block's backward starts when the gradient of its output exists: a tensor hook on
+        the output marks that moment (works for any module). The marks go to `self.bwd_marks`;
+        `backward` turns them into spans that tile the whole call."""
+        if out.requires_grad:
+            tr = self.tracer
+            out.register_hook(lambda g: self.bwd_marks.append((layer, tr.mark())))
     def _tile_backward(self, mb, m0, m1):
         """Per-layer bwd spans covering the backward call [m0, m1] without gaps.
 
@@ -159,7 +154,7 @@ class StageExecutor:
         (the call's end, for the last): all of backward() is compute, nothing is lost as idle.
         """
         marks, self.bwd_marks = self.bwd_marks, []
-        for k, (layer, s, _e) in enumerate(marks):
+        for k, (layer, s) in enumerate(marks):
             end = marks[k + 1][1] if k + 1 < len(marks) else m1
             self.tracer.span(self.st.step, mb, layer, "bwd", m0 if k == 0 else s, end)
 
@@ -245,8 +240,7 @@ class StageExecutor:
     def recv(self, a):
         stream = S.COMM[a.kind][0]
         q, tag, pair = S.message(a.kind, self.rank, self.st.step, a.mb)
-        buf = self.p2p.recv(self.recv_shape[stream], torch.float32, q, tag, self.st.step, a.mb,
-                            pair)
+        buf = self.p2p.recv(*self.recv_spec[stream], q, tag, self.st.step, a.mb, pair)
         self._incoming(stream, a.mb, buf)
 
     def isend(self, a):
@@ -259,7 +253,7 @@ class StageExecutor:
         stream = S.COMM[a.kind][0]
         q, tag, pair = S.message(a.kind, self.rank, self.st.step, a.mb)
         self.st.pending[stream, "recv", a.mb] = self.p2p.irecv(
-            self.recv_shape[stream], torch.float32, q, tag, self.st.step, a.mb, pair)
+            *self.recv_spec[stream], q, tag, self.st.step, a.mb, pair)
 
     def wait(self, a):
         stream = S.COMM[a.kind][0]

@@ -90,7 +90,7 @@ class Run:
     def setup(self):
         import torch
 
-        from . import comm, model, rundir
+        from . import comm, rundir, stage
         from . import schedule as S
         from .trace import clock as tclock
         from .trace import open_trace
@@ -108,12 +108,11 @@ class Run:
         cuda_aware = (comm.mpi_takes_cuda() if cfg.comm.cuda_aware == "auto"
                       else cfg.comm.cuda_aware == "true") and device.type == "cuda"
 
-        m = cfg.model
-        costs = model.layer_params(m)
-        bounds = (model.split_from_sizes(cfg.pipeline.split) if cfg.pipeline.split
-                  else model.partition(costs, size))
-        self.bounds = bounds
-        layers = model.build_stage(m, bounds[rank], cfg.train.seed).to(device)
+        mb_rows = cfg.data.batch_size // cfg.pipeline.microbatches
+        self.stage = st = stage.build(cfg, rank, size, mb_rows, agree=comm.bcast)
+        self.check_boundaries(st)
+        bounds = self.bounds = st.bounds
+        layers = st.layers.to(device)
         opt = torch.optim.SGD(layers.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum)
         self.schedule = S.build(cfg.schedule, size, cfg.pipeline.microbatches,
                                 **config.schedule_flags(cfg))
@@ -129,8 +128,7 @@ class Run:
             layers.parameters(), device, cfg.trace.sample_interval_ms / 1000)
         self.p2p = comm.P2P(self.tracer, self.clock.now, cfg.comm.timeout_s, self.on_timeout,
                             device, cuda_aware, cfg.comm.wait, cfg.comm.poll_us)
-        data = model.Data(m, cfg.data.batch_size, cfg.data.noise, cfg.train.seed)
-        self.executor = self._executor(layers, bounds[rank], data, tracker, opt, device)
+        self.executor = self._executor(layers, bounds[rank], tracker, opt, device)
         self.layers = layers
 
         info = {"rank": rank, "host": socket.gethostname(), "pid": os.getpid(),
@@ -145,24 +143,33 @@ class Run:
                        f"cuda-aware MPI {cuda_aware}, memory sources {mem_status}")
         infos = comm.gather(info)
         if rank == 0:
-            self.write_start_files(infos, costs, bounds, cuda_aware)
+            self.write_start_files(infos, bounds, cuda_aware)
         comm.barrier()
         self.clock_start = comm.clock_offsets(self.clock.now, cfg.trace.clock_exchanges)
         if self.sampler:
             self.sampler.start()
 
-    def _executor(self, layers, bounds, data, tracker, opt, device):
-        from . import model
+    def _executor(self, layers, bounds, tracker, opt, device):
         from .executor import StageExecutor
-        cfg = self.cfg
+        cfg, st = self.cfg, self.stage
         return StageExecutor(
             rank=self.rank, size=self.size, layers=layers, bounds=bounds,
-            n_layers=cfg.model.layers, widths=model.widths(cfg.model), data=data,
+            n_layers=st.n_blocks, loss=st.loss, data=st.data, recv=st.recv,
             p2p=self.p2p, tracer=self.tracer, tracker=tracker, optimizer=opt, device=device,
             pipeline=cfg.pipeline, train=cfg.train, trace=cfg.trace, debug=cfg.debug)
 
-    def write_start_files(self, infos, costs, bounds, cuda_aware):
-        from . import comm, model, rundir
+    def check_boundaries(self, st):
+        """Every rank probed the boundary shapes itself; they must agree before the first step
+        (a model whose blocks depend on something rank-local would otherwise hang or garble)."""
+        from . import comm
+        views = comm.allgather(st.boundary)
+        bad = [r for r, v in enumerate(views) if v != views[0]]
+        if bad:
+            raise ValueError(f"ranks disagree on the model's boundary tensors: rank 0 "
+                             f"{views[0]}, rank {bad[0]} {views[bad[0]]}")
+
+    def write_start_files(self, infos, bounds, cuda_aware):
+        from . import comm, rundir
         from . import schedule as S
         from .runformat import FORMAT
         cfg, d = self.cfg, self.run_dir
@@ -170,24 +177,23 @@ class Run:
         rundir.write_json(d / "schedule.json", S.to_json(self.schedule, cfg.schedule,
                                                          cfg.pipeline.microbatches,
                                                          cfg.pipeline.overlap))
-        mb_rows = cfg.data.batch_size // cfg.pipeline.microbatches
-        per_mb = [model.activation_bytes(cfg.model, b, mb_rows, s == self.size - 1)
-                  for s, b in enumerate(bounds)]
+        per_mb = self.stage.act_bytes
         in_flight = [max(S.in_flight(acts)) for acts in self.schedule]
         self.meta = {
             "format": FORMAT, "experiment": cfg.exp, "status": "running", "error": None,
             "world_size": self.size, "start_time": self.start_time, "end_time": None,
             "ranks": infos,
-            "model": {"layers": cfg.model.layers, "widths": model.widths(cfg.model),
-                      "batch_size": cfg.data.batch_size, "dtype": "float32",
-                      "param_counts": costs},
+            "model": self.stage.info,
             "split": [list(b) for b in bounds],
             "schedule": {"name": cfg.schedule, "microbatches": cfg.pipeline.microbatches,
                          "overlap": cfg.pipeline.overlap,
                          "recv_requires_grad": cfg.pipeline.recv_requires_grad,
                          "detach": cfg.pipeline.detach},
-            "pebbles_theory": {"bytes_per_microbatch": per_mb,
-                               "peak_bytes": [b * k for b, k in zip(per_mb, in_flight)]},
+            # per microbatch bytes each stage saves, derived from the code (None: a model without
+            # a formula, e.g. a user's factory)
+            "pebbles_theory": ({"bytes_per_microbatch": per_mb,
+                                "peak_bytes": [b * k for b, k in zip(per_mb, in_flight)]}
+                               if per_mb else None),
             "trace": {"enabled": cfg.trace.enabled, "format": FORMAT, "per_layer": cfg.trace.per_layer,
                       "sample_interval_ms": cfg.trace.sample_interval_ms},
             "clock": {"method": "ping-pong with rank 0, minimum round trip (Score-P)",

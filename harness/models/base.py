@@ -105,6 +105,12 @@ def load_factory(spec: str, cfg, batch_size: int, seed: int) -> BlockModel:
 
     Every error is a ValueError that names `spec`, so a typo in `model.factory` reads as one.
     """
+    return check_model(resolve_factory(spec)(cfg, batch_size, seed), f"model.factory={spec!r}")
+
+
+def resolve_factory(spec: str):
+    """The function "package.module:function" names (imported, not called); ValueError naming
+    `spec` if it is not there (harness.config checks this before any rank communicates)."""
     mod_name, sep, fn_name = spec.partition(":")
     if not sep or not mod_name or not fn_name:
         raise ValueError(f"model.factory={spec!r}: expected 'package.module:function'")
@@ -115,4 +121,4 @@ def load_factory(spec: str, cfg, batch_size: int, seed: int) -> BlockModel:
     fn = getattr(mod, fn_name, None)
     if not callable(fn):
         raise ValueError(f"model.factory={spec!r}: module {mod_name!r} has no function {fn_name!r}")
-    return check_model(fn(cfg, batch_size, seed), f"model.factory={spec!r}")
+    return fn

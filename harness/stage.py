@@ -1,0 +1,158 @@
+"""One rank's stage of any block model: its blocks, loss, data, what it receives, and theory.
+
+`build(cfg, rank, size, mb_rows)` is where the config's model (`model.name=mlp|gpt` or
+`model.factory=package.module:function`) becomes what the executor runs. Every model is a list of
+blocks (harness.models.BlockModel); the partition balances parameters (`pipeline.balance=params`)
+or the blocks' measured forward+backward time (`time`), and the tensors that cross each stage
+boundary are probed from the model once (shapes and dtypes), so receive buffers never come from
+hand-written config.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import model as mlp
+from .models import BlockModel, load_factory, param_counts, probe_shapes
+from .models import gpt as gpt_mod
+from .models import gpt_memory
+
+
+@dataclass
+class Stage:
+    layers: nn.ModuleList                 # this rank's blocks
+    bounds: list                          # [(first, end)] per rank, end exclusive
+    costs: list                           # per block: parameters (what the default split balances)
+    n_blocks: int
+    names: list                           # one name per block
+    loss: Callable                        # (output, targets) -> mean loss
+    data: Callable                        # step -> (inputs, targets), full batch
+    recv: dict                            # {"act"|"grad": (shape, dtype)} arriving at this rank
+    boundary: list                        # (shape, dtype) of every block's output, as strings
+    act_bytes: list | None                # per stage: bytes saved per microbatch (theory) or None
+    info: dict = field(default_factory=dict)  # meta.json "model"
+
+
+def mlp_loss(out, y):
+    # log_softmax + nll_loss (not cross_entropy): the pebbles then show log_softmax's output
+    return F.nll_loss(F.log_softmax(out, dim=1), y)
+
+
+def _gpt_cfg(cfg):
+    g = cfg.gpt
+    return {"vocab": g.vocab, "seq": g.seq, "d": g.d, "heads": g.heads, "layers": g.layers,
+            "mlp_ratio": g.mlp_ratio, "attention": g.attention,
+            "recompute": cfg.pipeline.recompute}
+
+
+def block_model(cfg) -> BlockModel:
+    """The whole model of the config (every rank builds all of it: each block is seeded by its
+    index, so any split holds the same weights)."""
+    if cfg.model.factory:
+        return load_factory(cfg.model.factory, cfg.model, cfg.data.batch_size, cfg.train.seed)
+    if cfg.model.name == "gpt":
+        return gpt_mod.build_gpt(_gpt_cfg(cfg), cfg.data.batch_size, cfg.train.seed)
+    raise ValueError(f"model.name={cfg.model.name!r}: no block model")  # mlp: built per stage
+
+
+def n_blocks(cfg) -> int | None:
+    """Blocks of the configured model, known without building it (None for a factory)."""
+    if cfg.model.factory:
+        return None
+    return cfg.gpt.layers + 2 if cfg.model.name == "gpt" else cfg.model.layers
+
+
+def time_costs(bm: BlockModel, rows: int, repeats: int = 3) -> list[float]:
+    """Per block: median seconds of one forward + backward on a microbatch of `rows` rows
+    (pipeline.balance=time; measured once at set-up, identically on every rank)."""
+    x, out = bm.example_input(rows), []
+    for blk in bm.blocks:
+        xin = x.detach().requires_grad_(x.is_floating_point())
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            y = blk(xin)
+            y.float().sum().backward()
+            ts.append(time.perf_counter() - t0)
+        blk.zero_grad(set_to_none=True)
+        out.append(sorted(ts)[len(ts) // 2])
+        x = y.detach()
+    return out
+
+
+def _split(cfg, costs, size):
+    if cfg.pipeline.split:
+        return mlp.split_from_sizes(cfg.pipeline.split)
+    return mlp.partition(costs, size)
+
+
+def build(cfg, rank: int, size: int, mb_rows: int, agree=lambda x: x) -> Stage:
+    """agree(obj) -> rank 0's obj on every rank (comm.bcast): measured block times differ
+    between ranks, the partition must not."""
+    if cfg.model.name == "mlp" and not cfg.model.factory:
+        return _build_mlp(cfg, rank, size, mb_rows)
+    bm = block_model(cfg)
+    costs = param_counts(bm)
+    part = agree(time_costs(bm, mb_rows)) if cfg.pipeline.balance == "time" else costs
+    bounds = _split(cfg, part, size)
+    first, end = bounds[rank]
+    shapes = probe_shapes(bm, mb_rows)
+    recv = {"act": tuple(shapes[first - 1]) if first > 0 else None,
+            "grad": tuple(shapes[end - 1])}
+    act = None
+    if cfg.model.name == "gpt" and not cfg.model.factory:
+        act = [gpt_stage_bytes(cfg, b, mb_rows, s == size - 1) for s, b in enumerate(bounds)]
+    return Stage(nn.ModuleList(bm.blocks[first:end]), bounds, costs, len(bm.blocks),
+                 list(bm.names), bm.loss, bm.data, recv,
+                 [(list(s), str(d).replace("torch.", "")) for s, d in shapes], act,
+                 {"name": "factory" if cfg.model.factory else cfg.model.name,
+                  "factory": cfg.model.factory, "layers": len(bm.blocks), "names": bm.names,
+                  "batch_size": cfg.data.batch_size, "dtype": "float32",
+                  "param_counts": costs, "balance": cfg.pipeline.balance,
+                  "balance_costs": part,
+                  "boundary": [(list(s), str(d).replace("torch.", "")) for s, d in shapes]})
+
+
+def _build_mlp(cfg, rank, size, mb_rows) -> Stage:
+    """Today's MLP: a rank builds only its own layers (seeded per layer, same weights)."""
+    m = cfg.model
+    costs = mlp.layer_params(m)
+    bounds = _split(cfg, costs, size)
+    first, end = bounds[rank]
+    w = mlp.widths(m)
+    data = mlp.Data(m, cfg.data.batch_size, cfg.data.noise, cfg.train.seed)
+    recv = {"act": ((mb_rows, w[first]), torch.float32) if first > 0 else None,
+            "grad": ((mb_rows, w[end]), torch.float32)}
+    act = [mlp.activation_bytes(m, b, mb_rows, s == size - 1) for s, b in enumerate(bounds)]
+    return Stage(mlp.build_stage(m, bounds[rank], cfg.train.seed), bounds, costs, m.layers,
+                 [str(i) for i in range(m.layers)], mlp_loss, data.batch, recv,
+                 [([mb_rows, x], "float32") for x in w[1:]], act,
+                 {"name": "mlp", "layers": m.layers, "widths": w,
+                  "batch_size": cfg.data.batch_size, "dtype": "float32", "param_counts": costs})
+
+
+def gpt_stage_bytes(cfg, bounds, b: int, last: bool) -> int:
+    """Bytes one GPT stage saves per microbatch of b rows (harness/models/gpt_memory.py, derived
+    from the code): its blocks' saved tensors; on the last stage the loss's; elsewhere the stage
+    output kept for backward(grad), which nothing inside the stage saves. The received input
+    is the first block's saved input (one pebble), so it adds nothing."""
+    g = _gpt_cfg(cfg)
+    first, end = bounds
+    total = 0
+    for i in range(first, end):
+        if i == 0:
+            total += gpt_memory.saved_bytes_embed(g, b)["total"]
+        elif i == g["layers"] + 1:
+            total += gpt_memory.saved_bytes_head(g, b)["total"]
+        else:
+            total += gpt_memory.saved_bytes_per_block(g, b)["total"]
+    if last:
+        total += gpt_memory.saved_bytes_loss(g, b)["total"]
+    else:
+        total += 4 * b * g["seq"] * g["d"]
+    return total

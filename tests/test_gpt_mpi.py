@@ -1,0 +1,93 @@
+"""Any block model under mpirun: the GPT (and a user's factory model) split into 1, 2 and 4
+stages trains exactly like one process, for every schedule; the pebbles each stage holds equal
+the bytes derived by hand from the code (harness/models/gpt_memory.py); recomputation keeps the
+losses and holds less."""
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from harness import config, stage
+from helpers import losses, meta, ok, run_harness, weights
+
+# 4 blocks (embedding, 2 transformer blocks, head): small enough for ~import-time runs
+GPT = ["model.name=gpt", "gpt.layers=2", "gpt.d=32", "gpt.heads=2", "gpt.seq=16", "gpt.vocab=64",
+       "data.batch_size=8", "train.lr=0.05", "threads=1", "quiet=true", "train.steps=3",
+       "run.save_weights=true"]
+CASES = [(2, "naive", 1), (2, "gpipe", 2), (2, "1f1b", 4), (4, "1f1b", 4), (4, "gpipe", 4)]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return ok(run_harness(None, *GPT, f"run.dir={tmp_path_factory.mktemp('gref') / 'r'}"))
+
+
+def _same_weights(a, b, world):
+    ref, got = weights(a, 1), weights(b, world)
+    assert set(ref) == set(got)
+    for blk in ref:
+        for k in ref[blk]:
+            assert torch.equal(got[blk][k], ref[blk][k]), f"block {blk} {k}"
+
+
+def _peak_pebbles_equal_theory(d, world):
+    mt = meta(d)
+    th = mt["pebbles_theory"]
+    for r in range(world):
+        p = pd.read_csv(d / "trace" / f"pebbles.r{r}.csv", comment="#")
+        p = p[p["step"] == 1]
+        per_mb = p.groupby("mb")["bytes"].sum()
+        assert (per_mb == th["bytes_per_microbatch"][r]).all(), (r, per_mb.tolist(), th)
+
+
+@pytest.mark.parametrize("p, sched, m", CASES, ids=[f"p{p}-{s}-m{m}" for p, s, m in CASES])
+def test_gpt_stages_train_exactly_like_one_process(reference, tmp_path, p, sched, m):
+    d = ok(run_harness(p, *GPT, f"schedule={sched}", f"pipeline.microbatches={m}",
+                       f"run.dir={tmp_path / 'r'}"))
+    if m == 1:   # same arithmetic as one process: bit-identical (threads=1)
+        assert losses(d) == losses(reference)
+        _same_weights(reference, d, p)
+    else:        # microbatches sum the gradient in another order: equal to rounding
+        assert losses(d) == pytest.approx(losses(reference), rel=1e-5)
+    mt = meta(d)
+    assert mt["model"]["name"] == "gpt" and mt["model"]["layers"] == 4
+    assert mt["model"]["boundary"][1][0] == [8 // m, 16, 32]         # [b, s, d] hidden states
+    _peak_pebbles_equal_theory(d, p)
+
+
+def test_gpt_single_process_matches_itself_split_in_four(reference, tmp_path):
+    d = ok(run_harness(4, *GPT, f"run.dir={tmp_path / 'r'}"))
+    assert losses(d) == losses(reference)
+    _same_weights(reference, d, 4)
+
+
+@pytest.mark.parametrize("mode", ["full", "attention"])
+def test_recomputation_keeps_the_losses_and_holds_less(reference, tmp_path, mode):
+    d = ok(run_harness(2, *GPT, f"pipeline.recompute={mode}", f"run.dir={tmp_path / 'r'}"))
+    assert losses(d) == pytest.approx(losses(reference), rel=1e-6)
+    _peak_pebbles_equal_theory(d, 2)
+    base = json.loads((reference / "meta.json").read_text())["pebbles_theory"]
+    cfg = config.load([*GPT, "pipeline.recompute=none"], world_size=2)
+    full = [stage.gpt_stage_bytes(cfg, b, 8, s == 1) for s, b in enumerate(meta(d)["split"])]
+    assert base is not None
+    assert all(a < b for a, b in zip(meta(d)["pebbles_theory"]["bytes_per_microbatch"], full))
+
+
+def test_a_users_factory_model_runs_split(tmp_path):
+    """examples/my_model.py (docs/models.md) under mpirun -n 2 = one process."""
+    args = ["model.factory=examples.my_model:build", "data.batch_size=16", "threads=1",
+            "quiet=true", "train.steps=3", "train.lr=0.05"]
+    one = ok(run_harness(None, *args, f"run.dir={tmp_path / 'one'}"))
+    two = ok(run_harness(2, *args, f"run.dir={tmp_path / 'two'}"))
+    assert losses(two) == losses(one) and len(losses(one)) == 3
+    assert meta(two)["model"]["name"] == "factory" and meta(two)["pebbles_theory"] is None
+
+
+def test_bad_factory_is_one_clear_line(tmp_path):
+    proc = run_harness(2, "model.factory=examples.nope:build", "quiet=true",
+                       f"run.dir={tmp_path / 'r'}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "harness.run: error: model.factory='examples.nope:build': cannot import module "
+        "'examples.nope' (No module named 'examples.nope')"]
