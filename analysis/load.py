@@ -33,7 +33,7 @@ from harness.trace.clock import interpolate_offset
 _INT = "int64"
 # dtypes of the columns as written (runformat.TRACE_COLS); t columns stay integer nanoseconds
 # until aligned (float64 loses ns past 2^53); every column not named here is an integer
-_TEXT, _NULLABLE = {"kind", "pair", "source"}, {"tb", "t_free"}
+_TEXT, _NULLABLE = {"kind", "pair", "source", "module", "shape", "dtype"}, {"tb", "t_free"}
 _DTYPES = {kind: {c: str if c in _TEXT else "Int64" if c in _NULLABLE else _INT for c in cols}
            for kind, cols in TRACE_COLS.items()}
 
@@ -220,7 +220,9 @@ def load_run(path) -> Run:
     pebbles = pd.DataFrame({
         "rank": peb["rank"], "step": peb["step"], "mb": peb["mb"], "layer": peb["layer"],
         "kind": peb["kind"], "bytes": peb["bytes"],
-        "stored": _secs(peb["t_store"], origin), "freed": _secs(peb["t_free"], origin)})
+        "stored": _secs(peb["t_store"], origin), "freed": _secs(peb["t_free"], origin),
+        "module": peb["module"].fillna(""), "shape": peb["shape"].fillna(""),
+        "dtype": peb["dtype"].fillna("")})
     pebbles = pebbles.sort_values(["rank", "stored"], kind="stable", ignore_index=True)
     memory = pd.DataFrame({"rank": mem["rank"], "time": _secs(mem["t"], origin),
                            "source": mem["source"], "bytes": mem["bytes"]})

@@ -47,17 +47,21 @@ class StageExecutor:
     """
 
     def __init__(self, *, rank, size, layers, bounds, n_layers, loss, data, recv, p2p, tracer,
-                 tracker, optimizer, device, pipeline, train, trace, debug):
+                 tracker, optimizer, device, pipeline, train, trace, debug, names=None):
         """layers: this stage's blocks (global indices `bounds`, end exclusive) of a model of
         `n_layers` blocks; loss(output, targets) -> mean loss (used on the last stage);
         data(step) -> (inputs, targets) of the full batch; recv: {"act": (shape, dtype),
         "grad": (shape, dtype)}, what a microbatch's activation and output gradient look like
-        when they arrive here. pipeline, train, trace, debug: the config sections."""
+        when they arrive here. pipeline, train, trace, debug: the config sections. names: one
+        per block of the model (pebbles name the sub-module that saved them, blocks.3.attn)."""
         self.rank, self.size = rank, size
         self.first, self.last = rank == 0, rank == size - 1
         self.layers, self.layer_ids = layers, list(range(*bounds))
         self.n_layers, self.m, self.data = n_layers, pipeline.microbatches, data
         self.loss_fn, self.recv_spec = loss, recv
+        self.names = names or [str(i) for i in range(n_layers)]
+        for gi, blk in zip(self.layer_ids, layers):
+            tracker.watch(self.names[gi], blk)
         self.p2p, self.tracer, self.tracker = p2p, tracer, tracker
         self.opt, self.lr, self.momentum = optimizer, train.lr, train.momentum
         self.params = list(layers.parameters())
@@ -133,7 +137,8 @@ class StageExecutor:
             else:
                 st.outputs[mb] = x
                 # the output kept for backward(grad) is a pebble too
-                st.holds[("out", mb)] = trk.hold(x, "out", self.layer_ids[-1], step, mb)
+                st.holds[("out", mb)] = trk.hold(x, "out", self.layer_ids[-1], step, mb,
+                                                 self.names[self.layer_ids[-1]])
         if self.per_stage:
             tr.span(step, mb, -1, "fwd", m_stage, tr.mark())
 
@@ -190,7 +195,8 @@ class StageExecutor:
             if retain:  # the retained graph keeps the input, and with it this .grad, for good:
                 # a pebble of its own kind, never released (with detach=true the gradient is a
                 # message buffer, gone once sent)
-                self.tracker.hold(g, "in_grad", self.layer_ids[0], st.step, mb)
+                self.tracker.hold(g, "in_grad", self.layer_ids[0], st.step, mb,
+                                  self.names[self.layer_ids[0]])
             self._release(("recv", mb))
 
     def optimize(self, _a):
@@ -226,7 +232,8 @@ class StageExecutor:
         # the seed's first lesson: without requires_grad the chain breaks here
         buf.requires_grad_(self.recv_requires_grad)
         st.inputs[mb] = buf
-        st.holds[("recv", mb)] = self.tracker.hold(buf, "recv", self.layer_ids[0], st.step, mb)
+        st.holds[("recv", mb)] = self.tracker.hold(buf, "recv", self.layer_ids[0], st.step, mb,
+                                                   self.names[self.layer_ids[0]])
 
     def _release(self, key):
         tok = self.st.holds.pop(key, None)  # stage 0 holds no received tensor, the last no output

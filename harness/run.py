@@ -156,7 +156,8 @@ class Run:
             rank=self.rank, size=self.size, layers=layers, bounds=bounds,
             n_layers=st.n_blocks, loss=st.loss, data=st.data, recv=st.recv,
             p2p=self.p2p, tracer=self.tracer, tracker=tracker, optimizer=opt, device=device,
-            pipeline=cfg.pipeline, train=cfg.train, trace=cfg.trace, debug=cfg.debug)
+            pipeline=cfg.pipeline, train=cfg.train, trace=cfg.trace, debug=cfg.debug,
+            names=st.names)
 
     def check_boundaries(self, st):
         """Every rank probed the boundary shapes itself; they must agree before the first step

@@ -13,7 +13,8 @@ FORMAT = 1  # the run-directory and trace format version (meta.json "format", tr
 
 # per-rank trace files: trace/<kind>.r<R>.csv, one header line, then CSV with these columns
 EVENT_COLS = ("step", "mb", "layer", "kind", "t0", "t1", "tb", "peer", "tag", "bytes", "pair")
-PEBBLE_COLS = ("step", "mb", "layer", "kind", "bytes", "t_store", "t_free")
+PEBBLE_COLS = ("step", "mb", "layer", "kind", "bytes", "t_store", "t_free",
+               "module", "shape", "dtype")  # module: the innermost module that saved it
 MEMORY_COLS = ("t", "source", "bytes")
 TRACE_COLS = {"events": EVENT_COLS, "pebbles": PEBBLE_COLS, "memory": MEMORY_COLS}
 # per-rank stats (ranks/stats.r<R>.csv) and their merge (stats.csv)

@@ -137,17 +137,20 @@ def pipeline_frames(p=2, m=1, schedule="naive", steps=3, layers_per_stage=2, *,
                 ev.append((r, step, o.mb, -1, side, t0, end, c, q, tag, act_bytes, pair))
                 if stream == "act" and side == "recv":       # the received activation is held
                     live[r, lo, o.mb, "recv"] = len(peb)
-                    peb.append([r, step, o.mb, lo, "recv", act_bytes, end, None])
+                    peb.append([r, step, o.mb, lo, "recv", act_bytes, end, None, str(lo),
+                                f"{act_bytes // 4}", "float32"])
             elif o.kind == FWD:
                 for layer in range(lo, hi):
                     ev.append((r, step, o.mb, layer, "fwd", c, c + t_fwd, None, -1, -1, 0, None))
                     live[r, layer, o.mb, "saved"] = len(peb)  # input saved for backward
-                    peb.append([r, step, o.mb, layer, "saved", act_bytes, c, None])
+                    peb.append([r, step, o.mb, layer, "saved", act_bytes, c, None,
+                                f"{layer}.linear", f"{act_bytes // 4}", "float32"])
                     c += t_fwd
                 if r == p - 1:
                     ev.append((r, step, o.mb, L, "loss", c, c + t_loss, None, -1, -1, 0, None))
                     live[r, L, o.mb, "saved"] = len(peb)
-                    peb.append([r, step, o.mb, L, "saved", act_bytes, c, None])
+                    peb.append([r, step, o.mb, L, "saved", act_bytes, c, None, "loss",
+                                f"{act_bytes // 4}", "float32"])
             elif o.kind == BWD:
                 layers = ([L] if r == p - 1 else []) + list(range(hi - 1, lo - 1, -1))
                 for layer in layers:

@@ -31,7 +31,7 @@ def test_complete_run_frames(run_dir):
     assert run.warnings == [] and run.steps == [0, 1, 2]
     assert list(run.events.columns) == EVENT_COLS
     assert list(run.pebbles.columns) == ["rank", "step", "mb", "layer", "kind", "bytes",
-                                         "stored", "freed"]
+                                         "stored", "freed", "module", "shape", "dtype"]
     assert list(run.memory.columns) == ["rank", "time", "source", "bytes"]
     assert run.events["start"].min() == 0.0                      # seconds since run start
     comm = run.events["kind"].isin(["send", "recv"])

@@ -91,3 +91,23 @@ def test_bad_factory_is_one_clear_line(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "harness.run: error: model.factory='examples.nope:build': cannot import module "
         "'examples.nope' (No module named 'examples.nope')"]
+
+
+def test_pebbles_name_the_sub_module_that_saved_them(reference):
+    """Each transformer block's saved bytes, grouped by the sub-module the trace names, equal the
+    hand derivation (gpt_memory.saved_bytes_per_block, grouped the same way by hand)."""
+    from harness.models import gpt_memory
+    g = {"vocab": 64, "seq": 16, "d": 32, "heads": 2, "layers": 2, "mlp_ratio": 4}
+    it = gpt_memory.saved_bytes_per_block(g, 8)
+    want = {"ln1": it["ln1.input"] + it["ln1.mean"] + it["ln1.rstd"], "attn.qkv": it["qkv.input"],
+            "attn": it["qkv.heads"] + it["mask"] + it["softmax.out"],
+            "attn.proj": it["proj.input"], "ln2": it["ln2.input"] + it["ln2.mean"] + it["ln2.rstd"],
+            "mlp.fc": it["fc.input"], "mlp.act": it["gelu.input"], "mlp.proj": it["fc2.input"]}
+    p = pd.read_csv(reference / "trace" / "pebbles.r0.csv", comment="#")
+    p = p[(p["step"] == 1) & (p["kind"] == "saved")]
+    for k in (1, 2):                                   # blocks.0 and blocks.1 are blocks 1, 2
+        b = p[p["layer"] == k]
+        got = b.groupby("module")["bytes"].sum().to_dict()
+        assert got == {f"blocks.{k - 1}.{m}": v for m, v in want.items()}
+    soft = p[(p["module"] == "blocks.0.attn") & (p["shape"] == "8x2x16x16")]
+    assert soft["dtype"].tolist() == ["float32"]        # the attention matrix [b, a, s, s]

@@ -19,11 +19,18 @@ import torch
 
 
 class Pebble:
-    __slots__ = ("key", "step", "mb", "layer", "kind", "bytes", "t_store", "t_free", "refs")
+    __slots__ = ("key", "step", "mb", "layer", "kind", "bytes", "t_store", "t_free", "refs",
+                 "module", "shape", "dtype")
 
-    def __init__(self, key, step, mb, layer, kind, nbytes, t_store):
+    def __init__(self, key, step, mb, layer, kind, nbytes, t_store, module, shape, dtype):
         self.key, self.step, self.mb, self.layer, self.kind = key, step, mb, layer, kind
         self.bytes, self.t_store, self.t_free, self.refs = nbytes, t_store, None, 0
+        self.module, self.shape, self.dtype = module, shape, dtype
+
+    def row(self, t_free="keep"):
+        """The pebbles.r<R>.csv row (runformat.PEBBLE_COLS)."""
+        return (self.step, self.mb, self.layer, self.kind, self.bytes, self.t_store,
+                self.t_free if t_free == "keep" else t_free, self.module, self.shape, self.dtype)
 
 
 class _Holder:
@@ -52,7 +59,18 @@ class PebbleTracker:
         self.live: dict = {}      # key -> Pebble
         self.freed: list = []     # freed pebbles not yet written
         self.step = self.mb = self.layer = -1
+        self.modules: list = []   # names of the modules whose forward is running (innermost last)
         self.live_bytes = 0
+
+    def watch(self, name: str, block: torch.nn.Module) -> None:
+        """Attribute what `block`'s sub-modules save to them: forward hooks keep the name of the
+        innermost running module (e.g. blocks.3.attn) on a stack while it runs."""
+        def leave(mod, args, out):  # returns None: a forward hook's result replaces the output
+            self.modules.pop()
+        for sub, mod in block.named_modules():
+            full = f"{name}.{sub}" if sub else name
+            mod.register_forward_pre_hook(lambda m, a, full=full: self.modules.append(full))
+            mod.register_forward_hook(leave)
 
     # -- autograd hooks -------------------------------------------------------------------
     def hooks(self):
@@ -68,21 +86,24 @@ class PebbleTracker:
         return h.t if type(h) is _Holder else h
 
     # -- explicit holds: the received boundary tensor, the output kept for backward(grad) ------
-    def hold(self, t, kind: str, layer: int, step: int, mb: int):
+    def hold(self, t, kind: str, layer: int, step: int, mb: int, module: str = ""):
         """Count `t` as held until `release` is called with the returned token."""
-        return self._ref(t, kind, layer, step, mb)
+        return self._ref(t, kind, layer, step, mb, module)
 
     def release(self, peb) -> None:
         self._unref(peb)
 
     # -- bookkeeping ------------------------------------------------------------------------
-    def _ref(self, t, kind, layer=None, step=None, mb=None):
+    def _ref(self, t, kind, layer=None, step=None, mb=None, module=None):
         nbytes = t.numel() * t.element_size()
         key = (t.data_ptr(), nbytes)
         peb = self.live.get(key)
         if peb is None:
             peb = Pebble(key, self.step if step is None else step, self.mb if mb is None else mb,
-                         self.layer if layer is None else layer, kind, nbytes, self.now())
+                         self.layer if layer is None else layer, kind, nbytes, self.now(),
+                         module if module is not None else
+                         (self.modules[-1] if self.modules else ""),
+                         "x".join(map(str, t.shape)), str(t.dtype).replace("torch.", ""))
             self.unresolved.append(peb)
             self.live[key] = peb
             self.live_bytes += nbytes
@@ -133,6 +154,9 @@ class NullTracker:
 
     def hold(self, *a):
         return None
+
+    def watch(self, name, block) -> None:
+        pass
 
     def release(self, peb) -> None:
         pass

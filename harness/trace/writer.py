@@ -73,14 +73,12 @@ class Tracer:
         self.events.write_rows(rows)
         self.spans, self.comms = [], []
         self.tracker.resolve_marks(self.timer.resolve)
-        self.pebbles.write_rows([(p.step, p.mb, p.layer, p.kind, p.bytes, p.t_store, p.t_free)
-                                 for p in self.tracker.take_freed()])
+        self.pebbles.write_rows([p.row() for p in self.tracker.take_freed()])
 
     def close(self) -> None:
         """Flush, then record pebbles never freed (t_free empty) and close the files."""
         self.flush()
-        self.pebbles.write_rows([(p.step, p.mb, p.layer, p.kind, p.bytes, p.t_store, None)
-                                 for p in self.tracker.take_live()])
+        self.pebbles.write_rows([p.row(t_free=None) for p in self.tracker.take_live()])
         for f in (self.events, self.pebbles, self.memory):
             f.close()
 
