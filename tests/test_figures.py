@@ -117,9 +117,10 @@ def test_fig4_bars_add_up_to_the_step(sw):
 def _groups_from_trace(run, step, eps):
     """The animation's event groups, recomputed here from the frames (module docstring)."""
     ev = run.events[(run.events["step"] == step)]
-    comp = ev[ev["kind"].isin(["fwd", "bwd", "loss", "opt"])]
+    compute = ["fwd", "bwd", "loss", "opt", "norms"]   # docs/run-format.md: the compute lane
+    comp = ev[ev["kind"].isin(compute)]
     lo, hi = comp["start"].min(), comp["end"].max()
-    ev = ev[ev["kind"].isin(["fwd", "bwd", "loss", "opt", "send", "recv"])]
+    ev = ev[ev["kind"].isin(compute + ["send", "recv"])]
     pb = run.pebbles[run.pebbles["step"] == step]
     t = np.sort(np.clip(np.concatenate([ev["start"], ev["end"], pb["stored"],
                                         pb["freed"].dropna()]), lo, hi))

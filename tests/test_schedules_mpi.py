@@ -90,7 +90,9 @@ def test_without_detach_every_step_leaves_its_activations_behind(reference, tmp_
     from analysis.metrics import memory_by_step
     held = memory_by_step(run.events, run.pebbles, run.memory)
     for s in range(2):
-        per_step = mt["pebbles_theory"]["bytes_per_microbatch"][s]
+        # one step's activations, and on a receiving stage the input's .grad the kept graph
+        # keeps too ([batch, width] fp32, an in_grad pebble: issue 10's 13 % undercount)
+        per_step = mt["pebbles_theory"]["bytes_per_microbatch"][s] + (s > 0) * 32 * 64 * 4
         got = held[held["rank"] == s].sort_values("step")["act_bytes"].tolist()
         assert got == [per_step * (k + 1) for k in range(4)], "grows by one step's worth per step"
     assert run.pebbles["freed"].isna().all(), "no pebble is ever freed"
