@@ -90,7 +90,7 @@ class Run:
     def setup(self):
         import torch
 
-        from . import comm, model, rundir
+        from . import comm, debug_knobs, model, rundir
         from . import schedule as S
         from .trace import clock as tclock
         from .trace import open_trace
@@ -114,6 +114,7 @@ class Run:
                   else model.partition(costs, size))
         self.bounds = bounds
         layers = model.build_stage(m, bounds[rank], cfg.train.seed).to(device)
+        debug_knobs.apply(cfg.debug, rank, layers)  # test knobs (debug.slow_*), no-op by default
         opt = torch.optim.SGD(layers.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum)
         self.schedule = S.build(cfg.schedule, size, cfg.pipeline.microbatches,
                                 **config._schedule_flags(cfg))

@@ -1,0 +1,37 @@
+"""Test knobs that change how a rank runs without touching the executor.
+
+`debug.slow_rank=R debug.slow_ms=X` makes rank R a straggler by a known amount: every block of
+its stage sleeps X ms in its forward and X ms in its backward. The analysis's straggler blame
+(analysis/blame.py) must then put the extra waiting of the other ranks on rank R.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+
+def apply(debug, rank: int, layers) -> int:
+    """Install the knobs of `debug` (config.DebugCfg) that concern `rank`; returns the number
+    of hooks installed (0 when none applies)."""
+    if debug.slow_rank != rank or not debug.slow_ms > 0:
+        return 0
+    return slow_down(layers, debug.slow_ms / 1e3)
+
+
+def slow_down(layers, seconds: float) -> int:
+    """Sleep `seconds` in each block's forward and again in its backward.
+
+    The executor calls each block's `linear` (then its activation) itself, so the hook goes on
+    `linear`: a forward hook sleeps, then registers a hook on the output tensor that sleeps
+    when its gradient arrives — between the activation's backward and the matmul's, inside the
+    span the executor times as that layer's backward."""
+    assert math.isfinite(seconds) and seconds >= 0
+
+    def on_forward(_module, _inputs, out):
+        time.sleep(seconds)
+        if out.requires_grad:
+            out.register_hook(lambda grad: time.sleep(seconds))
+
+    for blk in layers:
+        blk.linear.register_forward_hook(on_forward)
+    return len(layers)
