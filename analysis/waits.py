@@ -11,8 +11,9 @@ lets schedules be compared on what they really wait for.
     send wait     = max(0, min(r.start, s.end) - s.tb)     r.start: when the receive was posted
     send transfer = s.end - max(s.tb, r.start), clipped at 0
 
-(s.tb = entry into Send, or into Wait for an Isend; all times on the aligned clock.) An eager
-send (a small message MPI buffers) returns before the receive is posted: no wait, tiny transfer.
+(s.tb = entry into Send, or into Wait for an Isend; all times on the aligned clock.) A send that
+returned before its receive was posted did not wait for the receiver: MPI buffered it (an eager
+message), so its wait is 0 and its whole blocked time, a copy of microseconds, is transfer.
 
 Clock quality. Both splits compare a time taken on one rank with a time taken on another, so
 they are as good as the alignment. Per rank r (rank 0: 0), the alignment uncertainty is
@@ -51,8 +52,10 @@ def send_split(events: pd.DataFrame) -> pd.DataFrame:
     m = s.merge(r, on="pair", how="left")
     tb = m["tb"].fillna(m["start"]).to_numpy()
     r0, s1 = m["recv_start"].to_numpy(), m["end"].to_numpy()
-    m["wait"] = np.maximum(0.0, np.minimum(r0, s1) - tb)
-    m["transfer"] = np.maximum(0.0, s1 - np.maximum(tb, r0))
+    eager = s1 <= r0          # returned before the receive existed: buffered, never waited
+    m["wait"] = np.where(eager, 0.0, np.maximum(0.0, np.minimum(r0, s1) - tb))
+    m["transfer"] = np.where(eager, np.maximum(0.0, s1 - tb),
+                             np.maximum(0.0, s1 - np.maximum(tb, r0)))
     m["matched"] = m["recv_start"].notna()
     return m
 

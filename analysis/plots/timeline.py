@@ -46,7 +46,9 @@ def timeline(events, steps=None, planned: pd.DataFrame | None = None, fig=None,
         raise ValueError(f"no events in steps {steps}")
     win = step_windows(ev)
     starts = {st: float(win.loc[st, "start"]) for st in steps if st in win.index}
-    lo, hi = min(ev["start"].min(), min(starts.values())), ev["end"].max()
+    # the axis starts at the first shown step's start: a receive posted earlier (while the
+    # previous step was still running upstream) is cut at the left edge
+    lo, hi = min(starts.values()), ev["end"].max()
     scale, unit = style.time_unit(max(hi - lo, span or 0.0))
     X = lambda t: (np.asarray(t, float) - lo) * scale  # noqa: E731
     ranks = sorted(ev["rank"].unique())
