@@ -36,6 +36,13 @@ def _waits(rt: RankTimes):
             w1 = min(d["ptime"][i], d["e"][i])
             if w1 > d["s"][i]:
                 yield r, d["s"][i], w1, int(d["prank"][i])
+        # a send still blocked after its receive completed waits for the receiver's next MPI
+        # call (MPICH's shared-memory rendezvous): that, too, the receiver caused
+        snd = (d["what"] == "send") & (d["prank"] >= 0) & (d["pend"] < d["e"])
+        for i in np.flatnonzero(snd):
+            w0 = max(d["pend"][i], d["s"][i], d["ptime"][i])
+            if d["e"][i] > w0:
+                yield r, w0, d["e"][i], int(d["prank"][i])
 
 
 def _explain(rt, rank, w0, w1, out, depth):

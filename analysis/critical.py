@@ -14,6 +14,8 @@ to its start W0, on the rank whose compute ends last:
   is what the receiver waited for; otherwise it stays and goes to when the rank began to wait;
   if t is still inside the wait (the send had not started by t), it moves to the sender at t;
 - the rank is blocked in a send: the same with the matching receive's post time (late receiver);
+  a send still blocked after its receive completed waits for the receiver to call MPI again
+  (measured: MPICH's shared-memory rendezvous), so the path moves to the receiver at t;
 - the rank runs no span at t (interpreter time between spans): "other", back to the last end;
 - a wait whose partner is unknown (its trace is missing): "wait".
 
@@ -44,6 +46,7 @@ class RankTimes:
         s = ev["tb"].where(ev["kind"].isin(("send", "recv")), ev["start"]).fillna(ev["start"])
         prank = np.full(len(ev), -1)
         ptime = np.full(len(ev), np.nan)
+        pend = np.full(len(ev), np.nan)   # sends: when their receive completed
         for kind, tab, rc, tc in (("recv", rs, "send_rank", "send_start"),
                                   ("send", ss, "recv_rank", "recv_start")):
             k = (ev["kind"] == kind).to_numpy() & ev["pair"].notna().to_numpy()
@@ -51,16 +54,20 @@ class RankTimes:
                 j = tab.reindex(ev.loc[k, "pair"])
                 prank[k] = j[rc].fillna(-1).to_numpy(int)
                 ptime[k] = j[tc].to_numpy(float)
+                if kind == "send":
+                    pend[k] = j["recv_end"].to_numpy(float)
         df = pd.DataFrame({"rank": ev["rank"].to_numpy(), "s": s.to_numpy(float),
                            "e": ev["end"].to_numpy(float), "what": ev["kind"].to_numpy(),
-                           "prank": prank, "ptime": ptime, "event": ev.index.to_numpy()})
+                           "prank": prank, "ptime": ptime, "pend": pend,
+                           "event": ev.index.to_numpy()})
         df = df[df["e"] > df["s"]].sort_values(["rank", "s"], kind="stable")
         self.r = {}
         for r, d in df.groupby("rank"):
             e = d["e"].to_numpy()
             self.r[int(r)] = {"s": d["s"].to_numpy(), "e": e, "reach": np.maximum.accumulate(e),
                               "what": d["what"].to_numpy(), "prank": d["prank"].to_numpy(),
-                              "ptime": d["ptime"].to_numpy(), "event": d["event"].to_numpy()}
+                              "ptime": d["ptime"].to_numpy(), "pend": d["pend"].to_numpy(),
+                              "event": d["event"].to_numpy()}
 
     def active(self, rank: int, t: float):
         """(index of the span running on `rank` just before t, or None; end of the last span
@@ -99,7 +106,10 @@ def _walk(rt: RankTimes, rank: int, lo: float, hi: float, step: int) -> list:
         elif pr < 0 or np.isnan(pt):
             segs.append((step, rank, "wait", what, max(s, lo), t, ev))
             t = s
-        elif pt >= t:                 # still waiting at t: the partner holds the path
+        elif pt >= t or (what == "send" and d["pend"][i] < t):
+            # still waiting at t: the partner holds the path. A send still blocked after its
+            # receive completed waits for the receiver's next MPI call (MPICH's shared-memory
+            # rendezvous completes the send then), so the receiver holds it too
             if stuck > 2:             # no progress (only with broken clocks): give up the edge
                 segs.append((step, rank, "wait", what, max(s, lo), t, ev))
                 t, stuck = s, 0
