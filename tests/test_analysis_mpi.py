@@ -31,21 +31,22 @@ def test_1f1b_rank0_send_time_is_mostly_late_receiver(tmp_path):
     assert r0["send_wait"] > r0["recv_wait"]        # it waits in its sends, not its receives
 
 
+# 2 ranks only: 3 ranks on 2 cores share cores, and a sleeping straggler frees one, so the
+# others' idle can even fall (measured -8 ms in one run): "added idle" is not measurable there
 @pytest.mark.parametrize("schedule, m, n, slow", [("naive", 1, 2, 0), ("gpipe", 4, 2, 1),
-                                                  ("1f1b", 4, 2, 0), ("naive", 1, 3, 0)])
+                                                  ("1f1b", 4, 2, 0)])
 def test_blame_puts_added_idle_on_the_slowed_rank(tmp_path, schedule, m, n, slow):
-    common = SMALL + [f"schedule={schedule}", f"pipeline.microbatches={m}", "train.steps=6"]
+    common = SMALL + [f"schedule={schedule}", f"pipeline.microbatches={m}", "train.steps=8"]
     base = _summary(ok(run_harness(n, *common, f"run.dir={tmp_path / 'base'}")))
-    slowed = _summary(ok(run_harness(n, *common, f"debug.slow_rank={slow}", "debug.slow_ms=3",
+    slowed = _summary(ok(run_harness(n, *common, f"debug.slow_rank={slow}", "debug.slow_ms=5",
                                      f"run.dir={tmp_path / 'slow'}")))
     others = [r for r in range(n) if r != slow]
     added = sum(_rank(slowed, r)["idle"] - _rank(base, r)["idle"] for r in others)
     blamed = _rank(slowed, slow)["caused_idle"] - _rank(base, slow)["caused_idle"]
-    # 3 ms per block forward and backward: at least 2 blocks x 6 ms per microbatch added
+    # 5 ms per block forward and backward: at least 3 blocks x 10 ms per microbatch added
     assert added > 0.010
     # at least 90 % of the added idle is put on the slowed rank (issue 14); the upper bound
-    # only catches gross double counting (3 ranks on 2 cores measured up to ~1.4x: waits that
-    # fall where consecutive step windows overlap count in both)
+    # only catches gross double counting (waits where consecutive step windows overlap)
     assert 0.9 * added <= blamed <= 1.5 * added
     assert slowed["blame"]["worst_offender"]["rank"] == slow
 
@@ -57,8 +58,13 @@ def test_naive_critical_path_runs_through_every_stage(tmp_path):
     cp = _summary(d)["critical_path"]
     got = {(x["rank"], x["what"]) for x in cp["per_rank_what"]}
     assert {(r, k) for r in range(2) for k in ("fwd", "bwd")} <= got
-    shares = sum(x["share"] for x in cp["per_rank_kind"])
-    assert shares == pytest.approx(1.0, abs=0.05)   # medians of shares: about the whole span
+    # second way: per step the path's segments add up to the step's span (step_windows)
+    from analysis.critical import critical_path
+    run = load_run(d)
+    path = critical_path(run.events, run.steps)
+    got = (path["end"] - path["start"]).groupby(path["step"]).sum()
+    win = M.step_windows(run.events[run.events["lane"] != "step"])["span"]
+    assert got.to_numpy() == pytest.approx(win.loc[got.index].to_numpy(), rel=1e-9)
 
 
 def test_compare_two_real_runs(tmp_path):
