@@ -19,12 +19,14 @@ import numpy as np
 
 from analysis.metrics import live_bytes, recv_split
 
-TID = {"compute": 0, "send": 1, "recv": 2, "copy": 3, "step": 4, "other": 5}
+TID = {"compute": 0, "send": 1, "recv": 2, "copy": 3, "step": 4, "other": 5, "critical": 6}
 US = 1e6  # seconds -> microseconds
 CHUNK = 100_000  # events formatted and written at a time
 
 _X = ('{"name":"%s","cat":"%s","ph":"X","ts":%.3f,"dur":%.3f,"pid":%d,"tid":%d,'
       '"args":{"step":%d,"mb":%d,"layer":%d,"bytes":%d%s}}')
+_P = ('{"name":"critical: %s","cat":"critical","ph":"X","ts":%.3f,"dur":%.3f,"pid":%d,'
+      '"tid":6,"args":{"step":%d,"kind":"%s"}}')
 _C = '{"name":"%s","ph":"C","ts":%.3f,"pid":%d,"tid":0,"args":{"bytes":%d}}'
 _S = '{"name":"p2p","cat":"flow","ph":"s","id":%d,"ts":%.3f,"pid":%d,"tid":%d}'
 _F = '{"name":"p2p","cat":"flow","ph":"f","bp":"e","id":%d,"ts":%.3f,"pid":%d,"tid":%d}'
@@ -81,8 +83,12 @@ def _slices(ev, rs) -> list:
                    extra)]
 
 
-def write_chrome(f, events, pebbles, memory, meta: dict | None = None) -> int:
+def write_chrome(f, events, pebbles, memory, meta: dict | None = None,
+                 critical=None) -> int:
     """Write the trace to the open text file `f`; returns the number of trace events.
+
+    critical: analysis.critical.critical_path segments, shown as a "critical path" track
+    (tid 6) in each rank the path passes through: one slice per segment, named by what ran.
 
     Streams in chunks of CHUNK events, so a million-event run never holds all its JSON lines."""
     ranks = sorted(set(events["rank"]) | set(pebbles["rank"]) | set(memory["rank"]))
@@ -98,6 +104,16 @@ def write_chrome(f, events, pebbles, memory, meta: dict | None = None) -> int:
 
     def chunks():
         yield _metadata(events, ranks)
+        if critical is not None and len(critical):
+            yield [json.dumps({"ph": "M", "name": "thread_name", "pid": int(r),
+                               "tid": TID["critical"], "args": {"name": "critical path"}})
+                   for r in sorted(critical["rank"].unique())]
+            c = critical
+            yield [_P % (w, t, d, r, st, k) for w, t, d, r, st, k in
+                   zip(c["what"].tolist(), np.round(c["start"].to_numpy() * US, 3).tolist(),
+                       np.round((c["end"] - c["start"]).to_numpy() * US, 3).tolist(),
+                       c["rank"].astype(int).tolist(), c["step"].astype(int).tolist(),
+                       c["kind"].tolist())]
         for i in range(0, len(events), CHUNK):
             yield _slices(events.iloc[i:i + CHUNK], rs)
         # flow start on the send slice at its start, end bound to the enclosing receive slice
@@ -126,8 +142,8 @@ def write_chrome(f, events, pebbles, memory, meta: dict | None = None) -> int:
     return n
 
 
-def chrome_json(events, pebbles, memory, meta: dict | None = None) -> str:
+def chrome_json(events, pebbles, memory, meta: dict | None = None, critical=None) -> str:
     """The whole trace as one JSON string: {"traceEvents": [...], "displayTimeUnit", ...}."""
     buf = io.StringIO()
-    write_chrome(buf, events, pebbles, memory, meta)
+    write_chrome(buf, events, pebbles, memory, meta, critical)
     return buf.getvalue()

@@ -28,6 +28,8 @@ import pandas as pd
 
 from analysis import intervals as iv
 from harness import schedule as S
+from analysis import phases as ph
+from analysis import waits
 
 COMPUTE = ("fwd", "bwd", "loss", "opt", "norms")  # norms: the run's gradient/update statistics
 
@@ -115,6 +117,10 @@ def step_table(events: pd.DataFrame, pebbles: pd.DataFrame | None = None) -> pd.
     for c in ("wait", "transfer"):
         out["recv_" + c] = np.bincount(code(rs), weights=rs[c].fillna(0).to_numpy(),
                                        minlength=n)[:n] if len(rs) else 0.0
+    ss = waits.send_split(ev)   # late receiver (Scalasca), analysis/waits.py
+    for c in ("wait", "transfer"):
+        out["send_" + c] = np.bincount(code(ss), weights=ss[c].fillna(0).to_numpy(),
+                                       minlength=n)[:n] if len(ss) else 0.0
     out["copy"] = iv.measure(*sel(lane == "copy", "tb"), n)
     out["idle"] = out["span"] - out["compute"]
     out["utilisation"] = out["compute"] / out["span"]
@@ -126,6 +132,11 @@ def step_table(events: pd.DataFrame, pebbles: pd.DataFrame | None = None) -> pd.
     present = np.zeros(n, bool)
     present[code(ev)] = True
     out = out[present].reset_index(drop=True)
+    # the idle split by pipeline phase (analysis/phases.py); 0 where the rank did no compute
+    pi = ph.phase_idle(ev, win)
+    out = out.merge(pi, on=["step", "rank"], how="left")
+    for c in ph.PHASES:
+        out["idle_" + c] = out["idle_" + c].fillna(out["idle"] if c == "steady" else 0.0)
     if pebbles is not None and len(pebbles):
         lb = live_bytes(pebbles)
         pk = lb[lb["store"]].groupby(["step", "rank"])["bytes"].max()
@@ -165,9 +176,17 @@ def summarize(events, pebbles, memory, meta: dict, steps: list | None = None) ->
     table = step_table(events, pebbles)
     steps = sorted(steps if steps is not None else table["step"].unique())
     warm, stead, note = steady(steps)
+    from analysis import blame as bl_mod
+    from analysis import critical
+    ranks = sorted(int(r) for r in table["rank"].unique())
+    bl = bl_mod.blame(events)
+    caused = bl_mod.caused_per_step(bl, sorted(table["step"].unique()), ranks)
+    table["caused_idle"] = caused.stack().reindex(
+        pd.MultiIndex.from_frame(table[["step", "rank"]])).fillna(0.0).to_numpy()
     t = table[table["step"].isin(stead)]
-    cols = ["span", "compute", "send", "recv", "recv_wait", "recv_transfer", "copy", "idle",
-            "utilisation", "overlap_pct", "peak_act_bytes"]
+    cols = ["span", "compute", "send", "send_wait", "send_transfer", "recv", "recv_wait",
+            "recv_transfer", "copy", "idle", "idle_warmup", "idle_steady", "idle_cooldown",
+            "utilisation", "overlap_pct", "peak_act_bytes", "caused_idle"]
     per_rank = t.groupby("rank")[cols].median()
     per_rank["idle_fraction"] = per_rank["idle"] / per_rank["span"]
     theory = (meta.get("pebbles_theory") or {}).get("peak_bytes") or []
@@ -193,7 +212,9 @@ def summarize(events, pebbles, memory, meta: dict, steps: list | None = None) ->
         "per_rank": [{"rank": int(r), **{k: _f(v) for k, v in row.items()},
                       "peak_device_bytes": {s: int(b) for (rr, s), b in dev.items() if rr == r}}
                      for r, row in per_rank.iterrows()],
-        "clock": clock_check(meta, rs),
+        "clock": {**clock_check(meta, rs), **waits.clock_quality(meta, rs)},
+        "critical_path": critical.summary(critical.critical_path(events, stead), stead),
+        "blame": bl_mod.summary(bl, stead, ranks),
         "per_step": [{k: _f(v) for k, v in rec.items()} for rec in table.to_dict("records")],
     }
 

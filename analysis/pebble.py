@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from analysis import chrome, metrics, report, style
+    from analysis import chrome, critical, metrics, report, style, waits
     from analysis.load import RunFormatError, load_run
     from analysis.plots import memory_plot, pebble_graph, planned_frame, timeline
 
@@ -117,11 +117,14 @@ def main(argv=None) -> int:
     formats = [f.strip() for f in a.format.split(",") if f.strip()]
     shown = [s for s in steps if s <= step][-3:] or [step]
     steady = run.events[run.events["step"].isin(summary["steps"]["steady"])]
+    path = critical.critical_path(run.events)
+    note = waits.warning_line(summary["clock"])
     with plt.rc_context(style.RC):
         for name, draw in (
                 ("pebble", lambda: pebble_graph(run.events, run.pebbles, run.meta, step)),
                 ("timeline", lambda: timeline(run.events, shown,
-                                              planned_frame(run.schedule, steady))),
+                                              planned_frame(run.schedule, steady),
+                                              critical=path, note=note)),
                 ("memory", lambda: memory_plot(run.pebbles, run.memory))):
             fig, _ = draw()
             for fmt in formats:
@@ -130,7 +133,7 @@ def main(argv=None) -> int:
             log(f"drew {name}.{{{','.join(formats)}}}")
     if not a.no_trace:
         with open(out / "trace.json", "w", encoding="utf-8") as f:
-            n = chrome.write_chrome(f, run.events, run.pebbles, run.memory, run.meta)
+            n = chrome.write_chrome(f, run.events, run.pebbles, run.memory, run.meta, path)
         log(f"wrote trace.json ({n:,} trace events)")
     log(f"outputs in {out}")
     return 0

@@ -7,7 +7,8 @@ Two tidy frames describe a sweep:
          span (s), bubble (measured), bubble_theory, threads, device, compute (s, mean
          over ranks)
 - ranks: one row per (run, rank) — the run's identity columns, then compute, send, recv_wait,
-         recv_transfer, other_idle, span (s), peak_act, peak_theory (bytes)
+         recv_transfer, send_wait, send_transfer, other_idle, span (s), peak_act,
+         peak_theory (bytes), clock_unreliable (the clocks blur its wait/transfer split)
 Every per-run value is already a median over that run's steady steps (metrics.summarize);
 `spread` then takes median and quartiles over the repeats of a point.
 """
@@ -20,7 +21,8 @@ from analysis.metrics import bubble_theory
 
 ID = ["point", "repeat", "tag", "exp", "p", "schedule", "m", "overlap", "oversubscribed"]
 # where a rank's step goes: these add up to the step's span (other_idle is the rest)
-PARTS = ["compute", "recv_wait", "recv_transfer", "send", "other_idle"]
+# (send split like the receive: late-receiver wait and transfer, analysis/waits.py)
+PARTS = ["compute", "recv_wait", "recv_transfer", "send_wait", "send_transfer", "other_idle"]
 
 
 def run_records(row: dict, meta: dict, summary: dict) -> tuple[dict, list[dict]]:
@@ -46,8 +48,11 @@ def run_records(row: dict, meta: dict, summary: dict) -> tuple[dict, list[dict]]
     ranks = []
     for r in summary["per_rank"]:
         rec = {**ident, "rank": int(r["rank"]), "span": r["span"]}
-        for k in ("compute", "recv_wait", "recv_transfer", "send"):
+        for k in PARTS[:-1]:
             rec[k] = r.get(k) or 0.0
+        # the clocks blur this rank's wait/transfer split (analysis/waits.clock_quality)
+        cq = ((summary.get("clock") or {}).get("split_per_rank") or {}).get(str(r["rank"]))
+        rec["clock_unreliable"] = bool(cq is not None and not cq.get("reliable", True))
         # the rest of the span: idle that is neither a blocked receive nor a blocked send
         rec["other_idle"] = max(0.0, (r["span"] or 0.0) - sum(rec[k] for k in PARTS[:-1]))
         rec["peak_act"] = r.get("peak_act_bytes")
@@ -118,6 +123,11 @@ def breakdown_table(ranks: pd.DataFrame) -> pd.DataFrame:
     # the rest of the median span, so that a bar's parts add up to it exactly (medians of
     # parts need not add up to the median of their sum)
     t["other_idle"] = (t["span"] - t[PARTS[:-1]].sum(axis=1)).clip(lower=0)
+    if "clock_unreliable" in d:
+        bad = d.groupby(["p", "schedule", "m", "overlap", "rank"])["clock_unreliable"].any()
+        t["clock_unreliable"] = bad.reindex(
+            pd.MultiIndex.from_frame(t[["p", "schedule", "m", "overlap", "rank"]])).fillna(
+            False).to_numpy(bool)
     return t
 
 

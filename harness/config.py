@@ -8,6 +8,7 @@ Hydra itself is not used: its `@hydra.main` would make every rank create an outp
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -122,6 +123,9 @@ class DebugCfg:
     clock_rank: int = doc("test knob: rank whose trace clock is skewed (-1 = none)", -1)
     clock_offset_ms: float = doc("test knob: constant offset added to that rank's clock", 0.0)
     clock_drift_ppm: float = doc("test knob: drift of that rank's clock, parts per million", 0.0)
+    slow_rank: int = doc("test knob: rank made a straggler (-1 = none)", -1)
+    slow_ms: float = doc("test knob: ... each of its blocks sleeps this long in forward and "
+                         "again in backward (harness/debug_knobs.py)", 0.0)
 
 
 @dataclass
@@ -301,7 +305,9 @@ def validate(cfg: Config, world_size: int) -> None:
         raise ConfigError(str(e)) from None
     # run.dir is checked by rank 0 when it creates the directory (rundir.choose): checking it
     # here would race with rank 0 creating it.
-    for k in ("fail_rank", "stall_rank", "clock_rank"):
+    _check(math.isfinite(cfg.debug.slow_ms) and cfg.debug.slow_ms >= 0,
+           f"debug.slow_ms={cfg.debug.slow_ms}: must be a finite number >= 0")
+    for k in ("fail_rank", "stall_rank", "clock_rank", "slow_rank"):
         v = getattr(cfg.debug, k)
         _check(-1 <= v < world_size, f"debug.{k}={v}: no such rank in a world of {world_size} "
                f"(-1 = off)")

@@ -90,7 +90,7 @@ class Run:
     def setup(self):
         import torch
 
-        from . import comm, rundir, stage
+        from . import comm, debug_knobs, rundir, stage
         from . import schedule as S
         from .trace import clock as tclock
         from .trace import open_trace
@@ -113,6 +113,7 @@ class Run:
         self.check_boundaries(st)
         bounds = self.bounds = st.bounds
         layers = st.layers.to(device)
+        debug_knobs.apply(cfg.debug, rank, layers)  # test knobs (debug.slow_*), no-op by default
         opt = torch.optim.SGD(layers.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum)
         self.schedule = S.build(cfg.schedule, size, cfg.pipeline.microbatches,
                                 **config.schedule_flags(cfg))

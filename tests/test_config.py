@@ -28,6 +28,9 @@ def test_defaults_come_from_the_experiment_and_overrides_win():
     (["train.lr=-1"], 1, ["train.lr"]),
     (["threads=-2"], 1, ["threads"]),
     (["debug.fail_rank=5"], 2, ["debug.fail_rank=5"]),
+    (["debug.slow_rank=2"], 2, ["debug.slow_rank=2"]),
+    (["debug.slow_ms=-1"], 2, ["debug.slow_ms=-1"]),
+    (["debug.slow_ms=inf"], 2, ["debug.slow_ms=inf"]),
     (["steps"], 1, ["key=value"]),                                        # not key=value
     (["+train.steps=3"], 1, ["key=value"]),
 ])

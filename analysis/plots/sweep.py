@@ -22,7 +22,9 @@ PART_STYLE = {  # figure 4 segments, bottom to top; the timeline's colours for t
     "recv_wait": dict(facecolor="white", edgecolor=style.KIND["recv"], hatch="/////",
                       label="receive: waiting for the sender"),
     "recv_transfer": dict(facecolor=style.KIND["recv"], label="receive: transfer"),
-    "send": dict(facecolor=style.KIND["send"], label="send (blocked)"),
+    "send_wait": dict(facecolor="white", edgecolor=style.KIND["send"], hatch="\\\\\\\\\\",
+                      label="send: waiting for the receiver"),
+    "send_transfer": dict(facecolor=style.KIND["send"], label="send: transfer"),
     "other_idle": dict(facecolor=style.IDLE, label="other idle"),
 }
 
@@ -130,7 +132,8 @@ def peak_memory_plot(table, cores: int | None = None, fig=None):
 
 def breakdown_plot(table, cores: int | None = None, fig=None):
     """Where a step's time goes: per (schedule, m), blocking then overlapped communication,
-    one stacked bar per rank: compute, receive wait, transfer, blocked send, other idle
+    one stacked bar per rank: compute, receive wait, transfer, send wait (late receiver),
+    send transfer, other idle
     (medians over repeats; the bar's error line is the IQR of the step span)."""
     keys = table[["p", "schedule", "m"]].drop_duplicates()
     keys = keys.assign(o=[_order(keys["schedule"]).index(s) for s in keys["schedule"]])
@@ -156,6 +159,9 @@ def breakdown_plot(table, cores: int | None = None, fig=None):
                 ax.errorbar(x, r.span * scale, yerr=[[(r.span - r.span_q1) * scale],
                                                     [(r.span_q3 - r.span) * scale]],
                             color="black", lw=0.6, capsize=1.5)
+                if getattr(r, "clock_unreliable", False):   # analysis/waits.clock_quality
+                    ax.text(x, r.span_q3 * scale, "!", ha="center", va="bottom",
+                            color="#B00000", fontsize=7, fontweight="bold", gid="clock-flag")
                 ticks.append(x)
                 labels.append(f"r{r.rank}")
                 x += 1
@@ -174,6 +180,9 @@ def breakdown_plot(table, cores: int | None = None, fig=None):
     hs = [Patch(**{k: v for k, v in kw.items()}, linewidth=0.3,
                 **({} if "edgecolor" in kw else {"edgecolor": "black"}))
           for kw in PART_STYLE.values()]
-    fig.legend(handles=hs, loc="outside upper center", ncol=len(hs))
+    fig.legend(handles=hs, loc="outside upper center", ncol=4)
     _note(fig, table, cores)
+    if "clock_unreliable" in table and table["clock_unreliable"].any():
+        fig.text(0.99, 0.0, "!: clock uncertainty > 10 % of the median transfer, wait/transfer "
+                 "split unreliable", fontsize=5.5, va="top", ha="right", color="#B00000")
     return fig, ax

@@ -10,11 +10,13 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from analysis import style
-from analysis.metrics import COMPUTE, recv_split
+from analysis.metrics import COMPUTE, recv_split, step_windows
 from analysis.plots.common import add_boxes
+from analysis.waits import send_split
 from harness.schedule import from_json
 from harness.simulate import simulate, to_frame
 
@@ -30,15 +32,26 @@ def _lanes(ax, ranks):
     ax.set_ylim(max(ranks) * LANE_GAP + 1.6, -0.6)
 
 
-def timeline(events, steps=None, planned: pd.DataFrame | None = None, fig=None):
-    """Draw `steps` (default: the last three) of a run; `planned` from planned_frame()."""
+def timeline(events, steps=None, planned: pd.DataFrame | None = None, fig=None,
+             critical: pd.DataFrame | None = None, note: str | None = None,
+             span: float | None = None, title: str = "measured"):
+    """Draw `steps` (default: the last three) of a run; `planned` from planned_frame().
+
+    critical: analysis.critical.critical_path segments, drawn as a black line along the path;
+    note: a warning printed under the title (e.g. an unreliable clock, analysis.waits);
+    span: seconds the time axis shows (give two timelines the same value to compare them).
+    A step starts where metrics.step_windows says (its first compute), like every metric."""
     all_steps = sorted(events["step"].unique())
     steps = all_steps[-3:] if steps is None else list(steps)
     ev = events[events["step"].isin(steps) & (events["lane"] != "step")]
     if ev.empty:
         raise ValueError(f"no events in steps {steps}")
-    lo, hi = ev["start"].min(), ev["end"].max()
-    scale, unit = style.time_unit(hi - lo)
+    win = step_windows(ev)
+    starts = {st: float(win.loc[st, "start"]) for st in steps if st in win.index}
+    # the axis starts at the first shown step's start: a receive posted earlier (while the
+    # previous step was still running upstream) is cut at the left edge
+    lo, hi = min(starts.values()), ev["end"].max()
+    scale, unit = style.time_unit(max(hi - lo, span or 0.0))
     X = lambda t: (np.asarray(t, float) - lo) * scale  # noqa: E731
     ranks = sorted(ev["rank"].unique())
     if fig is None:
@@ -56,12 +69,16 @@ def timeline(events, steps=None, planned: pd.DataFrame | None = None, fig=None):
             add_boxes(ax, X(ev["start"][k]), X(ev["end"][k]), yc[k] - 0.4, yc[k] + 0.4,
                       gid=f"compute-{kind}", facecolor=style.KIND[kind], edgecolor="none")
     _labels(ax, ev[comp & ev["kind"].isin(("fwd", "bwd")).to_numpy()], X, (hi - lo) * scale)
-    s = ev[ev["kind"] == "send"]
+    s = send_split(ev)
     ys = s["rank"].to_numpy() * LANE_GAP + 1
-    add_boxes(ax, X(s["tb"].fillna(s["start"])), X(s["end"]), ys - 0.4, ys, gid="send",
-              facecolor=style.KIND["send"], edgecolor="none")
+    stb = s["tb"].fillna(s["start"]).to_numpy()
+    s_we = stb + s["wait"].fillna(0).to_numpy()
     add_boxes(ax, X(s["start"]), X(s["end"]), ys - 0.4, ys, facecolor="none",
               edgecolor=style.KIND["send"], linewidth=0.3)
+    add_boxes(ax, X(stb), X(s_we), ys - 0.4, ys, gid="send-wait", facecolor="white",
+              edgecolor=style.KIND["send"], hatch="\\\\\\\\", linewidth=0.3)
+    add_boxes(ax, X(s_we), X(s["end"]), ys - 0.4, ys, gid="send",
+              facecolor=style.KIND["send"], edgecolor="none")
     rs = recv_split(ev)
     yr = rs["rank"].to_numpy() * LANE_GAP + 1
     tb = rs["tb"].fillna(rs["start"]).to_numpy()
@@ -79,28 +96,47 @@ def timeline(events, steps=None, planned: pd.DataFrame | None = None, fig=None):
     q = ax.quiver(x0, y0, x1 - x0, y1 - y0, angles="xy", scale_units="xy", scale=1,
                   width=0.0015, headwidth=5, headlength=6, color=style.FLOW, zorder=4)
     q.set_gid("flows")
-    for st in steps:
-        t0 = ev.loc[ev["step"] == st, "start"].min()
+    for st, t0 in starts.items():
         ax.axvline(X(t0), color="black", lw=0.4, ls=":")
         ax.text(X(t0), -0.55, f" step {st}", va="bottom", ha="left", fontsize=6)
+    if critical is not None and len(critical):
+        _critical(ax, critical[critical["step"].isin(steps)], X)
     _lanes(ax, ranks)
-    ax.set_xlim(0, X(hi))
+    ax.set_xlim(0, X(lo + span) if span else X(hi))
     ax.set_xlabel(f"time ({unit})")
-    ax.set_title("measured", loc="left")
+    ax.set_title(title + (f"\n{note}" if note else ""), loc="left",
+                 color="black" if not note else "#B00000")
     if planned is not None:
         ax.tick_params(axis="x", labelbottom=True)
     handles = [Patch(facecolor=style.KIND[k], label=k)
                for k in ("fwd", "bwd", "loss", "opt", "norms") if (ev["kind"] == k).any()]
-    handles += [Patch(facecolor=style.KIND["send"], label="send"),
+    handles += [Patch(facecolor="white", edgecolor=style.KIND["send"], hatch="\\\\\\\\",
+                      label="send: wait"),
+                Patch(facecolor=style.KIND["send"], label="send: transfer"),
                 Patch(facecolor="white", edgecolor=style.KIND["recv"], hatch="////",
                       label="recv: wait"),
                 Patch(facecolor=style.KIND["recv"], label="recv: transfer")]
-    fig.legend(handles=handles, loc="outside upper center", ncol=len(handles))
+    if critical is not None and len(critical):
+        handles.append(Line2D([], [], color="black", lw=1.2, label="critical path"))
+    fig.legend(handles=handles, loc="outside upper center", ncol=min(len(handles), 6))
     if pax is not None:
-        starts = [X(ev.loc[ev["step"] == st, "start"].min()) for st in steps]
-        _planned(pax, planned, ranks, scale, unit, starts)
+        _planned(pax, planned, ranks, scale, unit, [X(t) for t in starts.values()])
         return fig, [ax, pax]
     return fig, [ax]
+
+
+def _critical(ax, path, X):
+    """The critical path as one black line per step: along the compute lane where it computes,
+    the communication lane where it transfers or waits, jumping between ranks at messages."""
+    for st, seg in path.groupby("step"):
+        seg = seg.sort_values("start")
+        # interpreter gaps ("other") stay on the compute lane's edge, so the line stays flat
+        comm = seg["kind"].isin(("transfer", "wait")).to_numpy()
+        y = seg["rank"].to_numpy() * LANE_GAP + np.where(comm, 0.5, -0.5)
+        xs = np.c_[X(seg["start"]), X(seg["end"])].ravel()
+        ln, = ax.plot(xs, np.repeat(y, 2), color="black", lw=1.2, solid_joinstyle="miter",
+                      zorder=5)
+        ln.set_gid("critical-path")
 
 
 def _labels(ax, comp, X, xrange_units):

@@ -1,0 +1,176 @@
+"""Critical path across ranks: per step, the chain of work and messages that set its length.
+
+The events form a dependency graph: on one rank each span follows the previous one (a rank
+runs one thing at a time), and a receive (or a rendezvous send) cannot finish before its
+partner got there (send -> receive edges). The longest path through that graph ends at the
+step's last compute and is found by walking it backwards in time (as trace analysers such as
+Scalasca and HolisticTraceAnalysis do), from the step window's end W1 (metrics.step_windows)
+to its start W0, on the rank whose compute ends last:
+
+- the rank computes at t: that span is on the path; go to its start, same rank;
+- the rank is blocked in a receive at t: from the matching send's start on, the message was on
+  the wire (transfer, on the receiving rank); if the send started after the rank began to wait
+  (late sender), the path moves to the sender at the send's start — what the sender did before
+  is what the receiver waited for; otherwise it stays and goes to when the rank began to wait;
+  if t is still inside the wait (the send had not started by t), it moves to the sender at t;
+- the rank is blocked in a send: the same with the matching receive's post time (late receiver);
+  a send still blocked after its receive completed waits for the receiver to call MPI again
+  (measured: MPICH's shared-memory rendezvous), so the path moves to the receiver at t;
+- the rank runs no span at t (interpreter time between spans): "other", back to the last end;
+- a wait whose partner is unknown (its trace is missing): "wait".
+
+Only the blocked part [tb, end] of a send or receive counts (a non-blocking one posted earlier
+runs beside compute). The path's segments tile [W0, W1], so their lengths add up to the span.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from analysis.metrics import COMPUTE, recv_split, step_windows
+from analysis.waits import send_split
+
+KINDS = ("compute", "transfer", "wait", "other")
+
+
+class RankTimes:
+    """Per rank, the spans during which it was busy or blocked, sorted, for lookups by time.
+
+    Each span: start s (tb for send/recv), end e, what (event kind), partner rank and partner
+    time (send start for a receive, receive post for a send; NaN if none), event index."""
+
+    def __init__(self, events: pd.DataFrame):
+        ev = events[events["kind"].isin(COMPUTE + ("send", "recv"))]
+        rs = recv_split(events).drop_duplicates("pair").set_index("pair")
+        ss = send_split(events).drop_duplicates("pair").set_index("pair")
+        s = ev["tb"].where(ev["kind"].isin(("send", "recv")), ev["start"]).fillna(ev["start"])
+        prank = np.full(len(ev), -1)
+        ptime = np.full(len(ev), np.nan)
+        pend = np.full(len(ev), np.nan)   # sends: when their receive completed
+        for kind, tab, rc, tc in (("recv", rs, "send_rank", "send_start"),
+                                  ("send", ss, "recv_rank", "recv_start")):
+            k = (ev["kind"] == kind).to_numpy() & ev["pair"].notna().to_numpy()
+            if k.any() and len(tab):
+                j = tab.reindex(ev.loc[k, "pair"])
+                prank[k] = j[rc].fillna(-1).to_numpy(int)
+                ptime[k] = j[tc].to_numpy(float)
+                if kind == "send":
+                    pend[k] = j["recv_end"].to_numpy(float)
+        df = pd.DataFrame({"rank": ev["rank"].to_numpy(), "s": s.to_numpy(float),
+                           "e": ev["end"].to_numpy(float), "what": ev["kind"].to_numpy(),
+                           "prank": prank, "ptime": ptime, "pend": pend,
+                           "event": ev.index.to_numpy()})
+        df = df[df["e"] > df["s"]].sort_values(["rank", "s"], kind="stable")
+        self.r = {}
+        for r, d in df.groupby("rank"):
+            e = d["e"].to_numpy()
+            self.r[int(r)] = {"s": d["s"].to_numpy(), "e": e, "reach": np.maximum.accumulate(e),
+                              "what": d["what"].to_numpy(), "prank": d["prank"].to_numpy(),
+                              "ptime": d["ptime"].to_numpy(), "pend": d["pend"].to_numpy(),
+                              "event": d["event"].to_numpy()}
+
+    def active(self, rank: int, t: float):
+        """(index of the span running on `rank` just before t, or None; end of the last span
+        before t when none runs)."""
+        d = self.r.get(rank)
+        if d is None:
+            return None, -np.inf
+        i = int(np.searchsorted(d["s"], t, "left")) - 1
+        if i < 0:
+            return None, -np.inf
+        if d["e"][i] >= t:
+            return i, None
+        if d["reach"][i] >= t:  # an earlier, longer span covers t (overlap from clock noise)
+            j = i
+            while j >= 0 and not (d["e"][j] >= t):
+                j -= 1
+            return j, None
+        return None, d["reach"][i]
+
+
+def _walk(rt: RankTimes, rank: int, lo: float, hi: float, step: int) -> list:
+    segs, t, stuck = [], hi, 0
+    while t > lo and len(segs) < 1_000_000:
+        i, gap_from = rt.active(rank, t)
+        if i is None:
+            g0 = max(gap_from, lo)
+            segs.append((step, rank, "other", "gap", g0, t, -1))
+            t = g0
+            continue
+        d = rt.r[rank]
+        s, what, pr, pt = d["s"][i], d["what"][i], int(d["prank"][i]), d["ptime"][i]
+        ev = int(d["event"][i])
+        if what in COMPUTE:
+            segs.append((step, rank, "compute", what, max(s, lo), t, ev))
+            t = s
+        elif pr < 0 or np.isnan(pt):
+            segs.append((step, rank, "wait", what, max(s, lo), t, ev))
+            t = s
+        elif pt >= t or (what == "send" and d["pend"][i] < t):
+            # still waiting at t: the partner holds the path. A send still blocked after its
+            # receive completed waits for the receiver's next MPI call (MPICH's shared-memory
+            # rendezvous completes the send then), so the receiver holds it too
+            if stuck > 2:             # no progress (only with broken clocks): give up the edge
+                segs.append((step, rank, "wait", what, max(s, lo), t, ev))
+                t, stuck = s, 0
+                continue
+            rank, stuck = pr, stuck + 1
+        else:
+            x0 = max(s, pt, lo)
+            segs.append((step, rank, "transfer", what, x0, t, ev))
+            t, stuck = x0, 0
+            if pt > s:                # the partner came late: follow it
+                rank = pr
+    return segs
+
+
+def critical_path(events: pd.DataFrame, steps=None) -> pd.DataFrame:
+    """Segments of each step's critical path: step, rank, kind (compute|transfer|wait|other),
+    what (event kind, or "gap"), start, end (s), event (row index in events, -1 for gaps)."""
+    ev = events[events["lane"] != "step"]
+    if steps is not None:
+        ev_steps = set(steps)
+    else:
+        ev_steps = set(ev["step"].unique())
+    rt = RankTimes(events)
+    win = step_windows(ev)
+    comp = ev[ev["kind"].isin(COMPUTE)]
+    last = comp.loc[comp.groupby("step")["end"].idxmax(), ["step", "rank"]].set_index("step")
+    segs = []
+    for st in sorted(ev_steps):
+        if st not in last.index:
+            continue
+        w = win.loc[st]
+        segs += _walk(rt, int(last.loc[st, "rank"]), float(w["start"]), float(w["end"]), int(st))
+    df = pd.DataFrame(segs, columns=["step", "rank", "kind", "what", "start", "end", "event"])
+    return df.sort_values(["step", "start"], kind="stable", ignore_index=True)
+
+
+def composition(path: pd.DataFrame, steps=None) -> pd.DataFrame:
+    """Seconds of the path per (step, rank, kind), every combination present (0 if none)."""
+    p = path if steps is None else path[path["step"].isin(steps)]
+    p = p.assign(d=p["end"] - p["start"])
+    return p.groupby(["step", "rank", "kind"])["d"].sum().rename("seconds").reset_index()
+
+
+def summary(path: pd.DataFrame, steady: list) -> dict:
+    """metrics.json's critical_path: median over steady steps of seconds per (rank, kind) and
+    per (rank, what), and each as a share of the step's span."""
+    p = path[path["step"].isin(steady)]
+    if p.empty:
+        return {"per_rank_kind": [], "per_rank_what": [], "ranks_on_path": []}
+    p = p.assign(d=p["end"] - p["start"])
+    span = p.groupby("step")["d"].sum()
+    out = {}
+    for name, col in (("per_rank_kind", "kind"), ("per_rank_what", "what")):
+        t = p.groupby(["step", "rank", col])["d"].sum().unstack(["rank", col], fill_value=0.0)
+        med = t.median()
+        share = t.div(span, axis=0).median()
+        out[name] = [{"rank": int(r), col: k, "seconds": float(med[(r, k)]),
+                      "share": float(share[(r, k)])} for r, k in med.index if med[(r, k)] > 0]
+    out["span_s"] = float(span.median())
+    out["ranks_on_path"] = sorted(int(r) for r in p["rank"].unique())
+    out["definition"] = ("per step, the chain of compute spans, in-rank order and send->receive "
+                         "edges ending at the step's last compute, walked back from it; "
+                         "segments tile the step's span; medians over steady steps")
+    return out
