@@ -154,7 +154,9 @@ def check(point: Point) -> Point:
 
 def load_spec(path) -> dict:
     from omegaconf import OmegaConf
-    y = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+
+    from harness.config import read_yaml
+    y = OmegaConf.to_container(read_yaml(path), resolve=True)
     if not isinstance(y, dict) or "sweep" not in y:
         raise ValueError(f"{path}: not a sweep file (no top-level 'sweep:' key)")
     return y

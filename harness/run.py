@@ -23,11 +23,16 @@ from . import config
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
+        for w in config.unreadable_warnings():
+            print(w, file=sys.stderr, flush=True)
         print(config.help_text())
         return 0
     from . import comm  # initialises MPI (only now: --help must work without it)
 
     rank, size = comm.rank_size()
+    if rank == 0:
+        for w in config.unreadable_warnings():
+            print(w, file=sys.stderr, flush=True)
     cfg, error = None, None
     try:
         cfg = config.load(argv, world_size=size)
