@@ -46,6 +46,9 @@ class TrainCfg:
     lr: float = doc("SGD learning rate", 0.003)
     momentum: float = doc("SGD momentum (0 = plain SGD)", 0.9)
     seed: int = doc("seed for weights and data; same seed = same model for any world size", 0)
+    stop_on_nonfinite: bool = doc("stop the run (status failed, error Diverged) at the first "
+                                  "non-finite loss or gradient norm; false = keep training "
+                                  "(to study divergence) and record where it began", True)
 
 
 @dataclass
