@@ -97,7 +97,7 @@ def weights_changed(run_dir: Path, world: int) -> list[bool]:
                                               OmegaConf.load(run_dir / "config.yaml")))
     out = []
     for r in range(world):
-        final = torch.load(run_dir / "ranks" / f"weights.r{r}.pt")
+        final = torch.load(run_dir / "ranks" / f"weights.r{r}.pt", weights_only=True)
         changed = False
         for i, sd in final.items():
             init = model.build_layer(cfg.model, i, cfg.train.seed).state_dict()
