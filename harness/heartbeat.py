@@ -62,11 +62,12 @@ def read(p: Path) -> dict | None:
 
 def judge(run_dir: Path, meta: dict, now: float | None = None) -> str | None:
     """For a run whose meta.json says "running": None while it may be alive, else
-    "died: rank R last seen at step N, T s ago" (the first dead rank)."""
+    "died: rank R last seen at step N, T s ago" (of the dead ranks, the one seen longest ago)."""
     if meta.get("status") != "running":
         return None
     now = time.time() if now is None else now
     here = socket.gethostname()
+    dead = []  # (last seen, message)
     for info in meta.get("ranks") or []:
         r = info.get("rank")
         hb = read(path(run_dir, r)) or {}
@@ -82,5 +83,6 @@ def judge(run_dir: Path, meta: dict, now: float | None = None) -> str | None:
             continue  # another host: only a heartbeat stale by a wide margin means dead
         seen = f"at step {step}" if step is not None and step >= 0 else "before its first step"
         ago = f", {now - t:.0f} s ago" if t is not None else ""
-        return f"died: rank {r} last seen {seen}{ago}"
-    return None
+        dead.append((t if t is not None else float("inf"), f"died: rank {r} last seen {seen}{ago}"))
+    # the rank seen last the longest ago most likely died first (the others were then killed)
+    return min(dead)[1] if dead else None

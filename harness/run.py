@@ -356,7 +356,15 @@ class Run:
         """Signal thread (harness.signals): SIGTERM and friends end the run as a failure."""
         from . import comm
         if not self.done:
-            self.fail("Terminated", f"terminated by {name} {self._when()}", "")
+            # mpirun terminates the survivors when a rank was killed: then name the dead rank
+            from .heartbeat import judge
+            peers = {"status": "running", "ranks": [{"rank": r} for r in range(self.size)
+                                                    if r != self.rank]}
+            died = judge(self.run_dir, peers) if self.run_dir else None
+            if died:
+                self.fail("Died", f"{died}; the job was then terminated ({name})", "")
+            else:
+                self.fail("Terminated", f"terminated by {name} {self._when()}", "")
         if self.size > 1:
             comm.abort(128 + signum)
         os._exit(128 + signum)

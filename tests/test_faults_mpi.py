@@ -110,21 +110,29 @@ def test_a_signal_ends_the_run_as_a_recorded_failure(job, sig, target):
     assert m["status"] == "failed" and m["error"]["type"] == "Terminated", m
     assert m["error"]["message"].startswith(f"terminated by {name} at step ")
     err = j.stderr()
-    assert f"harness.run: error: terminated by {name} at step " in err
+    # each rank that got it says it in one line; mpirun may drop the output of a rank that the
+    # abort kills, so at least one such line, and never a traceback
+    assert f"harness.run: error: terminated by {name} at step " in err or \
+        "harness.run: error: died: rank" in err, err
     assert "Traceback" not in err
     assert not list((j.run_dir).glob("**/.*.tmp"))
 
 
 def _assert_died(run_dir, rank=None):
+    """Either nothing could be recorded (meta.json stays "running", the loader says "died"),
+    or mpirun SIGTERMed a survivor first, which recorded the death it saw (type Died)."""
     run = load_run(run_dir)
-    assert run.meta["status"] == "died"
     msg = run.meta["error"]["message"]
     assert msg.startswith("died: rank ") and " last seen at step " in msg and " s ago" in msg
     if rank is not None:
         assert msg.startswith(f"died: rank {rank} ")
+    from experiments.sweep import status_of
+    if run.meta["status"] == "failed":
+        assert run.meta["error"]["type"] == "Died" and status_of(run_dir) == "failed"
+        return
+    assert run.meta["status"] == "died"
     assert any(w.startswith("run status is 'died': died: rank") for w in run.warnings)
     assert json.loads((run_dir / "meta.json").read_text())["status"] == "running"  # untouched
-    from experiments.sweep import status_of
     assert status_of(run_dir) == "died"
 
 
@@ -160,7 +168,9 @@ def test_divergence_stops_the_run_naming_step_and_rank(tmp_path):
     assert m["status"] == "failed" and m["error"]["type"] == "Diverged", m
     msg = m["error"]["message"]
     assert msg.startswith("diverged: non-finite ") and " at step " in msg and " on rank " in msg
-    assert f"harness.run: error: {msg}" in proc.stderr and "Traceback" not in proc.stderr
+    # every rank that saw it says it; the first to record it is in meta.json
+    assert "harness.run: error: diverged: non-finite " in proc.stderr
+    assert "Traceback" not in proc.stderr
     run = load_run(d)
     assert any("Diverged: diverged" in w for w in run.warnings)
     assert any(w.startswith("training diverged: non-finite") for w in run.warnings)
