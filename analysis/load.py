@@ -15,9 +15,14 @@ aligned event start becomes 0. Frames (one row one thing, long form):
 The loader reads partial runs (a crashed or running job): it loads what is there, drops a
 truncated last line, and explains every gap in `Run.warnings`. It raises RunFormatError, naming
 the file, only when the directory is not a run or a file is in a format it does not know.
+Damaged rows (a stray quote, too many or too few fields, a value that is not a number) are
+dropped and counted in a warning that names the file and their line numbers. A run whose
+meta.json says "running" but whose processes are gone (harness.heartbeat) is reported as
+status "died".
 """
 from __future__ import annotations
 
+import csv
 import io
 import json
 import re
@@ -36,6 +41,7 @@ _INT = "int64"
 _TEXT, _NULLABLE = {"kind", "pair", "source", "module", "shape", "dtype"}, {"tb", "t_free"}
 _DTYPES = {kind: {c: str if c in _TEXT else "Int64" if c in _NULLABLE else _INT for c in cols}
            for kind, cols in TRACE_COLS.items()}
+_DTYPES["stats"] = {c: _INT if c in ("step", "rank") else "float64" for c in STATS_COLS}
 
 
 class RunFormatError(ValueError):
@@ -83,25 +89,72 @@ def read_trace(path: Path, kind: str, warnings: list) -> pd.DataFrame | None:
                              f"(this reader knows format={FORMAT})")
     if fields.get("kind", kind) != kind:
         raise RunFormatError(f"{path}: header says kind={fields['kind']}, expected kind={kind}")
-    src = path
+    data = path.read_bytes()
     if truncated:  # a crash mid-write leaves one partial last line: drop it (run-format.md)
-        data = path.read_bytes()
-        src = io.BytesIO(data[:data.rfind(b"\n") + 1])
+        data = data[:data.rfind(b"\n") + 1]
         warnings.append(f"{path}: dropped a truncated last line")
-    try:
-        df = pd.read_csv(src, comment="#", dtype=_DTYPES[kind], keep_default_na=True)
-    except pd.errors.EmptyDataError:
+    return parse_rows(data, path, _DTYPES[kind], warnings)
+
+
+def parse_rows(data: bytes, path: Path, dtypes: dict, warnings: list) -> pd.DataFrame | None:
+    """CSV bytes (comment lines, a column header, rows) -> frame with `dtypes`, or None if no
+    header. The writers never quote, so the fast path reads without quoting; any damaged row
+    sends the file through the careful path, which drops it and says so."""
+    if b'"' not in data:
+        try:
+            return pd.read_csv(io.BytesIO(data), comment="#", dtype=dtypes,
+                               quoting=csv.QUOTE_NONE)
+        except pd.errors.EmptyDataError:
+            return None
+        except ValueError:  # ParserError (field count) or a value of the wrong type
+            pass
+    return _parse_careful(data, path, dtypes, warnings)
+
+
+def _parse_careful(data: bytes, path: Path, dtypes: dict, warnings: list):
+    lines = data.split(b"\n")
+    head = next((i for i, ln in enumerate(lines) if ln.strip() and not ln.startswith(b"#")), None)
+    if head is None:
         return None
-    except ValueError:  # a damaged row somewhere: read loosely, then drop what does not parse
-        if isinstance(src, io.BytesIO):
-            src.seek(0)
-        df = pd.read_csv(src, comment="#", on_bad_lines="skip")
-        need = [c for c, t in _DTYPES[kind].items() if t == _INT]
-        df[need] = df[need].apply(pd.to_numeric, errors="coerce")
-        bad = df[need].isna().any(axis=1)
-        if bad.any():
-            warnings.append(f"{path}: dropped {int(bad.sum())} unreadable rows")
-        df = df[~bad].astype({c: _INT for c in need})
+    cols = lines[head].decode("utf-8", "replace").strip().split(",")
+    good, numbers, bad = [], [], []
+    for i in range(head + 1, len(lines)):
+        ln = lines[i]
+        if not ln.strip() or ln.startswith(b"#"):
+            continue
+        if ln.count(b",") != len(cols) - 1 or b'"' in ln:
+            bad.append(i + 1)  # 1-based line numbers, as an editor shows them
+        else:
+            good.append(ln)
+            numbers.append(i + 1)
+    raw = pd.read_csv(io.BytesIO(b"\n".join([lines[head]] + good) + b"\n"), dtype=str,
+                      keep_default_na=False, quoting=csv.QUOTE_NONE)
+    ok = np.ones(len(raw), dtype=bool)
+    out = {}
+    for c in raw.columns:
+        want = dtypes.get(c, str)
+        if want is str:
+            out[c] = raw[c]
+            continue
+        text = raw[c].str.strip()
+        num = pd.to_numeric(text, errors="coerce")
+        empty = text.eq("") | text.str.lower().eq("nan")
+        ok &= ~(num.isna() & ~empty).to_numpy()            # not a number at all
+        if want in (_INT, "Int64"):
+            ok &= ~(num.notna() & (num % 1 != 0)).to_numpy()  # 1.5 in an integer column
+            if want == _INT:
+                ok &= num.notna().to_numpy()                    # required integer is empty
+        out[c] = num
+    bad += [numbers[i] for i in np.flatnonzero(~ok)]
+    df = pd.DataFrame(out)[ok].reset_index(drop=True)
+    for c in df.columns:
+        want = dtypes.get(c, str)
+        if want in (_INT, "Int64"):
+            df[c] = df[c].astype(want)
+    if bad:
+        bad.sort()
+        shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+        warnings.append(f"{path}: dropped {len(bad)} malformed row(s) (line {shown})")
     return df
 
 
@@ -144,7 +197,9 @@ def _secs(t, origin):
 def _read_stats(d: Path, warnings: list) -> pd.DataFrame:
     cols = list(STATS_COLS)
     if (d / "stats.csv").exists():
-        return pd.read_csv(d / "stats.csv", comment="#")
+        df = parse_rows((d / "stats.csv").read_bytes(), d / "stats.csv", _DTYPES["stats"],
+                        warnings)
+        return df if df is not None else pd.DataFrame(columns=cols)
     parts = sorted((d / "ranks").glob("stats.r*.csv"))
     warnings.append("stats.csv absent: read ranks/stats.r*.csv" if parts
                     else "no stats.csv and no ranks/stats.r*.csv")
@@ -154,10 +209,11 @@ def _read_stats(d: Path, warnings: list) -> pd.DataFrame:
         if data and not data.endswith(b"\n"):
             data = data[:data.rfind(b"\n") + 1]
             warnings.append(f"{p}: dropped a truncated last line")
-        try:
-            frames.append(pd.read_csv(io.BytesIO(data), comment="#"))
-        except pd.errors.EmptyDataError:
+        df = parse_rows(data, p, _DTYPES["stats"], warnings)
+        if df is None:
             warnings.append(f"{p}: empty file")
+        else:
+            frames.append(df)
     frames = [f for f in frames if len(f)]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
 
@@ -181,9 +237,16 @@ def load_run(path) -> Run:
     d = Path(path)
     meta = _read_meta(d)
     warnings: list = []
+    from harness.heartbeat import judge
+    died = judge(d, meta)
+    if died:  # meta.json says running, but its processes are gone: say so (the file stays)
+        meta = dict(meta, status="died", error={"type": "Died", "message": died})
     status = meta.get("status", "unknown")
     if status != "complete":
         err = meta.get("error")
+        if isinstance(err, dict):
+            err = (f"{err.get('type')}: " if err.get("type") not in (None, "Died") else "") \
+                + str(err.get("message"))
         warnings.append(f"run status is {status!r}" + (f": {err}" if err else "")
                         + " — loaded what was written")
     world = int(meta.get("world_size") or 0)
@@ -234,8 +297,25 @@ def load_run(path) -> Run:
         except json.JSONDecodeError:
             warnings.append(f"{d / 'schedule.json'}: not valid JSON, planned schedule skipped")
     steps = _complete_steps(events, world, warnings)
-    return Run(d, meta, events, pebbles, memory, _read_stats(d, warnings), schedule,
-               origin, steps, warnings)
+    stats = _read_stats(d, warnings)
+    warnings += divergence(stats, meta)
+    return Run(d, meta, events, pebbles, memory, stats, schedule, origin, steps, warnings)
+
+
+def divergence(stats: pd.DataFrame, meta: dict) -> list:
+    """One line if the training diverged: the first step with a non-finite loss or grad norm."""
+    bad = pd.Series(False, index=stats.index)
+    last = int(meta.get("world_size") or (stats["rank"].max() + 1 if len(stats) else 1)) - 1
+    for c in ("loss", "grad_norm"):
+        if c in stats:
+            v = pd.to_numeric(stats[c], errors="coerce")
+            # an empty loss (ranks that are not the last stage) is NaN but not divergence
+            bad |= np.isinf(v) | (v.isna() & (c == "grad_norm" or stats["rank"].eq(last)))
+    if not bad.any():
+        return []
+    first = stats[bad].sort_values(["step", "rank"]).iloc[0]
+    return [f"training diverged: non-finite loss or gradient norm from step "
+            f"{int(first['step'])} (rank {int(first['rank'])}, {int(bad.sum())} rows)"]
 
 
 def _cat(parts: dict, cols: list) -> pd.DataFrame:

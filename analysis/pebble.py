@@ -14,6 +14,16 @@ import sys
 import time
 from pathlib import Path
 
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no screen
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from analysis import chrome, critical, metrics, report, style, waits  # noqa: E402
+from analysis.load import RunFormatError, load_run  # noqa: E402
+from analysis.plots import memory_plot, pebble_graph, planned_frame, timeline  # noqa: E402
+
 OUTPUTS = ["metrics.json", "steps.csv", "trace.json", "pebble", "timeline", "memory"]
 
 
@@ -72,14 +82,6 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     log = _Progress(a.quiet)
 
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from analysis import chrome, critical, metrics, report, style, waits
-    from analysis.load import RunFormatError, load_run
-    from analysis.plots import memory_plot, pebble_graph, planned_frame, timeline
-
     try:
         log(f"loading {a.run}")
         run = load_run(a.run)
@@ -95,25 +97,38 @@ def main(argv=None) -> int:
         return 1
     out = Path(a.out) if a.out else run.path / "analysis"
     ident = _identity(run)
-    _check_out(out, ident, out.resolve() == (run.path / "analysis").resolve())
-    out.mkdir(parents=True, exist_ok=True)
-
     steps = run.steps or sorted(int(s) for s in run.events["step"].unique())
+    step = a.step if a.step is not None else steps[-1]
+    if step not in set(run.events["step"]):  # checked before anything is written
+        print(f"error: --step {step}: not in the run (steps {steps[0]}..{steps[-1]})",
+              file=sys.stderr)
+        return 2
+    _check_out(out, ident, out.resolve() == (run.path / "analysis").resolve())
+    writing = [out]
+    try:
+        return _write(a, run, out, ident, steps, step, log, writing)
+    except OSError as e:  # a full disk, no permission: one line naming the path, no half file
+        where = e.filename or writing[0]
+        if writing[0] != out and Path(writing[0]).is_file():
+            Path(writing[0]).unlink(missing_ok=True)
+        print(f"error: cannot write {where}: {e.strerror or e}", file=sys.stderr)
+        return 1
+
+
+def _write(a, run, out, ident, steps, step, log, writing) -> int:
+    """Every output of main; `writing[0]` names the file being written (for the error)."""
+    out.mkdir(parents=True, exist_ok=True)
     summary = metrics.summarize(run.events, run.pebbles, run.memory, run.meta, steps)
     summary = {"run": ident | {"status": run.meta.get("status")}, **summary,
                "warnings": run.warnings}
     per_step = summary.pop("per_step")
-    import pandas as pd
-    pd.DataFrame(per_step).to_csv(out / "steps.csv", index=False)
-    (out / "metrics.json").write_text(json.dumps(summary, indent=1))
+    writing[0] = out / "steps.csv"
+    pd.DataFrame(per_step).to_csv(writing[0], index=False)
+    writing[0] = out / "metrics.json"
+    writing[0].write_text(json.dumps(summary, indent=1))
     log("metrics computed")
     print(report.table(summary, title=str(a.run)))
 
-    step = a.step if a.step is not None else steps[-1]
-    if step not in set(run.events["step"]):
-        print(f"error: --step {step}: not in the run (steps {steps[0]}..{steps[-1]})",
-              file=sys.stderr)
-        return 2
     formats = [f.strip() for f in a.format.split(",") if f.strip()]
     shown = [s for s in steps if s <= step][-3:] or [step]
     steady = run.events[run.events["step"].isin(summary["steps"]["steady"])]
@@ -128,11 +143,17 @@ def main(argv=None) -> int:
                 ("memory", lambda: memory_plot(run.pebbles, run.memory))):
             fig, _ = draw()
             for fmt in formats:
-                fig.savefig(out / f"{name}.{fmt}")
+                writing[0] = out / f"{name}.{fmt}"
+                try:
+                    fig.savefig(writing[0])
+                except OSError:
+                    plt.close(fig)
+                    raise
             plt.close(fig)
             log(f"drew {name}.{{{','.join(formats)}}}")
     if not a.no_trace:
-        with open(out / "trace.json", "w", encoding="utf-8") as f:
+        writing[0] = out / "trace.json"
+        with open(writing[0], "w", encoding="utf-8") as f:
             n = chrome.write_chrome(f, run.events, run.pebbles, run.memory, run.meta, path)
         log(f"wrote trace.json ({n:,} trace events)")
     log(f"outputs in {out}")

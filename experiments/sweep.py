@@ -29,10 +29,13 @@ a run directory, and a failure is evidence worth keeping). Points the harness wo
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -154,18 +157,56 @@ def check(point: Point) -> Point:
 
 def load_spec(path) -> dict:
     from omegaconf import OmegaConf
-    y = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+
+    from harness.config import read_yaml
+    y = OmegaConf.to_container(read_yaml(path), resolve=True)
     if not isinstance(y, dict) or "sweep" not in y:
         raise ValueError(f"{path}: not a sweep file (no top-level 'sweep:' key)")
     return y
 
 
 def status_of(run_dir: Path) -> str:
-    """complete | failed | running | missing, from the run's meta.json (the harness's word)."""
+    """complete | failed | running | died | missing, from the run's meta.json (the harness's
+    word), where "running" whose processes are gone (harness.heartbeat) is "died"."""
+    from harness.heartbeat import judge
     try:
-        return json.loads((run_dir / "meta.json").read_text()).get("status", "unknown")
+        meta = json.loads((run_dir / "meta.json").read_text())
     except (OSError, json.JSONDecodeError):
         return "missing" if not run_dir.exists() else "failed"
+    return "died" if judge(run_dir, meta) else meta.get("status", "unknown")
+
+
+def meta_error(run_dir: Path) -> str:
+    """The failure meta.json records (or the heartbeats tell), one line; "" if none."""
+    from harness.heartbeat import judge
+    try:
+        meta = json.loads((run_dir / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return ""
+    died = judge(run_dir, meta)
+    if died:
+        return died
+    err = meta.get("error") or {}
+    if meta.get("nonfinite"):
+        nf = meta["nonfinite"]
+        return f"non-finite {nf['what']} from step {nf['step']} on rank {nf['rank']}"
+    return f"{err.get('type')}: {err.get('message')}" if err else ""
+
+
+@contextlib.contextmanager
+def exclusive(out: Path):
+    """One runner per sweep directory (flock on it; released if the runner dies), so that no
+    point runs twice and no runner moves aside a run another one is running."""
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(f"error: {out} is being run by another sweep runner; "
+                             f"wait for it or choose another --out") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def error_line(text: str) -> str:
@@ -220,6 +261,12 @@ def run_sweep(spec: dict, out, launcher=None, ncores: int | None = None, log=Non
             raise SystemExit(f"error: {out} holds sweep {old!r}, not {name!r}; "
                              f"choose another --out")
     (out / "runs").mkdir(parents=True, exist_ok=True)
+    with exclusive(out):
+        return _run_locked(spec, out, launcher, ncores, log, timeout)
+
+
+def _run_locked(spec, out, launcher, ncores, log, timeout):
+    stored = out / "sweep.json"
     write_json(stored, spec)
     points = [check(p) for p in expand(spec)]
     keys = sorted({k for p in points for k, _ in p.overrides})
@@ -232,20 +279,26 @@ def run_sweep(spec: dict, out, launcher=None, ncores: int | None = None, log=Non
     rows, at = [], {}
     for p in points:
         if p.skip:
-            rows.append(_row(p, None, None, "skipped", p.skip, None, ncores, keys))
-            log(f"[  skip] {p.label()}: {p.skip}")
+            # an explicit point the harness refuses is a mistake in the sweep file, not a
+            # combination of the grid that does not exist: it is "invalid", and fails the sweep
+            st = "invalid" if p.tag != "grid" and p.skip.startswith("invalid:") else "skipped"
+            rows.append(_row(p, None, None, st, p.skip, None, ncores, keys))
+            log(f"[{'  skip' if st == 'skipped' else 'INVALID'}] {p.label()}: {p.skip}")
             continue
         for k in range(p.repeats):
-            done = status_of(out / "runs" / f"{p.id}-r{k}") == "complete"
+            now = status_of(out / "runs" / f"{p.id}-r{k}")
+            done = now in ("complete", "running")  # a live run is left alone, never run twice
             at[(p.id, k)] = len(rows)
-            rows.append(_row(p, k, f"runs/{p.id}-r{k}", "complete" if done else "pending", "",
-                             before.get((p.id, k)) if done else None, ncores, keys))
+            rows.append(_row(p, k, f"runs/{p.id}-r{k}", now if done else "pending",
+                             "its processes are still alive" if now == "running" else "",
+                             before.get((p.id, k)) if now == "complete" else None, ncores,
+                             keys))
     write_index(rows, out)
     # repeat-major order: a passing disturbance (another job on the machine) then hits one
     # repeat of many points, which the median over repeats absorbs, not every repeat of one
     todo = [(p, k) for k in range(max([p.repeats for p in points] or [0]))
             for p in points if not p.skip and k < p.repeats
-            and rows[at[(p.id, k)]]["status"] != "complete"]
+            and rows[at[(p.id, k)]]["status"] not in ("complete", "running")]
     kept = sum(r["status"] == "complete" for r in rows)
     if kept:
         log(f"{kept} complete runs kept (resumed {out})")
@@ -263,11 +316,12 @@ def run_sweep(spec: dict, out, launcher=None, ncores: int | None = None, log=Non
         try:
             launcher(p.ranks, p.args(), run_dir, timeout)
             st = status_of(run_dir)
-            msg = "" if st == "complete" else f"job ended but meta.json says {st!r}"
+            msg = meta_error(run_dir) if st == "complete" else \
+                f"job ended but meta.json says {st!r}"
         except subprocess.TimeoutExpired:
             st, msg = "failed", f"timed out after {timeout:g} s"
         except Exception as e:  # noqa: BLE001 - record it, go on with the other points
-            st, msg = "failed", error_line(str(e))
+            st, msg = "failed", meta_error(run_dir) or error_line(str(e))
         st = "complete" if st == "complete" else "failed"
         secs = round(time.perf_counter() - t0, 2)
         row.update(status=st, message=msg, seconds=secs)
@@ -279,8 +333,8 @@ def run_sweep(spec: dict, out, launcher=None, ncores: int | None = None, log=Non
 
 def summary(index: pd.DataFrame) -> str:
     c = index["status"].value_counts()
-    return ", ".join(f"{int(c[s])} {s}" for s in ("complete", "failed", "skipped", "pending")
-                     if s in c)
+    return ", ".join(f"{int(c[s])} {s}" for s in ("complete", "failed", "invalid", "running",
+                                                  "skipped", "pending") if s in c)
 
 
 def main(argv=None) -> int:
@@ -291,7 +345,15 @@ def main(argv=None) -> int:
                     "an existing one of the same sweep is resumed")
     ap.add_argument("--dry-run", action="store_true", help="list the points and exit")
     a = ap.parse_args(argv)
-    spec = load_spec(a.sweep)
+    from harness.config import ConfigError
+    try:
+        spec = load_spec(a.sweep)
+        expand(spec)
+    except (ConfigError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # end like Ctrl-C: the running job is stopped
+        signal.signal(sig, _interrupted)
     if a.dry_run:
         for p in (check(p) for p in expand(spec)):
             print(f"{p.id:<40} x{p.repeats} {p.tag:<8} " + (f"SKIP {p.skip}" if p.skip
@@ -302,7 +364,11 @@ def main(argv=None) -> int:
     index = run_sweep(spec, out)
     print(f"{summary(index)}; index {out / INDEX}", file=sys.stderr)
     print(out)
-    return 1 if (index["status"] == "failed").any() else 0
+    return 1 if index["status"].isin(["failed", "invalid", "running"]).any() else 0
+
+
+def _interrupted(signum, frame):
+    raise KeyboardInterrupt(f"sweep runner got {signal.Signals(signum).name}")
 
 
 if __name__ == "__main__":

@@ -46,6 +46,9 @@ class TrainCfg:
     lr: float = doc("SGD learning rate", 0.003)
     momentum: float = doc("SGD momentum (0 = plain SGD)", 0.9)
     seed: int = doc("seed for weights and data; same seed = same model for any world size", 0)
+    stop_on_nonfinite: bool = doc("stop the run (status failed, error Diverged) at the first "
+                                  "non-finite loss or gradient norm; false = keep training "
+                                  "(to study divergence) and record where it began", True)
 
 
 @dataclass
@@ -150,15 +153,44 @@ class Config:
     debug: DebugCfg = doc("", factory=DebugCfg)
 
 
-def experiments() -> dict[str, str]:
-    """Available experiments: name -> description (from their yaml)."""
-    out = {}
+def read_yaml(path: Path):
+    """OmegaConf.load, with a YAML syntax error as a one-line ConfigError naming file:line:col."""
+    import yaml
+    try:
+        return OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        what = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ConfigError(f"{where}: YAML syntax error: {what}") from None
+
+
+def _scan() -> tuple[dict, dict]:
+    """-> ({name: description} of the runnable experiments, {name: error} of unreadable files).
+
+    One broken file must not break every command: it is reported, and only asking for it fails."""
+    ok, broken = {}, {}
     for p in sorted(EXPERIMENTS_DIR.glob("*.yaml")):
-        y = OmegaConf.load(p)
+        try:
+            y = read_yaml(p)
+        except ConfigError as e:
+            broken[p.stem] = str(e)
+            continue
         if "sweep" in y:  # sweep definitions live beside experiments but are not runnable here
             continue
-        out[p.stem] = str(y.get("description", ""))
-    return out
+        ok[p.stem] = str(y.get("description", ""))
+    return ok, broken
+
+
+def experiments() -> dict[str, str]:
+    """Available experiments: name -> description (from their yaml)."""
+    return _scan()[0]
+
+
+def unreadable_warnings() -> list[str]:
+    """One warning line per file under experiments/ that cannot be read (and was skipped)."""
+    return [f"warning: skipped an unreadable experiment file: {msg}"
+            for msg in _scan()[1].values()]
 
 
 def keys(cls=Config, prefix="") -> list[tuple[str, str, object]]:
@@ -190,7 +222,9 @@ def load(argv: list[str], world_size: int = 1) -> Config:
             exp = v
         else:
             overrides.append(arg)
-    known = experiments()
+    known, broken = _scan()
+    if exp in broken:
+        raise ConfigError(broken[exp])
     if exp not in known:
         raise ConfigError(f"exp={exp!r}: no experiments/{exp}.yaml; "
                           f"allowed: {', '.join(known) or '(none found)'}")
@@ -218,12 +252,22 @@ def _experiment_chain(exp: str, known) -> list:
         if name in (n for n, _ in chain):
             raise ConfigError(f"exp={exp!r}: its base chain loops at {name!r}")
         if name not in known:
+            _, broken = _scan()
+            if name in broken:
+                raise ConfigError(f"base={name!r} (in experiments/{chain[-1][0]}.yaml): "
+                                  f"{broken[name]}")
             raise ConfigError(f"base={name!r} (in experiments/{chain[-1][0]}.yaml): no such "
                               f"experiment; allowed: {', '.join(known)}")
-        y = OmegaConf.load(EXPERIMENTS_DIR / f"{name}.yaml")
+        y = read_yaml(EXPERIMENTS_DIR / f"{name}.yaml")
         chain.append((name, y))
         name = y.get("base")
     return [y for _, y in reversed(chain)]
+
+
+def _get(cfg, dotted: str):
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
 
 
 def _check(cond: bool, msg: str):
@@ -236,6 +280,10 @@ def validate(cfg: Config, world_size: int) -> None:
     from . import schedule as sched_mod  # local: schedule imports nothing from here
 
     t, d, m, p = cfg.train, cfg.data, cfg.model, cfg.pipeline
+    for key, _, default in keys():  # inf and nan parse as floats; no float key allows them
+        v = _get(cfg, key)
+        _check(not (isinstance(default, float) and isinstance(v, float) and not math.isfinite(v)),
+               f"{key}={v}: must be a finite number")
     _check(t.steps >= 1, f"train.steps={t.steps}: must be >= 1")
     _check(t.lr > 0, f"train.lr={t.lr}: must be > 0")
     _check(0 <= t.momentum < 1, f"train.momentum={t.momentum}: must be in [0, 1)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -26,11 +27,51 @@ def command(ranks: int, args: list[str], run_dir: Path) -> list[str]:
 
 
 def launch(ranks: int, args: list[str], run_dir: Path, timeout: float | None = None) -> Path:
-    """Run to completion; returns run_dir, raises RuntimeError with the job's stderr if it fails."""
+    """Run to completion; returns run_dir, raises RuntimeError with the job's stderr if it fails.
+
+    The job dies with its launcher: mpirun gets SIGTERM if this process dies (Linux's
+    parent-death signal, even on SIGKILL) or is interrupted, or the timeout passes; mpirun
+    forwards it to the ranks, which record "terminated by SIGTERM" and abort."""
     cmd = command(ranks, args, run_dir)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ),
-                          timeout=timeout)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ), start_new_session=True,
+                            preexec_fn=_die_with_parent)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except BaseException:  # timeout, Ctrl-C, the sweep runner's SIGTERM: the job goes too
+        stop(proc)
+        raise
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[3:])} failed (exit {proc.returncode}):\n"
-                           f"{proc.stderr[-3000:]}")
+                           f"{err[-3000:]}")
     return run_dir
+
+
+def stop(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
+    """SIGTERM to mpirun (forwarded to the ranks, which record it), then SIGKILL to all."""
+    import psutil
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        family = []
+    proc.terminate()
+    try:
+        proc.communicate(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        for p in family:  # hydra starts each rank in a session of its own
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+    psutil.wait_procs(family, timeout=grace_s)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the parent dies (prctl PR_SET_PDEATHSIG)."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the job may outlive a killed launcher
+        pass

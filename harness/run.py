@@ -8,6 +8,8 @@ meta.json and brings the whole job down with MPI_Abort, so no rank is left block
 """
 from __future__ import annotations
 
+import errno
+import math
 import os
 import platform
 import socket
@@ -23,11 +25,18 @@ from . import config
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
+        for w in config.unreadable_warnings():
+            print(w, file=sys.stderr, flush=True)
         print(config.help_text())
         return 0
+    from . import signals
+    signals.block()  # before MPI and torch start threads: they inherit the blocked mask
     from . import comm  # initialises MPI (only now: --help must work without it)
 
     rank, size = comm.rank_size()
+    if rank == 0:
+        for w in config.unreadable_warnings():
+            print(w, file=sys.stderr, flush=True)
     cfg, error = None, None
     try:
         cfg = config.load(argv, world_size=size)
@@ -44,14 +53,26 @@ def main(argv: list[str] | None = None) -> int:
     return Run(cfg, rank, size).main()
 
 
+class Stopped(RuntimeError):
+    """The run was stopped for a reason its message states in full: one line, no traceback."""
+
+
+class Diverged(Stopped):
+    """A non-finite loss or gradient norm (train.stop_on_nonfinite=true)."""
+
+
 class Run:
     def __init__(self, cfg, rank: int, size: int):
         self.cfg, self.rank, self.size = cfg, rank, size
         self.last = rank == size - 1
         self.run_dir = self.files = self.tracer = self.sampler = self.p2p = None
+        self.heartbeat = self.nonfinite = self.thread_error = None
+        self.step = -1   # the step in progress (-1: setting up); steps are numbered from 0
+        self.done = False
 
     def main(self) -> int:
-        from . import comm
+        from . import comm, signals
+        signals.Catcher(self.on_signal).start()
         try:
             if not self.setup_dir():
                 return 2
@@ -60,10 +81,20 @@ class Run:
             self.finish()
             return 0
         except BaseException as e:  # noqa: BLE001 - whatever it is, the job must come down
-            self.fail(type(e).__name__, str(e), traceback.format_exc())
+            tb = traceback.format_exc()
+            msg = str(e)
+            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+                msg, tb = (f"disk full: no space left on the device of {self.run_dir} "
+                           f"({self._when()})"), ""
+            elif isinstance(e, Stopped):
+                tb = ""
+            self.fail(type(e).__name__, msg, tb)
             if self.size > 1:
                 comm.abort(1)
             return 1
+
+    def _when(self) -> str:
+        return f"at step {self.step}" if self.step >= 0 else "during setup"
 
     # -- setup --------------------------------------------------------------------------------
     def setup_dir(self) -> bool:
@@ -82,6 +113,10 @@ class Run:
             return False
         self.run_dir = Path(path)
         self.files = rundir.RankFiles(self.run_dir, self.rank)
+        # room to record a failure even when the disk fills up (rundir.mark_failed frees it)
+        rundir.reserve(self.run_dir, self.rank)
+        from .heartbeat import Heartbeat
+        self.heartbeat = Heartbeat(self.run_dir, self.rank, self.cfg.comm.timeout_s)
         if notice and self.rank == 0:
             print(notice, file=sys.stderr, flush=True)
             self.files.log(notice)
@@ -133,7 +168,8 @@ class Run:
         self.layers = layers
 
         info = {"rank": rank, "host": socket.gethostname(), "pid": os.getpid(),
-                "device": str(device), "local_rank": local_rank, "threads": threads,
+                "device": str(device), "local_rank": local_rank, "local_size": local_size,
+                "cores": config.cores_available(), "threads": threads,
                 "timer": timer.kind if cfg.trace.enabled else None, "memory_sources": mem_status,
                 # the test knob's parameters, so a test can compute the true offset it injected
                 "clock_knob": ({"offset_ns": self.clock.skew_ns, "drift_ppm": d.clock_drift_ppm,
@@ -145,10 +181,22 @@ class Run:
         infos = comm.gather(info)
         if rank == 0:
             self.write_start_files(infos, bounds, cuda_aware)
+            warn_oversubscribed(infos)
         comm.barrier()
         self.clock_start = comm.clock_offsets(self.clock.now, cfg.trace.clock_exchanges)
         if self.sampler:
+            self.sampler.write_rows = self._kept_errors(self.sampler.write_rows)
             self.sampler.start()
+
+    def _kept_errors(self, write):
+        """The sampler thread's writes: an OSError (a full disk) is raised by the main thread
+        after the step, through the failure path, instead of killing the thread."""
+        def guarded(rows):
+            try:
+                write(rows)
+            except OSError as e:
+                self.thread_error = self.thread_error or e
+        return guarded
 
     def _executor(self, layers, bounds, tracker, opt, device):
         from .executor import StageExecutor
@@ -211,17 +259,41 @@ class Run:
         cfg, ex = self.cfg, self.executor
         actions = self.schedule[self.rank]
         for step in range(cfg.train.steps):
+            self.step = step
             t0 = time.perf_counter()
             out = ex.run_step(step, actions)
             dt = time.perf_counter() - t0
             self.tracer.flush()
             self.files.stat(step, out["loss"], out["grad_norm"], out["update_norm"], dt)
-            if self.last:
-                line = (f"step {step + 1:>4}/{cfg.train.steps}  loss {out['loss']:.4f}  "
+            self.heartbeat.beat(step, dt)
+            if self.thread_error:
+                raise self.thread_error
+            if self.last:  # steps are numbered from 0, as in every file and the analysis
+                line = (f"step {step:>4}  ({step + 1}/{cfg.train.steps})  loss {out['loss']:.4f}  "
                         f"step time {dt * 1e3:.1f} ms")
                 self.files.log(line)
                 if not cfg.quiet:
                     print(line, flush=True)
+            self.check_finite(step, out)
+
+    def check_finite(self, step: int, out: dict):
+        """The first non-finite loss (last stage) or gradient norm (every rank) stops the run,
+        or with train.stop_on_nonfinite=false is reported once and recorded in meta.json."""
+        if self.nonfinite is not None:
+            return
+        bad = [(k, out[k]) for k in ("loss", "grad_norm")
+               if out.get(k) is not None and not math.isfinite(out[k])]
+        if not bad:
+            return
+        what = ", ".join(f"{k} {v}" for k, v in bad)
+        self.nonfinite = {"step": step, "rank": self.rank, "what": what}
+        if self.cfg.train.stop_on_nonfinite:
+            raise Diverged(f"diverged: non-finite {what} at step {step} on rank {self.rank} "
+                           f"(train.stop_on_nonfinite=false keeps training)")
+        msg = (f"warning: non-finite {what} at step {step} on rank {self.rank}; training goes "
+               f"on (train.stop_on_nonfinite=false)")
+        self.files.log(msg)
+        print(f"[rank {self.rank}] {msg}", file=sys.stderr, flush=True)
 
     def finish(self):
         from . import comm, rundir, runformat
@@ -232,6 +304,7 @@ class Run:
                      for i, blk in enumerate(self.layers)}
             torch.save(state, self.run_dir / runformat.weights_file(self.rank))
         clock_end = comm.clock_offsets(self.clock.now, self.cfg.trace.clock_exchanges)
+        nonfinite = [x for x in comm.gather(self.nonfinite) or [] if x]
         if self.sampler:
             self.sampler.stop()
         self.tracer.close()
@@ -244,25 +317,61 @@ class Run:
             est += [dict(e, phase="end") for e in clock_end[1:]]
             self.meta.update(status="complete", end_time=rundir.now_iso())
             self.meta["clock"]["estimates"] = est
+            if nonfinite:  # kept training past divergence: say where it began
+                self.meta["nonfinite"] = min(nonfinite, key=lambda x: (x["step"], x["rank"]))
             rundir.write_json(self.run_dir / "meta.json", self.meta)
+        self.done = True
         comm.barrier()  # meta.json says complete before anyone says the run is done
+        self.heartbeat.close()
+        rundir.release(self.run_dir, self.rank)
         if self.last:
             print(self.run_dir, flush=True)
 
     # -- failure -------------------------------------------------------------------------------
     def fail(self, exc_type: str, message: str, tb: str):
+        """Say it (a traceback, or one line when `tb` is empty), then record it: meta.json
+        first (it must succeed, even on a full disk), then the rank's log and trace."""
         from . import rundir
-        sys.stderr.write(f"[rank {self.rank}] harness.run failed; aborting the job\n{tb}")
-        sys.stderr.flush()
-        try:
-            if self.files:
-                self.files.log(f"FAILED\n{tb}")
-            if self.run_dir:
+        problem = None
+        if self.run_dir:  # first: when the launcher is gone, writing to stderr can kill us
+            try:
                 rundir.mark_failed(self.run_dir, self.rank, exc_type, message)
-            if self.tracer:
-                self.tracer.flush()
-        except Exception as e:  # noqa: BLE001 - recording the failure must not mask it
-            sys.stderr.write(f"[rank {self.rank}] could not record the failure: {e}\n")
+            except Exception as e:  # noqa: BLE001 - recording the failure must not mask it
+                problem = (f"[rank {self.rank}] could not record the failure in "
+                           f"{self.run_dir / 'meta.json'}: {e}\n")
+        try:
+            if tb:
+                sys.stderr.write(f"[rank {self.rank}] harness.run failed; aborting the job\n{tb}")
+            else:
+                sys.stderr.write(f"[rank {self.rank}] harness.run: error: {message}; "
+                                 f"aborting the job\n")
+            sys.stderr.write(problem or "")
+            sys.stderr.flush()
+        except OSError:  # nobody is listening any more
+            pass
+        for record in (lambda: self.files and self.files.log(f"FAILED: {message}\n{tb}"),
+                       lambda: self.tracer and self.tracer.flush()):
+            try:
+                record()
+            except Exception:  # noqa: BLE001 - best effort (the disk may be full); meta.json has it
+                pass
+
+    def on_signal(self, name: str, signum: int):
+        """Signal thread (harness.signals): SIGTERM and friends end the run as a failure."""
+        from . import comm
+        if not self.done:
+            # mpirun terminates the survivors when a rank was killed: then name the dead rank
+            from .heartbeat import judge
+            peers = {"status": "running", "ranks": [{"rank": r} for r in range(self.size)
+                                                    if r != self.rank]}
+            died = judge(self.run_dir, peers) if self.run_dir else None
+            if died:
+                self.fail("Died", f"{died}; the job was then terminated ({name})", "")
+            else:
+                self.fail("Terminated", f"terminated by {name} {self._when()}", "")
+        if self.size > 1:
+            comm.abort(128 + signum)
+        os._exit(128 + signum)
 
     def on_timeout(self, what: str):
         """Watchdog thread: a blocking call outlived comm.timeout_s."""
@@ -271,6 +380,16 @@ class Run:
                f"comm.timeout_s={self.cfg.comm.timeout_s:g} s")
         self.fail("CommTimeout", msg, msg + "\n")
         comm.abort(3)
+
+
+def warn_oversubscribed(infos: list) -> None:
+    """Once per job (rank 0): hosts running more ranks than they have cores."""
+    for host in sorted({i["host"] for i in infos}):
+        mine = [i for i in infos if i["host"] == host]
+        if len(mine) > mine[0]["cores"]:
+            print(f"warning: {len(mine)} ranks on {host}, which has {mine[0]['cores']} cores: "
+                  f"oversubscribed, so step times are not representative", file=sys.stderr,
+                  flush=True)
 
 
 def versions() -> dict:

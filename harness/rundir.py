@@ -6,10 +6,13 @@ logs and stats are append-only and flushed every step.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
+import fcntl
 import json
 import os
+import time
 from pathlib import Path
 
 from .runformat import FORMAT, STATS_COLS, log_file, stats_file
@@ -49,11 +52,15 @@ def choose(exp: str, explicit: str | None) -> tuple[Path, str | None]:
 def write_atomic(path: Path, text: str, tag: str = "") -> None:
     """Write `text` to `path` so that readers see the old file or the new one, never half."""
     tmp = path.with_name(f".{path.name}.{tag or os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, a signal: leave no temporary file behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_json(path: Path, obj, tag: str = "") -> None:
@@ -61,17 +68,77 @@ def write_json(path: Path, obj, tag: str = "") -> None:
 
 
 def mark_failed(run_dir: Path, rank: int, exc_type: str, message: str) -> None:
-    """Any rank may call this when it is about to abort the job: meta.json says failed."""
+    """Any rank may call this when it is about to abort the job: meta.json says failed.
+
+    Ranks that fail together (a signal reaches them all) take turns under a lock on the run
+    directory, so that no rank aborts the job while another is half-way through writing."""
+    with _dir_lock(run_dir):
+        _mark_failed(run_dir, rank, exc_type, message)
+    for p in (run_dir / "ranks").glob(".reserve.r*"):  # the job is coming down: free it all
+        p.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _dir_lock(run_dir: Path, timeout_s: float = 10.0):
+    """flock on the directory (needs no disk space; released if the holder dies). Waits at most
+    timeout_s, then goes on unlocked: recording the failure matters more than the lock."""
+    try:
+        fd = os.open(run_dir, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.02)
+            except OSError:  # a file system without flock
+                break
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _mark_failed(run_dir: Path, rank: int, exc_type: str, message: str) -> None:
     path = run_dir / "meta.json"
     try:
         meta = json.loads(path.read_text())
     except (OSError, ValueError):
         meta = {"format": FORMAT}
-    if meta.get("status") == "failed":  # the first failure is the cause; keep it
+    if meta.get("status") in ("failed", "complete"):  # the first failure is the cause; keep it
         return
     meta.update(status="failed", end_time=now_iso(),
                 error={"rank": rank, "type": exc_type, "message": message})
-    write_json(path, meta, tag=f"r{rank}")
+    try:
+        write_json(path, meta, tag=f"r{rank}")
+    except OSError:  # e.g. the disk is full: give back the room reserved for this moment
+        release(run_dir, rank)
+        write_json(path, meta, tag=f"r{rank}")
+
+
+RESERVE_BYTES = 256 * 1024  # per rank: several times a meta.json of a large job
+
+
+def _reserve_path(run_dir: Path, rank: int) -> Path:
+    return run_dir / "ranks" / f".reserve.r{rank}"
+
+
+def reserve(run_dir: Path, rank: int) -> None:
+    """Hold RESERVE_BYTES of real disk blocks (written, not sparse) until `release`, so that a
+    full disk can still take the final meta.json."""
+    with open(_reserve_path(run_dir, rank), "wb") as f:
+        f.write(b"\0" * RESERVE_BYTES)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def release(run_dir: Path, rank: int) -> None:
+    _reserve_path(run_dir, rank).unlink(missing_ok=True)
 
 
 class RankFiles:

@@ -1,6 +1,7 @@
 """Launching the harness for real in tests: `mpirun -n P python -m harness.run ...`."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -50,7 +51,7 @@ def weights(run_dir: Path, world: int) -> dict:
     """Final weights of all stages (run.save_weights=true), keyed by global layer index."""
     out = {}
     for r in range(world):
-        out.update(torch.load(Path(run_dir) / "ranks" / f"weights.r{r}.pt"))
+        out.update(torch.load(Path(run_dir) / "ranks" / f"weights.r{r}.pt", weights_only=True))
     return out
 
 
@@ -67,3 +68,31 @@ def render_png(fig, min_width: int = 200):
     assert img.shape[0] > 100 and img.shape[1] > min_width
     assert img[..., :3].std() > 0.05          # not a blank canvas
     return img
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: str):
+    """A file system of `size` mounted at `path` for the duration (root only, else skip)."""
+    import pytest
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def fill(path: Path) -> None:
+    """Write zeros into `path`/filler until the file system is full."""
+    with open(path / "filler", "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass

@@ -115,3 +115,50 @@ def test_cli_partial_run_and_errors(run_dir, tmp_path, capsys):
         main([str(other), "--out", str(run_dir / "analysis"), "-q"])
     assert main([str(tmp_path / "nope"), "-q"]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_analysis_into_a_full_disk_is_one_line_naming_the_path(run_dir, tmp_path, capsys):
+    from helpers import fill, small_tmpfs
+    with small_tmpfs(tmp_path / "disk", "256k") as disk:
+        fill(disk)
+        assert main([str(run_dir), "--out", str(disk / "a"), "--format", "png", "-q"]) == 1
+        err = capsys.readouterr().err
+        lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        assert len(lines) == 1 and str(disk / "a") in lines[0] and "No space left" in lines[0]
+        assert "Traceback" not in err
+        assert not [p for p in (disk / "a").rglob("*") if p.stat().st_size == 0] if \
+            (disk / "a").exists() else True
+
+
+def test_step_out_of_range_writes_nothing(run_dir, capsys):
+    assert main([str(run_dir), "--step", "99", "-q"]) == 2
+    assert "--step 99: not in the run (steps 0..2)" in capsys.readouterr().err
+    assert not (run_dir / "analysis").exists()
+
+
+@pytest.mark.parametrize("damage, line", [
+    (lambda ln: ln[:4] + '"' + ln[4:], 5),                          # a stray quote
+    (lambda ln: ln + ",extra", 5),                                  # one field too many
+    (lambda ln: ln.rsplit(",", 2)[0], 5),                           # fields missing
+    (lambda ln: "x" + ln, 5),                                       # not a number
+])
+def test_damaged_rows_are_dropped_and_counted_naming_the_file(run_dir, damage, line):
+    p = run_dir / "trace" / "events.r0.csv"
+    n = len(load_run(run_dir).events)
+    lines = p.read_text().splitlines()
+    lines[line - 1] = damage(lines[line - 1])
+    p.write_text("\n".join(lines) + "\n")
+    run = load_run(run_dir)
+    assert len(run.events) == n - 1
+    warn = [w for w in run.warnings if "malformed" in w]
+    assert warn == [f"{p}: dropped 1 malformed row(s) (line {line})"]
+
+
+def test_damaged_stats_rows_are_dropped_and_counted(run_dir):
+    p = run_dir / "stats.csv"
+    lines = p.read_text().splitlines()
+    lines[2] = lines[2] + ',"'
+    p.write_text("\n".join(lines) + "\n")
+    run = load_run(run_dir)
+    assert len(run.stats) == 5
+    assert f"{p}: dropped 1 malformed row(s) (line 3)" in run.warnings

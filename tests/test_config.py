@@ -87,3 +87,70 @@ def test_an_experiment_starts_from_its_base_and_overrides_it(tmp_path, monkeypat
     assert (cfg.train.steps, cfg.train.lr, cfg.description) == (9, 0.5, "b")
     with pytest.raises(ConfigError, match="loops"):
         config.load(["exp=loop"], world_size=1)
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "NaN", "-Infinity"])
+@pytest.mark.parametrize("key", ["train.lr", "train.momentum", "data.noise", "comm.timeout_s",
+                                 "comm.poll_us", "trace.sample_interval_ms",
+                                 "debug.clock_offset_ms", "debug.clock_drift_ppm"])
+def test_non_finite_numbers_are_refused_for_every_float_key(key, value):
+    with pytest.raises(ConfigError) as e:
+        config.load([f"{key}={value}"], world_size=1)
+    assert str(e.value).startswith(f"{key}=") and "finite" in str(e.value)
+
+
+def test_non_finite_numbers_in_an_experiment_file_are_refused(tmp_path, monkeypatch):
+    (tmp_path / "x.yaml").write_text("train: {lr: .inf}\n")
+    monkeypatch.setattr(config, "EXPERIMENTS_DIR", tmp_path)
+    with pytest.raises(ConfigError, match=r"train\.lr=inf: must be a finite number"):
+        config.load(["exp=x"], world_size=1)
+
+
+BROKEN = "description: broken\ntrain:\n  steps: [1, 2\n  lr: 0.1\n"
+
+
+def test_a_broken_experiment_file_breaks_only_itself(tmp_path, monkeypatch):
+    (tmp_path / "good.yaml").write_text("description: fine\n")
+    (tmp_path / "broken.yaml").write_text(BROKEN)
+    (tmp_path / "child.yaml").write_text("base: broken\n")
+    monkeypatch.setattr(config, "EXPERIMENTS_DIR", tmp_path)
+    assert config.load(["exp=good"], world_size=1).description == "fine"
+    assert "good" in config.help_text() and "broken" not in config.experiments()
+    warn = config.unreadable_warnings()
+    assert len(warn) == 1 and str(tmp_path / "broken.yaml") in warn[0] and "\n" not in warn[0]
+    with pytest.raises(ConfigError) as e:                      # asking for it: file:line:col
+        config.load(["exp=broken"], world_size=1)
+    assert str(e.value).startswith(f"{tmp_path / 'broken.yaml'}:4:5: YAML syntax error")
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"base='broken'.*broken\.yaml:4:5"):
+        config.load(["exp=child"], world_size=1)
+
+
+def test_a_broken_experiment_file_end_to_end(tmp_path):
+    """The real CLI with a broken file in experiments/: --help and other experiments work with
+    one warning line; asking for it is one error line and exit 2, on every rank."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from helpers import REPO, SMALL
+    repo = tmp_path / "repo"
+    shutil.copytree(REPO / "harness", repo / "harness", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "experiments", repo / "experiments",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (repo / "experiments" / "my_sweep.yaml").write_text(BROKEN)
+    env = dict(os.environ, PYTHONPATH=str(repo))
+    run = lambda *a: subprocess.run([sys.executable, "-m", "harness.run", *a],  # noqa: E731
+                                    capture_output=True, text=True, env=env, cwd=tmp_path,
+                                    timeout=120)
+    h = run("--help")
+    assert h.returncode == 0 and "deep_mlp" in h.stdout
+    assert h.stderr.count("\n") == 1 and "my_sweep.yaml:4:5" in h.stderr and "warning" in h.stderr
+    bad = run("exp=my_sweep")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert [ln for ln in bad.stderr.splitlines() if "error" in ln] == [
+        ln for ln in bad.stderr.splitlines() if "my_sweep.yaml:4:5: YAML syntax error" in ln]
+    good = run(*SMALL, "train.steps=1", f"run.dir={tmp_path / 'r'}")
+    assert good.returncode == 0, good.stderr
+    assert good.stderr.count("my_sweep.yaml") == 1 and "Traceback" not in good.stderr

@@ -81,7 +81,9 @@ def test_progress_lines_then_the_run_directory_last(tmp_path):
     proc = run_harness(2, *[a for a in SMALL if a != "quiet=true"], "train.steps=3",
                        f"run.dir={tmp_path / 'r'}")
     lines = ok(proc) and proc.stdout.strip().splitlines()
-    assert [ln.split()[1] for ln in lines[:-1]] == ["1/3", "2/3", "3/3"]
+    # steps are numbered from 0, as in stats.csv, the traces and the analysis
+    assert [ln.split()[1:3] for ln in lines[:-1]] == [["0", "(1/3)"], ["1", "(2/3)"],
+                                                      ["2", "(3/3)"]]
     assert all("loss" in ln and "ms" in ln for ln in lines[:-1])
     assert lines[-1] == str(tmp_path / "r")
 
@@ -145,3 +147,14 @@ def test_sleeping_waits_train_identically(runs, tmp_path):
                        f"run.dir={tmp_path / 'r'}"))
     assert losses(d) == losses(runs[2])
     assert json.loads((d / "meta.json").read_text())["comm"] == {"wait": "sleep", "poll_us": 20.0}
+
+
+def test_more_ranks_than_cores_is_warned_once(tmp_path):
+    from harness.config import cores_available
+    n = cores_available() + 1
+    if n > 6:
+        pytest.skip(f"{n} ranks would exceed the 6 layers of the small model")
+    proc = run_harness(n, *SMALL, "train.steps=1", f"run.dir={tmp_path / 'r'}", timeout=120)
+    ok(proc)
+    assert proc.stderr.count("oversubscribed") == 1, proc.stderr
+    assert f"{n} ranks on " in proc.stderr

@@ -162,3 +162,63 @@ def test_paper_sweeps_expand(tmp_path):
         pts = [sw.check(p) for p in sw.expand(sw.load_spec(Path(sw.__file__).parent / name))]
         assert {p.tag for p in pts} >= {"grid", "overlap", "lessons"}
         assert sum(p.repeats for p in pts if not p.skip) >= 7
+
+
+def test_an_invalid_explicit_point_is_invalid_not_skipped_and_fails_the_sweep(tmp_path, monkeypatch):
+    s = spec(ranks=[2], points=[{"tag": "mine", "ranks": 2, "schedule": "naive",
+                                 "pipeline.microbatches": 4}])
+    idx = sw.run_sweep(s, tmp_path, launcher=Fake(), ncores=2, log=quiet)
+    mine = idx[idx["tag"] == "mine"].iloc[0]
+    assert mine["status"] == "invalid" and mine["message"].startswith("invalid: pipeline.micro")
+    grid = idx[idx["tag"] == "grid"]
+    assert set(grid["status"]) == {"complete", "skipped"}     # grid combinations stay skips
+    f = tmp_path / "s.yaml"
+    f.write_text(json.dumps(s))
+    monkeypatch.setattr(sw, "run_sweep", lambda spec, out: sw.frame(idx.to_dict("records")))
+    assert sw.main([str(f), "--out", str(tmp_path)]) == 1
+
+
+def test_a_broken_sweep_file_is_one_line(tmp_path, capsys):
+    f = tmp_path / "s.yaml"
+    f.write_text("sweep:\n  grid: {a: [1, 2}\n")
+    assert sw.main([str(f)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "s.yaml:2:" in err and "YAML syntax error" in err
+
+
+def _running_meta(run_dir, pid, start):
+    import socket
+    run_dir.mkdir(parents=True)
+    (run_dir / "ranks").mkdir()
+    (run_dir / "meta.json").write_text(json.dumps({"status": "running", "ranks": [
+        {"rank": 0, "host": socket.gethostname(), "pid": pid}]}))
+    (run_dir / "ranks" / "heartbeat.r0.json").write_text(json.dumps(
+        {"rank": 0, "host": socket.gethostname(), "pid": pid, "pid_start": start, "step": 3,
+         "time": 0.0, "step_time": 0.1, "timeout_s": 120}))
+
+
+def test_a_live_run_is_never_moved_aside_nor_run_twice_and_a_dead_one_is_retried(tmp_path):
+    import os
+
+    import psutil
+    s = spec(ranks=[2], points=[], repeats=1)
+    pts = [p for p in map(sw.check, sw.expand(s)) if not p.skip]
+    me = psutil.Process()
+    live, dead = tmp_path / "runs" / f"{pts[0].id}-r0", tmp_path / "runs" / f"{pts[1].id}-r0"
+    _running_meta(live, os.getpid(), me.create_time())          # this very process: alive
+    _running_meta(dead, os.getpid(), me.create_time() - 1000)   # same pid, another process
+    assert sw.status_of(live) == "running" and sw.status_of(dead) == "died"
+    f = Fake()
+    idx = sw.run_sweep(s, tmp_path, launcher=f, ncores=2, log=quiet)
+    assert f.calls == [dead.name]
+    assert (live / "meta.json").exists() and (tmp_path / "runs" / f"{dead.name}-failed-1").exists()
+    row = idx[idx["run_dir"] == f"runs/{live.name}"].iloc[0]
+    assert row["status"] == "running" and "alive" in row["message"]
+
+
+def test_one_runner_per_sweep_directory(tmp_path):
+    with sw.exclusive(tmp_path):
+        with pytest.raises(SystemExit, match="being run by another sweep runner"):
+            sw.run_sweep(spec(ranks=[2], points=[]), tmp_path, launcher=Fake(), ncores=2,
+                         log=quiet)
+    sw.run_sweep(spec(ranks=[2], points=[]), tmp_path, launcher=Fake(), ncores=2, log=quiet)
