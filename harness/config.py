@@ -142,6 +142,8 @@ class Config:
     threads: int = doc("torch threads per rank; 0 = cores / ranks on this host (at least 1)", 0)
     quiet: bool = doc("no per-step progress line", False)
     schedule: str = doc("pipeline schedule: naive (m=1), gpipe, 1f1b", "naive")
+    precision: str = doc("fp32, or bf16: each forward under torch.autocast (matmuls in bf16; "
+                         "bf16 boundary tensors travel as same-size int16 views)", "fp32")
     run: RunCfg = doc("", factory=RunCfg)
     train: TrainCfg = doc("", factory=TrainCfg)
     data: DataCfg = doc("", factory=DataCfg)
@@ -312,6 +314,7 @@ def validate(cfg: Config, world_size: int) -> None:
            f"pipeline.recompute={p.recompute}: only the built-in GPT (model.name=gpt) recomputes")
     blocks = m.layers if m.name == "mlp" else g.layers + 2
     _check(cfg.device in ("auto", "cpu", "cuda"), f"device={cfg.device!r}: allowed auto, cpu, cuda")
+    _check(cfg.precision in ("fp32", "bf16"), f"precision={cfg.precision!r}: allowed fp32, bf16")
     if cfg.device == "cuda":
         import torch
         _check(torch.cuda.is_available(), "device=cuda: CUDA is not available here (no GPU, or a "

@@ -14,6 +14,7 @@ and dtypes of what crosses each stage boundary come from probing the model once 
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -47,18 +48,20 @@ class StageExecutor:
     """
 
     def __init__(self, *, rank, size, layers, bounds, n_layers, loss, data, recv, p2p, tracer,
-                 tracker, optimizer, device, pipeline, train, trace, debug, names=None):
+                 tracker, optimizer, device, pipeline, train, trace, debug, names=None,
+                 autocast=contextlib.nullcontext):
         """layers: this stage's blocks (global indices `bounds`, end exclusive) of a model of
         `n_layers` blocks; loss(output, targets) -> mean loss (used on the last stage);
         data(step) -> (inputs, targets) of the full batch; recv: {"act": (shape, dtype),
         "grad": (shape, dtype)}, what a microbatch's activation and output gradient look like
         when they arrive here. pipeline, train, trace, debug: the config sections. names: one
-        per block of the model (pebbles name the sub-module that saved them, blocks.3.attn)."""
+        per block of the model (pebbles name the sub-module that saved them, blocks.3.attn).
+        autocast: () -> the context each forward runs in (precision=bf16: torch.autocast)."""
         self.rank, self.size = rank, size
         self.first, self.last = rank == 0, rank == size - 1
         self.layers, self.layer_ids = layers, list(range(*bounds))
         self.n_layers, self.m, self.data = n_layers, pipeline.microbatches, data
-        self.loss_fn, self.recv_spec = loss, recv
+        self.loss_fn, self.recv_spec, self.autocast = loss, recv, autocast
         self.names = names or [str(i) for i in range(n_layers)]
         for gi, blk in zip(self.layer_ids, layers):
             tracker.watch(self.names[gi], blk)
@@ -116,7 +119,7 @@ class StageExecutor:
             x = st.inputs[mb]
         trk.step, trk.mb = step, mb
         m_stage = tr.mark()
-        with trk.hooks():
+        with trk.hooks(), self.autocast():
             for gi, blk in zip(self.layer_ids, self.layers):
                 trk.layer = gi
                 m0 = tr.mark()

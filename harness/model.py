@@ -113,20 +113,32 @@ class Data:
 
 
 def activation_bytes(m, bounds: tuple[int, int], stage_batch: int, last: bool,
-                     itemsize: int = 4) -> int:
+                     itemsize: int = 4, bf16: bool = False) -> int:
     """Bytes a stage saves for backward per microbatch of `stage_batch` samples (analytic).
 
     Counted from the layer shapes alone: the stage input (saved by the first Linear to form its
     weight gradient), each ReLU output (saved by ReLU and reused as the next Linear's input, so
     counted once), and on the last stage the cross-entropy's log-softmax output [B, classes],
     its int64 targets and nll_loss's scalar total weight.
+
+    bf16 (precision=bf16, CPU autocast): each Linear saves the bf16 copy of its input (the stage
+    input is cast once; later inputs are already bf16 ReLU outputs) and, when its input needs a
+    gradient (every layer but the model's first, whose input is data), the bf16 copy autocast
+    makes of its weight (not a parameter's storage, so it is an activation-like pebble, made
+    anew in every forward); ReLU outputs are bf16; log_softmax runs in fp32 (autocast's fp32
+    list), so the loss's bytes are as in fp32, plus the bf16 logits [B, classes], which autograd
+    keeps for the cast to fp32 (measured with torch 2.13 on CPU; tests/test_precision_mpi.py).
     """
     w = widths(m)
     first, end = bounds
-    total = stage_batch * w[first] * itemsize
+    act = 2 if bf16 else itemsize
+    total = stage_batch * w[first] * act
     for i in range(first, end):
+        if bf16 and i > 0:
+            total += 2 * w[i] * w[i + 1]          # the weight's bf16 copy, [out, in]
         if i < m.layers - 1:
-            total += stage_batch * w[i + 1] * itemsize
+            total += stage_batch * w[i + 1] * act
     if last:
         total += stage_batch * m.classes * itemsize + stage_batch * 8 + itemsize
+        total += 2 * stage_batch * m.classes if bf16 else 0
     return total

@@ -199,6 +199,7 @@ class Run:
         return guarded
 
     def _executor(self, layers, bounds, tracker, opt, device):
+        from . import stage
         from .executor import StageExecutor
         cfg, st = self.cfg, self.stage
         return StageExecutor(
@@ -206,7 +207,7 @@ class Run:
             n_layers=st.n_blocks, loss=st.loss, data=st.data, recv=st.recv,
             p2p=self.p2p, tracer=self.tracer, tracker=tracker, optimizer=opt, device=device,
             pipeline=cfg.pipeline, train=cfg.train, trace=cfg.trace, debug=cfg.debug,
-            names=st.names)
+            names=st.names, autocast=lambda: stage.autocast(cfg, device.type))
 
     def check_boundaries(self, st):
         """Every rank probed the boundary shapes itself; they must agree before the first step

@@ -9,6 +9,7 @@ hand-written config.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -19,6 +20,7 @@ from torch import nn
 
 from . import model as mlp
 from .models import BlockModel, load_factory, param_counts, probe_shapes
+from .models.base import _probe_real
 from .models import gpt as gpt_mod
 from .models import gpt_memory
 
@@ -36,6 +38,13 @@ class Stage:
     boundary: list                        # (shape, dtype) of every block's output, as strings
     act_bytes: list | None                # per stage: bytes saved per microbatch (theory) or None
     info: dict = field(default_factory=dict)  # meta.json "model"
+
+
+def autocast(cfg, device_type: str = "cpu"):
+    """The forward's precision context: torch.autocast to bf16, or nothing for fp32."""
+    if cfg.precision == "bf16":
+        return torch.autocast(device_type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def mlp_loss(out, y):
@@ -101,7 +110,11 @@ def build(cfg, rank: int, size: int, mb_rows: int, agree=lambda x: x) -> Stage:
     part = agree(time_costs(bm, mb_rows)) if cfg.pipeline.balance == "time" else costs
     bounds = _split(cfg, part, size)
     first, end = bounds[rank]
-    shapes = probe_shapes(bm, mb_rows)
+    if cfg.precision == "bf16":  # meta tensors are not autocast: one real forward under it
+        with autocast(cfg):
+            shapes = _probe_real(bm, mb_rows)
+    else:
+        shapes = probe_shapes(bm, mb_rows)
     recv = {"act": tuple(shapes[first - 1]) if first > 0 else None,
             "grad": tuple(shapes[end - 1])}
     act = None
@@ -112,7 +125,7 @@ def build(cfg, rank: int, size: int, mb_rows: int, agree=lambda x: x) -> Stage:
                  [(list(s), str(d).replace("torch.", "")) for s, d in shapes], act,
                  {"name": "factory" if cfg.model.factory else cfg.model.name,
                   "factory": cfg.model.factory, "layers": len(bm.blocks), "names": bm.names,
-                  "batch_size": cfg.data.batch_size, "dtype": "float32",
+                  "batch_size": cfg.data.batch_size, "dtype": cfg.precision,
                   "param_counts": costs, "balance": cfg.pipeline.balance,
                   "balance_costs": part,
                   "boundary": [(list(s), str(d).replace("torch.", "")) for s, d in shapes]})
@@ -126,14 +139,19 @@ def _build_mlp(cfg, rank, size, mb_rows) -> Stage:
     first, end = bounds[rank]
     w = mlp.widths(m)
     data = mlp.Data(m, cfg.data.batch_size, cfg.data.noise, cfg.train.seed)
-    recv = {"act": ((mb_rows, w[first]), torch.float32) if first > 0 else None,
-            "grad": ((mb_rows, w[end]), torch.float32)}
-    act = [mlp.activation_bytes(m, b, mb_rows, s == size - 1) for s, b in enumerate(bounds)]
+    bf16 = cfg.precision == "bf16"
+    # under autocast every layer's output is bf16 (Linear in bf16, ReLU keeps the dtype)
+    dt = torch.bfloat16 if bf16 else torch.float32
+    recv = {"act": ((mb_rows, w[first]), dt) if first > 0 else None,
+            "grad": ((mb_rows, w[end]), dt)}
+    act = [mlp.activation_bytes(m, b, mb_rows, s == size - 1, bf16=bf16)
+           for s, b in enumerate(bounds)]
+    boundary = [([mb_rows, x], str(dt).replace("torch.", "")) for x in w[1:]]
     return Stage(mlp.build_stage(m, bounds[rank], cfg.train.seed), bounds, costs, m.layers,
-                 [str(i) for i in range(m.layers)], mlp_loss, data.batch, recv,
-                 [([mb_rows, x], "float32") for x in w[1:]], act,
+                 [str(i) for i in range(m.layers)], mlp_loss, data.batch, recv, boundary, act,
                  {"name": "mlp", "layers": m.layers, "widths": w,
-                  "batch_size": cfg.data.batch_size, "dtype": "float32", "param_counts": costs})
+                  "batch_size": cfg.data.batch_size, "dtype": cfg.precision,
+                  "param_counts": costs, "boundary": boundary})
 
 
 def gpt_stage_bytes(cfg, bounds, b: int, last: bool) -> int:
@@ -142,15 +160,16 @@ def gpt_stage_bytes(cfg, bounds, b: int, last: bool) -> int:
     output kept for backward(grad), which nothing inside the stage saves. The received input
     is the first block's saved input (one pebble), so it adds nothing."""
     g = _gpt_cfg(cfg)
+    lo = 2 if cfg.precision == "bf16" else 4   # bytes of what autocast computes in bf16
     first, end = bounds
     total = 0
     for i in range(first, end):
         if i == 0:
             total += gpt_memory.saved_bytes_embed(g, b)["total"]
         elif i == g["layers"] + 1:
-            total += gpt_memory.saved_bytes_head(g, b)["total"]
+            total += gpt_memory.saved_bytes_head(g, b, dtype_bytes=lo)["total"]
         else:
-            total += gpt_memory.saved_bytes_per_block(g, b)["total"]
+            total += gpt_memory.saved_bytes_per_block(g, b, dtype_bytes=lo)["total"]
     if last:
         total += gpt_memory.saved_bytes_loss(g, b)["total"]
     else:
