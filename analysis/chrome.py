@@ -19,7 +19,8 @@ import numpy as np
 
 from analysis.metrics import live_bytes, recv_split
 
-TID = {"compute": 0, "send": 1, "recv": 2, "copy": 3, "step": 4, "other": 5, "critical": 6}
+TID = {"compute": 0, "send": 1, "recv": 2, "copy": 3, "step": 4, "other": 5, "critical": 6,
+       "recompute": 7}
 US = 1e6  # seconds -> microseconds
 CHUNK = 100_000  # events formatted and written at a time
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import schedule as S
+from .models.base import set_recompute_observer
 
 
 @dataclass
@@ -65,6 +66,9 @@ class StageExecutor:
         self.names = names or [str(i) for i in range(n_layers)]
         for gi, blk in zip(self.layer_ids, layers):
             tracker.watch(self.names[gi], blk)
+        if tracer.enabled:  # time what checkpointed blocks recompute in backward (models.base)
+            set_recompute_observer(self._recomputing)
+        self.bwd_mb = None  # the microbatch whose backward runs (recomputations belong to it)
         self.p2p, self.tracer, self.tracker = p2p, tracer, tracker
         self.opt, self.lr, self.momentum = optimizer, train.lr, train.momentum
         self.params = list(layers.parameters())
@@ -152,6 +156,22 @@ class StageExecutor:
         if out.requires_grad:
             tr = self.tracer
             out.register_hook(lambda g: self.bwd_marks.append((layer, tr.mark())))
+    @contextlib.contextmanager
+    def _recomputing(self, name):
+        """One recomputation of a checkpointed module (blocks.3, blocks.3.attn) inside a
+        backward call: a `recompute` span on its own lane, within the bwd spans (it is part of
+        backward's compute, shown so a reader sees what recomputation costs)."""
+        tr = self.tracer
+        m0 = tr.mark()
+        try:
+            yield
+        finally:  # torch stops a recomputation early by raising once it has what it needs
+            if self.bwd_mb is not None:
+                block = max((i for i, n in enumerate(self.names)
+                             if name == n or name.startswith(n + ".")), default=-1,
+                            key=lambda i: len(self.names[i]))
+                tr.span(self.st.step, self.bwd_mb, block, "recompute", m0, tr.mark())
+
     def _tile_backward(self, mb, m0, m1):
         """Per-layer bwd spans covering the backward call [m0, m1] without gaps.
 
@@ -177,11 +197,13 @@ class StageExecutor:
         retain = not self.detach
         if retain:
             self.kept.append(out)
+        self.bwd_mb = mb
         if self.last:
             st.losses.append(out.detach())
             out.backward(retain_graph=retain)
         else:
             out.backward(st.grads.pop(mb), retain_graph=retain)
+        self.bwd_mb = None
         m1 = self.tracer.mark()
         if self.per_stage:
             self.tracer.span(st.step, mb, -1, "bwd", m0, m1)

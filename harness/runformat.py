@@ -22,7 +22,9 @@ STATS_COLS = ("step", "rank", "loss", "grad_norm", "update_norm", "step_time")
 
 # the lane (row of the timeline) of each event kind
 LANE = {"fwd": "compute", "bwd": "compute", "loss": "compute", "opt": "compute", "norms": "compute",
-        "send": "send", "recv": "recv", "d2h": "copy", "h2d": "copy", "step": "step"}
+        "send": "send", "recv": "recv", "d2h": "copy", "h2d": "copy", "step": "step",
+        # a recomputation inside a bwd span (pipeline.recompute): an annotation of compute
+        "recompute": "recompute"}
 
 MAGIC = re.compile(r"#\s*harness-trace\s+(.*)")
 

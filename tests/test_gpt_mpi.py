@@ -72,6 +72,18 @@ def test_recomputation_keeps_the_losses_and_holds_less(reference, tmp_path, mode
     full = [stage.gpt_stage_bytes(cfg, b, 8, s == 1) for s, b in enumerate(meta(d)["split"])]
     assert base is not None
     assert all(a < b for a, b in zip(meta(d)["pebbles_theory"]["bytes_per_microbatch"], full))
+    # every transformer block's recomputation is a span of its own, inside that microbatch's
+    # backward call (the embedding and head are not checkpointed)
+    for r, (first, end) in enumerate(meta(d)["split"]):
+        ev = pd.read_csv(d / "trace" / f"events.r{r}.csv", comment="#")
+        rc, bwd = ev[ev["kind"] == "recompute"], ev[ev["kind"] == "bwd"]
+        blocks = [i for i in range(first, end) if 1 <= i <= 2]
+        assert sorted(rc.groupby(["step", "layer"]).size().index.get_level_values(1).unique()) \
+            == blocks
+        assert (rc.groupby(["step", "mb", "layer"]).size() == 1).all() and len(rc) == 3 * len(blocks)
+        for row in rc.itertuples():
+            b = bwd[(bwd["step"] == row.step) & (bwd["mb"] == row.mb)]
+            assert b["t0"].min() <= row.t0 <= row.t1 <= b["t1"].max()
 
 
 def test_a_users_factory_model_runs_split(tmp_path):

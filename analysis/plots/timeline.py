@@ -68,6 +68,11 @@ def timeline(events, steps=None, planned: pd.DataFrame | None = None, fig=None,
         if k.any():
             add_boxes(ax, X(ev["start"][k]), X(ev["end"][k]), yc[k] - 0.4, yc[k] + 0.4,
                       gid=f"compute-{kind}", facecolor=style.KIND[kind], edgecolor="none")
+    rc = (ev["kind"] == "recompute").to_numpy()  # inside bwd: drawn over it, hatched
+    if rc.any():
+        add_boxes(ax, X(ev["start"][rc]), X(ev["end"][rc]), yc[rc] - 0.4, yc[rc] + 0.4,
+                  gid="recompute", facecolor="none", edgecolor=style.KIND["fwd"],
+                  hatch="xxxx", linewidth=0.3)
     _labels(ax, ev[comp & ev["kind"].isin(("fwd", "bwd")).to_numpy()], X, (hi - lo) * scale)
     s = send_split(ev)
     ys = s["rank"].to_numpy() * LANE_GAP + 1
@@ -116,6 +121,9 @@ def timeline(events, steps=None, planned: pd.DataFrame | None = None, fig=None,
                 Patch(facecolor="white", edgecolor=style.KIND["recv"], hatch="////",
                       label="recv: wait"),
                 Patch(facecolor=style.KIND["recv"], label="recv: transfer")]
+    if rc.any():
+        handles.append(Patch(facecolor=style.KIND["bwd"], edgecolor=style.KIND["fwd"],
+                             hatch="xxxx", label="bwd: recompute"))
     if critical is not None and len(critical):
         handles.append(Line2D([], [], color="black", lw=1.2, label="critical path"))
     fig.legend(handles=handles, loc="outside upper center", ncol=min(len(handles), 6))

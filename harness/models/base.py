@@ -6,6 +6,7 @@ The harness never looks inside a block; it needs only the pieces of `BlockModel`
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 from dataclasses import dataclass
 from typing import Callable
@@ -28,6 +29,28 @@ class BlockModel:
     """One name per block, e.g. "embed", "blocks.0", ..., "head" (traces and logs use them)."""
     example_input: Callable[[int], Tensor]
     """rows -> a tensor shaped and typed like block 0's input for that many rows (shape probing)."""
+
+
+# Recomputation, seen by the harness. torch.utils.checkpoint's `context_fn` returns (context of
+# the first forward, context of the recomputation in backward); a model that checkpoints passes
+# `recompute_context(name)`, and the executor installs an observer that times the recomputation
+# as its own span (kind `recompute`). Without an observer both contexts do nothing.
+_recompute_observer = None
+
+
+def set_recompute_observer(observer) -> None:
+    """observer(name) -> a context manager around one recomputation (None: stop observing)."""
+    global _recompute_observer
+    _recompute_observer = observer
+
+
+def recompute_context(name: str):
+    """A `context_fn` for torch.utils.checkpoint(..., use_reentrant=False) naming what it
+    recomputes (a module path such as blocks.3 or blocks.3.attn)."""
+    def contexts():
+        obs = _recompute_observer
+        return contextlib.nullcontext(), (obs(name) if obs else contextlib.nullcontext())
+    return contexts
 
 
 def block_generator(seed: int, index: int) -> torch.Generator:

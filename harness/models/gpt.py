@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from harness.models.base import BlockModel, block_generator
+from harness.models.base import BlockModel, block_generator, recompute_context
 
 ATTENTION = ("explicit", "sdpa")
 RECOMPUTE = ("none", "full", "attention")
@@ -98,7 +98,8 @@ class Attention(nn.Module):
         qkv = self.qkv(x).view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.contiguous().unbind(0)
         if self.recompute_core:
-            y = checkpoint(self.core, q, k, v, use_reentrant=False)
+            y = checkpoint(self.core, q, k, v, use_reentrant=False,
+                           context_fn=recompute_context(self.trace_name))
         else:
             y = self.core(q, k, v)
         return self.proj(y.transpose(1, 2).reshape(b, s, d))          # reshape copies: [b, s, d]
@@ -132,7 +133,8 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x):
         if self.full:  # keeps only x; backward reruns body (Korthikanti et al. 2022, "full")
-            return checkpoint(self.body, x, use_reentrant=False)
+            return checkpoint(self.body, x, use_reentrant=False,
+                              context_fn=recompute_context(self.trace_name))
         return self.body(x)
 
 
@@ -172,6 +174,9 @@ def build_blocks(c: GPTCfg, seed: int) -> list[nn.Module]:
         # and initialised from the generator of (seed, block index)
         with torch.device("meta"):
             blk = make()
+        for sub, mod in blk.named_modules():  # what a recomputation is called in the trace
+            mod.trace_name = ".".join(x for x in ("embed" if i == 0 else "head" if
+                                                  i == c.layers + 1 else f"blocks.{i - 1}", sub) if x)
         out.append(_init(blk.to_empty(device="cpu"), block_generator(seed, i), c.layers))
     return out
 
