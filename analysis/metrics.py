@@ -27,11 +27,12 @@ import numpy as np
 import pandas as pd
 
 from analysis import intervals as iv
+from harness import runformat
 from harness import schedule as S
 from analysis import phases as ph
 from analysis import waits
 
-COMPUTE = ("fwd", "bwd", "loss", "opt", "norms")  # norms: the run's gradient/update statistics
+COMPUTE = runformat.COMPUTE  # fwd, bwd, loss, opt, norms (the run's gradient/update statistics)
 
 
 def recv_split(events: pd.DataFrame) -> pd.DataFrame:

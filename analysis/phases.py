@@ -20,8 +20,9 @@ import numpy as np
 import pandas as pd
 
 from analysis import intervals as iv
+from harness import runformat
 
-COMPUTE = ("fwd", "bwd", "loss", "opt")
+COMPUTE = runformat.COMPUTE
 PHASES = ("warmup", "steady", "cooldown")
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import dir_bytes, launch, median_step_time
-from harness import config, model, stage
+from harness import config, stage
 from harness import schedule as S
 from harness.executor import StageExecutor
 from harness.trace import clock, open_trace
@@ -31,28 +31,29 @@ from harness.trace import clock, open_trace
 
 def interleaved(steps: int, overrides: list[str], ranks: int) -> tuple[float, float, float]:
     """(median traced step, median untraced step, median per-step ratio), seconds."""
-    cfg = config.load(overrides, world_size=ranks)
+    cfg = config.load(overrides, world_size=1)
+    # the threads one rank of a `ranks`-rank run gets on this host
     torch.set_num_threads(cfg.threads or max(1, config.cores_available() // ranks))
-    m = cfg.model
-    bounds = model.partition(model.layer_params(m), ranks)[0]
-    # stage 0 run as a one-rank pipeline: its layers forward, a loss on its [B, width] output
-    # (labels < classes are valid class indices there), backward, SGD step; no MPI
+    rows = cfg.data.batch_size // cfg.pipeline.microbatches
+    # the whole model (any model.name / factory) as a one-rank pipeline: forward, loss,
+    # backward, SGD step, with every hook the harness installs; no MPI
 
     def make(traced: bool, tmp: Path):
-        layers = model.build_stage(m, bounds, cfg.train.seed)
-        opt = torch.optim.SGD(layers.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum)
+        st = stage.build(cfg, 0, 1, rows)
+        opt = torch.optim.SGD(st.layers.parameters(), lr=cfg.train.lr,
+                              momentum=cfg.train.momentum)
         clk = clock.Clock()
         tracker, tracer, sampler, _ = open_trace(
-            traced, tmp, 0, clock.HostTimer(clk), clk.now, layers.parameters(),
+            traced, tmp, 0, clock.HostTimer(clk), clk.now, st.layers.parameters(),
             torch.device("cpu"), cfg.trace.sample_interval_ms / 1000)
         if sampler:
             sampler.start()
-        data = model.Data(m, cfg.data.batch_size, cfg.data.noise, cfg.train.seed)
-        ex = StageExecutor(rank=0, size=1, layers=layers, bounds=bounds, n_layers=bounds[1],
-                           loss=stage.mlp_loss, data=data.batch, recv={}, p2p=None, tracer=tracer,
-                           tracker=tracker, optimizer=opt, device=torch.device("cpu"),
-                           pipeline=cfg.pipeline, train=cfg.train, trace=cfg.trace,
-                           debug=cfg.debug)
+        ex = StageExecutor(rank=0, size=1, layers=st.layers, bounds=st.bounds[0],
+                           n_layers=st.n_blocks, loss=st.loss, data=st.data, recv=st.recv,
+                           p2p=None, tracer=tracer, tracker=tracker, optimizer=opt,
+                           device=torch.device("cpu"), pipeline=cfg.pipeline, train=cfg.train,
+                           trace=cfg.trace, debug=cfg.debug, names=st.names,
+                           autocast=lambda: stage.autocast(cfg))
         return ex, tracer, sampler
 
     with tempfile.TemporaryDirectory() as tmp:

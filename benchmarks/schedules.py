@@ -7,8 +7,11 @@ For each (schedule, m) it runs ours (`mpirun -n P python -m harness.run`) and Py
 (`torchrun --nproc-per-node P -m benchmarks.torch_pipe`, gloo) back to back, so both see the
 same machine state, `--repeats` times alternating who goes first, and prints the median step
 time (first 2 steps are warm-up), the median of the per-pair ratios, our measured bubble
-(analysis.metrics) and the theory. Our naive is PyTorch's GPipe with m=1. Also checks
-that both computed the same losses (they start from the same weights and data).
+(analysis.metrics) split by phase (warm-up / steady / cool-down: the share of the step each
+rank idles in that phase, mean over ranks; analysis/phases.py) and the theory. Our naive is
+PyTorch's GPipe with m=1. Also checks that both computed the same losses (they start from the
+same weights and data). `--no-peer` runs only ours (the bubble and its phases); any model works
+(`model.name=gpt`, `exp=gpt`, ...).
 """
 from __future__ import annotations
 
@@ -36,13 +39,17 @@ def torch_run(ranks, schedule, m, steps, overrides, out: Path) -> dict:
     return json.loads(out.read_text())
 
 
-def ours(ranks, schedule, m, steps, overrides, d: Path) -> tuple[float, float, list]:
+def ours(ranks, schedule, m, steps, overrides, d: Path) -> tuple[float, float, list, list]:
+    """-> (median step time, measured bubble, losses, [warm-up, steady, cool-down] idle shares)"""
     launch(ranks, [f"schedule={schedule}", f"pipeline.microbatches={m}", f"train.steps={steps}",
                    *overrides], d)
     run = load_run(d)
     s = metrics.summarize(run.events, run.pebbles, run.memory, run.meta, run.steps)
     loss = run.stats.dropna(subset=["loss"]).sort_values("step")["loss"].tolist()
-    return median_step_time(d, skip=2), s["pipeline"]["bubble_measured"], loss
+    span = s["pipeline"]["step_span_s"]
+    phases = [statistics.mean(r[f"idle_{ph}"] for r in s["per_rank"]) / span
+              for ph in ("warmup", "steady", "cooldown")]
+    return median_step_time(d, skip=2), s["pipeline"]["bubble_measured"], loss, phases
 
 
 def main(argv=None):
@@ -51,24 +58,30 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--repeats", type=int, default=3, help="pairs of runs per case (default 3)")
     ap.add_argument("--ms", default="1,2,4,8", help="microbatch counts for GPipe and 1F1B")
+    ap.add_argument("--no-peer", action="store_true", help="skip torch.distributed.pipelining")
     ap.add_argument("overrides", nargs="*", help="harness key=value for both (model, batch...)")
     a = ap.parse_args(argv)
     ms = [int(x) for x in a.ms.split(",")]
     cases = [("naive", 1, "gpipe")] + [(s, m, s) for s in ("gpipe", "1f1b") for m in ms
                                        if not (s == "1f1b" and m == 1)]
     print(f"{'schedule':>8} {'m':>2} | {'ours ms':>8} {'torch ms':>8} {'ours/torch':>10} | "
-          f"{'bubble':>6} {'theory':>6} | losses   (medians of {a.repeats} back-to-back pairs)",
+          f"{'bubble':>6} {'theory':>6} | {'warm':>5} {'steady':>6} {'cool':>5} | losses   "
+          f"(medians of {a.repeats} {'runs' if a.no_peer else 'back-to-back pairs'})",
           flush=True)
     med = statistics.median
     with tempfile.TemporaryDirectory() as tmp:
         for name, m, peer in cases:
-            t_o, t_t, ratios, bubbles, same = [], [], [], [], True
+            t_o, t_t, ratios, bubbles, phases, same = [], [], [], [], [], True
             for r in range(a.repeats):
                 def run_ours():
                     d = Path(tmp) / f"{name}-{m}-{r}"
-                    t, b, loss = ours(a.ranks, name, m, a.steps, a.overrides, d)
-                    t_o.append(t), bubbles.append(b)
+                    t, b, loss, ph = ours(a.ranks, name, m, a.steps, a.overrides, d)
+                    t_o.append(t), bubbles.append(b), phases.append(ph)
                     return loss
+
+                if a.no_peer:
+                    run_ours()
+                    continue
 
                 def run_torch():
                     pt = torch_run(a.ranks, peer, m, a.steps, a.overrides,
@@ -80,9 +93,12 @@ def main(argv=None):
                 la, lb = first(), second()
                 same &= all(abs(x - y) <= 1e-5 * abs(y) for x, y in zip(la, lb))
                 ratios.append(t_o[-1] / t_t[-1])
-            print(f"{name:>8} {m:>2} | {med(t_o) * 1e3:8.1f} {med(t_t) * 1e3:8.1f} "
-                  f"{med(ratios):10.3f} | {med(bubbles):6.1%} "
-                  f"{theory(name, a.ranks, m)['bubble']:6.1%} | {'equal' if same else 'DIFFER'}",
+            ph = [med(p[i] for p in phases) for i in range(3)]
+            peer = ((f"{med(t_t) * 1e3:8.1f} {med(ratios):10.3f}") if t_t
+                    else f"{'-':>8} {'-':>10}")
+            print(f"{name:>8} {m:>2} | {med(t_o) * 1e3:8.1f} {peer} | {med(bubbles):6.1%} "
+                  f"{theory(name, a.ranks, m)['bubble']:6.1%} | {ph[0]:5.1%} {ph[1]:6.1%} "
+                  f"{ph[2]:5.1%} | {'-' if a.no_peer else 'equal' if same else 'DIFFER'}",
                   flush=True)
 
 

@@ -1,8 +1,8 @@
-"""The same MLP, split the same way, trained with torch.distributed.pipelining (the peer).
+"""The same model, split the same way, trained with torch.distributed.pipelining (the peer).
 
 Launched by benchmarks/schedules.py as `torchrun --nproc-per-node P -m benchmarks.torch_pipe
-SCHEDULE M STEPS OUT.json key=value...` (gloo on CPU). Builds each stage with harness.model (same
-layers, init, data, split and thread count as our runs), runs ScheduleGPipe or Schedule1F1B,
+SCHEDULE M STEPS OUT.json key=value...` (gloo on CPU). Builds each stage with harness.stage (same
+blocks, init, data, split and thread count as our runs, for the MLP, the GPT or a factory model), runs ScheduleGPipe or Schedule1F1B,
 and writes per-step wall times (max over ranks) to OUT.json from rank 0.
 """
 from __future__ import annotations
@@ -13,10 +13,10 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-from harness import config, model
+from harness import config
+from harness.stage import build as build_stage
 
 
 def main(schedule: str, m: int, steps: int, out: str, overrides: list[str]):
@@ -24,19 +24,17 @@ def main(schedule: str, m: int, steps: int, out: str, overrides: list[str]):
     rank, size = dist.get_rank(), dist.get_world_size()
     cfg = config.load(overrides, world_size=size)
     torch.set_num_threads(cfg.threads or max(1, config.cores_available() // size))
-    mc = cfg.model
-    bounds = model.partition(model.layer_params(mc), size)[rank]
-    layers = model.build_stage(mc, bounds, cfg.train.seed)
-    stage_mod = torch.nn.Sequential(*layers)
+    # the same stage as ours (harness.stage: any model, same split, init and data)
+    st = build_stage(cfg, rank, size, cfg.data.batch_size // m)
+    stage_mod = torch.nn.Sequential(*st.layers)
     stage = PipelineStage(stage_mod, rank, size, torch.device("cpu"))
     # loss per microbatch; the schedule scales gradients by 1/m (scale_grads=True)
     sched_cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule]
-    sched = sched_cls(stage, n_microbatches=m, loss_fn=lambda out, y: F.cross_entropy(out, y))
+    sched = sched_cls(stage, n_microbatches=m, loss_fn=st.loss)
     opt = torch.optim.SGD(stage_mod.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum)
-    data = model.Data(mc, cfg.data.batch_size, cfg.data.noise, cfg.train.seed)
     times, losses = [], []
     for step in range(steps):
-        x, y = data.batch(step)
+        x, y = st.data(step)
         dist.barrier()
         t0 = time.perf_counter()
         if rank == 0:

@@ -26,6 +26,9 @@ LANE = {"fwd": "compute", "bwd": "compute", "loss": "compute", "opt": "compute",
         # a recomputation inside a bwd span (pipeline.recompute): an annotation of compute
         "recompute": "recompute"}
 
+# the kinds whose spans are the rank's computation (busy time, the bubble's complement)
+COMPUTE = tuple(k for k, lane in LANE.items() if lane == "compute")
+
 MAGIC = re.compile(r"#\s*harness-trace\s+(.*)")
 
 
