@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 from matplotlib.ticker import NullFormatter, ScalarFormatter
 
-from analysis import style
+from analysis import metrics, style
 from harness.models import gpt as G
 from harness.models import gpt_memory as GM
 from harness.trace.pebbles import PebbleTracker
@@ -89,7 +89,6 @@ def plot(table: pd.DataFrame, b: int, heads: int, fig=None):
 def tradeoff_table(runs: dict) -> pd.DataFrame:
     """{recompute mode: loaded Run} -> per mode: peak activation bytes (max over ranks, median
     over steady steps) and the median step span (s), from metrics.summarize."""
-    from analysis import metrics
     rows = []
     for mode, run in runs.items():
         s = metrics.summarize(run.events, run.pebbles, run.memory, run.meta, run.steps)
