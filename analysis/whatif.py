@@ -258,7 +258,9 @@ def main(argv=None) -> int:
                                         f"predicted: {pred.schedule}, m={pred.m}, "
                                         f"{pred.step_s * 1e3:.1f} ms, bubble "
                                         f"{pred.bubble * 100:.0f} %"
-                                        + (f"; scaled {', '.join(a.scale)}" if a.scale else ""))
+                                        + (f"; scaled {', '.join(a.scale)}" if a.scale else ""),
+                                        measured_title=f"measured: {a.run}, step {steps[-1]} "
+                                        f"(median step {meas['step_s'] * 1e3:.1f} ms)")
         style.save(fig, out, name, [f for f in a.format.split(",") if f])
     print(out / f"{name}.{a.format.split(',')[0]}")
     return 0

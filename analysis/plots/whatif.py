@@ -33,7 +33,8 @@ def predicted_lanes(ax, frame, scale: float, unit: str, title: str):
     ax.set_title(title, loc="left")
 
 
-def measured_and_predicted(events, steps, frame, title: str, fig=None):
+def measured_and_predicted(events, steps, frame, title: str, fig=None,
+                           measured_title: str | None = None):
     """Top: timeline() of the measured `steps`; bottom: the predicted step (frame, from
     whatif.predict), both from their first compute, on the longer one's time axis."""
     ev = events[events["step"].isin(steps) & (events["lane"] != "step")]
@@ -50,7 +51,7 @@ def measured_and_predicted(events, steps, frame, title: str, fig=None):
         fig = plt.figure(figsize=(style.WIDE, 1.3 + 1.1 * n))
     top, bottom = fig.subfigures(2, 1, height_ratios=[1.25, 1])
     _, axes = timeline(events, steps, fig=top, span=span,
-                       title=f"measured: step {', '.join(map(str, steps))}")
+                       title=measured_title or f"measured: step {', '.join(map(str, steps))}")
     ax = bottom.subplots(1, 1)
     scale, unit = style.time_unit(span)
     predicted_lanes(ax, fr, scale, unit, title)
