@@ -71,7 +71,7 @@ class Calibration:
         return self.msg_bytes[0] + self.msg_bytes[1] * rows
 
     def act_bytes(self, rank: int, rows: int) -> int:
-        return int(round(self.act_fixed[rank] + self.act_per_row[rank] * rows))
+        return round(self.act_fixed[rank] + self.act_per_row[rank] * rows)
 
 
 def _rows(run) -> int:
@@ -109,18 +109,22 @@ def gaps(events: pd.DataFrame, acts: pd.DataFrame) -> tuple[dict, dict]:
         o = np.argsort(ends, kind="stable")
         ends, is_comp = ends[o], is_comp[o]
 
-        def before(t):  # (time since the latest end at or before t, was it compute)
-            k = np.searchsorted(ends, t, "right") - 1
-            ok = k >= 0
-            kk = np.maximum(k, 0)
-            return np.where(ok, t - ends[kk], np.nan), ok & is_comp[kk]
-        d, _ = before(a["s"].to_numpy())
+        d, _ = _since_last_end(ends, is_comp, a["s"].to_numpy())
         d = d[a.duplicated(["step"]).to_numpy() & (d >= 0)]
         out[int(r)] = float(np.median(d)) if len(d) else 0.0
-        dc, after_comp = before(comm["start"].to_numpy())
+        dc, after_comp = _since_last_end(ends, is_comp, comm["start"].to_numpy())
         dc = dc[after_comp & (dc >= 0)]
         out_c[int(r)] = float(np.median(dc)) if len(dc) else 0.0
     return out, out_c
+
+
+def _since_last_end(ends, is_comp, t):
+    """(time since the latest of `ends` at or before each t, NaN if none; was that a compute
+    action's end). ends sorted."""
+    k = np.searchsorted(ends, t, "right") - 1
+    ok = k >= 0
+    kk = np.maximum(k, 0)
+    return np.where(ok, t - ends[kk], np.nan), ok & is_comp[kk]
 
 
 def _line(x, y, how: str = "mean") -> tuple[float, float]:

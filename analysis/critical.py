@@ -25,6 +25,7 @@ runs beside compute). The path's segments tile [W0, W1], so their lengths add up
 from __future__ import annotations
 
 from bisect import bisect_left
+from math import isnan
 
 import numpy as np
 import pandas as pd
@@ -108,7 +109,7 @@ def _walk(rt: RankTimes, rank: int, lo: float, hi: float, step: int) -> list:
         if what in COMPUTE:
             segs.append((step, rank, "compute", what, max(s, lo), t, ev))
             t = s
-        elif pr < 0 or pt != pt:      # no partner, or its time is NaN
+        elif pr < 0 or isnan(pt):     # no partner, or its time is unknown
             segs.append((step, rank, "wait", what, max(s, lo), t, ev))
             t = s
         elif pt >= t or (what == "send" and d["pend"][i] < t):

@@ -180,8 +180,8 @@ def _slug(items, scales_text) -> str:
 
 
 def table(meas: dict, pred: Prediction, cal: Calibration) -> str:
-    ms = lambda x: "-" if x is None else f"{x * 1e3:.2f} ms"   # noqa: E731
-    mib = lambda x: "-" if x is None else f"{x / 2**20:.3f} MiB"  # noqa: E731
+    ms = lambda x: "-" if x is None else f"{x * 1e3:.2f} ms"
+    mib = lambda x: "-" if x is None else f"{x / 2**20:.3f} MiB"
     lines = [f"{'':<26}{'measured':>16}{'predicted':>16}",
              f"{'step time':<26}{ms(meas['step_s']):>16}{ms(pred.step_s):>16}",
              f"{'bubble':<26}{meas['bubble'] * 100:>15.1f}%{pred.bubble * 100:>15.1f}%"]
