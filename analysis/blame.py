@@ -19,6 +19,8 @@ blamed on itself.
 """
 from __future__ import annotations
 
+from bisect import bisect_right
+
 import numpy as np
 import pandas as pd
 
@@ -31,31 +33,33 @@ MAX_DEPTH = 16  # wait chains longer than the pipeline is deep cannot happen; a 
 def _waits(rt: RankTimes):
     """Every wait interval: (victim, w0, w1, cause rank)."""
     for r, d in rt.r.items():
-        comm = np.isin(d["what"], ("send", "recv")) & (d["prank"] >= 0) & (d["ptime"] > d["s"])
-        for i in np.flatnonzero(comm):
-            w1 = min(d["ptime"][i], d["e"][i])
-            if w1 > d["s"][i]:
-                yield r, d["s"][i], w1, int(d["prank"][i])
+        s, e, pt, pr, pend = d["s"], d["e"], d["ptime"], d["prank"], d["pend"]
+        comm = np.isin(d["what"], ("send", "recv")) & (pr >= 0) & (pt > s)
+        w1 = np.minimum(pt[comm], e[comm])
+        ok = w1 > s[comm]
+        yield from zip([r] * int(ok.sum()), s[comm][ok].tolist(), w1[ok].tolist(),
+                       pr[comm][ok].tolist())
         # a send still blocked after its receive completed waits for the receiver's next MPI
         # call (MPICH's shared-memory rendezvous): that, too, the receiver caused
-        snd = (d["what"] == "send") & (d["prank"] >= 0) & (d["pend"] < d["e"])
-        for i in np.flatnonzero(snd):
-            w0 = max(d["pend"][i], d["s"][i], d["ptime"][i])
-            if d["e"][i] > w0:
-                yield r, w0, d["e"][i], int(d["prank"][i])
+        snd = (d["what"] == "send") & (pr >= 0) & (pend < e)
+        w0 = np.fmax(np.fmax(pend[snd], s[snd]), pt[snd])   # fmax: a NaN partner time drops out
+        ok = e[snd] > w0
+        yield from zip([r] * int(ok.sum()), w0[ok].tolist(), e[snd][ok].tolist(),
+                       pr[snd][ok].tolist())
 
 
 def _explain(rt, rank, w0, w1, out, depth):
     """Add to out[(rank, kind)] what `rank` did during [w0, w1], passing its own waits on."""
-    d = rt.r.get(rank)
+    d = rt.lists.get(rank)
     if d is None or depth > MAX_DEPTH:
         out[(rank, "wait")] = out.get((rank, "wait"), 0.0) + (w1 - w0)
         return
-    i = max(int(np.searchsorted(d["s"], w0, "right")) - 1, 0)
+    S, E = d["s"], d["e"]
+    i = max(bisect_right(S, w0) - 1, 0)
     t = w0
-    n = len(d["s"])
+    n = len(S)
     while t < w1 and i < n:
-        s, e = d["s"][i], d["e"][i]
+        s, e = S[i], E[i]
         if e <= t:
             i += 1
             continue
@@ -69,7 +73,7 @@ def _explain(rt, rank, w0, w1, out, depth):
         if what in COMPUTE:
             out[(rank, what)] = out.get((rank, what), 0.0) + (x1 - t)
         else:
-            pt, pr = d["ptime"][i], int(d["prank"][i])
+            pt, pr = d["ptime"][i], d["prank"][i]
             wait_end = min(pt, e) if pr >= 0 and pt > s else s
             if t < wait_end:                   # this rank was waiting, too: pass it on
                 y = min(wait_end, x1)
@@ -84,18 +88,18 @@ def _explain(rt, rank, w0, w1, out, depth):
         out[(rank, "other")] = out.get((rank, "other"), 0.0) + (w1 - t)
 
 
-def blame(events: pd.DataFrame) -> pd.DataFrame:
-    """Rows: step, victim, rank (blamed), kind, seconds — one per combination that occurred."""
+def blame(events: pd.DataFrame, rt: RankTimes | None = None) -> pd.DataFrame:
+    """Rows: step, victim, rank (blamed), kind, seconds — one per combination that occurred.
+    rt: RankTimes(events), when the caller has it already (the critical path uses the same)."""
     ev = events[events["lane"] != "step"]
-    rt = RankTimes(events)
+    rt = rt or RankTimes(events)
     win = step_windows(ev).sort_index()
-    w0, w1 = win["start"].to_numpy(), win["end"].to_numpy()
-    steps = win.index.to_numpy()
+    w0, w1 = win["start"].tolist(), win["end"].tolist()
+    steps = win.index.tolist()
     rows = []
     for victim, a, b, cause in _waits(rt):
         # the step windows this wait overlaps
-        k0 = max(int(np.searchsorted(w1, a, "right")), 0)
-        k = k0
+        k = bisect_right(w1, a)
         while k < len(steps) and w0[k] < b:
             lo, hi = max(a, w0[k]), min(b, w1[k])
             if hi > lo:

@@ -172,15 +172,19 @@ def clock_check(meta: dict, rs: pd.DataFrame) -> dict:
             "unmatched_receives": int((~rs["matched"]).sum())}
 
 
-def summarize(events, pebbles, memory, meta: dict, steps: list | None = None) -> dict:
-    """Everything metrics.json holds. `steps`: the complete steps (Run.steps); default all."""
+def summarize(events, pebbles, memory, meta: dict, steps: list | None = None,
+              critical_path=None) -> dict:
+    """Everything metrics.json holds. `steps`: the complete steps (Run.steps); default all.
+    critical_path: analysis.critical.critical_path(events) when the caller has it already
+    (it covers every step; the summary takes the steady ones)."""
     table = step_table(events, pebbles)
     steps = sorted(steps if steps is not None else table["step"].unique())
     warm, stead, note = steady(steps)
     from analysis import blame as bl_mod
     from analysis import critical
     ranks = sorted(int(r) for r in table["rank"].unique())
-    bl = bl_mod.blame(events)
+    rt = critical.RankTimes(events)        # one lookup table for the path and the blame
+    bl = bl_mod.blame(events, rt)
     caused = bl_mod.caused_per_step(bl, sorted(table["step"].unique()), ranks)
     table["caused_idle"] = caused.stack().reindex(
         pd.MultiIndex.from_frame(table[["step", "rank"]])).fillna(0.0).to_numpy()
@@ -214,7 +218,9 @@ def summarize(events, pebbles, memory, meta: dict, steps: list | None = None) ->
                       "peak_device_bytes": {s: int(b) for (rr, s), b in dev.items() if rr == r}}
                      for r, row in per_rank.iterrows()],
         "clock": {**clock_check(meta, rs), **waits.clock_quality(meta, rs)},
-        "critical_path": critical.summary(critical.critical_path(events, stead), stead),
+        "critical_path": critical.summary(
+            critical.critical_path(events, stead, rt) if critical_path is None else
+            critical_path[critical_path["step"].isin(stead)].reset_index(drop=True), stead),
         "blame": bl_mod.summary(bl, stead, ranks),
         "per_step": [{k: _f(v) for k, v in rec.items()} for rec in table.to_dict("records")],
     }

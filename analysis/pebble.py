@@ -118,7 +118,8 @@ def main(argv=None) -> int:
 def _write(a, run, out, ident, steps, step, log, writing) -> int:
     """Every output of main; `writing[0]` names the file being written (for the error)."""
     out.mkdir(parents=True, exist_ok=True)
-    summary = metrics.summarize(run.events, run.pebbles, run.memory, run.meta, steps)
+    path = critical.critical_path(run.events)     # every step: the summary, timeline and trace
+    summary = metrics.summarize(run.events, run.pebbles, run.memory, run.meta, steps, path)
     summary = {"run": ident | {"status": run.meta.get("status")}, **summary,
                "warnings": run.warnings}
     per_step = summary.pop("per_step")
@@ -132,7 +133,6 @@ def _write(a, run, out, ident, steps, step, log, writing) -> int:
     formats = [f.strip() for f in a.format.split(",") if f.strip()]
     shown = [s for s in steps if s <= step][-3:] or [step]
     steady = run.events[run.events["step"].isin(summary["steps"]["steady"])]
-    path = critical.critical_path(run.events)
     note = waits.warning_line(summary["clock"])
     with plt.rc_context(style.RC):
         for name, draw in (

@@ -103,13 +103,21 @@ def make_meta(p: int, layers_per_stage: int, schedule: str = "naive", m: int = 1
 def pipeline_frames(p=2, m=1, schedule="naive", steps=3, layers_per_stage=2, *,
                     t_fwd=1 * MS, t_bwd=2 * MS, t_loss=MS // 2, t_opt=MS // 2, xfer=MS // 10,
                     act_bytes=4096, step_gap=MS, sample_ns=MS, rss_base=100 << 20,
-                    overlap=False) -> dict:
+                    overlap=False, scale_rows=False, batch=32) -> dict:
     """Play `schedule` for `steps` steps; return frames in true time (ns) plus meta and schedule.
 
     Each step is one `harness.simulate` run (eager messages, latency `xfer`, communication calls
-    free), laid out on the ranks' clocks and expanded into per-layer spans and pebbles."""
+    free), laid out on the ranks' clocks and expanded into per-layer spans and pebbles.
+    scale_rows: t_fwd, t_bwd, t_loss, xfer and act_bytes are those of the whole batch (m=1) and
+    a microbatch of batch/m rows costs 1/m of each (time and memory proportional to rows); the
+    pebbles' shapes then lead with the rows. Otherwise every microbatch costs the same."""
     sched = build(schedule, p, m, overlap)
     L = p * layers_per_stage
+    rows = batch // m
+    if scale_rows:
+        t_fwd, t_bwd, t_loss, xfer, act_bytes = (x // m for x in (t_fwd, t_bwd, t_loss, xfer,
+                                                                  act_bytes))
+    shape = f"{rows}x{act_bytes // 4 // rows}" if scale_rows else f"{act_bytes // 4}"
 
     def cost(r, a):  # ns of one action: its layers (+ the loss on the last stage)
         loss = t_loss if r == p - 1 else 0
@@ -138,19 +146,19 @@ def pipeline_frames(p=2, m=1, schedule="naive", steps=3, layers_per_stage=2, *,
                 if stream == "act" and side == "recv":       # the received activation is held
                     live[r, lo, o.mb, "recv"] = len(peb)
                     peb.append([r, step, o.mb, lo, "recv", act_bytes, end, None, str(lo),
-                                f"{act_bytes // 4}", "float32"])
+                                shape, "float32"])
             elif o.kind == FWD:
                 for layer in range(lo, hi):
                     ev.append((r, step, o.mb, layer, "fwd", c, c + t_fwd, None, -1, -1, 0, None))
                     live[r, layer, o.mb, "saved"] = len(peb)  # input saved for backward
                     peb.append([r, step, o.mb, layer, "saved", act_bytes, c, None,
-                                f"{layer}.linear", f"{act_bytes // 4}", "float32"])
+                                f"{layer}.linear", shape, "float32"])
                     c += t_fwd
                 if r == p - 1:
                     ev.append((r, step, o.mb, L, "loss", c, c + t_loss, None, -1, -1, 0, None))
                     live[r, L, o.mb, "saved"] = len(peb)
                     peb.append([r, step, o.mb, L, "saved", act_bytes, c, None, "loss",
-                                f"{act_bytes // 4}", "float32"])
+                                shape, "float32"])
             elif o.kind == BWD:
                 layers = ([L] if r == p - 1 else []) + list(range(hi - 1, lo - 1, -1))
                 for layer in layers:
@@ -191,7 +199,7 @@ def pipeline_frames(p=2, m=1, schedule="naive", steps=3, layers_per_stage=2, *,
                           & (pebbles["mb"] == 0)]["bytes"].sum()) for s in range(p)]
     theory = {"bytes_per_microbatch": per_mb,
               "peak_bytes": [b * k for b, k in zip(per_mb, in_flight)]}
-    meta = make_meta(p, layers_per_stage, schedule, m, theory=theory)
+    meta = make_meta(p, layers_per_stage, schedule, m, theory=theory, batch=batch)
     meta["schedule"]["overlap"] = overlap
     return {"events": events, "pebbles": pebbles, "memory": pd.concat(mem, ignore_index=True),
             "stats": stats, "meta": meta, "schedule": to_json(sched, schedule, m, overlap)}

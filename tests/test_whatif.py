@@ -1,0 +1,106 @@
+"""analysis.whatif on synthetic runs, where the right prediction is known by hand.
+
+harness.synthetic's cost model is exact per layer (no interpreter gaps, every message `xfer`),
+so a what-if calibrated on one synthetic run must reproduce another synthetic run's measured
+step span, bubble and peak activations to rounding."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from analysis import load_run
+from analysis.calibrate import calibrate
+from analysis.whatif import Scale, main, measured, parse_scale, predict
+from harness.synthetic import MS, make_run
+
+
+def _run(tmp_path, name, **kw):
+    kw.setdefault("steps", 4)
+    return load_run(make_run(tmp_path / name, **kw))
+
+
+@pytest.mark.parametrize("target", [("gpipe", 4), ("1f1b", 4), ("1f1b", 8), ("naive", 1)])
+def test_calibrated_on_gpipe_m2_predicts_other_runs_exactly(tmp_path, target):
+    # time and memory proportional to rows: one run is enough to calibrate a + b*rows (a = 0)
+    cal = calibrate([_run(tmp_path, "cal", schedule="gpipe", m=2, scale_rows=True)])
+    assert cal.protocol == "eager"          # the synthetic writer's messages never wait
+    sch, m = target
+    truth = measured(_run(tmp_path, "truth", schedule=sch, m=m, scale_rows=True))
+    pred = predict(cal, sch, m)
+    assert pred.step_s == pytest.approx(truth["step_s"], rel=1e-9, abs=1e-9)
+    assert pred.bubble == pytest.approx(truth["bubble"], abs=1e-9)
+    assert pred.peak_act_bytes == [int(x) for x in truth["peak_act_bytes"]]
+
+
+def test_two_microbatch_sizes_fit_a_fixed_cost_per_microbatch(tmp_path):
+    # the default synthetic model: every microbatch costs the same whatever its rows, which a
+    # single run cannot tell from proportional; runs at m=2 and m=8 fit b = 0
+    runs = [_run(tmp_path, f"m{m}", schedule="gpipe", m=m) for m in (2, 8)]
+    cal = calibrate(runs)
+    truth = measured(_run(tmp_path, "m4", schedule="1f1b", m=4))
+    pred = predict(cal, "1f1b", 4)
+    assert pred.step_s == pytest.approx(truth["step_s"], rel=1e-6)
+    a, b = cal.wall[0, "fwd"]
+    assert a == pytest.approx(2 * MS / 1e9) and b == pytest.approx(0, abs=1e-12)
+
+
+def test_naive_by_hand_and_scale(tmp_path):
+    # naive, p=2, 2 layers per stage: fwd 2 ms per stage (+0.5 ms loss on the last), bwd 4 ms
+    # (+0.5 ms), messages 0.1 ms, opt 0.5 ms: span = 2 + .1 + 2.5 + 4.5 + .1 + 4 + .5 = 13.7 ms
+    cal = calibrate([_run(tmp_path, "n", schedule="naive")])
+    base = predict(cal, "naive", 1)
+    assert base.step_s == pytest.approx(13.7e-3)
+    # rank 1's forward (2.5 ms) 20 % faster -> 0.5 ms shorter; every stage's bwd 2x -> +8.5 ms
+    fast = predict(cal, "naive", 1, scales=[Scale(1, "fwd", 0.8)])
+    assert fast.step_s == pytest.approx(13.2e-3)
+    slow = predict(cal, "naive", 1, scales=[Scale(None, "bwd", 2.0)])
+    assert slow.step_s == pytest.approx(22.2e-3)
+    assert predict(cal, "naive", 1, scales=[Scale(0, None, 1.0)]).step_s == base.step_s
+    assert slow.peak_act_bytes == base.peak_act_bytes   # time does not change memory
+
+
+def test_parse_scale():
+    assert parse_scale("rank=1,kind=fwd,factor=0.8") == Scale(1, "fwd", 0.8)
+    assert parse_scale("factor=2") == Scale(None, None, 2.0)
+    for bad in ("rank=1,kind=fwd", "rank=x,factor=1", "kind=loss,factor=1", "factor=-1",
+                "factor=nan", "speed=2"):
+        with pytest.raises(ValueError):
+            parse_scale(bad)
+
+
+def test_cli_writes_prediction_and_figure(tmp_path, capsys):
+    run = make_run(tmp_path / "r", schedule="gpipe", m=2, steps=4, scale_rows=True)
+    out = tmp_path / "out"
+    assert main([str(run), "schedule=1f1b", "m=4", "--scale", "rank=1,kind=fwd,factor=0.8",
+                 "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "step time" in text and "predicted: 1f1b, m=4" in text
+    res = json.loads(next(out.glob("whatif-*.json")).read_text())
+    assert res["predicted"]["microbatches"] == 4 and res["predicted"]["step_s"] > 0
+    png = next(out.glob("whatif-*.png"))
+    import matplotlib.pyplot as plt
+    img = plt.imread(png)
+    assert img.shape[1] > 500 and img[..., :3].std() > 0.05
+
+
+@pytest.mark.parametrize("args, says", [
+    (["colour=red"], "unknown key"),
+    (["schedule=zb"], "schedule='zb'"),
+    (["m=3"], "must divide data.batch_size=32"),
+    (["m=0"], "must be an integer >= 1"),
+    (["schedule=naive", "m=2"], "naive"),
+    (["--scale", "rank=5,factor=2"], "no such rank"),
+    (["--scale", "rank=1,kind=loss,factor=2"], "kind='loss'"),
+])
+def test_cli_errors_are_one_line_exit_2(tmp_path, capsys, args, says):
+    run = make_run(tmp_path / "r", schedule="gpipe", m=2, steps=3)
+    assert main([str(run), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and says in err and "\n" not in err
+
+
+def test_cli_not_a_run(tmp_path, capsys):
+    assert main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not a run directory" in err and "\n" not in err

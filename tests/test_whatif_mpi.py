@@ -1,0 +1,37 @@
+"""analysis.whatif end to end on a real 2-rank run (mpirun)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from helpers import REPO, SMALL, ok, run_harness
+
+
+def test_whatif_cli_on_a_real_run(tmp_path):
+    d = ok(run_harness(2, *SMALL, "schedule=gpipe", "pipeline.microbatches=2", "train.steps=4",
+                       f"run.dir={tmp_path / 'run'}"))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+
+    def whatif(*args):
+        return subprocess.run([sys.executable, "-m", "analysis.whatif", str(d), *args, "--json",
+                               "--out", str(tmp_path / "out")], check=False, capture_output=True,
+                              text=True,
+                              env=env, cwd=REPO, timeout=120)
+    same = whatif()
+    assert same.returncode == 0, same.stderr
+    res = json.loads(next((tmp_path / "out").glob("whatif-same.json")).read_text())
+    # the run's own configuration: peak activations exactly what the run measured
+    assert res["predicted"]["peak_act_bytes"] == [int(x) for x in res["measured"]["peak_act_bytes"]]
+    assert res["predicted"]["step_s"] > 0 and 0 <= res["predicted"]["bubble"] < 1
+    other = whatif("schedule=1f1b", "m=4", "--scale", "rank=0,kind=bwd,factor=1.5")
+    assert other.returncode == 0, other.stderr
+    pred = json.loads(other.stdout.strip().splitlines()[-2])
+    assert pred["schedule"] == "1f1b" and pred["microbatches"] == 4
+    # 1F1B holds min(m, p - s) microbatches of half the rows: stage 0 two, stage 1 one
+    per_mb = [b / 2 for b in res["predicted"]["peak_act_bytes"]]   # gpipe m=2 holds 2 of 16 rows
+    assert abs(pred["peak_act_bytes"][0] - 2 * per_mb[0] / 2) <= 8
+    assert list((tmp_path / "out").glob("whatif-schedule=1f1b-m=4-*.png"))
+    bad = whatif("m=5")
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
