@@ -88,7 +88,12 @@ class Run:
                            f"({self._when()})"), ""
             elif isinstance(e, Stopped):
                 tb = ""
-            self.fail(type(e).__name__, msg, tb)
+            died = self.dead_peer() if self.size > 1 else None
+            if died:  # an MPI error because a peer process vanished (SIGKILL, OOM killer)
+                self.fail("Died", f"{died}; this rank then failed: {type(e).__name__}: "
+                          f"{msg.splitlines()[0] if msg else ''}", "")
+            else:
+                self.fail(type(e).__name__, msg, tb)
             if self.size > 1:
                 comm.abort(1)
             return 1
@@ -357,15 +362,25 @@ class Run:
             except Exception:  # noqa: BLE001 - best effort (the disk may be full); meta.json has it
                 pass
 
+    def dead_peer(self) -> str | None:
+        """'died: rank R last seen at step N, T s ago' if another rank's process is gone (its
+        heartbeat, harness.heartbeat.judge), else None."""
+        from .heartbeat import judge
+        if not self.run_dir:
+            return None
+        peers = {"status": "running", "ranks": [{"rank": r} for r in range(self.size)
+                                                if r != self.rank]}
+        try:
+            return judge(self.run_dir, peers)
+        except Exception:  # noqa: BLE001 - a judgement we cannot make is no judgement
+            return None
+
     def on_signal(self, name: str, signum: int):
         """Signal thread (harness.signals): SIGTERM and friends end the run as a failure."""
         from . import comm
         if not self.done:
             # mpirun terminates the survivors when a rank was killed: then name the dead rank
-            from .heartbeat import judge
-            peers = {"status": "running", "ranks": [{"rank": r} for r in range(self.size)
-                                                    if r != self.rank]}
-            died = judge(self.run_dir, peers) if self.run_dir else None
+            died = self.dead_peer()
             if died:
                 self.fail("Died", f"{died}; the job was then terminated ({name})", "")
             else:

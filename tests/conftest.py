@@ -10,7 +10,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # What launches real MPI jobs: the harness under mpirun (helpers.run_harness, harness.launch),
 # or a sweep with its real launcher. A test whose own code or any of its fixtures' code
-# says one of these gets the `mpi` marker, so `pytest -m "not mpi"` is the fast, pure tier.
+# says one of these gets the `mpi` marker, so `pytest -m "not mpi"` is the fast, pure tier; so
+# does every test of a `*_mpi.py` module (where launching hides in a helper class).
 _LAUNCHES = re.compile(r"\b(run_harness|launch|mpirun)\s*\(|run_sweep\((?![^)]*launcher=)")
 
 
@@ -27,6 +28,9 @@ def _source(fn) -> str:
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
+        if item.path.name.endswith("_mpi.py"):
+            item.add_marker(pytest.mark.mpi)
+            continue
         fns = [getattr(item, "function", None)]
         info = getattr(item, "_fixtureinfo", None)
         for defs in (info.name2fixturedefs.values() if info else ()):
