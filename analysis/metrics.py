@@ -31,7 +31,7 @@ from harness import schedule as S
 from analysis import phases as ph
 from analysis import waits
 
-COMPUTE = ("fwd", "bwd", "loss", "opt", "norms")  # norms: the run's gradient/update statistics
+COMPUTE = ("fwd", "bwd", "bwd_in", "bwd_w", "loss", "opt", "norms")  # norms: the run's gradient/update statistics
 
 
 def recv_split(events: pd.DataFrame) -> pd.DataFrame:

@@ -21,7 +21,7 @@ import pandas as pd
 
 from analysis import intervals as iv
 
-COMPUTE = ("fwd", "bwd", "loss", "opt")
+COMPUTE = ("fwd", "bwd", "bwd_in", "bwd_w", "loss", "opt")
 PHASES = ("warmup", "steady", "cooldown")
 
 
