@@ -96,6 +96,8 @@ class PipelineCfg:
                        "block's forward+backward measured once at set-up)", "params")
     recompute: str = doc("GPT: none, full (checkpoint each block) or attention (only the "
                          "attention core, selective recomputation)", "none")
+    virtual: int = doc("model chunks per rank (virtual stages): the blocks are split into "
+                       "ranks x virtual chunks; interleaved needs >= 2, zbv 2, the rest 1", 1)
 
 
 @dataclass
@@ -141,7 +143,8 @@ class Config:
     device: str = doc("auto|cpu|cuda; auto = cuda:<local rank> when CUDA is available", "auto")
     threads: int = doc("torch threads per rank; 0 = cores / ranks on this host (at least 1)", 0)
     quiet: bool = doc("no per-step progress line", False)
-    schedule: str = doc("pipeline schedule: naive (m=1), gpipe, 1f1b", "naive")
+    schedule: str = doc("pipeline schedule: naive (m=1), gpipe, 1f1b, interleaved, zb_h1, zbv",
+                        "naive")
     precision: str = doc("fp32, or bf16: each forward under torch.autocast (matmuls in bf16; "
                          "bf16 boundary tensors travel as same-size int16 views)", "fp32")
     run: RunCfg = doc("", factory=RunCfg)
@@ -338,9 +341,15 @@ def validate(cfg: Config, world_size: int) -> None:
         _check(world_size <= blocks,
                f"world size {world_size}: more pipeline stages than {what}={blocks}; "
                f"use at most {blocks} ranks or more layers")
+        _check(world_size * p.virtual <= blocks,
+               f"pipeline.virtual={p.virtual}: {world_size} ranks x {p.virtual} chunks = "
+               f"{world_size * p.virtual} stages, more than {what}={blocks}")
+    _check(p.virtual >= 1, f"pipeline.virtual={p.virtual}: must be >= 1")
     if p.split is not None and m.factory is None:
-        _check(len(p.split) == world_size,
-               f"pipeline.split={list(p.split)}: needs one entry per rank ({world_size})")
+        _check(len(p.split) == world_size * p.virtual,
+               f"pipeline.split={list(p.split)}: needs one entry per rank ({world_size})"
+               if p.virtual == 1 else f"pipeline.split={list(p.split)}: needs one entry per "
+               f"stage (ranks x pipeline.virtual = {world_size * p.virtual})")
         _check(all(n >= 1 for n in p.split), f"pipeline.split={list(p.split)}: every stage needs >= 1 layer")
         _check(sum(p.split) == blocks,
                f"pipeline.split={list(p.split)}: sums to {sum(p.split)}, the model has {blocks} "
@@ -366,7 +375,7 @@ def validate(cfg: Config, world_size: int) -> None:
 
 def schedule_flags(cfg: Config) -> dict:
     """Keyword arguments of schedule.build that come from the config."""
-    return {"overlap": cfg.pipeline.overlap}
+    return {"overlap": cfg.pipeline.overlap, "virtual": cfg.pipeline.virtual}
 
 
 def to_yaml(cfg: Config) -> str:

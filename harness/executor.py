@@ -22,6 +22,7 @@ import torch
 
 from . import schedule as S
 from .models.base import set_recompute_observer
+from .splitgrad import Split
 
 
 @dataclass
@@ -30,12 +31,14 @@ class StepState:
     step: int
     x_mb: list | None                                 # stage 0: its input microbatches
     y_mb: list | None                                 # last stage: its target microbatches
-    inputs: dict = field(default_factory=dict)        # mb -> received activation (requires_grad)
-    outputs: dict = field(default_factory=dict)       # mb -> attached output (or loss), until bwd
-    grads: dict = field(default_factory=dict)         # mb -> received gradient of the output
-    in_grads: dict = field(default_factory=dict)      # mb -> gradient of the input, to send
-    holds: dict = field(default_factory=dict)         # (what, mb) -> pebble token
-    pending: dict = field(default_factory=dict)       # (stream, side, mb) -> comm.Pending
+    # keys: (chunk, mb), the rank's model chunk (0 unless pipeline.virtual > 1) and microbatch
+    inputs: dict = field(default_factory=dict)        # key -> received activation (requires_grad)
+    outputs: dict = field(default_factory=dict)       # key -> attached output (or loss), until bwd
+    grads: dict = field(default_factory=dict)         # key -> received gradient of the output
+    in_grads: dict = field(default_factory=dict)      # key -> gradient of the input, to send
+    holds: dict = field(default_factory=dict)         # (what, key) -> pebble token
+    pending: dict = field(default_factory=dict)       # (stream, side, key) -> comm.Pending
+    splits: dict = field(default_factory=dict)        # key -> splitgrad.Split between B and W
     losses: list = field(default_factory=list)        # last stage: each microbatch's loss
     stats: dict = field(default_factory=dict)         # grad_norm, update_norm (from opt)
 
@@ -50,17 +53,31 @@ class StageExecutor:
 
     def __init__(self, *, rank, size, layers, bounds, n_layers, loss, data, recv, p2p, tracer,
                  tracker, optimizer, device, pipeline, train, trace, debug, names=None,
-                 autocast=contextlib.nullcontext):
+                 chunks=None, chunk_recv=None, placement=None, autocast=contextlib.nullcontext):
         """layers: this stage's blocks (global indices `bounds`, end exclusive) of a model of
         `n_layers` blocks; loss(output, targets) -> mean loss (used on the last stage);
         data(step) -> (inputs, targets) of the full batch; recv: {"act": (shape, dtype),
         "grad": (shape, dtype)}, what a microbatch's activation and output gradient look like
         when they arrive here. pipeline, train, trace, debug: the config sections. names: one
         per block of the model (pebbles name the sub-module that saved them, blocks.3.attn).
+        chunks, chunk_recv, placement: virtual stages (pipeline.virtual > 1): this rank's chunks
+        [(first, end)] in chunk order (`layers` holds their blocks in that order), what arrives
+        at each, and the schedule's harness.schedule.Placement.
         autocast: () -> the context each forward runs in (precision=bf16: torch.autocast)."""
         self.rank, self.size = rank, size
-        self.first, self.last = rank == 0, rank == size - 1
-        self.layers, self.layer_ids = layers, list(range(*bounds))
+        self.placement = placement or S.Placement(size)
+        pl = self.placement
+        chunks, chunk_recv = chunks or [tuple(bounds)], chunk_recv or [recv]
+        self.stage_of = [pl.stage(rank, c) for c in range(len(chunks))]
+        # first: this rank feeds the model's input (stage 0); last: it computes the loss
+        self.first, self.last = 0 in self.stage_of, pl.stages - 1 in self.stage_of
+        self.layers, self.layer_ids = layers, [i for b in chunks for i in range(*b)]
+        blocks, k = [], 0
+        for first, end in chunks:
+            blocks.append(list(zip(range(first, end), layers[k:k + end - first])))
+            k += end - first
+        self.chunk_blocks, self.chunk_recv = blocks, chunk_recv
+        self.chunk_params = [[p for _, b in blks for p in b.parameters()] for blks in blocks]
         self.n_layers, self.m, self.data = n_layers, pipeline.microbatches, data
         self.loss_fn, self.recv_spec, self.autocast = loss, recv, autocast
         self.names = names or [str(i) for i in range(n_layers)]
@@ -82,6 +99,7 @@ class StageExecutor:
         comm = {"send": self.send, "recv": self.recv, "isend": self.isend, "irecv": self.irecv,
                 "wait_send": self.wait, "wait_recv": self.wait}
         self.dispatch = {S.FWD: self.forward, S.BWD: self.backward, S.OPT: self.optimize,
+                         S.BWD_IN: self.backward_input, S.BWD_W: self.backward_weight,
                          **{k: comm[role] for k, (_, role) in S.COMM.items()}}
         self.st = None  # StepState of the running step
         self.bwd_marks = []  # (layer, start) marks of the running backward call
@@ -114,24 +132,43 @@ class StageExecutor:
         return {"loss": loss, **st.stats}
 
     # -- compute ---------------------------------------------------------------------------------
+    def _stage_flags(self, c):
+        """(feeds the model input, computes the loss) for chunk c."""
+        g = self.stage_of[c]
+        return g == 0, g == self.placement.stages - 1
+
+    def _local(self, c, d):
+        """The (rank, chunk) of the stage d (-1 upstream, +1 downstream) of chunk c's stage, if
+        it is on this rank (ZB-V's turn): that boundary moves no message."""
+        g = self.stage_of[c] + d
+        if not 0 <= g < self.placement.stages:
+            return None
+        r, qc = self.placement.where(g)
+        return qc if r == self.rank else None
+
     def forward(self, a):
-        st, tr, trk, mb = self.st, self.tracer, self.tracker, a.mb
-        step = st.step
-        if self.first:
+        st, tr, trk, mb, c = self.st, self.tracer, self.tracker, a.mb, a.chunk
+        step, key = st.step, (a.chunk, a.mb)
+        first, last = self._stage_flags(c)
+        blocks = self.chunk_blocks[c]
+        if first:
             x, st.x_mb[mb] = st.x_mb[mb], None
         else:
-            x = st.inputs[mb]
+            up = self._local(c, -1)
+            if up is not None:   # a copy, as a message would be: each side holds its own tensor
+                self._incoming("act", key, st.outputs[up, mb].detach().clone())
+            x = st.inputs[key]
         trk.step, trk.mb = step, mb
         m_stage = tr.mark()
         with trk.hooks(), self.autocast():
-            for gi, blk in zip(self.layer_ids, self.layers):
+            for gi, blk in blocks:
                 trk.layer = gi
                 m0 = tr.mark()
                 x = blk(x)
                 if self.hook_bwd:
                     tr.span(step, mb, gi, "fwd", m0, tr.mark())
                     self._mark_backward(x, gi)
-            if self.last:
+            if last:
                 trk.layer = self.n_layers
                 m0 = tr.mark()
                 y, st.y_mb[mb] = st.y_mb[mb], None
@@ -140,12 +177,12 @@ class StageExecutor:
                 tr.span(step, mb, self.n_layers, "loss", m0, tr.mark())
                 if self.hook_bwd:
                     self._mark_backward(loss, self.n_layers)
-                st.outputs[mb] = loss
+                st.outputs[key] = loss
             else:
-                st.outputs[mb] = x
+                st.outputs[key] = x
                 # the output kept for backward(grad) is a pebble too
-                st.holds[("out", mb)] = trk.hold(x, "out", self.layer_ids[-1], step, mb,
-                                                 self.names[self.layer_ids[-1]])
+                lid = blocks[-1][0]
+                st.holds[("out", key)] = trk.hold(x, "out", lid, step, mb, self.names[lid])
         if self.per_stage:
             tr.span(step, mb, -1, "fwd", m_stage, tr.mark())
 
@@ -187,8 +224,9 @@ class StageExecutor:
             self.tracer.span(self.st.step, mb, layer, "bwd", m0 if k == 0 else s, end)
 
     def backward(self, a):
-        st, mb = self.st, a.mb
-        out = st.outputs.pop(mb)
+        st, mb, key = self.st, a.mb, (a.chunk, a.mb)
+        first, last = self._stage_flags(a.chunk)
+        out = st.outputs.pop(key)
         m0 = self.tracer.mark()
         # detach=false (the ablation): the attached output is kept past its step and the graph
         # behind it is retained (retain_graph=True, what code that keeps attached tensors across
@@ -198,31 +236,83 @@ class StageExecutor:
         if retain:
             self.kept.append(out)
         self.bwd_mb = mb
-        if self.last:
+        if last:
             st.losses.append(out.detach())
             out.backward(retain_graph=retain)
         else:
-            out.backward(st.grads.pop(mb), retain_graph=retain)
+            out.backward(st.grads.pop(key), retain_graph=retain)
         self.bwd_mb = None
         m1 = self.tracer.mark()
         if self.per_stage:
             self.tracer.span(st.step, mb, -1, "bwd", m0, m1)
         elif self.hook_bwd:
             self._tile_backward(mb, m0, m1)
-        self._release(("out", mb))
-        if not self.first:
-            inp = st.inputs.pop(mb)
+        self._release(("out", key))
+        if not first:
+            inp = st.inputs.pop(key)
             # recv_requires_grad=false: autograd never computed a gradient for the input, so
             # there is none to send; zeros keep the protocol going (what a `grad or zeros`
             # fallback in naive code does) and the upstream stages get exactly zero gradient.
             g = inp.grad if inp.grad is not None else torch.zeros_like(inp)
-            st.in_grads[mb] = g
+            self._input_grad(a.chunk, key, g)
             if retain:  # the retained graph keeps the input, and with it this .grad, for good:
                 # a pebble of its own kind, never released (with detach=true the gradient is a
                 # message buffer, gone once sent)
-                self.tracker.hold(g, "in_grad", self.layer_ids[0], st.step, mb,
-                                  self.names[self.layer_ids[0]])
-            self._release(("recv", mb))
+                lid = self.chunk_blocks[a.chunk][0][0]
+                self.tracker.hold(g, "in_grad", lid, st.step, mb, self.names[lid])
+            self._release(("recv", key))
+
+    def _input_grad(self, c, key, g):
+        """The gradient of chunk c's input: a message upstream, or, when the upstream stage is
+        on this rank, straight into its received gradients."""
+        up = self._local(c, -1)
+        if up is not None:
+            self.st.grads[up, key[1]] = g
+        else:
+            self.st.in_grads[key] = g
+
+    # -- split backward (harness/splitgrad.py): B now, W later ------------------------------
+    def backward_input(self, a):
+        """B: the gradient of the chunk's input, sent upstream at once; the graph stays for W."""
+        st, key = self.st, (a.chunk, a.mb)
+        first, last = self._stage_flags(a.chunk)
+        out = st.outputs.pop(key)
+        if last:
+            st.losses.append(out.detach())
+        inp = st.inputs.get(key) if not first and self.recv_requires_grad else None
+        split = st.splits[key] = Split(out, None if last else st.grads.pop(key), inp,
+                                       self.chunk_params[a.chunk])
+        m0 = self.tracer.mark()
+        g = split.input_grad()
+        m1 = self.tracer.mark()
+        self._split_span(a, "bwd_in", m0, m1)
+        if not first:
+            self._input_grad(a.chunk, key, g if g is not None else torch.zeros_like(st.inputs[key]))
+
+    def backward_weight(self, a):
+        """W: the weights' gradient; then the chunk-microbatch's activations are released."""
+        st, key = self.st, (a.chunk, a.mb)
+        m0 = self.tracer.mark()
+        st.splits.pop(key).weight_grad()
+        m1 = self.tracer.mark()
+        self._split_span(a, "bwd_w", m0, m1)
+        st.inputs.pop(key, None)
+        self._release(("out", key))
+        self._release(("recv", key))
+
+    def _split_span(self, a, kind, m0, m1):
+        """B is traced per layer when the block hooks saw it (its own kind); W, and a B with
+        nothing to compute, as one span of the chunk (layer = its first block)."""
+        marks, self.bwd_marks = self.bwd_marks, []
+        if not self.tracer.enabled:
+            return
+        if kind == "bwd_in" and marks and not self.per_stage:
+            for k, (layer, s) in enumerate(marks):
+                end = marks[k + 1][1] if k + 1 < len(marks) else m1
+                self.tracer.span(self.st.step, a.mb, layer, kind, m0 if k == 0 else s, end)
+        else:
+            lid = self.chunk_blocks[a.chunk][0][0] if self.hook_bwd else -1
+            self.tracer.span(self.st.step, a.mb, lid, kind, m0, m1)
 
     def optimize(self, _a):
         tr = self.tracer
@@ -244,21 +334,25 @@ class StageExecutor:
         self.st.stats = {"grad_norm": gnorm, "update_norm": unorm}
 
     # -- communication: one handler per operation, the action says what and with whom ---------
-    def _outgoing(self, stream, mb):
+    def _outgoing(self, stream, key):
         """The tensor a send of `stream` moves: the attached output (kept for backward, sent
         detached by comm) or the input gradient (sent once, then dropped)."""
-        return self.st.outputs[mb] if stream == "act" else self.st.in_grads.pop(mb)
+        return self.st.outputs[key] if stream == "act" else self.st.in_grads.pop(key)
 
-    def _incoming(self, stream, mb, buf):
+    def _incoming(self, stream, key, buf):
         st = self.st
         if stream == "grad":
-            st.grads[mb] = buf
+            st.grads[key] = buf
             return
         # the seed's first lesson: without requires_grad the chain breaks here
         buf.requires_grad_(self.recv_requires_grad)
-        st.inputs[mb] = buf
-        st.holds[("recv", mb)] = self.tracker.hold(buf, "recv", self.layer_ids[0], st.step, mb,
-                                                   self.names[self.layer_ids[0]])
+        st.inputs[key] = buf
+        lid = self.chunk_blocks[key[0]][0][0]
+        st.holds[("recv", key)] = self.tracker.hold(buf, "recv", lid, st.step, key[1],
+                                                    self.names[lid])
+
+    def _message(self, a):
+        return S.message(a.kind, self.rank, self.st.step, a.mb, a.chunk, self.placement)
 
     def _release(self, key):
         tok = self.st.holds.pop(key, None)  # stage 0 holds no received tensor, the last no output
@@ -266,30 +360,31 @@ class StageExecutor:
             self.tracker.release(tok)
 
     def send(self, a):
-        q, tag, pair = S.message(a.kind, self.rank, self.st.step, a.mb)
-        self.p2p.send(self._outgoing(S.COMM[a.kind][0], a.mb), q, tag, self.st.step, a.mb, pair)
+        q, tag, pair = self._message(a)
+        self.p2p.send(self._outgoing(S.COMM[a.kind][0], (a.chunk, a.mb)), q, tag, self.st.step,
+                      a.mb, pair)
 
     def recv(self, a):
         stream = S.COMM[a.kind][0]
-        q, tag, pair = S.message(a.kind, self.rank, self.st.step, a.mb)
-        buf = self.p2p.recv(*self.recv_spec[stream], q, tag, self.st.step, a.mb, pair)
-        self._incoming(stream, a.mb, buf)
+        q, tag, pair = self._message(a)
+        buf = self.p2p.recv(*self.chunk_recv[a.chunk][stream], q, tag, self.st.step, a.mb, pair)
+        self._incoming(stream, (a.chunk, a.mb), buf)
 
     def isend(self, a):
         stream = S.COMM[a.kind][0]
-        q, tag, pair = S.message(a.kind, self.rank, self.st.step, a.mb)
-        self.st.pending[stream, "send", a.mb] = self.p2p.isend(
-            self._outgoing(stream, a.mb), q, tag, self.st.step, a.mb, pair)
+        q, tag, pair = self._message(a)
+        self.st.pending[stream, "send", (a.chunk, a.mb)] = self.p2p.isend(
+            self._outgoing(stream, (a.chunk, a.mb)), q, tag, self.st.step, a.mb, pair)
 
     def irecv(self, a):
         stream = S.COMM[a.kind][0]
-        q, tag, pair = S.message(a.kind, self.rank, self.st.step, a.mb)
-        self.st.pending[stream, "recv", a.mb] = self.p2p.irecv(
-            *self.recv_spec[stream], q, tag, self.st.step, a.mb, pair)
+        q, tag, pair = self._message(a)
+        self.st.pending[stream, "recv", (a.chunk, a.mb)] = self.p2p.irecv(
+            *self.chunk_recv[a.chunk][stream], q, tag, self.st.step, a.mb, pair)
 
     def wait(self, a):
         stream = S.COMM[a.kind][0]
         side = "send" if S.sending(a.kind) else "recv"
-        got = self.p2p.wait(self.st.pending.pop((stream, side, a.mb)))
+        got = self.p2p.wait(self.st.pending.pop((stream, side, (a.chunk, a.mb))))
         if side == "recv":
-            self._incoming(stream, a.mb, got)
+            self._incoming(stream, (a.chunk, a.mb), got)

@@ -180,7 +180,8 @@ class Run:
                 "clock_knob": ({"offset_ns": self.clock.skew_ns, "drift_ppm": d.clock_drift_ppm,
                                 "origin_ns": self.clock.origin} if skewed else None)}
         self.files.log(f"rank {rank}/{size} on {info['host']} pid {info['pid']}: {device}, "
-                       f"{threads} threads, layers {bounds[rank][0]}..{bounds[rank][1] - 1}, "
+                       f"{threads} threads, layers "
+                       f"{' '.join(f'{a}..{b - 1}' for a, b in st.chunks)}, "
                        f"schedule {cfg.schedule} m={cfg.pipeline.microbatches}, "
                        f"cuda-aware MPI {cuda_aware}, memory sources {mem_status}")
         infos = comm.gather(info)
@@ -205,6 +206,7 @@ class Run:
 
     def _executor(self, layers, bounds, tracker, opt, device):
         from . import stage
+        from . import schedule as S
         from .executor import StageExecutor
         cfg, st = self.cfg, self.stage
         return StageExecutor(
@@ -212,7 +214,9 @@ class Run:
             n_layers=st.n_blocks, loss=st.loss, data=st.data, recv=st.recv,
             p2p=self.p2p, tracer=self.tracer, tracker=tracker, optimizer=opt, device=device,
             pipeline=cfg.pipeline, train=cfg.train, trace=cfg.trace, debug=cfg.debug,
-            names=st.names, autocast=lambda: stage.autocast(cfg, device.type))
+            names=st.names, chunks=st.chunks, chunk_recv=st.chunk_recv,
+            placement=S.placement_of(self.schedule),
+            autocast=lambda: stage.autocast(cfg, device.type))
 
     def check_boundaries(self, st):
         """Every rank probed the boundary shapes itself; they must agree before the first step
@@ -233,8 +237,6 @@ class Run:
         rundir.write_json(d / "schedule.json", S.to_json(self.schedule, cfg.schedule,
                                                          cfg.pipeline.microbatches,
                                                          cfg.pipeline.overlap))
-        per_mb = self.stage.act_bytes
-        in_flight = [max(S.in_flight(acts)) for acts in self.schedule]
         self.meta = {
             "format": FORMAT, "experiment": cfg.exp, "status": "running", "error": None,
             "world_size": self.size, "start_time": self.start_time, "end_time": None,
@@ -242,14 +244,15 @@ class Run:
             "model": self.stage.info,
             "split": [list(b) for b in bounds],
             "schedule": {"name": cfg.schedule, "microbatches": cfg.pipeline.microbatches,
+                         "virtual": cfg.pipeline.virtual,
+                         "placement": S.placement_of(self.schedule).style,
                          "overlap": cfg.pipeline.overlap,
                          "recv_requires_grad": cfg.pipeline.recv_requires_grad,
                          "detach": cfg.pipeline.detach},
             # per microbatch bytes each stage saves, derived from the code (None: a model without
             # a formula, e.g. a user's factory)
-            "pebbles_theory": ({"bytes_per_microbatch": per_mb,
-                                "peak_bytes": [b * k for b, k in zip(per_mb, in_flight)]}
-                               if per_mb else None),
+            # (per rank, through all its chunks; peaks walked from the schedule)
+            "pebbles_theory": S.pebble_theory(self.schedule, self.stage.act_bytes),
             "trace": {"enabled": cfg.trace.enabled, "format": FORMAT, "per_layer": cfg.trace.per_layer,
                       "sample_interval_ms": cfg.trace.sample_interval_ms},
             "clock": {"method": "ping-pong with rank 0, minimum round trip (Score-P)",
@@ -274,7 +277,7 @@ class Run:
             self.heartbeat.beat(step, dt)
             if self.thread_error:
                 raise self.thread_error
-            if self.last:  # steps are numbered from 0, as in every file and the analysis
+            if out["loss"] is not None:  # the loss's rank; steps are numbered from 0 everywhere
                 line = (f"step {step:>4}  ({step + 1}/{cfg.train.steps})  loss {out['loss']:.4f}  "
                         f"step time {dt * 1e3:.1f} ms")
                 self.files.log(line)
@@ -305,9 +308,8 @@ class Run:
         from . import comm, rundir, runformat
         if self.cfg.run.save_weights:
             import torch
-            first = self.bounds[self.rank][0]
-            state = {first + i: {k: v.detach().cpu() for k, v in blk.state_dict().items()}
-                     for i, blk in enumerate(self.layers)}
+            state = {gi: {k: v.detach().cpu() for k, v in blk.state_dict().items()}
+                     for gi, blk in zip(self.executor.layer_ids, self.layers)}
             torch.save(state, self.run_dir / runformat.weights_file(self.rank))
         clock_end = comm.clock_offsets(self.clock.now, self.cfg.trace.clock_exchanges)
         nonfinite = [x for x in comm.gather(self.nonfinite) or [] if x]

@@ -21,7 +21,8 @@ TRACE_COLS = {"events": EVENT_COLS, "pebbles": PEBBLE_COLS, "memory": MEMORY_COL
 STATS_COLS = ("step", "rank", "loss", "grad_norm", "update_norm", "step_time")
 
 # the lane (row of the timeline) of each event kind
-LANE = {"fwd": "compute", "bwd": "compute", "loss": "compute", "opt": "compute", "norms": "compute",
+LANE = {"fwd": "compute", "bwd": "compute", "bwd_in": "compute", "bwd_w": "compute",
+        "loss": "compute", "opt": "compute", "norms": "compute",
         "send": "send", "recv": "recv", "d2h": "copy", "h2d": "copy", "step": "step",
         # a recomputation inside a bwd span (pipeline.recompute): an annotation of compute
         "recompute": "recompute"}
@@ -73,11 +74,23 @@ def weights_file(rank: int) -> str:
 STREAM_LETTER = {"act": "A", "grad": "G"}
 
 
-def tag(stream: str, mb: int) -> int:
-    """MPI tag of a message: 2·mb for activations, 2·mb+1 for gradients (far below comm.CLOCK_TAG)."""
-    return 2 * mb + (stream == "grad")
+# With virtual stages (pipeline.virtual=v) a rank pair can carry the messages of several stage
+# boundaries; `chunk` is the chunk index of the boundary's upstream stage (the one that sends the
+# activation and receives the gradient), which tells them apart. chunk=0 leaves tag and pair id
+# exactly as they were before chunks existed.
+CHUNK_TAGS = 4096   # tags per chunk: microbatches < 2048, chunks < 7 keep tags below CLOCK_TAG
 
 
-def pair_id(stream: str, step: int, mb: int, src: int, dst: int) -> str:
-    """`A3.1.0>1`: activation of step 3, microbatch 1, from rank 0 to rank 1 (G: gradient)."""
-    return f"{STREAM_LETTER[stream]}{step}.{mb}.{src}>{dst}"
+def tag(stream: str, mb: int, chunk: int = 0) -> int:
+    """MPI tag of a message: 2·mb for activations, 2·mb+1 for gradients, + 4096·chunk (all far
+    below comm.CLOCK_TAG = 32000)."""
+    if not (0 <= mb < CHUNK_TAGS // 2 and 0 <= chunk < 7):
+        raise ValueError(f"message tag: microbatch {mb} / chunk {chunk} out of range "
+                         f"(microbatches < {CHUNK_TAGS // 2}, chunks < 7)")
+    return 2 * mb + (stream == "grad") + CHUNK_TAGS * chunk
+
+
+def pair_id(stream: str, step: int, mb: int, src: int, dst: int, chunk: int = 0) -> str:
+    """`A3.1.0>1`: activation of step 3, microbatch 1, from rank 0 to rank 1 (G: gradient);
+    `A3.1.0>1c1` the same for the boundary whose upstream stage is chunk 1."""
+    return f"{STREAM_LETTER[stream]}{step}.{mb}.{src}>{dst}" + (f"c{chunk}" if chunk else "")

@@ -11,12 +11,16 @@ first/last-stage branches.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from . import runformat
 
-# Compute
+# Compute. bwd is the whole backward of a chunk; split backward runs it as two actions:
+# bwd_in (the gradient with respect to the chunk's input, sent upstream at once: the zero-bubble
+# paper's B, PyTorch's I) and bwd_w (the gradient with respect to its weights, later: W).
 FWD, BWD, OPT = "fwd", "bwd", "opt"
+BWD_IN, BWD_W = "bwd_in", "bwd_w"
 # Blocking point-to-point (MPI Send/Recv)
 SEND_ACT, RECV_ACT, SEND_GRAD, RECV_GRAD = "send_act", "recv_act", "send_grad", "recv_grad"
 # Non-blocking point-to-point (MPI Isend/Irecv) and their completion (MPI Wait)
@@ -26,8 +30,14 @@ WAIT_SEND_GRAD, WAIT_RECV_GRAD = "wait_send_grad", "wait_recv_grad"
 
 KINDS = (FWD, BWD, OPT, SEND_ACT, RECV_ACT, SEND_GRAD, RECV_GRAD,
          ISEND_ACT, IRECV_ACT, ISEND_GRAD, IRECV_GRAD,
-         WAIT_SEND_ACT, WAIT_RECV_ACT, WAIT_SEND_GRAD, WAIT_RECV_GRAD)
-COMPUTE = (FWD, BWD, OPT)
+         WAIT_SEND_ACT, WAIT_RECV_ACT, WAIT_SEND_GRAD, WAIT_RECV_GRAD, BWD_IN, BWD_W)
+COMPUTE = (FWD, BWD, OPT, BWD_IN, BWD_W)
+# compute that produces the gradient sent upstream, and compute that ends a microbatch's life
+INPUT_GRAD = (BWD, BWD_IN)
+RELEASES = (BWD, BWD_W)
+# one letter per compute kind in an action's compact name, as torch.distributed.pipelining
+# spells them (F forward, B full backward, I input gradient, W weight gradient)
+LETTER = {FWD: "F", BWD: "B", BWD_IN: "I", BWD_W: "W"}
 
 # kind -> (stream, role). stream: "act" flows s -> s+1, "grad" flows s+1 -> s.
 # role: a blocking call ("send"/"recv"), a non-blocking post ("isend"/"irecv") or its completion.
@@ -46,36 +56,119 @@ def sending(kind: str) -> bool:
     return COMM[kind][1] in ("send", "isend", "wait_send")
 
 
-def peer(kind: str, rank: int) -> int:
-    """The other rank of a communication action on `rank` (may be outside 0..p-1 if malformed)."""
-    # activations travel downstream, gradients upstream
-    return rank + 1 if sending(kind) == (COMM[kind][0] == "act") else rank - 1
+@dataclass(frozen=True)
+class Placement:
+    """Which global stage each (rank, chunk) holds: p ranks, v chunks each, p·v stages.
+
+    style "loop" (Megatron-LM's interleaving): rank r holds stages r, r+p, r+2p, ..., so the
+    activation of stage p-1 (rank p-1) wraps to stage p on rank 0. style "v" (ZB-V, DualPipeV):
+    even chunks run down the ranks, odd chunks back up, so rank r holds stages r and 2p-1-r and
+    the turn at the bottom (stage p-1 -> p, both on rank p-1) never leaves the rank.
+    """
+    p: int
+    v: int = 1
+    style: str = "loop"
+
+    @property
+    def stages(self) -> int:
+        return self.p * self.v
+
+    def stage(self, rank: int, chunk: int) -> int:
+        up = self.style == "v" and chunk % 2
+        return chunk * self.p + (self.p - 1 - rank if up else rank)
+
+    def where(self, stage: int) -> tuple[int, int]:
+        """(rank, chunk) of a global stage."""
+        c, k = divmod(stage, self.p)
+        return (self.p - 1 - k if self.style == "v" and c % 2 else k), c
+
+    def neighbour(self, kind: str, rank: int, chunk: int) -> tuple[int, int, int]:
+        """(peer rank, peer chunk, boundary chunk) of a communication action: activations go
+        from stage g to g+1, gradients from g+1 to g; the boundary chunk (the upstream stage's
+        chunk) tells apart the messages of one rank pair (runformat.tag)."""
+        g = self.stage(rank, chunk)
+        down = sending(kind) == (COMM[kind][0] == "act")    # towards the loss
+        q = g + 1 if down else g - 1
+        if not 0 <= q < self.stages:
+            return (rank + 1 if down else rank - 1), chunk, chunk   # malformed: past the ends
+        qr, qc = self.where(q)
+        return qr, qc, chunk if down else qc
 
 
-def message(kind: str, rank: int, step: int, mb: int) -> tuple[int, int, str]:
+def placement_of(sched) -> Placement:
+    """The placement of a schedule: its own (`Schedule.placement`) or, for a plain list of
+    action lists, round-robin with as many chunks as its actions name."""
+    pl = getattr(sched, "placement", None)
+    if pl is not None:
+        return pl
+    v = 1 + max((a.chunk for acts in sched for a in acts if hasattr(a, "chunk")), default=0)
+    return Placement(len(sched), v)
+
+
+def peer(kind: str, rank: int, chunk: int = 0, placement: Placement | None = None) -> int:
+    """The other rank of a communication action on `rank` (may be outside 0..p-1 if malformed).
+    Without a placement: one chunk per rank, activations to rank+1, gradients to rank-1."""
+    if placement is None:
+        return rank + 1 if sending(kind) == (COMM[kind][0] == "act") else rank - 1
+    return placement.neighbour(kind, rank, chunk)[0]
+
+
+def message(kind: str, rank: int, step: int, mb: int, chunk: int = 0,
+            placement: Placement | None = None) -> tuple[int, int, str]:
     """(peer, MPI tag, pair id) of the message a communication action on `rank` moves; both
     sides of a message compute the same tag and pair id (runformat)."""
     stream = COMM[kind][0]
-    q = peer(kind, rank)
+    if placement is None:
+        q, bc = peer(kind, rank), 0
+    else:
+        q, _, bc = placement.neighbour(kind, rank, chunk)
     src, dst = (rank, q) if sending(kind) else (q, rank)
-    return q, runformat.tag(stream, mb), runformat.pair_id(stream, step, mb, src, dst)
+    return q, runformat.tag(stream, mb, bc), runformat.pair_id(stream, step, mb, src, dst, bc)
 
 
 @dataclass(frozen=True)
 class Action:
-    """One instruction of one rank: `kind` applied to microbatch `mb` (-1 for `opt`)."""
+    """One instruction of one rank: `kind` applied to microbatch `mb` (-1 for `opt`) of the
+    rank's model chunk `chunk` (0 unless the rank holds several: pipeline.virtual)."""
     kind: str
     mb: int = -1
+    chunk: int = 0
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"unknown action kind {self.kind!r}; allowed: {', '.join(KINDS)}")
 
-    def __repr__(self):  # short form for error messages and tests: fwd0, recv_act1, opt
-        return self.kind if self.mb < 0 else f"{self.kind}{self.mb}"
+    def __repr__(self):  # short form for error messages and tests: fwd0, recv_act1, opt, fwd0@1
+        s = self.kind if self.mb < 0 else f"{self.kind}{self.mb}"
+        return s + (f"@{self.chunk}" if self.chunk else "")
+
+    @property
+    def name(self) -> str:
+        """Compact printable name, as torch.distributed.pipelining's `_Action`: chunk, letter,
+        microbatch for compute (`0F3`, `1I2`, `0W1`, `0B0`), chunk, kind, microbatch for
+        communication (`1isend_act2`), `opt` alone. `Action.parse(a.name) == a`."""
+        if self.kind == OPT:
+            return OPT
+        return f"{self.chunk}{LETTER.get(self.kind, self.kind)}{self.mb}"
+
+    @classmethod
+    def parse(cls, name: str) -> "Action":
+        if name == OPT:
+            return cls(OPT)
+        m = re.fullmatch(r"(\d+)([A-Za-z_]+?)(\d+)", name)
+        if not m:
+            raise ValueError(f"{name!r} is not an action name (e.g. 0F3, 1I2, 0W1, 0send_act2)")
+        kind = {v: k for k, v in LETTER.items()}.get(m.group(2), m.group(2))
+        return cls(kind, int(m.group(3)), int(m.group(1)))
 
 
-Schedule = list  # list[list[Action]]: one action list per stage (rank)
+class Schedule(list):
+    """list[list[Action]], one action list per rank, plus the placement of its chunks (a plain
+    list of lists is a schedule too: round-robin placement)."""
+
+    def __init__(self, ranks=(), placement: Placement | None = None):
+        super().__init__(ranks)
+        self.placement = placement or placement_of(list(self))
 
 
 def _check_args(p: int, m: int) -> None:
@@ -189,13 +282,13 @@ def overlapped(sched: Schedule) -> Schedule:
       compute preceding its use, and keeps receive buffers at one per stream, so 1F1B's memory
       bound survives (posting all m receives up front would hold m buffers).
     """
-    return [_overlap_rank(acts) for acts in sched]
+    return Schedule([_overlap_rank(acts) for acts in sched], placement_of(sched))
 
 
 def _overlap_rank(acts: list) -> list:
     computes = [a for a in acts if a.kind in COMPUTE]
     after = {}                        # compute index -> sends issued right after it
-    recvs = {"act": [], "grad": []}   # mb of each received message, per stream, in order
+    recvs = {}                        # (stream, chunk) -> mb of each received message, in order
     n = -1
     for a in acts:
         if a.kind in COMPUTE:
@@ -203,52 +296,85 @@ def _overlap_rank(acts: list) -> list:
             continue
         stream, role = COMM[a.kind]
         if role in ("send", "isend"):
-            after.setdefault(n, []).append(Action(KIND_OF[stream, "isend"], a.mb))
+            after.setdefault(n, []).append(Action(KIND_OF[stream, "isend"], a.mb, a.chunk))
         elif role in ("recv", "irecv"):
-            recvs[stream].append(a.mb)
+            recvs.setdefault((stream, a.chunk), []).append(a.mb)
     nxt = {st: 0 for st in recvs}     # next message of each stream to post
     waited = {st: 0 for st in recvs}  # messages of each stream already waited for
 
     def post(st, upto):               # post receives of stream st up to message index upto
         out = []
         while nxt[st] <= min(upto, len(recvs[st]) - 1):
-            out.append(Action(KIND_OF[st, "irecv"], recvs[st][nxt[st]]))
+            out.append(Action(KIND_OF[st[0], "irecv"], recvs[st][nxt[st]], st[1]))
             nxt[st] += 1
         return out
 
-    new = post("act", 0) + post("grad", 0) + after.get(-1, [])
+    new = [a for st in sorted(recvs) for a in post(st, 0)] + after.get(-1, [])
     sent = list(after.get(-1, []))
     for n, c in enumerate(computes):
-        st = {FWD: "act", BWD: "grad"}.get(c.kind)
-        if st and c.mb in recvs[st]:
+        st = ("act" if c.kind == FWD else "grad" if c.kind in INPUT_GRAD else None, c.chunk)
+        if st in recvs and c.mb in recvs[st]:
             k = recvs[st].index(c.mb)
-            new += post(st, k) + [Action(KIND_OF[st, "wait_recv"], c.mb)]
+            new += post(st, k) + [Action(KIND_OF[st[0], "wait_recv"], c.mb, c.chunk)]
             waited[st] += 1
             if nxt[st] == waited[st]:   # no receive outstanding: pre-post the next one
                 new += post(st, nxt[st])
         if c.kind == OPT:
-            new += [Action(KIND_OF[COMM[a.kind][0], "wait_send"], a.mb) for a in sent]
+            new += [Action(KIND_OF[COMM[a.kind][0], "wait_send"], a.mb, a.chunk) for a in sent]
         new.append(c)
         new += after.get(n, [])
         sent += after.get(n, [])
     return new
 
 
-def build(name: str, p: int, m: int, overlap: bool = False) -> Schedule:
-    """The action lists of schedule `name` for p stages and m microbatches."""
+def build(name: str, p: int, m: int, overlap: bool = False, virtual: int = 1) -> Schedule:
+    """The action lists of schedule `name` for p ranks, m microbatches and `virtual` chunks per
+    rank (pipeline.virtual; naive, gpipe, 1f1b and zb_h1 take 1, interleaved >= 2, zbv 2)."""
     if name not in SCHEDULES:
         raise ValueError(f"schedule={name!r}: allowed {', '.join(SCHEDULES)}")
-    sched = SCHEDULES[name](p, m)
+    if name in VIRTUAL:
+        return SCHEDULES[name](p, m, virtual)      # always non-blocking (schedule_zb.py)
+    if virtual != 1:
+        raise ValueError(f"pipeline.virtual={virtual!r}: schedule={name!r} holds one chunk per "
+                         f"rank (virtual stages: schedule=interleaved or zbv)")
+    sched = Schedule(SCHEDULES[name](p, m), Placement(p))
     return overlapped(sched) if overlap else sched
 
 
 def in_flight(acts: list) -> list:
-    """Microbatches in flight (fwd done, bwd not yet) after each action of one rank's list."""
+    """Chunk-microbatches in flight (fwd done, its activations not yet released by bwd or
+    bwd_w) after each action of one rank's list."""
     held, out = 0, []
     for a in acts:
-        held += (a.kind == FWD) - (a.kind == BWD)
+        held += (a.kind == FWD) - (a.kind in RELEASES)
         out.append(held)
     return out
+
+
+def peak_bytes(acts: list, chunk_bytes) -> int:
+    """Most activation bytes one rank holds at once, when each chunk-microbatch in flight
+    holds chunk_bytes[chunk] (chunks of unequal size weigh what they save)."""
+    held = peak = 0
+    for a in acts:
+        if a.kind == FWD:
+            held += chunk_bytes[a.chunk]
+        elif a.kind in RELEASES:
+            held -= chunk_bytes[a.chunk]
+        peak = max(peak, held)
+    return peak
+
+
+def pebble_theory(sched, stage_bytes) -> dict | None:
+    """meta.json's `pebbles_theory` from per-global-stage bytes per microbatch (None: no
+    formula): per rank the bytes one microbatch leaves through all its chunks, per chunk, and
+    the peak, walked from the schedule."""
+    if not stage_bytes:
+        return None
+    pl = placement_of(sched)
+    per_chunk = [[stage_bytes[pl.stage(r, c)] for c in range(pl.v)] for r in range(pl.p)]
+    return {"bytes_per_microbatch": [sum(b) for b in per_chunk],
+            "bytes_per_chunk": per_chunk,
+            "peak_bytes": [peak_bytes(acts, b) for acts, b in zip(sched, per_chunk)]}
 
 
 # The closed-form bubble of each schedule, for equal per-stage fwd and bwd times and free
@@ -262,12 +388,15 @@ _BUBBLE = {
 BUBBLE_FORMULA = {name: f for name, (f, _) in _BUBBLE.items()}
 
 
-def bubble(name: str, p: int, m: int) -> float | None:
-    """Theoretical bubble (idle share of each rank's step) of schedule `name`; None if unknown."""
+def bubble(name: str, p: int, m: int, virtual: int = 1, times=None) -> float | None:
+    """Theoretical bubble (idle share of each rank's step) of schedule `name`; None if unknown.
+    times: per-chunk {fwd, bwd_in, bwd_w} for the split-backward schedules (default 1, 1, 1)."""
+    if name in VIRTUAL:
+        return VIRTUAL[name].bubble(p, m, virtual, times)
     return _BUBBLE[name][1](p, m) if name in _BUBBLE else None
 
 
-def theory(name: str, p: int, m: int) -> dict:
+def theory(name: str, p: int, m: int, virtual: int = 1) -> dict:
     """Numbers the analysis compares measurements against, for equal per-stage fwd and bwd times.
 
     bubble: idle share of each rank's step. Naive: (p-1)/p. GPipe (Huang et al. 2019) and
@@ -275,19 +404,35 @@ def theory(name: str, p: int, m: int) -> dict:
     peak_in_flight: per stage, the most microbatches whose activations it holds at once, walked
       from the schedule itself (closed forms: naive 1, gpipe m, 1f1b min(m, p-s)).
     messages: point-to-point messages per step, one activation and one gradient per boundary
-      and microbatch: 2·(p-1)·m.
+      between two ranks and microbatch: 2·(p-1)·m with one chunk per rank.
+    The split-backward and virtual-stage schedules (schedule_zb.py) count chunk-microbatches
+    in flight, from fwd to the bwd_w (or bwd) that releases them.
     """
-    sched = build(name, p, m)
-    return {"bubble": bubble(name, p, m),
+    sched = build(name, p, m, virtual=virtual)
+    pl = placement_of(sched)
+    local = sum(pl.where(g)[0] == pl.where(g + 1)[0] for g in range(pl.stages - 1))
+    return {"bubble": bubble(name, p, m, virtual),
             "peak_in_flight": [max(in_flight(acts)) for acts in sched],
-            "messages": 2 * (p - 1) * m}
+            "messages": 2 * (pl.stages - 1 - local) * m}
 
 
 def to_json(sched: Schedule, name: str, m: int, overlap: bool) -> dict:
-    """The `schedule.json` form (docs/run-format.md)."""
+    """The `schedule.json` form (docs/run-format.md): actions as [kind, mb] with one chunk per
+    rank (readable by older loaders), [kind, mb, chunk] with several."""
+    pl = placement_of(sched)
+    row = (lambda a: [a.kind, a.mb]) if pl.v == 1 else (lambda a: [a.kind, a.mb, a.chunk])
     return {"name": name, "stages": len(sched), "microbatches": m, "overlap": overlap,
-            "actions": [[[a.kind, a.mb] for a in acts] for acts in sched]}
+            "virtual": pl.v, "placement": pl.style,
+            "actions": [[row(a) for a in acts] for acts in sched]}
 
 
 def from_json(obj: dict) -> Schedule:
-    return [[Action(k, mb) for k, mb in acts] for acts in obj["actions"]]
+    """Inverse of to_json; accepts files written before chunks existed (2-field actions)."""
+    ranks = [[Action(*a) for a in acts] for acts in obj["actions"]]
+    pl = Placement(len(ranks), obj.get("virtual", 1), obj.get("placement", "loop"))
+    return Schedule(ranks, pl)
+
+
+from .schedule_zb import VIRTUAL  # noqa: E402  (the zoo below imports the IR above)
+
+SCHEDULES.update({name: th.build for name, th in VIRTUAL.items()})

@@ -11,8 +11,10 @@ action list in order:
 - a wait blocks until the transfer of its posted message is done;
 - a transfer starts when both sides are posted and takes `latency`.
 
-Messages match by (stream act|grad, microbatch, source, destination), first-posted with
-first-posted, like MPI's ordering rule for one (source, tag) pair.
+Messages match by (stream act|grad, microbatch, source, destination, boundary chunk),
+first-posted with first-posted, like MPI's ordering rule for one (source, tag) pair. With
+several chunks per rank the schedule's placement (harness.schedule.Placement) says which rank
+and chunk each message goes to; a boundary inside one rank (ZB-V's turn) is no message at all.
 
 `protocol="eager"` models small messages instead (below the MPI library's eager limit): a send
 never waits for its receive; the sender is done `latency` after posting, and the receiver gets
@@ -22,9 +24,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from harness.schedule import BWD, COMM, COMPUTE, FWD, KINDS, OPT, Action, peer
+from harness.schedule import (BWD, BWD_IN, BWD_W, COMM, COMPUTE, FWD, INPUT_GRAD, KINDS, OPT,
+                              Action, placement_of)
 
-UNIT = {FWD: 1.0, BWD: 2.0, OPT: 0.0}  # default costs: backward ~2x forward (two matmuls per one)
+# default costs: backward ~2x forward (two matmuls per one), split evenly into its input and
+# weight halves
+UNIT = {FWD: 1.0, BWD: 2.0, BWD_IN: 1.0, BWD_W: 1.0, OPT: 0.0}
 
 
 class ScheduleError(ValueError):
@@ -43,16 +48,19 @@ class PlannedOp:
     mb: int
     start: float
     end: float
+    chunk: int = 0
 
 
 def _static(sched) -> None:
     """The per-rank contract and send/receive matching; raises ScheduleError on the first breach."""
     p = len(sched)
-    ends = {}                                   # (stream, mb, src, dst) -> [sends, recvs]
+    pl = placement_of(sched)
+    last = pl.stages - 1
+    ends = {}                                   # (stream, mb, src, dst, chunk) -> [sends, recvs]
     for r, acts in enumerate(sched):
-        done = {FWD: set(), BWD: set()}
-        have = {"act": set(), "grad": set()}    # tensors received (completed) on this rank
-        posted = {}                             # (stream, side, mb) -> posts not yet waited for
+        done = {FWD: set(), BWD: set(), BWD_IN: set(), BWD_W: set()}   # of (chunk, mb)
+        have = {"act": set(), "grad": set()}    # (chunk, mb) received (completed) on this rank
+        posted = {}                             # (stream, side, chunk, mb) -> posts not waited
         opts = [k for k, a in enumerate(acts) if getattr(a, "kind", None) == OPT]
         if len(opts) != 1:
             raise ScheduleError(f"rank {r}: has {len(opts)} opt actions; every rank ends with "
@@ -60,53 +68,71 @@ def _static(sched) -> None:
         if opts[0] != len(acts) - 1:
             raise ScheduleError(f"rank {r}: {acts[opts[0] + 1]!r} comes after opt; "
                                 f"opt ends the step")
+
+        def local(g, kinds, cm):     # was stage g's tensor for (chunk, mb) made on this rank?
+            q, qc = pl.where(g)
+            return q == r and any((qc, cm[1]) in done[k] for k in kinds)
         for a in acts:
             if not isinstance(a, Action):
                 raise ScheduleError(f"rank {r}: {a!r} is not an Action")
             where = f"rank {r}: {a!r}"
-            if a.kind in (FWD, BWD):
-                if a.mb in done[a.kind]:
+            cm = (a.chunk, a.mb)
+            if a.kind in COMPUTE and a.kind != OPT:
+                if not 0 <= a.chunk < pl.v:
+                    raise ScheduleError(f"{where}: chunk {a.chunk} does not exist ({pl.v} per rank)")
+                g = pl.stage(r, a.chunk)
+                if cm in done[a.kind] or (a.kind in INPUT_GRAD and cm in done[BWD] | done[BWD_IN]):
                     raise ScheduleError(f"{where} appears twice")
-                if a.kind == FWD and r > 0 and a.mb not in have["act"]:
+                if a.kind == FWD and g > 0 and cm not in have["act"] \
+                        and not local(g - 1, (FWD,), cm):
                     raise ScheduleError(f"{where} runs before its activation arrived (needs "
                                         f"recv_act{a.mb} or wait_recv_act{a.mb} earlier)")
-                if a.kind == BWD and a.mb not in done[FWD]:
+                if a.kind in (BWD, BWD_IN) and cm not in done[FWD]:
                     raise ScheduleError(f"{where} runs before fwd{a.mb}")
-                if a.kind == BWD and r < p - 1 and a.mb not in have["grad"]:
+                if a.kind == BWD_W and cm not in done[BWD_IN]:
+                    raise ScheduleError(f"{where} runs before bwd_in{a.mb} (W needs B's graph)")
+                if a.kind in INPUT_GRAD and g < last and cm not in have["grad"] \
+                        and not local(g + 1, INPUT_GRAD, cm):
                     raise ScheduleError(f"{where} runs before its gradient arrived (needs "
                                         f"recv_grad{a.mb} or wait_recv_grad{a.mb} earlier)")
-                done[a.kind].add(a.mb)
+                done[a.kind].add(cm)
             if a.kind in COMPUTE:
                 continue
             stream, role = COMM[a.kind]
             side = "send" if "send" in role else "recv"
-            q = peer(a.kind, r)
-            if not 0 <= q < p:
+            q, qc, bc = pl.neighbour(a.kind, r, a.chunk)
+            if not 0 <= q < p or q == r:
                 raise ScheduleError(f"{where} has peer rank {q}, which does not exist "
-                                    f"({p} stages: no communication past the pipeline ends)")
-            if role in ("send", "isend") and a.mb not in done[FWD if stream == "act" else BWD]:
+                                    f"({p} stages: no communication past the pipeline ends)"
+                                    if q != r else f"{where} would send to its own rank")
+            made = done[FWD] if stream == "act" else done[BWD] | done[BWD_IN]
+            if role in ("send", "isend") and cm not in made:
                 need = "fwd" if stream == "act" else "bwd"
                 raise ScheduleError(f"{where} to rank {q} before {need}{a.mb} produced it")
             if role.startswith("wait"):
-                key = (stream, side, a.mb)
+                key = (stream, side, a.chunk, a.mb)
                 if not posted.get(key):
                     raise ScheduleError(f"{where} without a matching i{side}_{stream}{a.mb} "
                                         f"posted before it")
                 posted[key] -= 1
             else:
                 src, dst = (r, q) if side == "send" else (q, r)
-                ends.setdefault((stream, a.mb, src, dst), [[], []])[side == "recv"].append(a)
+                ends.setdefault((stream, a.mb, src, dst, bc), [[], []])[side == "recv"].append(a)
                 if role.startswith("i"):
-                    posted[stream, side, a.mb] = posted.get((stream, side, a.mb), 0) + 1
+                    key = (stream, side, a.chunk, a.mb)
+                    posted[key] = posted.get(key, 0) + 1
             if side == "recv" and not role.startswith("i"):
-                have[stream].add(a.mb)
-        for (stream, side, mb), n in posted.items():
+                have[stream].add(cm)
+        for (stream, side, _c, mb), n in posted.items():
             if n:
                 raise ScheduleError(f"rank {r}: i{side}_{stream}{mb} is never completed "
                                     f"(no wait_{side}_{stream}{mb} after it)")
-        for mb in sorted(done[FWD] - done[BWD]):
-            raise ScheduleError(f"rank {r}: fwd{mb} has no bwd{mb}")
-    for (stream, mb, src, dst), (sends, recvs) in sorted(ends.items()):
+        for c, mb in sorted(done[FWD] - done[BWD] - done[BWD_W]):
+            raise ScheduleError(f"rank {r}: {Action(FWD, mb, c)!r} has no bwd{mb} "
+                                f"(or bwd_in{mb} and bwd_w{mb})")
+        for c, mb in sorted(done[BWD_IN] - done[BWD_W]):
+            raise ScheduleError(f"rank {r}: {Action(BWD_IN, mb, c)!r} has no bwd_w{mb}")
+    for (stream, mb, src, dst, _c), (sends, recvs) in sorted(ends.items()):
         if len(sends) > len(recvs):
             raise ScheduleError(f"rank {src}: {sends[len(recvs)]!r} to rank {dst} has no "
                                 f"matching receive (rank {dst} posts {len(recvs)} recv_{stream}{mb}/"
@@ -126,8 +152,9 @@ def _cost(durations):
     unknown = set(durations) - set(KINDS)
     if unknown:
         raise ValueError(f"durations: unknown kinds {sorted(unknown)}; allowed: {', '.join(KINDS)}")
-    if FWD not in durations or BWD not in durations:
-        raise ValueError("durations: a dict needs at least 'fwd' and 'bwd' (the rest default to 0)")
+    if FWD not in durations or (BWD not in durations and BWD_IN not in durations):
+        raise ValueError("durations: a dict needs at least 'fwd' and 'bwd' (or 'bwd_in' for "
+                         "split backward; the rest default to 0)")
     return lambda r, a: durations.get(a.kind, 0.0)
 
 
@@ -142,7 +169,8 @@ class _Msg:
 def _run(sched, cost, latency: float, eager: bool = False) -> list:
     """Execute every rank's list against the message model; raise DeadlockError if stuck."""
     p = len(sched)
-    msgs, count = {}, {}          # (stream, mb, src, dst) -> [_Msg]; (key, side) -> posts so far
+    pl = placement_of(sched)
+    msgs, count = {}, {}     # (stream, mb, src, dst, chunk) -> [_Msg]; (key, side) -> posts so far
     pc, t = [0] * p, [0.0] * p
     mine = [{} for _ in range(p)]  # per rank: (stream, side, mb) -> its posted, unwaited messages
     ops = []
@@ -150,8 +178,8 @@ def _run(sched, cost, latency: float, eager: bool = False) -> list:
     def post(r, a):
         stream, role = COMM[a.kind]
         side = "send" if "send" in role else "recv"
-        q = peer(a.kind, r)
-        key = (stream, a.mb) + ((r, q) if side == "send" else (q, r))
+        q, _, bc = pl.neighbour(a.kind, r, a.chunk)
+        key = (stream, a.mb) + ((r, q) if side == "send" else (q, r)) + (bc,)
         n = count.get((key, side), 0)
         count[key, side] = n + 1
         box = msgs.setdefault(key, [])
@@ -172,7 +200,7 @@ def _run(sched, cost, latency: float, eager: bool = False) -> list:
             role = COMM[a.kind][1]
             if role in ("isend", "irecv"):
                 msg, side = post(r, a)
-                mine[r].setdefault((COMM[a.kind][0], side, a.mb), []).append(msg)
+                mine[r].setdefault((COMM[a.kind][0], side, a.chunk, a.mb), []).append(msg)
             else:
                 if role in ("send", "recv"):
                     if blocked[r] is None:
@@ -180,7 +208,7 @@ def _run(sched, cost, latency: float, eager: bool = False) -> list:
                     msg, side = blocked[r]
                 else:
                     side = role[len("wait_"):]
-                    msg = mine[r][COMM[a.kind][0], side, a.mb][0]
+                    msg = mine[r][COMM[a.kind][0], side, a.chunk, a.mb][0]
                 if eager and side == "send":    # the message leaves without its receiver
                     end = max(end, msg.post["send"] + latency)
                 else:
@@ -190,8 +218,8 @@ def _run(sched, cost, latency: float, eager: bool = False) -> list:
                     end = max(end, max(msg.post.values()) + latency)
                 blocked[r] = None
                 if role.startswith("wait"):
-                    mine[r][COMM[a.kind][0], side, a.mb].pop(0)
-        ops.append(PlannedOp(r, a.kind, a.mb, t[r], end))
+                    mine[r][COMM[a.kind][0], side, a.chunk, a.mb].pop(0)
+        ops.append(PlannedOp(r, a.kind, a.mb, t[r], end, a.chunk))
         t[r] = end
         pc[r] += 1
         return True
@@ -207,7 +235,7 @@ def _run(sched, cost, latency: float, eager: bool = False) -> list:
         parts = []
         for r in stuck:
             a = sched[r][pc[r]]
-            q, what = peer(a.kind, r), "receive" if "send" in a.kind else "send"
+            q, what = pl.neighbour(a.kind, r, a.chunk)[0], "receive" if "send" in a.kind else "send"
             parts.append(f"rank {r} blocked at {a!r} (action {pc[r]}), waiting for rank {q} "
                          f"to post the matching {what}")
         raise DeadlockError("deadlock: " + "; ".join(parts))
@@ -226,7 +254,8 @@ def check(sched) -> None:
 def simulate(sched, durations=None, latency: float = 0.0, protocol: str = "rendezvous") -> list:
     """The planned timeline: one PlannedOp per action, sorted by rank then start time.
 
-    durations: None for unit costs (fwd 1, bwd 2, opt 0, communication calls 0); a dict
+    durations: None for unit costs (fwd 1, bwd 2, bwd_in 1, bwd_w 1, opt 0, communication
+    calls 0); a dict
     kind -> seconds (needs fwd and bwd; other kinds default to 0); or a callable
     (rank, Action) -> seconds, e.g. measured per-op medians. Communication durations are the
     local cost of the call; the wire time of every message is `latency`. protocol: "rendezvous"
@@ -244,7 +273,8 @@ def makespan(ops) -> float:
 
 
 def idle_share(ops) -> list:
-    """Per rank, the share of the span not spent computing (fwd, bwd, opt): the bubble."""
+    """Per rank, the share of the span not spent computing (fwd, bwd, bwd_in, bwd_w, opt): the
+    bubble."""
     span = makespan(ops)
     ranks = max(o.rank for o in ops) + 1
     busy = [0.0] * ranks
@@ -255,7 +285,7 @@ def idle_share(ops) -> list:
 
 
 def to_frame(ops):
-    """Long-form pandas DataFrame, one row per op: rank, kind, mb, start, end."""
+    """Long-form pandas DataFrame, one row per op: rank, kind, mb, start, end, chunk."""
     import pandas as pd  # lazily: the simulator itself needs no third-party package
-    return pd.DataFrame([(o.rank, o.kind, o.mb, o.start, o.end) for o in ops],
-                        columns=["rank", "kind", "mb", "start", "end"])
+    return pd.DataFrame([(o.rank, o.kind, o.mb, o.start, o.end, o.chunk) for o in ops],
+                        columns=["rank", "kind", "mb", "start", "end", "chunk"])

@@ -38,6 +38,11 @@ class Stage:
     boundary: list                        # (shape, dtype) of every block's output, as strings
     act_bytes: list | None                # per stage: bytes saved per microbatch (theory) or None
     info: dict = field(default_factory=dict)  # meta.json "model"
+    # virtual stages (pipeline.virtual=v): bounds has ranks x v entries (global stages), and this
+    # rank runs chunks[c] = (first, end) with chunk_recv[c] = its {"act", "grad"} specs; `layers`
+    # holds the blocks of all its chunks, in chunk order. One chunk: [bounds[rank]], [recv].
+    chunks: list = field(default_factory=list)
+    chunk_recv: list = field(default_factory=list)
 
 
 def autocast(cfg, device_type: str = "cpu"):
@@ -95,9 +100,30 @@ def time_costs(bm: BlockModel, rows: int, repeats: int = 3) -> list[float]:
 
 
 def _split(cfg, costs, size):
+    """[(first, end)] per global stage: ranks x pipeline.virtual contiguous chunks."""
     if cfg.pipeline.split:
         return mlp.split_from_sizes(cfg.pipeline.split)
-    return mlp.partition(costs, size)
+    return mlp.partition(costs, size * cfg.pipeline.virtual)
+
+
+def placement(cfg, size):
+    """Which global stages each rank holds (harness.schedule.Placement of the schedule)."""
+    from . import config
+    from . import schedule as S
+    return S.placement_of(S.build(cfg.schedule, size, cfg.pipeline.microbatches,
+                                  **config.schedule_flags(cfg)))
+
+
+def _chunked(st: "Stage", cfg, rank, size, spec, blocks) -> "Stage":
+    """Fill in this rank's chunks: spec(first, end) -> {"act", "grad"}; blocks(first, end) ->
+    the blocks of that range."""
+    pl = placement(cfg, size)
+    gs = [pl.stage(rank, c) for c in range(pl.v)]
+    st.chunks = [st.bounds[g] for g in gs]
+    st.chunk_recv = [spec(*b) for b in st.chunks]
+    st.recv = st.chunk_recv[0]
+    st.layers = nn.ModuleList(blk for b in st.chunks for blk in blocks(*b))
+    return st
 
 
 def build(cfg, rank: int, size: int, mb_rows: int, agree=lambda x: x) -> Stage:
@@ -115,12 +141,16 @@ def build(cfg, rank: int, size: int, mb_rows: int, agree=lambda x: x) -> Stage:
             shapes = _probe_real(bm, mb_rows)
     else:
         shapes = probe_shapes(bm, mb_rows)
-    recv = {"act": tuple(shapes[first - 1]) if first > 0 else None,
-            "grad": tuple(shapes[end - 1])}
+
+    def spec(first, end):
+        return {"act": tuple(shapes[first - 1]) if first > 0 else None,
+                "grad": tuple(shapes[end - 1])}
+    recv = spec(first, end)
     act = None
     if cfg.model.name == "gpt" and not cfg.model.factory:
-        act = [gpt_stage_bytes(cfg, b, mb_rows, s == size - 1) for s, b in enumerate(bounds)]
-    return Stage(nn.ModuleList(bm.blocks[first:end]), bounds, costs, len(bm.blocks),
+        act = [gpt_stage_bytes(cfg, b, mb_rows, s == len(bounds) - 1)
+               for s, b in enumerate(bounds)]
+    st = Stage(nn.ModuleList(bm.blocks[first:end]), bounds, costs, len(bm.blocks),
                  list(bm.names), bm.loss, bm.data, recv,
                  [(list(s), str(d).replace("torch.", "")) for s, d in shapes], act,
                  {"name": "factory" if cfg.model.factory else cfg.model.name,
@@ -129,6 +159,7 @@ def build(cfg, rank: int, size: int, mb_rows: int, agree=lambda x: x) -> Stage:
                   "param_counts": costs, "balance": cfg.pipeline.balance,
                   "balance_costs": part,
                   "boundary": [(list(s), str(d).replace("torch.", "")) for s, d in shapes]})
+    return _chunked(st, cfg, rank, size, spec, lambda f, e: bm.blocks[f:e])
 
 
 def _build_mlp(cfg, rank, size, mb_rows) -> Stage:
@@ -142,16 +173,21 @@ def _build_mlp(cfg, rank, size, mb_rows) -> Stage:
     bf16 = cfg.precision == "bf16"
     # under autocast every layer's output is bf16 (Linear in bf16, ReLU keeps the dtype)
     dt = torch.bfloat16 if bf16 else torch.float32
-    recv = {"act": ((mb_rows, w[first]), dt) if first > 0 else None,
-            "grad": ((mb_rows, w[end]), dt)}
-    act = [mlp.activation_bytes(m, b, mb_rows, s == size - 1, bf16=bf16)
+
+    def spec(first, end):
+        return {"act": ((mb_rows, w[first]), dt) if first > 0 else None,
+                "grad": ((mb_rows, w[end]), dt)}
+    act = [mlp.activation_bytes(m, b, mb_rows, s == len(bounds) - 1, bf16=bf16)
            for s, b in enumerate(bounds)]
     boundary = [([mb_rows, x], str(dt).replace("torch.", "")) for x in w[1:]]
-    return Stage(mlp.build_stage(m, bounds[rank], cfg.train.seed), bounds, costs, m.layers,
-                 [str(i) for i in range(m.layers)], mlp_loss, data.batch, recv, boundary, act,
-                 {"name": "mlp", "layers": m.layers, "widths": w,
-                  "batch_size": cfg.data.batch_size, "dtype": cfg.precision,
-                  "param_counts": costs, "boundary": boundary})
+    st = Stage(nn.ModuleList(), bounds, costs, m.layers,
+               [str(i) for i in range(m.layers)], mlp_loss, data.batch, spec(first, end),
+               boundary, act,
+               {"name": "mlp", "layers": m.layers, "widths": w,
+                "batch_size": cfg.data.batch_size, "dtype": cfg.precision,
+                "param_counts": costs, "boundary": boundary})
+    return _chunked(st, cfg, rank, size, spec,
+                    lambda f, e: mlp.build_stage(m, (f, e), cfg.train.seed))
 
 
 def gpt_stage_bytes(cfg, bounds, b: int, last: bool) -> int:

@@ -79,7 +79,12 @@ class PebbleTracker:
     def _pack(self, t):
         if t.untyped_storage().data_ptr() in self.param_storages:
             return t
-        return _Holder(t, self._ref(t, "saved"), self)
+        # a tensor with a grad_fn may be the saving node's own output (ReLU, log_softmax save
+        # their result): holding it as is would close a cycle node -> holder -> tensor -> node
+        # that Python's collector cannot see, so a graph that is retained and never run to the
+        # end (split backward's B, retain_graph) would never be freed. The detached alias holds
+        # the same storage without the edge back; autograd re-attaches what it needs on unpack.
+        return _Holder(t.detach() if t.grad_fn is not None else t, self._ref(t, "saved"), self)
 
     @staticmethod
     def _unpack(h):

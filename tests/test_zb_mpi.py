@@ -1,0 +1,102 @@
+"""Interleaved 1F1B, ZB-H1 and ZB-V under mpirun: losses and final weights match the single-process
+run to 1e-5 on the MLP and the GPT, peak pebbles per rank equal the schedule's walked in-flight
+bytes exactly, and split backward's W keeps a microbatch's activations alive past its B."""
+import json
+
+import pytest
+import torch
+
+from analysis import load_run
+from analysis.metrics import live_bytes
+from helpers import losses, meta, ok, run_harness, weights
+
+# 8 blocks, so that 4 ranks x 2 chunks each get one
+MLP = ["model.layers=8", "model.width=64", "model.in_features=32", "data.batch_size=32",
+       "threads=1", "quiet=true", "train.steps=3", "run.save_weights=true"]
+GPT = ["model.name=gpt", "gpt.layers=6", "gpt.d=32", "gpt.heads=2", "gpt.seq=16", "gpt.vocab=64",
+       "data.batch_size=8", "train.lr=0.05", "threads=1", "quiet=true", "train.steps=3",
+       "run.save_weights=true"]
+SCHED = {"interleaved": ["schedule=interleaved", "pipeline.virtual=2"],
+         "zb_h1": ["schedule=zb_h1"], "zbv": ["schedule=zbv", "pipeline.virtual=2"]}
+MLP_CASES = [(p, s, m) for p in (2, 4) for s in SCHED for m in (p, 2 * p)]
+GPT_CASES = [(2, s, 4) for s in SCHED] + [(4, "interleaved", 4), (4, "zbv", 4)]
+
+
+@pytest.fixture(scope="module")
+def refs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("zbref")
+    return {"mlp": ok(run_harness(None, *MLP, f"run.dir={d / 'mlp'}")),
+            "gpt": ok(run_harness(None, *GPT, f"run.dir={d / 'gpt'}"))}
+
+
+def _matches(ref, d, p):
+    assert losses(d) == pytest.approx(losses(ref), rel=1e-5)
+    a, b = weights(ref, 1), weights(d, p)
+    assert set(a) == set(b)
+    for blk in a:
+        for k in a[blk]:
+            torch.testing.assert_close(b[blk][k], a[blk][k], rtol=1e-5, atol=1e-6)
+
+
+def _peak_pebbles_equal_theory(d, p):
+    th = meta(d)["pebbles_theory"]
+    lb = live_bytes(load_run(d).pebbles)
+    got = [int(lb[lb["rank"] == r]["bytes"].max()) for r in range(p)]
+    assert got == th["peak_bytes"], (got, th)
+    # the walk weighs each chunk-microbatch in flight by its chunk's bytes
+    sched = json.loads((d / "schedule.json").read_text())
+    from harness.schedule import from_json, peak_bytes
+    s = from_json(sched)
+    assert th["peak_bytes"] == [peak_bytes(a, b) for a, b in zip(s, th["bytes_per_chunk"])]
+
+
+def _w_keeps_activations_past_b(d, p):
+    """For every chunk-microbatch that was split, its last pebble is freed after its B ended,
+    at the end of its W (chunks told apart by the layers they hold: meta.json "split")."""
+    run, mt = load_run(d), meta(d)
+    bounds = mt["split"]
+
+    def stage(layer):      # the loss (layer = number of blocks) belongs to the last stage
+        return next((g for g, (a, b) in enumerate(bounds) if a <= layer < b), len(bounds) - 1)
+    ev = run.events[run.events["step"] == 1].assign(g=lambda f: f["layer"].map(stage))
+    pb = run.pebbles[run.pebbles["step"] == 1].assign(g=lambda f: f["layer"].map(stage))
+    checked = 0
+    for (r, g, mb), w in ev[ev["kind"] == "bwd_w"].groupby(["rank", "g", "mb"]):
+        b = ev[(ev["kind"] == "bwd_in") & (ev["rank"] == r) & (ev["g"] == g) & (ev["mb"] == mb)]
+        q = pb[(pb["rank"] == r) & (pb["g"] == g) & (pb["mb"] == mb)]
+        b_end, w_start, freed = b["end"].max(), w["start"].min(), q["freed"].max()
+        assert b_end <= w_start <= freed, (r, g, mb, b_end, w_start, freed)
+        checked += 1
+    assert checked > 0
+
+
+@pytest.mark.parametrize("p, sched, m", MLP_CASES, ids=[f"mlp-p{p}-{s}-m{m}" for p, s, m in MLP_CASES])
+def test_mlp_matches_single_process(refs, tmp_path, p, sched, m):
+    d = ok(run_harness(p, *MLP, *SCHED[sched], f"pipeline.microbatches={m}",
+                       f"run.dir={tmp_path / 'r'}"))
+    _matches(refs["mlp"], d, p)
+    _peak_pebbles_equal_theory(d, p)
+    kinds = set(load_run(d).events["kind"])
+    if sched == "interleaved":
+        assert "bwd" in kinds and not {"bwd_in", "bwd_w"} & kinds
+    else:
+        assert {"bwd_in", "bwd_w"} <= kinds
+        _w_keeps_activations_past_b(d, p)
+
+
+@pytest.mark.parametrize("p, sched, m", GPT_CASES, ids=[f"gpt-p{p}-{s}-m{m}" for p, s, m in GPT_CASES])
+def test_gpt_matches_single_process(refs, tmp_path, p, sched, m):
+    d = ok(run_harness(p, *GPT, *SCHED[sched], f"pipeline.microbatches={m}",
+                       f"run.dir={tmp_path / 'r'}"))
+    _matches(refs["gpt"], d, p)
+    _peak_pebbles_equal_theory(d, p)
+
+
+def test_bad_virtual_configs_are_refused(tmp_path):
+    for args, msg in ((["schedule=interleaved", "pipeline.microbatches=3", "pipeline.virtual=2",
+                        "data.batch_size=33"], "multiple of the 2 ranks"),
+                      (["schedule=zbv", "pipeline.microbatches=2"], "pipeline.virtual=2"),
+                      (["schedule=1f1b", "pipeline.virtual=2", "pipeline.microbatches=2"],
+                       "one chunk per rank")):
+        proc = run_harness(2, *MLP, *args, f"run.dir={tmp_path / 'x'}")
+        assert proc.returncode == 2 and msg in proc.stderr, proc.stderr
