@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import hang
 from . import schedule as S
+from .trace import ranges
 
 
 @dataclass
@@ -98,8 +100,16 @@ class StageExecutor:
             step, [c.clone() for c in x.to(self.device).chunk(self.m)] if self.first else None,
             [c.clone() for c in y.to(self.device).chunk(self.m)] if self.last else None)
         del x, y
+        # each action a profiler range named as torch.distributed.pipelining names it (Kineto,
+        # and NVTX on CUDA), and the hang report's "where" (harness.hang)
+        rng = self.__dict__.get("_ranges") or self.__dict__.setdefault(
+            "_ranges", ranges.labeler(self.rank, self.device))
+        where = self.p2p.where if hasattr(self.p2p, "where") else hang.Where()
         for a in actions:
-            self.dispatch[a.kind](a)
+            where.at(step, a)
+            with rng(a):
+                self.dispatch[a.kind](a)
+        where.at(step, None)
         self.tracer.span(step, -1, -1, "step", m0, self.tracer.mark())
         # one host sync for the step's loss, not one per microbatch
         loss = float(torch.stack(st.losses).double().sum()) if self.last else None
