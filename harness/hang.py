@@ -33,7 +33,7 @@ def report_path(base: Path, rank: int) -> Path:
 class Where:
     """What the rank's main thread is doing: written by the train loop, the executor's dispatch
     loop and comm's blocking calls (plain attribute writes), read by the watchdog thread."""
-    __slots__ = ("step", "action", "seq")
+    __slots__ = ("action", "seq", "step")
 
     def __init__(self):
         self.step, self.action, self.seq = -1, None, 0

@@ -7,9 +7,8 @@ import time
 import pandas as pd
 import pytest
 
-from harness import config, debug_knobs, hang, localdir
+from harness import config, debug_knobs, hang, localdir, simulate
 from harness import schedule as S
-from harness import simulate
 from harness.trace import ranges
 
 
@@ -201,3 +200,17 @@ def test_kineto_events_land_on_the_aligned_clock(tmp_path):
     after = json.loads(path.read_text())
     assert len(after["traceEvents"]) == len(before["traceEvents"]) + len(out)
     assert after["displayTimeUnit"] == before["displayTimeUnit"]
+
+
+def test_gpu_check_without_cuda_says_so_and_exits_0(tmp_path):
+    import torch
+
+    from benchmarks import gpu_check
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: run python -m benchmarks.gpu_check itself")
+    assert gpu_check.main(["--out", str(tmp_path)]) == 0
+    text = (tmp_path / "report.md").read_text()
+    assert "**No CUDA here**" in text and "| 1-6 GPU checks | SKIP | no CUDA |" in text
+    # its interval arithmetic, used on the GPU for kernels inside spans
+    assert gpu_check.inside_share([(0, 10), (5, 20), (30, 40)], [(15, 35), (50, 60)]) == \
+        pytest.approx(10 / 30)

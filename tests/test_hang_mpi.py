@@ -7,9 +7,8 @@ import json
 import shutil
 
 import pytest
-
 from helpers import meta
-from test_faults_mpi import Job, job  # noqa: F401 - the fixture
+from test_faults_mpi import job  # noqa: F401 - the fixture
 
 from analysis import load_run
 
@@ -103,5 +102,5 @@ def test_local_dirs_travel_to_rank_0_checked_and_kineto_is_merged(job, tmp_path)
     for p in dead.glob("trace/*.r1.*"):
         p.unlink()
     warn = [w for w in load_run(dead).warnings if "run.local_dir" in w]
-    assert warn == [f"rank 1: its files were not moved to the run directory; they stay in "
-                    f"{m['ranks'][1]['host']}:{loc / '1' / d.name} (run.local_dir)"]
+    assert warn == [(f"rank 1: its files were not moved to the run directory; they stay in "
+                     f"{m['ranks'][1]['host']}:{loc / '1' / d.name} (run.local_dir)")]

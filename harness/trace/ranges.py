@@ -31,7 +31,7 @@ def name(stage: int, kind: str, mb: int) -> str:
 
 class _Nvtx:
     """record_function and an NVTX range, entered and left together."""
-    __slots__ = ("rf", "nvtx", "label")
+    __slots__ = ("label", "nvtx", "rf")
 
     def __init__(self, rf, nvtx, label):
         self.rf, self.nvtx, self.label = rf, nvtx, label
@@ -54,7 +54,7 @@ def labeler(stage: int, device=None, enabled: bool = True):
     from torch.profiler import record_function
     cuda = device is not None and getattr(device, "type", str(device)) == "cuda"
     if cuda:
-        import torch.cuda.nvtx as nvtx
+        from torch.cuda import nvtx
 
         def rng(a):
             label = name(_stage(a, stage), a.kind, a.mb)
