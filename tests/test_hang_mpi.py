@@ -104,3 +104,22 @@ def test_local_dirs_travel_to_rank_0_checked_and_kineto_is_merged(job, tmp_path)
     warn = [w for w in load_run(dead).warnings if "run.local_dir" in w]
     assert warn == [(f"rank 1: its files were not moved to the run directory; they stay in "
                      f"{m['ranks'][1]['host']}:{loc / '1' / d.name} (run.local_dir)")]
+
+
+def test_on_a_failure_local_files_reach_the_run_directory_as_far_as_they_can(job, tmp_path):
+    loc = tmp_path / "local"
+    j = job("train.steps=6", f"run.local_dir={loc}/{{rank}}", "debug.fail_rank=1",
+            "debug.fail_step=2")
+    assert j.wait(timeout=120) != 0
+    d = j.run_dir
+    m = meta(d)
+    assert m["status"] == "failed" and m["error"]["rank"] == 1, m
+    # the failing rank reaches the run directory through the file system: its files are there
+    assert (d / "trace" / "events.r1.csv").stat().st_size > 0
+    assert "FAILED: injected failure" in (d / "ranks" / "rank1.log").read_text()
+    # rank 0 was brought down by the abort: its files are either there or, where they stay, named
+    run = load_run(d)
+    here = (d / "trace" / "events.r0.csv").exists()
+    notes = [w for w in run.warnings if w.startswith("rank 0: its files were not moved")]
+    assert here or (notes and (loc / "0" / d.name / "trace" / "events.r0.csv").exists()), \
+        run.warnings
