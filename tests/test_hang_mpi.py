@@ -44,6 +44,18 @@ def test_a_stalled_rank_is_named_as_the_one_holding_the_others_up(job):
     assert diag.endswith("rank 1 holds the others up"), diag
 
 
+def test_a_stopped_rank_cannot_answer_and_is_named_the_missing_peer(job):
+    import os
+    import signal
+    j = job("train.steps=100000", "comm.timeout_s=3")
+    pids = j.wait_step(1)
+    os.kill(pids[1], signal.SIGSTOP)      # its watchdog thread stops too: no report
+    assert j.wait(timeout=120) != 0
+    diag = meta(j.run_dir)["error"]["diagnosis"]
+    assert diag.startswith("hang: rank 0 waits "), diag
+    assert "rank 1 did not report" in diag and diag.endswith("the missing peer is rank 1"), diag
+
+
 def test_sigusr1_reports_what_every_rank_is_doing_before_it_ends_the_run(job):
     import os
     import signal
