@@ -375,14 +375,13 @@ class Run:
             print(self.run_path, flush=True)
 
     def transfer(self):
-        """run.local_dir: every rank's files to rank 0's run directory over MPI (collective)."""
+        """run.local_dir: every rank's files to rank 0's run directory over MPI (collective).
+        A file that failed its check stays at its rank, and the run fails naming it."""
         from . import comm, localdir
         out = localdir.gather(self.base, self.run_dir, self.rank, self.size, comm)
         if self.rank == 0 and out:
             raise RuntimeError("file transfer to the run directory failed (the files stay in "
                                "the ranks' run.local_dir): " + "; ".join(out))
-        if self.rank != 0 and out:
-            self.files_kept = out
 
     def _drop_report(self):
         rep = self.p2p and self.p2p.watchdog.reporter
