@@ -148,3 +148,30 @@ def chrome_json(events, pebbles, memory, meta: dict | None = None, critical=None
     buf = io.StringIO()
     write_chrome(buf, events, pebbles, memory, meta, critical)
     return buf.getvalue()
+
+
+_TAIL = b'\n],"displayTimeUnit"'
+
+
+def append_events(path, lines: list) -> int:
+    """Add trace events (JSON strings) to a trace.json written by `write_chrome`, in place:
+    they go before its closing `]`, and the tail (displayTimeUnit, otherData) is kept.
+    -> the number added. Used to merge Kineto's events (analysis.kineto)."""
+    if not lines:
+        return 0
+    with open(path, "r+b") as f:
+        f.seek(0, io.SEEK_END)
+        size = f.tell()
+        f.seek(max(0, size - 65536))
+        tail = f.read()
+        at = tail.rfind(_TAIL)
+        if at < 0:
+            raise ValueError(f"{path}: not a trace.json written by analysis.chrome")
+        pos = size - len(tail) + at
+        rest = tail[at:]
+        first = tail[:at].rstrip().endswith(b"[")  # the trace had no events yet
+        f.seek(pos)
+        f.write((("\n" if first else ",\n") + ",\n".join(lines)).encode())
+        f.write(rest)
+        f.truncate()
+    return len(lines)

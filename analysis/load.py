@@ -268,6 +268,7 @@ def load_run(path) -> Run:
                 if c in df:
                     df[c] = _align(meta, r, df[c])
             raw[kind][r] = df
+    warnings += local_dir_notes(d, meta, raw["events"])
     ev = _cat(raw["events"], ["rank"] + list(_DTYPES["events"]))
     peb = _cat(raw["pebbles"], ["rank"] + list(_DTYPES["pebbles"]))
     mem = _cat(raw["memory"], ["rank"] + list(_DTYPES["memory"]))
@@ -300,6 +301,18 @@ def load_run(path) -> Run:
     stats = _read_stats(d, warnings)
     warnings += divergence(stats, meta)
     return Run(d, meta, events, pebbles, memory, stats, schedule, origin, steps, warnings)
+
+
+def local_dir_notes(d: Path, meta: dict, have: dict) -> list:
+    """run.local_dir: for each rank whose trace is not in the run directory (it died, or the
+    transfer failed), where its own files stay: one line naming its host and directory."""
+    out = []
+    for info in meta.get("ranks") or []:
+        r, local = info.get("rank"), info.get("local_dir")
+        if local and r not in have:
+            out.append(f"rank {r}: its files were not moved to the run directory; they stay in "
+                       f"{info.get('host')}:{local} (run.local_dir)")
+    return out
 
 
 def divergence(stats: pd.DataFrame, meta: dict) -> list:

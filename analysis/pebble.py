@@ -20,7 +20,7 @@ matplotlib.use("Agg")  # files only, no screen
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from analysis import chrome, critical, metrics, report, style, waits  # noqa: E402
+from analysis import chrome, critical, kineto, metrics, report, style, waits  # noqa: E402
 from analysis.load import RunFormatError, load_run  # noqa: E402
 from analysis.plots import memory_plot, pebble_graph, planned_frame, timeline  # noqa: E402
 
@@ -156,6 +156,9 @@ def _write(a, run, out, ident, steps, step, log, writing) -> int:
         with open(writing[0], "w", encoding="utf-8") as f:
             n = chrome.write_chrome(f, run.events, run.pebbles, run.memory, run.meta, path)
         log(f"wrote trace.json ({n:,} trace events)")
+        k = kineto.merge_into(writing[0], run, run.warnings)
+        if k:
+            log(f"merged {k:,} torch.profiler (Kineto) events into trace.json")
     log(f"outputs in {out}")
     return 0
 

@@ -23,6 +23,7 @@ from .trace.clock import best_exchange
 
 WORLD = MPI.COMM_WORLD
 CLOCK_TAG = 32000  # pipeline tags are 2*mb (+1 for gradients), far below this
+FILE_TAG = 32001   # the end-of-run file transfer (harness.localdir)
 
 
 def rank_size() -> tuple[int, int]:
@@ -53,6 +54,24 @@ def barrier():
     WORLD.Barrier()
 
 
+def send_obj(obj, dst: int):
+    WORLD.send(obj, dest=dst, tag=FILE_TAG)
+
+
+def recv_obj(src: int):
+    return WORLD.recv(source=src, tag=FILE_TAG)
+
+
+def send_bytes(data: bytes, dst: int):
+    WORLD.Send(np.frombuffer(data, dtype=np.uint8), dest=dst, tag=FILE_TAG)
+
+
+def recv_bytes(src: int, n: int) -> bytes:
+    buf = np.empty(n, dtype=np.uint8)
+    WORLD.Recv(buf, source=src, tag=FILE_TAG)
+    return buf.tobytes()
+
+
 def abort(code: int = 1):
     WORLD.Abort(code)
 
@@ -78,19 +97,52 @@ def _wire(t: torch.Tensor):
 
 
 class Watchdog(threading.Thread):
-    """Aborts via `on_timeout(what)` when one blocking call lasts longer than `timeout_s`."""
+    """Aborts via `on_timeout(what)` when one blocking call lasts longer than `timeout_s`.
+
+    It also feeds the hang report (harness.hang): while the main thread has been in one action
+    for longer than the reporter's threshold, it rewrites the rank's report every poll, so that
+    whichever rank's watchdog fires first can read what every rank is blocked on."""
 
     def __init__(self, timeout_s: float, on_timeout):
+        from .hang import Where
         super().__init__(name="comm-watchdog", daemon=True)
         self.timeout_s, self.on_timeout = timeout_s, on_timeout
-        self.blocked = None  # (deadline on time.monotonic, description) while in a blocking call
+        # (deadline on time.monotonic, description, op, peer, tag, pair, step, mb) while in a
+        # blocking call
+        self.blocked = None
+        self.where = Where()
+        self.reporter = None  # harness.hang.Reporter, set by the run once the directories exist
+        self.poll = min(0.5, timeout_s / 10)
+        self._since = time.monotonic()  # when the main thread entered its current action
         self._stop_evt = threading.Event()
 
+    def blocked_info(self) -> dict | None:
+        b = self.blocked
+        if b is None:
+            return None
+        return dict(zip(("op", "peer", "tag", "pair", "step", "mb"), b[2:])) or None
+
+    def report(self, trigger: str | None = None) -> None:
+        """Write this rank's hang report now (any thread); `trigger` marks it as the one that
+        asks for a diagnosis."""
+        rep = self.reporter
+        if rep is not None:
+            try:
+                rep.write(self.where, self.blocked_info(), time.monotonic() - self._since,
+                          trigger)
+            except OSError:  # a full disk must not kill the watchdog
+                pass
+
     def run(self):
-        poll = min(0.5, self.timeout_s / 10)
-        while not self._stop_evt.wait(poll):
-            b = self.blocked
-            if b is not None and time.monotonic() > b[0]:
+        seq = None
+        while not self._stop_evt.wait(self.poll):
+            b, now = self.blocked, time.monotonic()
+            if self.where.seq != seq:
+                seq, self._since = self.where.seq, now
+            rep = self.reporter
+            if rep is not None and now - self._since > rep.threshold:
+                self.report()
+            if b is not None and now > b[0]:
                 self.on_timeout(b[1])
                 return
 
@@ -156,12 +208,17 @@ class P2P:
             return out
         return buf
 
-    def _block(self, what: str, req, blocking, post) -> tuple[int, int]:
+    @property
+    def where(self):
+        return self.watchdog.where
+
+    def _block(self, what: str, req, blocking, post, info=()) -> tuple[int, int]:
         """Run one blocking operation under the watchdog; -> (start, end) on the trace clock.
 
         MPI's own blocking call (`blocking()`), or in "sleep" mode the posted request (`req`,
         or `post()`) tested until done, spinning ~20 us, then sleeping between tests."""
-        self.watchdog.blocked = (time.monotonic() + self.timeout_s, what)
+        # info = (op, peer, tag, pair, step, mb): what the hang report says this rank waits on
+        self.watchdog.blocked = (time.monotonic() + self.timeout_s, what, *info)
         t0 = self.now()
         if self.sleep_s is None:
             blocking()
@@ -180,14 +237,16 @@ class P2P:
         wire, _ = self._to_wire(t, step, mb)
         t0, t1 = self._block(f"send {pair} to rank {dst} (tag {tag}, step {step})", None,
                              lambda: WORLD.Send(_wire(wire), dest=dst, tag=tag),
-                             lambda: WORLD.Isend(_wire(wire), dest=dst, tag=tag))
+                             lambda: WORLD.Isend(_wire(wire), dest=dst, tag=tag),
+                             ("send", dst, tag, pair, step, mb))
         self.tracer.comm(step, mb, "send", t0, t1, t0, dst, tag, wire.numel() * wire.element_size(), pair)
 
     def recv(self, shape, dtype, src, tag, step, mb, pair):
         buf = self._recv_buffer(shape, dtype)
         t0, t1 = self._block(f"receive {pair} from rank {src} (tag {tag}, step {step})", None,
                              lambda: WORLD.Recv(_wire(buf), source=src, tag=tag),
-                             lambda: WORLD.Irecv(_wire(buf), source=src, tag=tag))
+                             lambda: WORLD.Irecv(_wire(buf), source=src, tag=tag),
+                             ("recv", src, tag, pair, step, mb))
         self.tracer.comm(step, mb, "recv", t0, t1, t0, src, tag, buf.numel() * buf.element_size(), pair)
         return self._from_wire(buf, step, mb)
 
@@ -208,7 +267,8 @@ class P2P:
         """Complete a posted operation; returns the received tensor for a receive."""
         verb = "send" if p.kind == "send" else "receive"
         tb, t1 = self._block(f"wait for {verb} {p.pair} with rank {p.peer} (tag {p.tag}, "
-                             f"step {p.step})", p.req, p.req.Wait, None)
+                             f"step {p.step})", p.req, p.req.Wait, None,
+                             ("wait_" + p.kind, p.peer, p.tag, p.pair, p.step, p.mb))
         nbytes = p.tensor.numel() * p.tensor.element_size()
         self.tracer.comm(p.step, p.mb, p.kind, p.t0, t1, tb, p.peer, p.tag, nbytes, p.pair)
         return self._from_wire(p.tensor, p.step, p.mb) if p.kind == "recv" else None

@@ -19,6 +19,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 DEFAULT_EXPERIMENT = "deep_mlp"
+QUOTED = ("trace.kineto",)  # string keys whose values YAML would misread unquoted (1:2 -> 62)
 
 
 class ConfigError(ValueError):
@@ -38,6 +39,11 @@ class RunCfg:
                              "An existing non-empty directory is refused", None)
     save_weights: bool = doc("write each rank's final weights to ranks/weights.r<R>.pt "
                              "(keyed by global layer index)", False)
+    local_dir: Optional[str] = doc("per-rank scratch directory (no shared file system needed): "
+                                   "ranks write under <local_dir>/<run name>/ and send their "
+                                   "files to rank 0's run.dir over MPI at the end, checked; "
+                                   "{rank} and {host} are replaced. Default: the run directory",
+                                   None)
 
 
 @dataclass
@@ -106,6 +112,9 @@ class TraceCfg:
     per_layer: bool = doc("one span and pebble attribution per layer (else per stage)", True)
     sample_interval_ms: float = doc("memory sampling interval of the background thread", 10.0)
     clock_exchanges: int = doc("ping-pong exchanges per rank for clock-offset estimation", 10)
+    kineto: str = doc("START:END: record a torch.profiler (Kineto) trace on every rank for steps "
+                      "START..END (inclusive) into trace/kineto.r<R>.json; the analysis merges "
+                      "it into trace.json. Empty = off", "")
 
 
 @dataclass
@@ -131,6 +140,11 @@ class DebugCfg:
     slow_rank: int = doc("test knob: rank made a straggler (-1 = none)", -1)
     slow_ms: float = doc("test knob: ... each of its blocks sleeps this long in forward and "
                          "again in backward (harness/debug_knobs.py)", 0.0)
+    mismatch_rank: int = doc("test knob: this rank runs a wrong schedule (its first send moved "
+                             "after the next receive), so the job hangs (-1 = never)", -1)
+    mismatch_step: int = doc("test knob: ... in this step", 0)
+    no_shared_fs: bool = doc("test knob: ranks other than 0 are not told the run directory, as "
+                             "on hosts that cannot see it (needs run.local_dir with {rank})", False)
 
 
 @dataclass
@@ -225,6 +239,9 @@ def load(argv: list[str], world_size: int = 1) -> Config:
         k, v = arg.split("=", 1)
         if k == "exp":
             exp = v
+        elif k in QUOTED and v[:1] not in ("'", '"'):
+            # YAML 1.1 would read 2:3 as the base-60 integer 123
+            overrides.append(f"{k}='{v}'")
         else:
             overrides.append(arg)
     known, broken = _scan()
@@ -367,10 +384,38 @@ def validate(cfg: Config, world_size: int) -> None:
     # here would race with rank 0 creating it.
     _check(math.isfinite(cfg.debug.slow_ms) and cfg.debug.slow_ms >= 0,
            f"debug.slow_ms={cfg.debug.slow_ms}: must be a finite number >= 0")
-    for k in ("fail_rank", "stall_rank", "clock_rank", "slow_rank"):
+    _check(not cfg.debug.no_shared_fs or "{rank}" in (cfg.run.local_dir or ""),
+           "debug.no_shared_fs=true: needs run.local_dir with {rank} (each rank its own "
+           "directory)")
+    if cfg.run.local_dir:
+        try:
+            cfg.run.local_dir.format(rank=0, host="h")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ConfigError(f"run.local_dir={cfg.run.local_dir!r}: only {{rank}} and {{host}} "
+                              f"may be replaced ({e!r})") from None
+    if cfg.trace.kineto:
+        parse_steps(cfg.trace.kineto)
+    if 0 <= cfg.debug.mismatch_rank < world_size:
+        from . import debug_knobs
+        try:
+            debug_knobs.mismatch(sched_mod.build(cfg.schedule, world_size, p.microbatches,
+                                                 **schedule_flags(cfg))[cfg.debug.mismatch_rank])
+        except ValueError as e:
+            raise ConfigError(f"debug.mismatch_rank={cfg.debug.mismatch_rank}: {e}") from None
+    for k in ("fail_rank", "stall_rank", "clock_rank", "slow_rank", "mismatch_rank"):
         v = getattr(cfg.debug, k)
         _check(-1 <= v < world_size, f"debug.{k}={v}: no such rank in a world of {world_size} "
                f"(-1 = off)")
+
+
+def parse_steps(text: str) -> tuple[int, int]:
+    """`trace.kineto=START:END` -> (START, END), inclusive; ConfigError naming the key."""
+    try:
+        a, b = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise ConfigError(f"trace.kineto={text!r}: expected START:END (steps, e.g. 2:3)") from None
+    _check(0 <= a <= b, f"trace.kineto={text!r}: need 0 <= START <= END")
+    return a, b
 
 
 def schedule_flags(cfg: Config) -> dict:

@@ -9,6 +9,10 @@ from __future__ import annotations
 import math
 import time
 
+# action roles (harness.schedule.COMM): what sends, and what blocks until a message arrived
+_SENDS = ("send", "isend")
+_RECEIVES = ("recv", "wait_recv")
+
 
 def apply(debug, rank: int, layers) -> int:
     """Install the knobs of `debug` (config.DebugCfg) that concern `rank`; returns the number
@@ -34,3 +38,22 @@ def slow_down(layers, seconds: float) -> int:
     for blk in layers:
         blk.register_forward_hook(on_forward)
     return len(layers)
+
+
+def mismatch(actions: list) -> list:
+    """`debug.mismatch_rank`: a wrong schedule for one rank, so that the job hangs. Its first
+    send (or isend) is moved to just after the next receive that completes (recv or wait_recv):
+    on rank 0 of the naive schedule, `fwd0 send_act0 recv_grad0` becomes
+    `fwd0 recv_grad0 send_act0`, and rank 0 waits for a gradient while rank 1 waits for the
+    activation: a cycle. ValueError when the rank never sends before receiving."""
+    from .schedule import COMM
+    role = [COMM[a.kind][1] if a.kind in COMM else None for a in actions]
+    i = next((k for k, r in enumerate(role) if r in _SENDS), None)
+    j = next((k for k in range(i + 1, len(role)) if role[k] in _RECEIVES), None) \
+        if i is not None else None
+    if j is None:
+        raise ValueError("this rank's schedule has no send followed by a receive, so moving "
+                         "its first send cannot make it hang; choose another rank")
+    out = list(actions)
+    out.insert(j, out.pop(i))
+    return out

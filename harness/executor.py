@@ -20,9 +20,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import hang
 from . import schedule as S
 from .models.base import set_recompute_observer
 from .splitgrad import Split
+from .trace import ranges
 
 
 @dataclass
@@ -102,6 +104,8 @@ class StageExecutor:
                          S.BWD_IN: self.backward_input, S.BWD_W: self.backward_weight,
                          **{k: comm[role] for k, (_, role) in S.COMM.items()}}
         self.st = None  # StepState of the running step
+        # each action's profiler range, named by the global stage of its chunk (trace.ranges)
+        self.ranges = ranges.labeler(lambda a: self.stage_of[a.chunk], device)
         self.bwd_marks = []  # (layer, start) marks of the running backward call
 
     # -- one step ------------------------------------------------------------------------------
@@ -123,8 +127,15 @@ class StageExecutor:
             step, [c.clone() for c in x.to(self.device).chunk(self.m)] if self.first else None,
             [c.clone() for c in y.to(self.device).chunk(self.m)] if self.last else None)
         del x, y
+        # each action a profiler range named as torch.distributed.pipelining names it (Kineto,
+        # and NVTX on CUDA), and the hang report's "where" (harness.hang)
+        rng = self.ranges
+        where = self.p2p.where if hasattr(self.p2p, "where") else hang.Where()
         for a in actions:
-            self.dispatch[a.kind](a)
+            where.at(step, a)
+            with rng(a):
+                self.dispatch[a.kind](a)
+        where.at(step, None)
         self.tracer.span(step, -1, -1, "step", m0, self.tracer.mark())
         # one host sync for the step's loss, not one per microbatch
         loss = float(torch.stack(st.losses).double().sum()) if self.last else None

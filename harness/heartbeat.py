@@ -60,9 +60,12 @@ def read(p: Path) -> dict | None:
         return None
 
 
-def judge(run_dir: Path, meta: dict, now: float | None = None) -> str | None:
+def judge(run_dir: Path, meta: dict, now: float | None = None, bases: list | None = None
+          ) -> str | None:
     """For a run whose meta.json says "running": None while it may be alive, else
-    "died: rank R last seen at step N, T s ago" (of the dead ranks, the one seen longest ago)."""
+    "died: rank R last seen at step N, T s ago" (of the dead ranks, the one seen longest ago).
+    A rank's heartbeat is read from the run directory, else from its run.local_dir (meta.json's
+    `ranks[i].local_dir`, or `bases[r]`)."""
     if meta.get("status") != "running":
         return None
     now = time.time() if now is None else now
@@ -70,7 +73,11 @@ def judge(run_dir: Path, meta: dict, now: float | None = None) -> str | None:
     dead = []  # (last seen, message)
     for info in meta.get("ranks") or []:
         r = info.get("rank")
-        hb = read(path(run_dir, r)) or {}
+        hb = read(path(run_dir, r))
+        local = bases[r] if bases and r is not None and r < len(bases) else info.get("local_dir")
+        if hb is None and local:
+            hb = read(path(local, r))
+        hb = hb or {}
         host, pid = hb.get("host", info.get("host")), hb.get("pid", info.get("pid"))
         t, step = hb.get("time"), hb.get("step", -1)
         if host == here and pid:

@@ -66,6 +66,7 @@ class Run:
         self.cfg, self.rank, self.size = cfg, rank, size
         self.last = rank == size - 1
         self.run_dir = self.files = self.tracer = self.sampler = self.p2p = None
+        self.base = self.run_path = self.kineto = self.bases = None
         self.heartbeat = self.nonfinite = self.thread_error = None
         self.step = -1   # the step in progress (-1: setting up); steps are numbered from 0
         self.done = False
@@ -84,7 +85,7 @@ class Run:
             tb = traceback.format_exc()
             msg = str(e)
             if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-                msg, tb = (f"disk full: no space left on the device of {self.run_dir} "
+                msg, tb = (f"disk full: no space left on the device of {self.base or self.run_path} "
                            f"({self._when()})"), ""
             elif isinstance(e, Stopped):
                 tb = ""
@@ -116,12 +117,22 @@ class Run:
             if self.rank == 0:
                 print(f"harness.run: error: {error}", file=sys.stderr, flush=True)
             return False
-        self.run_dir = Path(path)
-        self.files = rundir.RankFiles(self.run_dir, self.rank)
+        from . import localdir
+        # run_path: the run directory's name, known everywhere; run_dir: the same, where this
+        # rank can reach it through the file system (debug.no_shared_fs: rank 0 only)
+        self.run_path = Path(path)
+        hidden = self.cfg.debug.no_shared_fs and self.rank != 0
+        self.run_dir = None if hidden else self.run_path
+        # base: where this rank writes its own files (run.local_dir, or the run directory)
+        self.base = localdir.base_dir(self.cfg.run.local_dir, self.run_path, self.run_path.name,
+                                      self.rank, socket.gethostname())
+        (self.base / "ranks").mkdir(parents=True, exist_ok=True)
+        self.bases = [Path(b) for b in comm.allgather(str(self.base))]
+        self.files = rundir.RankFiles(self.base, self.rank)
         # room to record a failure even when the disk fills up (rundir.mark_failed frees it)
-        rundir.reserve(self.run_dir, self.rank)
+        rundir.reserve(self.base, self.rank)
         from .heartbeat import Heartbeat
-        self.heartbeat = Heartbeat(self.run_dir, self.rank, self.cfg.comm.timeout_s)
+        self.heartbeat = Heartbeat(self.base, self.rank, self.cfg.comm.timeout_s)
         if notice and self.rank == 0:
             print(notice, file=sys.stderr, flush=True)
             self.files.log(notice)
@@ -165,10 +176,15 @@ class Run:
         timer = (tclock.CudaTimer(self.clock, device) if device.type == "cuda"
                  else tclock.HostTimer(self.clock))
         tracker, self.tracer, self.sampler, mem_status = open_trace(
-            cfg.trace.enabled, self.run_dir, rank, timer, self.clock.now,
+            cfg.trace.enabled, self.base, rank, timer, self.clock.now,
             layers.parameters(), device, cfg.trace.sample_interval_ms / 1000)
         self.p2p = comm.P2P(self.tracer, self.clock.now, cfg.comm.timeout_s, self.on_timeout,
                             device, cuda_aware, cfg.comm.wait, cfg.comm.poll_us)
+        self.p2p.watchdog.reporter = self._reporter()
+        if cfg.trace.kineto:
+            from .trace.kineto import KinetoWindow
+            self.kineto = KinetoWindow(config.parse_steps(cfg.trace.kineto), self.base, rank,
+                                       device, self.clock.now)
         self.executor = self._executor(layers, bounds[rank], tracker, opt, device)
         self.layers = layers
 
@@ -176,6 +192,8 @@ class Run:
                 "device": str(device), "local_rank": local_rank, "local_size": local_size,
                 "cores": config.cores_available(), "threads": threads,
                 "timer": timer.kind if cfg.trace.enabled else None, "memory_sources": mem_status,
+                # where this rank wrote its files, when not in the run directory (run.local_dir)
+                "local_dir": str(self.base) if cfg.run.local_dir else None,
                 # the test knob's parameters, so a test can compute the true offset it injected
                 "clock_knob": ({"offset_ns": self.clock.skew_ns, "drift_ppm": d.clock_drift_ppm,
                                 "origin_ns": self.clock.origin} if skewed else None)}
@@ -193,6 +211,17 @@ class Run:
         if self.sampler:
             self.sampler.write_rows = self._kept_errors(self.sampler.write_rows)
             self.sampler.start()
+
+    def _reporter(self):
+        """This rank's hang report (harness.hang): written by the watchdog thread once the rank
+        has been stuck in one action for `threshold` s; fresh for long enough that a rank that
+        waits `hang_grace_s` after its own trigger still sees the others'."""
+        from . import hang
+        poll = self.p2p.watchdog.poll
+        threshold = min(2.0, self.cfg.comm.timeout_s / 4)
+        self.hang_grace_s = threshold + 2 * poll
+        return hang.Reporter(self.base, self.rank, self.bases, threshold,
+                             fresh_s=self.hang_grace_s + 2 * poll + 1.0)
 
     def _kept_errors(self, write):
         """The sampler thread's writes: an OSError (a full disk) is raised by the main thread
@@ -267,12 +296,22 @@ class Run:
     def train(self):
         cfg, ex = self.cfg, self.executor
         actions = self.schedule[self.rank]
+        d = cfg.debug
         for step in range(cfg.train.steps):
             self.step = step
+            self.p2p.where.at(step, None)
+            acts = actions
+            if d.mismatch_rank == self.rank and d.mismatch_step == step:  # test knob: a hang
+                from .debug_knobs import mismatch
+                acts = mismatch(actions)
+            if self.kineto:
+                self.kineto.before(step)
             t0 = time.perf_counter()
-            out = ex.run_step(step, actions)
+            out = ex.run_step(step, acts)
             dt = time.perf_counter() - t0
             self.tracer.flush()
+            if self.kineto:
+                self.kineto.after(step)
             self.files.stat(step, out["loss"], out["grad_norm"], out["update_norm"], dt)
             self.heartbeat.beat(step, dt)
             if self.thread_error:
@@ -310,15 +349,19 @@ class Run:
             import torch
             state = {gi: {k: v.detach().cpu() for k, v in blk.state_dict().items()}
                      for gi, blk in zip(self.executor.layer_ids, self.layers)}
-            torch.save(state, self.run_dir / runformat.weights_file(self.rank))
+            torch.save(state, self.base / runformat.weights_file(self.rank))
         clock_end = comm.clock_offsets(self.clock.now, self.cfg.trace.clock_exchanges)
         nonfinite = [x for x in comm.gather(self.nonfinite) or [] if x]
         if self.sampler:
             self.sampler.stop()
+        if self.kineto:
+            self.kineto.close()  # a window that runs past the last step
         self.tracer.close()
         self.p2p.close()
         self.files.close()
         comm.barrier()  # every rank's files are complete
+        if self.cfg.run.local_dir:  # they travel to rank 0's run directory, checked
+            self.transfer()
         if self.rank == 0:
             rundir.merge_stats(self.run_dir, self.size)
             est = [dict(e, phase="start") for e in self.clock_start[1:]]
@@ -331,19 +374,41 @@ class Run:
         self.done = True
         comm.barrier()  # meta.json says complete before anyone says the run is done
         self.heartbeat.close()
-        rundir.release(self.run_dir, self.rank)
+        rundir.release(self.base, self.rank)
+        self._drop_report()
+        if self.cfg.run.local_dir:
+            from .localdir import tidy
+            tidy(self.base, [])  # the scratch directory, if nothing is left in it
         if self.last:
-            print(self.run_dir, flush=True)
+            print(self.run_path, flush=True)
+
+    def transfer(self):
+        """run.local_dir: every rank's files to rank 0's run directory over MPI (collective).
+        A file that failed its check stays at its rank, and the run fails naming it."""
+        from . import comm, localdir
+        out = localdir.gather(self.base, self.run_dir, self.rank, self.size, comm)
+        if self.rank == 0 and out:
+            raise RuntimeError("file transfer to the run directory failed (the files stay in "
+                               "the ranks' run.local_dir): " + "; ".join(out))
+
+    def _drop_report(self):
+        rep = self.p2p and self.p2p.watchdog.reporter
+        if rep is not None:
+            rep.close()
+            from .hang import report_path
+            report_path(self.base, self.rank).unlink(missing_ok=True)
 
     # -- failure -------------------------------------------------------------------------------
-    def fail(self, exc_type: str, message: str, tb: str):
+    def fail(self, exc_type: str, message: str, tb: str, extra: dict | None = None):
         """Say it (a traceback, or one line when `tb` is empty), then record it: meta.json
         first (it must succeed, even on a full disk), then the rank's log and trace."""
         from . import rundir
         problem = None
+        if self.base and self.base != self.run_dir:  # room on the local disk, for the log
+            rundir.release(self.base, self.rank)
         if self.run_dir:  # first: when the launcher is gone, writing to stderr can kill us
             try:
-                rundir.mark_failed(self.run_dir, self.rank, exc_type, message)
+                rundir.mark_failed(self.run_dir, self.rank, exc_type, message, extra)
             except Exception as e:  # noqa: BLE001 - recording the failure must not mask it
                 problem = (f"[rank {self.rank}] could not record the failure in "
                            f"{self.run_dir / 'meta.json'}: {e}\n")
@@ -358,7 +423,8 @@ class Run:
         except OSError:  # nobody is listening any more
             pass
         for record in (lambda: self.files and self.files.log(f"FAILED: {message}\n{tb}"),
-                       lambda: self.tracer and self.tracer.flush()):
+                       lambda: self.tracer and self.tracer.flush(),
+                       self._copy_back):
             try:
                 record()
             except Exception:  # noqa: BLE001 - best effort (the disk may be full); meta.json has it
@@ -373,20 +439,54 @@ class Run:
         peers = {"status": "running", "ranks": [{"rank": r} for r in range(self.size)
                                                 if r != self.rank]}
         try:
-            return judge(self.run_dir, peers)
+            return judge(self.run_dir, peers, bases=self.bases)
         except Exception:  # noqa: BLE001 - a judgement we cannot make is no judgement
             return None
 
+    def _copy_back(self):
+        """On a failure, as far as it can: the local files to the run directory through the
+        file system, when this rank can reach it (MPI may be unusable by now)."""
+        if self.cfg and self.cfg.run.local_dir and self.run_dir and self.base:
+            from .localdir import copy_back
+            copy_back(self.base, self.run_dir, self.rank)
+
+    def explain_hang(self, trigger: str) -> str | None:
+        """Watchdog or SIGUSR1: report what this rank is blocked on, wait for the others'
+        reports, and, if this is the lowest rank that asked, print one diagnosis (harness.hang).
+        -> the diagnosis, or None when another rank gives it (or there is nothing to report)."""
+        from . import hang
+        wd = self.p2p.watchdog if self.p2p else None
+        if wd is None or wd.reporter is None:
+            return None
+        wd.report(trigger)
+        time.sleep(self.hang_grace_s)  # the others' watchdogs rewrite their reports meanwhile
+        reports = wd.reporter.collect()
+        asked = [r for r, x in reports.items() if x.get("trigger")] or [self.rank]
+        if min(asked) != self.rank:
+            time.sleep(2 * self.hang_grace_s)  # rank min(asked) prints it and ends the job
+            return None
+        diag = hang.diagnose(reports, self.size)
+        try:
+            sys.stderr.write(f"[rank {self.rank}] {diag}\n")
+            sys.stderr.flush()
+            self.files.log(diag)
+        except (OSError, ValueError):
+            pass
+        return diag
+
     def on_signal(self, name: str, signum: int):
-        """Signal thread (harness.signals): SIGTERM and friends end the run as a failure."""
+        """Signal thread (harness.signals): SIGTERM and friends end the run as a failure;
+        SIGUSR1 first explains what every rank is blocked on (harness.hang)."""
         from . import comm
+        diag = self.explain_hang(name) if name == "SIGUSR1" and not self.done else None
         if not self.done:
             # mpirun terminates the survivors when a rank was killed: then name the dead rank
             died = self.dead_peer()
             if died:
                 self.fail("Died", f"{died}; the job was then terminated ({name})", "")
             else:
-                self.fail("Terminated", f"terminated by {name} {self._when()}", "")
+                self.fail("Terminated", f"terminated by {name} {self._when()}", "",
+                          {"diagnosis": diag} if diag else None)
         if self.size > 1:
             comm.abort(128 + signum)
         os._exit(128 + signum)
@@ -396,7 +496,8 @@ class Run:
         from . import comm
         msg = (f"rank {self.rank}: {what} did not complete within "
                f"comm.timeout_s={self.cfg.comm.timeout_s:g} s")
-        self.fail("CommTimeout", msg, msg + "\n")
+        diag = self.explain_hang("watchdog")
+        self.fail("CommTimeout", msg, msg + "\n", {"diagnosis": diag} if diag else None)
         comm.abort(3)
 
 

@@ -67,13 +67,14 @@ def write_json(path: Path, obj, tag: str = "") -> None:
     write_atomic(path, json.dumps(obj, indent=2, default=str) + "\n", tag)
 
 
-def mark_failed(run_dir: Path, rank: int, exc_type: str, message: str) -> None:
+def mark_failed(run_dir: Path, rank: int, exc_type: str, message: str,
+                extra: dict | None = None) -> None:
     """Any rank may call this when it is about to abort the job: meta.json says failed.
 
     Ranks that fail together (a signal reaches them all) take turns under a lock on the run
     directory, so that no rank aborts the job while another is half-way through writing."""
     with _dir_lock(run_dir):
-        _mark_failed(run_dir, rank, exc_type, message)
+        _mark_failed(run_dir, rank, exc_type, message, extra)
     for p in (run_dir / "ranks").glob(".reserve.r*"):  # the job is coming down: free it all
         p.unlink(missing_ok=True)
 
@@ -104,7 +105,8 @@ def _dir_lock(run_dir: Path, timeout_s: float = 10.0):
         os.close(fd)  # releases the lock
 
 
-def _mark_failed(run_dir: Path, rank: int, exc_type: str, message: str) -> None:
+def _mark_failed(run_dir: Path, rank: int, exc_type: str, message: str,
+                 extra: dict | None = None) -> None:
     path = run_dir / "meta.json"
     try:
         meta = json.loads(path.read_text())
@@ -113,7 +115,7 @@ def _mark_failed(run_dir: Path, rank: int, exc_type: str, message: str) -> None:
     if meta.get("status") in ("failed", "complete"):  # the first failure is the cause; keep it
         return
     meta.update(status="failed", end_time=now_iso(),
-                error={"rank": rank, "type": exc_type, "message": message})
+                error={"rank": rank, "type": exc_type, "message": message, **(extra or {})})
     try:
         write_json(path, meta, tag=f"r{rank}")
     except OSError:  # e.g. the disk is full: give back the room reserved for this moment

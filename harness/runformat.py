@@ -55,6 +55,11 @@ def trace_file(kind: str, rank: int) -> str:
     return f"{TRACE_DIR}/{kind}.r{rank}.csv"
 
 
+def kineto_file(rank: int) -> str:
+    """torch.profiler's Chrome-trace export of `trace.kineto` steps (harness.trace.kineto)."""
+    return f"{TRACE_DIR}/kineto.r{rank}.json"
+
+
 def stats_file(rank: int) -> str:
     return f"{RANKS_DIR}/stats.r{rank}.csv"
 

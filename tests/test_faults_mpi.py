@@ -22,6 +22,8 @@ from harness import heartbeat
 from harness.launch import mpirun
 
 LONG = ["train.steps=100000", "comm.timeout_s=30"]
+# the `job` fixture launches mpirun through Job, which conftest's source scan cannot see
+pytestmark = pytest.mark.mpi
 
 
 class Job:
