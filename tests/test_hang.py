@@ -84,10 +84,10 @@ def test_kineto_steps_are_parsed_as_text():
 
 def test_profiler_range_names_follow_torch_pipelining():
     lab = {k: ranges.name(1, k, 2) for k in ("fwd", "bwd", "send_act", "recv_grad",
-                                             "wait_recv_act", "bwd_weight")}
+                                             "wait_recv_act", "bwd_w")}
     assert lab == {"fwd": "PP:1F2", "bwd": "PP:1B2", "send_act": "PP:1SEND_F2",
                    "recv_grad": "PP:1RECV_B2", "wait_recv_act": "PP:1WAIT_RECV_F2",
-                   "bwd_weight": "PP:1W2"}
+                   "bwd_w": "PP:1W2"}
     assert ranges.name(0, "opt", -1) == "PP:0OPT"
     # the range really reaches torch.profiler
     import torch
