@@ -2,11 +2,12 @@
 
     python -m benchmarks.overhead [--pairs 5] [--steps 40] [--ranks 2] [key=value ...]
 
-1. Interleaved, in one process: stage 0 of the default 2-stage split (same layers, batch and
-   thread count as in the real run), built twice — traced (per-layer spans, pebble hooks, node
-   hooks, memory sampler thread, trace files) and untraced — stepping alternately. Both see the
-   same machine state, so the ratio isolates the instrumentation's own cost. Repeated on a
-   width-64 copy, where compute is tiny, it gives the absolute cost per step in microseconds.
+1. Interleaved, in one process: the whole model of the config (the MLP by default, `exp=gpt` for
+   the GPT, any model.factory), with the thread count one of `--ranks` ranks gets, built twice —
+   traced (per-block spans and backward tensor hooks, pebble and sub-module hooks, memory
+   sampler thread, trace files) and untraced — stepping alternately. Both see the same machine
+   state, so the ratio isolates the instrumentation's own cost. Repeated on a tiny copy (MLP
+   width 64; GPT d=32, seq 16), where compute is small, it gives the absolute cost per step.
 2. Real runs: `mpirun -n 2 python -m harness.run` traced and untraced, alternating, `--pairs`
    times; the median of the per-pair ratios of median step times. This is the issue's figure;
    on a shared 2-core machine run-to-run noise (several %) dominates it.
@@ -85,13 +86,17 @@ def main(argv=None):
     a = ap.parse_args(argv)
 
     tr, un, ratio = interleaved(a.steps, a.overrides, a.ranks)
-    print(f"1. interleaved in one process (stage 0 of {a.ranks}, {a.steps} steps each): traced "
-          f"{tr * 1e3:.1f} ms, untraced {un * 1e3:.1f} ms, median ratio {ratio:.3f}", flush=True)
-    # The same with a width-64 model, where compute is tiny and the instrumentation's absolute
-    # cost per step (a fixed number of hooks, spans and rows per layer) stands out of the noise.
-    tr64, un64, _ = interleaved(5 * a.steps, [*a.overrides, "model.width=64"], a.ranks)
+    print(f"1. interleaved in one process (whole model, threads of 1 of {a.ranks} ranks, "
+          f"{a.steps} steps each): traced {tr * 1e3:.1f} ms, untraced {un * 1e3:.1f} ms, median "
+          f"ratio {ratio:.3f}", flush=True)
+    # The same with a tiny model, where compute is small and the instrumentation's absolute
+    # cost per step (a fixed number of hooks, spans and rows per block) stands out of the noise.
+    gpt = config.load(a.overrides, world_size=a.ranks).model.name == "gpt"
+    tiny = ["gpt.d=32", "gpt.heads=2", "gpt.seq=16"] if gpt else ["model.width=64"]
+    tr64, un64, _ = interleaved(5 * a.steps, [*a.overrides, *tiny], a.ranks)
     cost = tr64 - un64
-    print(f"   absolute cost per step (width-64 copy, {5 * a.steps} steps): {cost * 1e6:.0f} us "
+    print(f"   absolute cost per step (tiny copy, {' '.join(tiny)}, {5 * a.steps} steps): "
+          f"{cost * 1e6:.0f} us "
           f"= {cost / un:.2%} of the untraced step above, i.e. expected ratio "
           f"{1 + cost / un:.3f}", flush=True)
 

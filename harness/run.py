@@ -72,7 +72,7 @@ class Run:
         self.done = False
 
     def main(self) -> int:
-        from . import comm, signals
+        from . import signals
         signals.Catcher(self.on_signal).start()
         try:
             if not self.setup_dir():
@@ -96,7 +96,7 @@ class Run:
             else:
                 self.fail(type(e).__name__, msg, tb)
             if self.size > 1:
-                comm.abort(1)
+                self.abort(1)
             return 1
 
     def _when(self) -> str:
@@ -430,6 +430,16 @@ class Run:
             except Exception:  # noqa: BLE001 - best effort (the disk may be full); meta.json has it
                 pass
 
+    @staticmethod
+    def abort(code: int):
+        """MPI_Abort the job, a moment after this rank's last words: mpiexec kills every process
+        at once, and a line still on its way through the launcher's stderr forwarding would be
+        lost (seen: a rank's one-line error never reaching the terminal)."""
+        from . import comm
+        sys.stderr.flush()
+        time.sleep(0.3)
+        comm.abort(code)
+
     def dead_peer(self) -> str | None:
         """'died: rank R last seen at step N, T s ago' if another rank's process is gone (its
         heartbeat, harness.heartbeat.judge), else None."""
@@ -477,7 +487,6 @@ class Run:
     def on_signal(self, name: str, signum: int):
         """Signal thread (harness.signals): SIGTERM and friends end the run as a failure;
         SIGUSR1 first explains what every rank is blocked on (harness.hang)."""
-        from . import comm
         diag = self.explain_hang(name) if name == "SIGUSR1" and not self.done else None
         if not self.done:
             # mpirun terminates the survivors when a rank was killed: then name the dead rank
@@ -488,17 +497,16 @@ class Run:
                 self.fail("Terminated", f"terminated by {name} {self._when()}", "",
                           {"diagnosis": diag} if diag else None)
         if self.size > 1:
-            comm.abort(128 + signum)
+            self.abort(128 + signum)
         os._exit(128 + signum)
 
     def on_timeout(self, what: str):
         """Watchdog thread: a blocking call outlived comm.timeout_s."""
-        from . import comm
         msg = (f"rank {self.rank}: {what} did not complete within "
                f"comm.timeout_s={self.cfg.comm.timeout_s:g} s")
         diag = self.explain_hang("watchdog")
         self.fail("CommTimeout", msg, msg + "\n", {"diagnosis": diag} if diag else None)
-        comm.abort(3)
+        self.abort(3)
 
 
 def warn_oversubscribed(infos: list) -> None:
