@@ -42,13 +42,7 @@ def recv_split(events: pd.DataFrame) -> pd.DataFrame:
     wait, transfer, matched, violation. Unmatched receives (the sender's trace is missing) get
     NaN wait/transfer.
     """
-    cols = ["rank", "step", "mb", "pair", "start", "end", "tb", "peer"]
-    r = events.loc[events["kind"] == "recv", cols]
-    s = events.loc[(events["kind"] == "send") & events["pair"].notna(),
-                   ["pair", "rank", "start", "end"]]
-    s = s.drop_duplicates("pair").rename(columns={"rank": "send_rank", "start": "send_start",
-                                                  "end": "send_end"})
-    m = r.merge(s, on="pair", how="left")
+    m = waits.pair_join(events, "recv", "send")
     tb = m["tb"].fillna(m["start"]).to_numpy()
     s0, r1 = m["send_start"].to_numpy(), m["end"].to_numpy()
     m["wait"] = np.maximum(0.0, np.minimum(s0, r1) - tb)

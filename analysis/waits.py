@@ -38,18 +38,25 @@ import pandas as pd
 SHARE_LIMIT = 0.10  # uncertainty / median transfer above which a split is flagged unreliable
 
 
+def pair_join(events: pd.DataFrame, kind: str, other: str) -> pd.DataFrame:
+    """Each `kind` event (send or recv) joined on `pair` to its counterpart of kind `other`,
+    whose rank, start and end come as {other}_rank, {other}_start, {other}_end (NaN when the
+    counterpart's trace is missing)."""
+    cols = ["rank", "step", "mb", "pair", "start", "end", "tb", "peer"]
+    mine = events.loc[events["kind"] == kind, cols]
+    theirs = events.loc[(events["kind"] == other) & events["pair"].notna(),
+                        ["pair", "rank", "start", "end"]]
+    theirs = theirs.drop_duplicates("pair").rename(
+        columns={c: f"{other}_{c}" for c in ("rank", "start", "end")})
+    return mine.merge(theirs, on="pair", how="left")
+
+
 def send_split(events: pd.DataFrame) -> pd.DataFrame:
     """Each send joined to its receive on `pair`: late-receiver wait and transfer, seconds.
 
     Columns: rank, step, mb, pair, start, end, tb, peer, recv_rank, recv_start, recv_end,
     wait, transfer, matched. Unmatched sends (the receiver's trace is missing) get NaN."""
-    cols = ["rank", "step", "mb", "pair", "start", "end", "tb", "peer"]
-    s = events.loc[events["kind"] == "send", cols]
-    r = events.loc[(events["kind"] == "recv") & events["pair"].notna(),
-                   ["pair", "rank", "start", "end"]]
-    r = r.drop_duplicates("pair").rename(columns={"rank": "recv_rank", "start": "recv_start",
-                                                  "end": "recv_end"})
-    m = s.merge(r, on="pair", how="left")
+    m = pair_join(events, "send", "recv")
     tb = m["tb"].fillna(m["start"]).to_numpy()
     r0, s1 = m["recv_start"].to_numpy(), m["end"].to_numpy()
     eager = s1 <= r0          # returned before the receive existed: buffered, never waited
