@@ -123,3 +123,16 @@ def test_pebbles_name_the_sub_module_that_saved_them(reference):
         assert got == {f"blocks.{k - 1}.{m}": v for m, v in want.items()}
     soft = p[(p["module"] == "blocks.0.attn") & (p["shape"] == "8x2x16x16")]
     assert soft["dtype"].tolist() == ["float32"]        # the attention matrix [b, a, s, s]
+
+
+def test_balance_by_measured_time_is_agreed_and_recorded(tmp_path):
+    """pipeline.balance=time: every block's forward+backward is timed at set-up; rank 0's numbers
+    decide the split (ranks measure differently), and meta.json records them."""
+    d = ok(run_harness(2, *GPT, "pipeline.balance=time", f"run.dir={tmp_path / 'r'}"))
+    mt = meta(d)
+    costs = mt["model"]["balance_costs"]
+    assert mt["model"]["balance"] == "time" and len(costs) == 4 and all(c > 0 for c in costs)
+    from harness.model import partition
+    assert [list(b) for b in partition(costs, 2)] == mt["split"]
+    one = ok(run_harness(None, *GPT, f"run.dir={tmp_path / 'one'}"))
+    assert losses(d) == losses(one)           # any split trains the same model
