@@ -1,0 +1,42 @@
+"""Everything downstream works for the GPT: a real sweep of GPT runs (schedules x recompute), its
+index, the sweep statistics and the paper's bubble and memory figures."""
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from analysis import figures as figs  # noqa: E402
+from analysis import style, sweep_stats  # noqa: E402
+from analysis.plots import bubble_plot, peak_memory_plot  # noqa: E402
+from experiments import sweep  # noqa: E402
+from helpers import render_png  # noqa: E402
+
+SPEC = {"sweep": {
+    "name": "gpt_t", "base": "gpt", "repeats": 1, "ranks": [2],
+    "grid": {"schedule": ["gpipe", "1f1b"], "pipeline.recompute": ["none", "full"]},
+    "fixed": {"pipeline.microbatches": 2, "gpt.layers": 2, "gpt.d": 32, "gpt.heads": 2,
+              "gpt.seq": 16, "gpt.vocab": 64, "train.steps": 3, "threads": 1},
+    "points": [{"ranks": 2, "schedule": "naive", "pipeline.microbatches": 1}],
+}}
+
+
+def test_a_gpt_sweep_runs_and_draws(tmp_path):
+    idx = sweep.run_sweep(SPEC, tmp_path / "sw", log=lambda *a, **k: None)
+    assert (idx["status"] == "complete").all(), idx[["status", "message"]]
+    assert len(idx) == 5
+    sw = figs.load_sweep(tmp_path / "sw")
+    runs = sw["runs"]
+    assert set(runs["schedule"]) == {"naive", "gpipe", "1f1b"}
+    bub = sweep_stats.bubble_table(runs)
+    mem = sweep_stats.memory_table(sw["ranks"])
+    # recompute none and full of one schedule: two different per-microbatch theories
+    theory = {}
+    for m in sw["meta"].values():
+        theory.setdefault(m["schedule"]["name"], set()).add(
+            sum(m["pebbles_theory"]["bytes_per_microbatch"]))
+    assert len(theory["gpipe"]) == len(theory["1f1b"]) == 2
+    rk = sw["ranks"]                       # every run's measured peak is its own theory
+    assert len(rk) == 10 and (rk["peak_act"] == rk["peak_theory"]).all()
+    with plt.rc_context(style.RC):
+        render_png(bubble_plot(bub, sw["cores"])[0])
+        render_png(peak_memory_plot(mem, sw["cores"])[0])
