@@ -26,6 +26,13 @@ LONG = ["train.steps=100000", "comm.timeout_s=30"]
 pytestmark = pytest.mark.mpi
 
 
+def _default_signals():
+    """The job starts with default signal dispositions, whatever the test runner inherited (under
+    `nohup` SIGHUP is ignored, and mpirun would inherit that and never die of it)."""
+    for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 class Job:
     """A real `mpirun -n 2 python -m harness.run ...` in the background."""
 
@@ -35,7 +42,8 @@ class Job:
         self.proc = subprocess.Popen(
             [mpirun(), "-n", str(n), sys.executable, "-m", "harness.run", *SMALL, *args,
              f"run.dir={run_dir}"], stdout=subprocess.DEVNULL, stderr=self.err,
-            env=dict(os.environ, PYTHONPATH=str(REPO)), cwd=REPO, start_new_session=True)
+            env=dict(os.environ, PYTHONPATH=str(REPO)), cwd=REPO, start_new_session=True,
+            preexec_fn=_default_signals)
         self.procs = []  # every process of the job seen so far (psutil checks pid reuse)
 
     def wait_step(self, step: int, timeout: float = 120):
