@@ -74,13 +74,6 @@ def block_model(cfg) -> BlockModel:
     raise ValueError(f"model.name={cfg.model.name!r}: no block model")  # mlp: built per stage
 
 
-def n_blocks(cfg) -> int | None:
-    """Blocks of the configured model, known without building it (None for a factory)."""
-    if cfg.model.factory:
-        return None
-    return cfg.gpt.layers + 2 if cfg.model.name == "gpt" else cfg.model.layers
-
-
 def time_costs(bm: BlockModel, rows: int, repeats: int = 3) -> list[float]:
     """Per block: median seconds of one forward + backward on a microbatch of `rows` rows
     (pipeline.balance=time; measured once at set-up, identically on every rank)."""
@@ -135,7 +128,6 @@ def build(cfg, rank: int, size: int, mb_rows: int, agree=lambda x: x) -> Stage:
     costs = param_counts(bm)
     part = agree(time_costs(bm, mb_rows)) if cfg.pipeline.balance == "time" else costs
     bounds = _split(cfg, part, size)
-    first, end = bounds[rank]
     if cfg.precision == "bf16":  # meta tensors are not autocast: one real forward under it
         with autocast(cfg):
             shapes = _probe_real(bm, mb_rows)
@@ -145,20 +137,19 @@ def build(cfg, rank: int, size: int, mb_rows: int, agree=lambda x: x) -> Stage:
     def spec(first, end):
         return {"act": tuple(shapes[first - 1]) if first > 0 else None,
                 "grad": tuple(shapes[end - 1])}
-    recv = spec(first, end)
     act = None
     if cfg.model.name == "gpt" and not cfg.model.factory:
         act = [gpt_stage_bytes(cfg, b, mb_rows, s == len(bounds) - 1)
                for s, b in enumerate(bounds)]
-    st = Stage(nn.ModuleList(bm.blocks[first:end]), bounds, costs, len(bm.blocks),
-                 list(bm.names), bm.loss, bm.data, recv,
-                 [(list(s), str(d).replace("torch.", "")) for s, d in shapes], act,
-                 {"name": "factory" if cfg.model.factory else cfg.model.name,
-                  "factory": cfg.model.factory, "layers": len(bm.blocks), "names": bm.names,
-                  "batch_size": cfg.data.batch_size, "dtype": cfg.precision,
-                  "param_counts": costs, "balance": cfg.pipeline.balance,
-                  "balance_costs": part,
-                  "boundary": [(list(s), str(d).replace("torch.", "")) for s, d in shapes]})
+    boundary = [(list(s), str(d).replace("torch.", "")) for s, d in shapes]
+    # layers and recv: filled in per chunk by _chunked
+    st = Stage(nn.ModuleList(), bounds, costs, len(bm.blocks), list(bm.names), bm.loss, bm.data,
+               {}, boundary, act,
+               {"name": "factory" if cfg.model.factory else cfg.model.name,
+                "factory": cfg.model.factory, "layers": len(bm.blocks), "names": bm.names,
+                "batch_size": cfg.data.batch_size, "dtype": cfg.precision,
+                "param_counts": costs, "balance": cfg.pipeline.balance,
+                "balance_costs": part, "boundary": boundary})
     return _chunked(st, cfg, rank, size, spec, lambda f, e: bm.blocks[f:e])
 
 
@@ -167,7 +158,6 @@ def _build_mlp(cfg, rank, size, mb_rows) -> Stage:
     m = cfg.model
     costs = mlp.layer_params(m)
     bounds = _split(cfg, costs, size)
-    first, end = bounds[rank]
     w = mlp.widths(m)
     data = mlp.Data(m, cfg.data.batch_size, cfg.data.noise, cfg.train.seed)
     bf16 = cfg.precision == "bf16"
@@ -180,9 +170,9 @@ def _build_mlp(cfg, rank, size, mb_rows) -> Stage:
     act = [mlp.activation_bytes(m, b, mb_rows, s == len(bounds) - 1, bf16=bf16)
            for s, b in enumerate(bounds)]
     boundary = [([mb_rows, x], str(dt).replace("torch.", "")) for x in w[1:]]
+    # layers and recv: filled in per chunk by _chunked
     st = Stage(nn.ModuleList(), bounds, costs, m.layers,
-               [str(i) for i in range(m.layers)], mlp_loss, data.batch, spec(first, end),
-               boundary, act,
+               [str(i) for i in range(m.layers)], mlp_loss, data.batch, {}, boundary, act,
                {"name": "mlp", "layers": m.layers, "widths": w,
                 "batch_size": cfg.data.batch_size, "dtype": cfg.precision,
                 "param_counts": costs, "boundary": boundary})
