@@ -81,7 +81,7 @@ class StageExecutor:
         self.chunk_blocks, self.chunk_recv = blocks, chunk_recv
         self.chunk_params = [[p for _, b in blks for p in b.parameters()] for blks in blocks]
         self.n_layers, self.m, self.data = n_layers, pipeline.microbatches, data
-        self.loss_fn, self.recv_spec, self.autocast = loss, recv, autocast
+        self.loss_fn, self.autocast = loss, autocast
         self.names = names or [str(i) for i in range(n_layers)]
         for gi, blk in zip(self.layer_ids, layers):
             tracker.watch(self.names[gi], blk)
