@@ -9,6 +9,7 @@ meta.json and brings the whole job down with MPI_Abort, so no rank is left block
 from __future__ import annotations
 
 import errno
+import json
 import math
 import os
 import platform
@@ -90,8 +91,12 @@ class Run:
             elif isinstance(e, Stopped):
                 tb = ""
             died = self.dead_peer() if self.size > 1 else None
+            first = self.failed_first(e) if self.size > 1 and not died else None
             if died:  # an MPI error because a peer process vanished (SIGKILL, OOM killer)
                 self.fail("Died", f"{died}; this rank then failed: {type(e).__name__}: "
+                          f"{msg.splitlines()[0] if msg else ''}", "")
+            elif first:  # a communication error because another rank failed and went first
+                self.fail(type(e).__name__, f"{first}; this rank's communication then failed: "
                           f"{msg.splitlines()[0] if msg else ''}", "")
             else:
                 self.fail(type(e).__name__, msg, tb)
@@ -452,6 +457,22 @@ class Run:
             return judge(self.run_dir, peers, bases=self.bases)
         except Exception:  # noqa: BLE001 - a judgement we cannot make is no judgement
             return None
+
+    def failed_first(self, e: BaseException) -> str | None:
+        """For an MPI error on this rank: 'rank R failed first (Type: message)' when meta.json
+        already records another rank's failure (that rank aborted the job, and its exit broke a
+        transfer in progress here, e.g. a shared-memory copy from its address space), else None.
+        Then the cause is the other rank's, and this rank's traceback would only bury it."""
+        from mpi4py import MPI
+        if not isinstance(e, MPI.Exception) or not self.run_dir:
+            return None
+        try:
+            err = json.loads((self.run_dir / "meta.json").read_text()).get("error") or {}
+        except (OSError, ValueError):
+            return None
+        if err.get("rank") in (None, self.rank):
+            return None
+        return f"rank {err['rank']} failed first ({err.get('type')}: {err.get('message')})"
 
     def _copy_back(self):
         """On a failure, as far as it can: the local files to the run directory through the

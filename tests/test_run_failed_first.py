@@ -1,0 +1,45 @@
+"""A rank whose communication breaks because another rank failed first names that rank's failure
+in one line (harness.run.Run.failed_first) instead of printing its own MPI traceback, which would
+bury the cause. The race behind it (a rank aborts while its peer is copying from its memory) is
+too rare to provoke under mpirun reliably, so the decision is tested here on real files and a real
+mpi4py exception."""
+import json
+
+import pytest
+
+MPI = pytest.importorskip("mpi4py.MPI")
+
+from harness.run import Run  # noqa: E402
+
+
+def _run(tmp_path, rank, error):
+    (tmp_path / "meta.json").write_text(json.dumps(
+        {"status": "failed", "error": error} if error else {"status": "running"}))
+    r = Run(None, rank, 2)
+    r.run_dir = tmp_path
+    return r
+
+
+def test_an_mpi_error_after_another_ranks_failure_names_that_failure(tmp_path):
+    r = _run(tmp_path, 1, {"rank": 0, "type": "Terminated",
+                           "message": "terminated by SIGHUP at step 3"})
+    said = r.failed_first(MPI.Exception(MPI.ERR_OTHER))
+    assert said == "rank 0 failed first (Terminated: terminated by SIGHUP at step 3)"
+
+
+@pytest.mark.parametrize("error, exc", [
+    (None, "mpi"),                                               # nobody failed yet
+    ({"rank": 1, "type": "ValueError", "message": "x"}, "mpi"),  # this rank's own failure
+    ({"rank": 0, "type": "Terminated", "message": "x"}, "other"),  # not a communication error
+])
+def test_otherwise_the_error_is_this_ranks_own(tmp_path, error, exc):
+    r = _run(tmp_path, 1, error)
+    e = MPI.Exception(MPI.ERR_OTHER) if exc == "mpi" else RuntimeError("boom")
+    assert r.failed_first(e) is None
+
+
+def test_without_a_readable_run_directory_there_is_no_judgement(tmp_path):
+    r = Run(None, 1, 2)
+    assert r.failed_first(MPI.Exception(MPI.ERR_OTHER)) is None  # run_dir unknown
+    r.run_dir = tmp_path  # no meta.json
+    assert r.failed_first(MPI.Exception(MPI.ERR_OTHER)) is None
