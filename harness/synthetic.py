@@ -13,6 +13,11 @@ Cost model (deliberately simple so tests can compute answers by hand): each laye
 `t_fwd`, its backward `t_bwd`, the loss `t_loss` forward and `t_loss` backward, `opt` takes
 `t_opt`; a send takes `xfer`; a receive posted at c whose send started at s0 ends at
 max(c, s0) + xfer (so wait = max(0, s0 - c), transfer = xfer — Scalasca's split).
+Split backward (zb_h1, zbv): a layer's input gradient (B) takes `t_bwd_in`, its weight
+gradient (W) `t_bwd_w` (default half of `t_bwd` each), the loss backward runs in B, and a
+microbatch's pebbles are freed at the end of its W (as the harness does, docs/schedules.md).
+Virtual stages (`virtual` > 1): `layers_per_stage` layers per global stage, p·v stages placed as
+the schedule says; `meta.split` lists the global stages.
 """
 from __future__ import annotations
 
@@ -25,7 +30,8 @@ import pandas as pd
 
 from . import runformat as F
 from . import schedule as S
-from .schedule import BWD, COMM, FWD, OPT, build, message, sending, to_json
+from .schedule import (BWD, BWD_IN, BWD_W, COMM, FWD, OPT, build, message,
+                       placement_of, sending, to_json)
 from .simulate import simulate
 
 EVENT_COLS, PEBBLE_COLS = list(F.EVENT_COLS), list(F.PEBBLE_COLS)
@@ -75,9 +81,9 @@ def write_run(path, meta: dict, events=None, pebbles=None, memory=None, stats=No
 
 def make_meta(p: int, layers_per_stage: int, schedule: str = "naive", m: int = 1,
               status: str = "complete", estimates=(), theory=None, width: int = 64,
-              batch: int = 32) -> dict:
-    """A meta.json dict with every documented key."""
-    L = p * layers_per_stage
+              batch: int = 32, virtual: int = 1, placement: str = "loop") -> dict:
+    """A meta.json dict with every documented key (`split`: one entry per global stage)."""
+    L = p * virtual * layers_per_stage
     return {
         "format": F.FORMAT, "experiment": "synthetic", "status": status,
         "error": None if status != "failed" else {"rank": p - 1, "type": "RuntimeError",
@@ -89,8 +95,9 @@ def make_meta(p: int, layers_per_stage: int, schedule: str = "naive", m: int = 1
                   for r in range(p)],
         "model": {"layers": L, "widths": [width] * (L + 1), "batch_size": batch,
                   "dtype": "float32", "param_counts": [width * width + width] * L},
-        "split": [[s * layers_per_stage, (s + 1) * layers_per_stage] for s in range(p)],
-        "schedule": {"name": schedule, "microbatches": m, "overlap": False},
+        "split": [[s * layers_per_stage, (s + 1) * layers_per_stage] for s in range(p * virtual)],
+        "schedule": {"name": schedule, "microbatches": m, "overlap": False, "virtual": virtual,
+                     "placement": placement},
         "pebbles_theory": theory or {"bytes_per_microbatch": [0] * p, "peak_bytes": [0] * p},
         "trace": {"enabled": True, "format": F.FORMAT, "per_layer": True, "sample_interval_ms": 10},
         "clock": {"method": "ping-pong, minimum round trip (Score-P)", "exchanges": 10,
@@ -103,45 +110,59 @@ def make_meta(p: int, layers_per_stage: int, schedule: str = "naive", m: int = 1
 def pipeline_frames(p=2, m=1, schedule="naive", steps=3, layers_per_stage=2, *,
                     t_fwd=1 * MS, t_bwd=2 * MS, t_loss=MS // 2, t_opt=MS // 2, xfer=MS // 10,
                     act_bytes=4096, step_gap=MS, sample_ns=MS, rss_base=100 << 20,
-                    overlap=False, scale_rows=False, batch=32) -> dict:
+                    overlap=False, scale_rows=False, batch=32, virtual=1,
+                    t_bwd_in=None, t_bwd_w=None) -> dict:
     """Play `schedule` for `steps` steps; return frames in true time (ns) plus meta and schedule.
 
     Each step is one `harness.simulate` run (eager messages, latency `xfer`, communication calls
     free), laid out on the ranks' clocks and expanded into per-layer spans and pebbles.
     scale_rows: t_fwd, t_bwd, t_loss, xfer and act_bytes are those of the whole batch (m=1) and
     a microbatch of batch/m rows costs 1/m of each (time and memory proportional to rows); the
-    pebbles' shapes then lead with the rows. Otherwise every microbatch costs the same."""
-    sched = build(schedule, p, m, overlap)
-    L = p * layers_per_stage
+    pebbles' shapes then lead with the rows. Otherwise every microbatch costs the same.
+    virtual: chunks per rank (interleaved, zbv); `layers_per_stage` layers per global stage.
+    t_bwd_in, t_bwd_w: a layer's B and W under split backward (default t_bwd / 2 each)."""
+    sched = build(schedule, p, m, overlap, virtual=virtual)
+    pl = placement_of(sched)
+    L = pl.stages * layers_per_stage
     rows = batch // m
+    t_bwd_in = t_bwd // 2 if t_bwd_in is None else t_bwd_in
+    t_bwd_w = t_bwd - t_bwd // 2 if t_bwd_w is None else t_bwd_w
     if scale_rows:
-        t_fwd, t_bwd, t_loss, xfer, act_bytes = (x // m for x in (t_fwd, t_bwd, t_loss, xfer,
-                                                                  act_bytes))
+        t_fwd, t_bwd, t_bwd_in, t_bwd_w, t_loss, xfer, act_bytes = (
+            x // m for x in (t_fwd, t_bwd, t_bwd_in, t_bwd_w, t_loss, xfer, act_bytes))
     shape = f"{rows}x{act_bytes // 4 // rows}" if scale_rows else f"{act_bytes // 4}"
+    per_layer = {FWD: t_fwd, BWD: t_bwd, BWD_IN: t_bwd_in, BWD_W: t_bwd_w}
 
-    def cost(r, a):  # ns of one action: its layers (+ the loss on the last stage)
-        loss = t_loss if r == p - 1 else 0
-        return {FWD: layers_per_stage * t_fwd + loss, BWD: layers_per_stage * t_bwd + loss,
-                OPT: t_opt}.get(a.kind, 0)
+    def last(r, a):       # does this action's chunk hold the loss (the last global stage)?
+        return pl.stage(r, a.chunk) == pl.stages - 1
+
+    def cost(r, a):  # ns of one action: its layers (+ the loss forward and backward)
+        if a.kind == OPT:
+            return t_opt
+        if a.kind not in per_layer:
+            return 0
+        loss = t_loss if last(r, a) and a.kind in (FWD, BWD, BWD_IN) else 0
+        return layers_per_stage * per_layer[a.kind] + loss
 
     ops = simulate(sched, cost, latency=xfer, protocol="eager")
     ev, peb = [], []
     clock = [BASE_NS] * p
     for step in range(steps):
         t_step = max(clock)                  # ranks start the step together
-        posted = {}                          # (rank, stream, side, mb) -> post time (i-calls)
+        posted = {}                          # (rank, stream, side, mb, chunk) -> post time
         live = {}                            # (rank, layer, mb, kind) -> pebble row index
         for o in ops:
             r, c, end = o.rank, t_step + int(o.start), t_step + int(o.end)
-            lo, hi = r * layers_per_stage, (r + 1) * layers_per_stage
+            g = pl.stage(r, o.chunk)
+            lo, hi = g * layers_per_stage, (g + 1) * layers_per_stage
             if o.kind in COMM:
                 stream, role = COMM[o.kind]
                 side = "send" if sending(o.kind) else "recv"
                 if role in ("isend", "irecv"):               # post only; no time passes
-                    posted[r, stream, side, o.mb] = c
+                    posted[r, stream, side, o.mb, o.chunk] = c
                     continue
-                t0 = posted.pop((r, stream, side, o.mb), c)
-                q, tag, pair = message(o.kind, r, step, o.mb)
+                t0 = posted.pop((r, stream, side, o.mb, o.chunk), c)
+                q, tag, pair = message(o.kind, r, step, o.mb, o.chunk, pl)
                 ev.append((r, step, o.mb, -1, side, t0, end, c, q, tag, act_bytes, pair))
                 if stream == "act" and side == "recv":       # the received activation is held
                     live[r, lo, o.mb, "recv"] = len(peb)
@@ -154,20 +175,25 @@ def pipeline_frames(p=2, m=1, schedule="naive", steps=3, layers_per_stage=2, *,
                     peb.append([r, step, o.mb, layer, "saved", act_bytes, c, None,
                                 f"{layer}.linear", shape, "float32"])
                     c += t_fwd
-                if r == p - 1:
+                if g == pl.stages - 1:
                     ev.append((r, step, o.mb, L, "loss", c, c + t_loss, None, -1, -1, 0, None))
                     live[r, L, o.mb, "saved"] = len(peb)
                     peb.append([r, step, o.mb, L, "saved", act_bytes, c, None, "loss",
                                 shape, "float32"])
-            elif o.kind == BWD:
-                layers = ([L] if r == p - 1 else []) + list(range(hi - 1, lo - 1, -1))
+            elif o.kind in (BWD, BWD_IN, BWD_W):
+                top = g == pl.stages - 1
+                layers = [L] * (top and o.kind != BWD_W) + list(range(hi - 1, lo - 1, -1))
                 for layer in layers:
-                    d = t_loss if layer == L else t_bwd
-                    ev.append((r, step, o.mb, layer, "bwd", c, c + d, None, -1, -1, 0, None))
+                    d = t_loss if layer == L else per_layer[o.kind]
+                    ev.append((r, step, o.mb, layer, o.kind, c, c + d, None, -1, -1, 0, None))
                     c += d
-                    peb[live.pop((r, layer, o.mb, "saved"))][7] = c
-                    if layer == lo and (r, lo, o.mb, "recv") in live:
-                        peb[live.pop((r, lo, o.mb, "recv"))][7] = c
+                    if o.kind == BWD:            # a full backward frees layer by layer
+                        peb[live.pop((r, layer, o.mb, "saved"))][7] = c
+                if o.kind == BWD_W:              # B kept the graph: W's end frees all of it
+                    for layer in [L] * top + layers:
+                        peb[live.pop((r, layer, o.mb, "saved"))][7] = c
+                if o.kind != BWD_IN and (r, lo, o.mb, "recv") in live:
+                    peb[live.pop((r, lo, o.mb, "recv"))][7] = c
             elif o.kind == OPT:
                 ev.append((r, step, -1, -1, "opt", c, end, None, -1, -1, 0, None))
             clock[r] = end
@@ -194,12 +220,13 @@ def pipeline_frames(p=2, m=1, schedule="naive", steps=3, layers_per_stage=2, *,
     st = events[events["kind"] == "step"].set_index(["step", "rank"])
     stats["step_time"] = [(st.loc[(s, r), "t1"] - st.loc[(s, r), "t0"]) / 1e9
                           for s, r in zip(stats["step"], stats["rank"])]
-    in_flight = [max(S.in_flight(acts)) for acts in sched]
-    per_mb = [int(pebbles[(pebbles["rank"] == s) & (pebbles["step"] == 0)
-                          & (pebbles["mb"] == 0)]["bytes"].sum()) for s in range(p)]
-    theory = {"bytes_per_microbatch": per_mb,
-              "peak_bytes": [b * k for b, k in zip(per_mb, in_flight)]}
-    meta = make_meta(p, layers_per_stage, schedule, m, theory=theory, batch=batch)
+    # bytes one microbatch leaves on each global stage (the loss layer L is the last stage's)
+    one = pebbles[(pebbles["step"] == 0) & (pebbles["mb"] == 0)]
+    g_of = np.minimum(one["layer"].to_numpy() // layers_per_stage, pl.stages - 1)
+    stage_bytes = [int(one["bytes"].to_numpy()[g_of == g].sum()) for g in range(pl.stages)]
+    theory = S.pebble_theory(sched, stage_bytes)
+    meta = make_meta(p, layers_per_stage, schedule, m, theory=theory, batch=batch,
+                     virtual=pl.v, placement=pl.style)
     meta["schedule"]["overlap"] = overlap
     return {"events": events, "pebbles": pebbles, "memory": pd.concat(mem, ignore_index=True),
             "stats": stats, "meta": meta, "schedule": to_json(sched, schedule, m, overlap)}
