@@ -4,7 +4,9 @@ What the what-if (analysis/whatif.py) replays through harness.simulate. One `Cal
 holds, per rank (stage), everything the simulator needs for any schedule and microbatch count:
 
 - compute: per action kind (fwd incl. the loss, bwd incl. the loss backward, opt incl. the
-  statistics "norms") the wall time of one action, first layer start to last layer end, as
+  statistics "norms"; under split backward bwd_in incl. the loss backward, and bwd_w) and per
+  model chunk of the rank (pipeline.virtual; told apart by the layers meta.json's split gives
+  each global stage) the wall time of one action, first layer start to last layer end, as
   a + b·rows (rows = samples per microbatch). With runs of two or more microbatch sizes, a
   least-squares line through the medians of each size. With one run, a = the action's
   interpreter time between its layer spans (wall - busy: hooks, Python; it does not grow with
@@ -17,7 +19,10 @@ holds, per rank (stage), everything the simulator needs for any schedule and mic
   seconds per message as c + k·bytes, fitted on the measured receive transfers
   (recv end - max(recv block, send start)) of the steady steps, mean per size (a busy CPU gives
   transfers a long tail that a step pays on average); with one message size in the
-  runs, k = median transfer / bytes (proportional).
+  runs, k = median transfer / bytes (proportional). Only receives that were already blocked
+  when their send began count (when any were): a message that landed before its receive
+  blocked shows the receive only the end of its transfer, often nothing (1F1B's steady
+  state, the zero-bubble schedules' pre-posted receives).
 - activations: per microbatch, the bytes of the pebbles (saved tensors) of one microbatch split
   into those whose leading dimension is the microbatch (they scale with rows) and the rest
   (fixed, e.g. a 4-byte loss scale); meta.json's pebbles_theory bytes_per_microbatch when the
@@ -35,10 +40,11 @@ import pandas as pd
 from analysis.metrics import recv_split, steady
 from analysis.waits import send_split
 
-KINDS = ("fwd", "bwd", "opt")
+KINDS = ("fwd", "bwd", "opt", "bwd_in", "bwd_w")
 # event kind -> the schedule action it belongs to (the loss runs inside the last stage's fwd
 # and bwd actions, the statistics after opt)
-ACTION_OF = {"fwd": "fwd", "loss": None, "bwd": "bwd", "opt": "opt", "norms": "opt"}
+ACTION_OF = {"fwd": "fwd", "loss": None, "bwd": "bwd", "opt": "opt", "norms": "opt",
+             "bwd_in": "bwd_in", "bwd_w": "bwd_w"}
 
 
 @dataclass
@@ -48,7 +54,8 @@ class Calibration:
     batch: int                      # samples per step in the calibration run(s)
     rows: list                      # rows per microbatch of each calibration run
     wall: dict                      # (rank, kind) -> (a, b): a + b*rows seconds per action
-    busy: dict                      # (rank, kind) -> (a, b): the layer spans only
+    #                                 of chunk 0; (rank, kind, chunk) for chunks 1, 2, ...
+    busy: dict                      # the same keys -> (a, b): the layer spans only
     gap: dict                       # rank -> s before each compute action
     gap_comm: dict                  # rank -> s from a compute action's end to a comm call
     latency: tuple                  # (c, k): c + k*bytes seconds per message
@@ -58,9 +65,11 @@ class Calibration:
     blocks: dict = field(default_factory=dict)  # rank -> model blocks on it (meta split)
     protocol: str = "rendezvous"
     notes: list = field(default_factory=list)
+    virtual: int = 1                # chunks per rank in the calibration run(s)
+    chunk_share: dict = field(default_factory=dict)  # rank -> each chunk's share of its bytes
 
-    def cost(self, table: str, rank: int, kind: str, rows: float) -> float:
-        a, b = getattr(self, table).get((rank, kind), (0.0, 0.0))
+    def cost(self, table: str, rank: int, kind: str, rows: float, chunk: int = 0) -> float:
+        a, b = getattr(self, table).get((rank, kind) + ((chunk,) if chunk else ()), (0.0, 0.0))
         return a + b * (0.0 if kind == "opt" else rows)
 
     def message_s(self, rows: float) -> float:
@@ -80,17 +89,40 @@ def _rows(run) -> int:
     return int((run.meta.get("model") or {}).get("batch_size") or 0) // m
 
 
-def action_times(events: pd.DataFrame, steps) -> pd.DataFrame:
-    """One row per (rank, step, mb, kind) action of the given steps: wall (first start to last
-    end of its spans) and busy (sum of its spans), seconds. opt/norms have mb -1."""
+def placement(meta: dict):
+    """The run's harness.schedule.Placement (meta.json's schedule: virtual, placement)."""
+    from harness.schedule import Placement
+    sch = meta.get("schedule") or {}
+    return Placement(int(meta.get("world_size") or 1), int(sch.get("virtual") or 1),
+                     sch.get("placement") or "loop")
+
+
+def layer_chunk(meta: dict, layers) -> np.ndarray:
+    """The rank's model chunk of each event's layer: meta.json's split gives each global stage
+    its layers; the loss (layer = number of blocks) is the last stage's; -1 (opt) is chunk 0."""
+    pl = placement(meta)
+    layers = np.asarray(layers)
+    if pl.v == 1:
+        return np.zeros(len(layers), int)
+    starts = np.array([lo for lo, _ in meta["split"]])
+    g = np.clip(np.searchsorted(starts, layers, "right") - 1, 0, pl.stages - 1)
+    return np.where(layers < 0, 0, [pl.where(int(x))[1] for x in g]).astype(int)
+
+
+def action_times(events: pd.DataFrame, steps, meta: dict | None = None) -> pd.DataFrame:
+    """One row per (rank, step, mb, chunk, kind) action of the given steps: wall (first start
+    to last end of its spans) and busy (sum of its spans), seconds. opt/norms have mb -1.
+    chunk: the rank's model chunk (from meta's split; 0 without meta or with one chunk)."""
     comp = events[events["kind"].isin(list(ACTION_OF)) & events["step"].isin(steps)]
     kind = comp["kind"].map(lambda k: ACTION_OF[k])
-    # the loss forward belongs to fwd, its backward is recorded as kind bwd already
+    # the loss forward belongs to fwd, its backward is recorded as kind bwd (bwd_in) already
     kind = kind.where(kind.notna(), "fwd")
-    g = comp.assign(k=kind, d=comp["end"] - comp["start"]).groupby(["rank", "step", "mb", "k"])
+    chunk = layer_chunk(meta, comp["layer"]) if meta else np.zeros(len(comp), int)
+    g = comp.assign(k=kind, c=chunk, d=comp["end"] - comp["start"]).groupby(
+        ["rank", "step", "mb", "c", "k"])
     out = g.agg(s=("start", "min"), e=("end", "max"), busy=("d", "sum")).reset_index()
     out["wall"] = out["e"] - out["s"]
-    return out.rename(columns={"k": "kind"})
+    return out.rename(columns={"k": "kind", "c": "chunk"})
 
 
 def gaps(events: pd.DataFrame, acts: pd.DataFrame) -> tuple[dict, dict]:
@@ -150,7 +182,7 @@ def calibrate(runs) -> Calibration:
         if rows <= 0:
             raise ValueError(f"{run.path}: meta.json has no model.batch_size")
         _, st, _ = steady(run.steps or sorted(run.events["step"].unique()))
-        a = action_times(run.events, st).assign(rows=rows)
+        a = action_times(run.events, st, run.meta).assign(rows=rows)
         acts.append(a)
         g, gc = gaps(run.events[run.events["step"].isin(st)], a)
         gps.append(g)
@@ -158,6 +190,8 @@ def calibrate(runs) -> Calibration:
         ev = run.events[run.events["step"].isin(st)]
         rs = recv_split(ev)
         rs = rs[rs["matched"]].merge(ev.loc[ev["kind"] == "recv", ["pair", "bytes"]], on="pair")
+        whole = rs["tb"].fillna(rs["start"]) <= rs["send_start"]   # saw the whole transfer
+        rs = rs[whole] if whole.any() else rs
         msgs.append(rs[["bytes", "transfer"]].assign(rows=rows))
         ss = send_split(ev)
         eager |= bool((ss["matched"] & (ss["end"] < ss["recv_start"])).any())
@@ -166,17 +200,18 @@ def calibrate(runs) -> Calibration:
     # per (rank, kind, rows): the mean over the steady steps and microbatches (a step adds its
     # actions up, so an occasional slow one counts; medians predicted 10-17 % short)
     wall, busy = {}, {}
-    for (r, k), d in acts.groupby(["rank", "kind"]):
+    for (r, c, k), d in acts.groupby(["rank", "chunk", "kind"]):
+        key = (int(r), k) + ((int(c),) if c else ())
         if k == "opt":
-            wall[int(r), k] = (float(d["wall"].mean()), 0.0)
-            busy[int(r), k] = (float(d["busy"].mean()), 0.0)
+            wall[key] = (float(d["wall"].mean()), 0.0)
+            busy[key] = (float(d["busy"].mean()), 0.0)
         elif d["rows"].nunique() > 1:
-            wall[int(r), k] = _line(d["rows"], d["wall"])
-            busy[int(r), k] = _line(d["rows"], d["busy"])
+            wall[key] = _line(d["rows"], d["wall"])
+            busy[key] = _line(d["rows"], d["busy"])
         else:  # one microbatch size: interpreter time fixed, layer spans proportional
             w, b, x = float(d["wall"].mean()), float(d["busy"].mean()), float(d["rows"].iloc[0])
-            wall[int(r), k] = (w - b, b / x)
-            busy[int(r), k] = (0.0, b / x)
+            wall[key] = (w - b, b / x)
+            busy[key] = (0.0, b / x)
     m = pd.concat(msgs, ignore_index=True)
     m = m[m["bytes"] > 0]
     lat = _line(m["bytes"], m["transfer"]) if len(m) else (0.0, 0.0)
@@ -193,6 +228,7 @@ def calibrate(runs) -> Calibration:
                                  for r in range(p)},
                        latency=lat, msg_bytes=mb, act_fixed=fixed, act_per_row=per_row,
                        protocol="eager" if eager else "rendezvous", notes=notes,
+                       virtual=placement(runs[0].meta).v, chunk_share=_chunk_share(runs[0]),
                        blocks={r: int(hi - lo) for r, (lo, hi) in
                                enumerate(runs[0].meta.get("split") or [])})
 
@@ -216,3 +252,15 @@ def _activations(run, rows: int) -> tuple[list, list]:
         fixed.append(float(b[~scales].sum()))
         per_row.append(float(b[scales].sum()) / rows)
     return fixed, per_row
+
+
+def _chunk_share(run) -> dict:
+    """Per rank, each chunk's share of the bytes one microbatch leaves on the rank
+    (meta.json's pebbles_theory bytes_per_chunk; equal shares without it)."""
+    v = placement(run.meta).v
+    per = (run.meta.get("pebbles_theory") or {}).get("bytes_per_chunk") or []
+    out = {}
+    for r in range(run.world_size):
+        b = per[r] if r < len(per) and sum(per[r]) else [1] * v
+        out[r] = [x / sum(b) for x in b]
+    return out

@@ -7,9 +7,10 @@ harness.simulate with them, and the predicted step time, bubble and peak activat
 beside the run's measured ones. The predicted timeline is drawn under the measured one
 (whatif-<what>.png) and the numbers written to whatif-<what>.json, in RUN/analysis by default.
 
-Keys: schedule (naive|gpipe|1f1b), pipeline.microbatches (or m), pipeline.overlap,
-data.batch_size. --scale multiplies the compute time of one stage (rank=all for every stage)
-and action kind (fwd, bwd, opt or all) by factor: 0.8 = 20 % faster. --also RUN2 calibrates on
+Keys: schedule (naive|gpipe|1f1b|interleaved|zb_h1|zbv: chunks per rank as in the run),
+pipeline.microbatches (or m), pipeline.overlap, data.batch_size. --scale multiplies the compute
+time of one stage (rank=all for every stage) and action kind (fwd, bwd, bwd_in, bwd_w, opt or
+all) by factor: 0.8 = 20 % faster. --also RUN2 calibrates on
 more runs of the same model (two microbatch sizes fit a + b·rows instead of assuming it).
 Exit status: 0 done, 2 a bad argument or not a run (one line on stderr).
 """
@@ -59,13 +60,17 @@ class Prediction:
 
 
 def predict(cal: Calibration, schedule: str, m: int, batch: int | None = None,
-            overlap: bool = False, scales=(), protocol: str | None = None) -> Prediction:
-    """The step of `schedule` with m microbatches of batch/m rows, on the calibrated costs."""
+            overlap: bool = False, scales=(), protocol: str | None = None,
+            virtual: int | None = None) -> Prediction:
+    """The step of `schedule` with m microbatches of batch/m rows, on the calibrated costs.
+    virtual: chunks per rank (default the calibration run's); a chunk's actions cost what that
+    chunk's cost in the calibration run (calibrate with the same placement)."""
     batch = batch or cal.batch
     if batch % m:
         raise ValueError(f"pipeline.microbatches={m}: must divide data.batch_size={batch}")
     rows = batch // m
-    sched = S.build(schedule, cal.p, m, overlap)
+    sched = S.build(schedule, cal.p, m, overlap, virtual=cal.virtual if virtual is None
+                    else virtual)
     nxt = {}                      # (rank, action) -> the action after it on that rank
     for r, acts in enumerate(sched):
         for a, b in zip(acts, acts[1:] + [None]):
@@ -80,7 +85,7 @@ def predict(cal: Calibration, schedule: str, m: int, batch: int | None = None,
     def cost(r, a):
         if a.kind not in KINDS:
             return 0.0
-        t = cal.gap.get(r, 0.0) + cal.cost("wall", r, a.kind, rows) * factor(r, a.kind)
+        t = cal.gap.get(r, 0.0) + cal.cost("wall", r, a.kind, rows, a.chunk) * factor(r, a.kind)
         after = nxt[r, a]
         if after is not None and after.kind not in KINDS:
             t += cal.gap_comm.get(r, 0.0)   # the executor's time before its next MPI call
@@ -89,20 +94,24 @@ def predict(cal: Calibration, schedule: str, m: int, batch: int | None = None,
     lat = cal.message_s(rows)
     proto = protocol or cal.protocol
     ops = simulate(sched, cost, lat, protocol=proto)
-    fr = pd.DataFrame([(o.rank, o.kind, o.mb, o.start, o.end) for o in ops],
-                      columns=["rank", "kind", "mb", "start", "end"])
+    fr = pd.DataFrame([(o.rank, o.kind, o.mb, o.start, o.end, o.chunk) for o in ops],
+                      columns=["rank", "kind", "mb", "start", "end", "chunk"])
     comp = fr["kind"].isin(KINDS).to_numpy()
     # compute proper starts after the executor's gap (drawn and counted as idle)
     fr.loc[comp, "start"] += fr.loc[comp, "rank"].map(cal.gap).fillna(0.0)
     fr.loc[comp, "end"] = fr.loc[comp, "start"] + [
-        cal.cost("wall", r, k, rows) * factor(r, k) for r, k in zip(fr.loc[comp, "rank"],
-                                                                       fr.loc[comp, "kind"])]
+        cal.cost("wall", r, k, rows, c) * factor(r, k) for r, k, c in
+        zip(fr.loc[comp, "rank"], fr.loc[comp, "kind"], fr.loc[comp, "chunk"])]
     c = fr[comp]
     span = float(c["end"].max() - c["start"].min())
-    busy = [sum(cal.cost("busy", r, a.kind, rows) * factor(r, a.kind)
+    busy = [sum(cal.cost("busy", r, a.kind, rows, a.chunk) * factor(r, a.kind)
                 for a in acts if a.kind in KINDS) for r, acts in enumerate(sched)]
     idle = [(span - b) / span if span else 0.0 for b in busy]
-    peak = [cal.act_bytes(r, rows) * max(S.in_flight(acts)) for r, acts in enumerate(sched)]
+    v = S.placement_of(sched).v       # a chunk-microbatch holds its chunk's share of the bytes
+    share = {r: cal.chunk_share.get(r) if len(cal.chunk_share.get(r) or []) == v else [1 / v] * v
+             for r in range(cal.p)}
+    peak = [round(S.peak_bytes(acts, [cal.act_bytes(r, rows) * x for x in share[r]]))
+            for r, acts in enumerate(sched)]
     return Prediction(schedule, m, rows, overlap, span, float(np.mean(idle)), idle, peak, fr,
                       lat, proto)
 
@@ -124,7 +133,7 @@ def parse_scale(text: str) -> Scale:
         k, eq, v = part.partition("=")
         if not eq or k.strip() not in ("rank", "kind", "factor"):
             raise ValueError(f"--scale {text!r}: expected rank=R,kind=K,factor=F "
-                             f"(rank a number or all, kind fwd|bwd|opt|all)")
+                             f"(rank a number or all, kind {'|'.join(KINDS)}|all)")
         f[k.strip()] = v.strip()
     if "factor" not in f:
         raise ValueError(f"--scale {text!r}: factor=F is required")
@@ -136,7 +145,7 @@ def parse_scale(text: str) -> Scale:
         raise ValueError(f"--scale {text!r}: factor must be a finite number >= 0")
     kind = f.get("kind", "all")
     if kind not in KINDS + ("all",):
-        raise ValueError(f"--scale {text!r}: kind={kind!r}; allowed fwd, bwd, opt, all")
+        raise ValueError(f"--scale {text!r}: kind={kind!r}; allowed {', '.join(KINDS)}, all")
     rank = f.get("rank", "all")
     if rank != "all" and not rank.lstrip("-").isdigit():
         raise ValueError(f"--scale {text!r}: rank={rank!r} is not a rank number or all")
