@@ -9,8 +9,17 @@ Definitions (FIELD.md; one line each in docs/analysis.md). All times in seconds.
 - compute (busy)      = |union of the rank's compute-lane spans (fwd, bwd, loss, opt)| in the step
 - idle                = span - compute;   utilisation = compute / span
 - bubble (measured)   = mean over ranks of idle / span, per step
-- bubble (theory)     = harness.schedule.bubble (naive (p-1)/p; GPipe and 1F1B (p-1)/(m+p-1))
-                        (Narayanan et al. 2021) — equal per-stage times assumed
+- bubble (theory)     = harness.schedule.bubble with the run's p, m and pipeline.virtual v
+                        (naive (p-1)/p; GPipe and 1F1B (p-1)/(m+p-1); interleaved
+                        (p-1)/(v·m+p-1); ZB-H1, ZB-V: docs/schedules.md) — equal per-stage
+                        times, and for ZB-H1/ZB-V equal F, B, W times, assumed
+- bubble (theory, measured F/B/W) = the same formula with the run's mean forward, input- and
+                        weight-gradient times per chunk-microbatch (split-backward schedules:
+                        what the zero-bubble paper reports, computed from averaged timings)
+- bubble (simulated)  = harness.simulate replaying the run's own schedule with the run's own
+                        per-stage, per-chunk action times, gaps and message times
+                        (analysis.calibrate + analysis.whatif.predict): what the simulator
+                        predicts for this run
 - send                = |union of [tb, end] of sends| (time the rank was blocked sending)
 - receive wait        = Scalasca late sender: max(0, min(s.start, r.end) - r.tb)
 - receive transfer    = r.end - max(r.tb, s.start), clipped at 0 (negative only when the clocks
@@ -141,9 +150,52 @@ def step_table(events: pd.DataFrame, pebbles: pd.DataFrame | None = None) -> pd.
     return out
 
 
-def bubble_theory(name: str, p: int, m: int) -> float | None:
-    """The schedule's closed-form bubble (harness.schedule.bubble); None for unknown schedules."""
-    return S.bubble(name, p, m)
+def bubble_theory(name: str, p: int, m: int, virtual: int = 1, times=None) -> float | None:
+    """The schedule's closed-form bubble (harness.schedule.bubble) with v = `virtual` chunks
+    per rank and, for the split-backward schedules, per-chunk times {fwd, bwd_in, bwd_w}
+    (default equal); None for unknown schedules."""
+    return S.bubble(name, p, m, virtual, times)
+
+
+SPLIT = ("zb_h1", "zbv")   # schedules whose theory depends on the F/B/W times
+
+
+def simulated(events, pebbles, meta: dict, steps) -> dict:
+    """What harness.simulate predicts for this run: the run calibrated on itself
+    (analysis.calibrate, steady steps) and its own schedule, m, v and overlap replayed
+    (analysis.whatif.predict). Also the mean F, B, W times per chunk-microbatch (the layer
+    spans) and the zero-bubble theory with them. On failure (e.g. a run without batch size or
+    compute events) the values are None and `error` says why."""
+    from types import SimpleNamespace
+
+    from analysis.calibrate import calibrate
+    from analysis.whatif import predict
+    sch = meta.get("schedule") or {}
+    name, m = sch.get("name"), int(sch.get("microbatches") or 1)
+    v = int(sch.get("virtual") or 1)
+    p = int(meta.get("world_size") or events["rank"].nunique())
+    out = {"bubble": None, "step_span_s": None, "idle_per_rank": None, "times_s": None,
+           "bubble_theory_measured_times": None, "error": None}
+    try:
+        run = SimpleNamespace(meta=meta, events=events, pebbles=pebbles, steps=list(steps),
+                              world_size=p, path=meta.get("run_dir", "run"))
+        cal = calibrate([run])
+        pred = predict(cal, name, m, overlap=bool(sch.get("overlap")), virtual=v)
+    except Exception as e:   # recorded, not raised: the measured numbers stand without it
+        out["error"] = f"{type(e).__name__}: {e}"
+        return out
+    rows = pred.rows
+    times = {}
+    for k in ("fwd", "bwd", "bwd_in", "bwd_w"):
+        x = [cal.cost("busy", r, k, rows, c) for r in range(p) for c in range(v)
+             if (r, k) + ((c,) if c else ()) in cal.busy]
+        times[k] = float(np.mean(x)) if x else None
+    out.update(bubble=pred.bubble, step_span_s=pred.step_s, idle_per_rank=pred.idle,
+               times_s=times)
+    if name in SPLIT and times["fwd"] and times["bwd_in"] is not None and times["bwd_w"]:
+        out["bubble_theory_measured_times"] = bubble_theory(
+            name, p, m, v, {k: times[k] for k in ("fwd", "bwd_in", "bwd_w")})
+    return out
 
 
 def steady(steps: list) -> tuple[list, list, str]:
@@ -195,15 +247,27 @@ def summarize(events, pebbles, memory, meta: dict, steps: list | None = None,
     bubble_step = t.assign(f=t["idle"] / t["span"]).groupby("step")["f"].mean()
     sch = meta.get("schedule") or {}
     p = int(meta.get("world_size") or events["rank"].nunique())
+    m, v = int(sch.get("microbatches") or 1), int(sch.get("virtual") or 1)
     rs = recv_split(events)
+    sim = simulated(events, pebbles, meta, steps)
     return {
         "steps": {"complete": steps, "warmup": warm, "steady": stead, "note": note},
         "schedule": {"name": sch.get("name"), "microbatches": sch.get("microbatches"),
-                     "overlap": sch.get("overlap"), "stages": p},
+                     "overlap": sch.get("overlap"), "stages": p, "virtual": v},
         "pipeline": {
             "step_span_s": _f(t.groupby("step")["span"].first().median()),
             "bubble_measured": _f(bubble_step.median()),
-            "bubble_theory": bubble_theory(sch.get("name"), p, int(sch.get("microbatches") or 1)),
+            "bubble_theory": bubble_theory(sch.get("name"), p, m, v),
+            "bubble_theory_formula": S.BUBBLE_FORMULA.get(sch.get("name")),
+            # zero-bubble schedules: the theory with this run's mean F, B, W times
+            "bubble_theory_measured_times": sim["bubble_theory_measured_times"],
+            "bubble_simulated": _f(sim["bubble"]),
+            "step_span_simulated_s": _f(sim["step_span_s"]),
+            "simulated": {"idle_per_rank": sim["idle_per_rank"], "times_s": sim["times_s"],
+                          "error": sim["error"],
+                          "how": "harness.simulate replaying this run's schedule with its own "
+                                 "per-chunk action times, gaps and message times "
+                                 "(analysis.calibrate, analysis.whatif.predict)"},
             "bubble_definition": "per step: mean over ranks of idle/span, idle = span - "
                                  "|union of compute spans|, span = last end - first start of "
                                  "compute over all ranks; median over steady steps",

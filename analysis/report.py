@@ -53,12 +53,22 @@ def table(summary: dict, title: str = "") -> str:
     w = [max(len(x[i]) for x in [head, units] + rows) for i in range(len(head))]
     fmt = lambda xs: "  ".join(x.rjust(n) for x, n in zip(xs, w)).rstrip()  # noqa: E731
     lines += [fmt(head), fmt(units)] + [fmt(r) for r in rows] + [""]
-    th = pipe["bubble_theory"]
+    th, v = pipe["bubble_theory"], sch.get("virtual") or 1
     lines.append(f"step span {_ms(pipe['step_span_s'])} ms; bubble measured "
                  f"{_pct(pipe['bubble_measured'])} % vs theory "
                  + ("-" if th is None else f"{th * 100:.1f} %")
-                 + (f" ({sch['name']}: {BUBBLE_FORMULA[sch['name']]})"
-                    if sch["name"] in BUBBLE_FORMULA else ""))
+                 + (f" ({sch['name']}{f', v={v}' if v > 1 else ''}: "
+                    f"{BUBBLE_FORMULA[sch['name']]})" if sch["name"] in BUBBLE_FORMULA else ""))
+    if pipe.get("bubble_theory_measured_times") is not None:
+        t = (pipe.get("simulated") or {}).get("times_s") or {}
+        lines.append(f"  theory with the measured F/B/W per chunk-microbatch ("
+                     f"{_ms(t.get('fwd'))} / {_ms(t.get('bwd_in'))} / {_ms(t.get('bwd_w'))} ms): "
+                     f"{_pct(pipe['bubble_theory_measured_times'])} %")
+    if "bubble_simulated" in pipe:
+        err = (pipe.get("simulated") or {}).get("error")
+        lines.append(f"  simulated (harness.simulate on this run's own action times): bubble "
+                     f"{_pct(pipe['bubble_simulated'])} %, step "
+                     f"{_ms(pipe.get('step_span_simulated_s'))} ms" + (f" ({err})" if err else ""))
     lines.append(f"clock alignment: ±{clock['uncertainty_s'] * 1e6:.1f} µs (max rtt/2), "
                  f"±{clock.get('uncertainty_max_s', 0.0) * 1e6:.1f} µs with start/end "
                  f"disagreement; {clock['violations']} clock-condition violations in "

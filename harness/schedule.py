@@ -379,7 +379,9 @@ def pebble_theory(sched, stage_bytes) -> dict | None:
 
 # The closed-form bubble of each schedule, for equal per-stage fwd and bwd times and free
 # communication: (formula as text, function of p and m). The one definition of the theory;
-# the analysis, the reports and the figures use it (bubble, BUBBLE_FORMULA).
+# the analysis, the reports and the figures use it (bubble, BUBBLE_FORMULA; the virtual-stage
+# and zero-bubble schedules' own formulas, with v and F/B/W times, join them from
+# schedule_zb.VIRTUAL at the end of this module).
 _BUBBLE = {
     "naive": ("(p-1)/p", lambda p, m: (p - 1) / p),                       # one stage at a time
     "gpipe": ("(p-1)/(m+p-1)", lambda p, m: (p - 1) / (m + p - 1)),       # Huang et al. 2019
@@ -436,3 +438,4 @@ def from_json(obj: dict) -> Schedule:
 from .schedule_zb import VIRTUAL  # noqa: E402  (the zoo below imports the IR above)
 
 SCHEDULES.update({name: th.build for name, th in VIRTUAL.items()})
+BUBBLE_FORMULA.update({name: th.bubble_formula for name, th in VIRTUAL.items()})
