@@ -3,9 +3,11 @@ and interquartile ranges over repeats (rliable's split: statistics here, drawing
 analysis/plots/sweep.py, file I/O only in analysis/figures.py).
 
 Two tidy frames describe a sweep:
-- runs:  one row per run — point, repeat, tag, exp, p, schedule, m, overlap, oversubscribed,
-         span (s), bubble (measured), bubble_theory, threads, device, compute (s, mean
-         over ranks)
+- runs:  one row per run — point, repeat, tag, exp, p, schedule, v (chunks per rank), m,
+         overlap, oversubscribed, span (s), bubble (measured), bubble_theory (with v),
+         bubble_theory_times (zero-bubble theory with the run's F/B/W times), bubble_sim
+         (harness.simulate on the run's own times), threads, device, compute (s, mean over
+         ranks)
 - ranks: one row per (run, rank) — the run's identity columns, then compute, send, recv_wait,
          recv_transfer, send_wait, send_transfer, other_idle, span (s), peak_act,
          peak_theory (bytes), clock_unreliable (the clocks blur its wait/transfer split)
@@ -19,7 +21,7 @@ import pandas as pd
 
 from analysis.metrics import bubble_theory
 
-ID = ["point", "repeat", "tag", "exp", "p", "schedule", "m", "overlap", "oversubscribed"]
+ID = ["point", "repeat", "tag", "exp", "p", "schedule", "v", "m", "overlap", "oversubscribed"]
 # where a rank's step goes: these add up to the step's span (other_idle is the rest)
 # (send split like the receive: late-receiver wait and transfer, analysis/waits.py)
 PARTS = ["compute", "recv_wait", "recv_transfer", "send_wait", "send_transfer", "other_idle"]
@@ -33,15 +35,17 @@ def run_records(row: dict, meta: dict, summary: dict) -> tuple[dict, list[dict]]
     sch = meta.get("schedule") or {}
     p = int(meta.get("world_size") or summary["schedule"]["stages"])
     m = int(sch.get("microbatches") or 1)
-    name = sch.get("name")
+    name, v = sch.get("name"), int(sch.get("virtual") or 1)
     ident = {"point": row.get("point"), "repeat": row.get("repeat"), "tag": row.get("tag"),
-             "exp": meta.get("experiment"), "p": p, "schedule": name, "m": m,
+             "exp": meta.get("experiment"), "p": p, "schedule": name, "v": v, "m": m,
              "overlap": bool(sch.get("overlap")),
              "oversubscribed": bool(row.get("oversubscribed", False))}
     pipe = summary["pipeline"]
     ranks_meta = meta.get("ranks") or [{}]
     run = {**ident, "span": pipe["step_span_s"], "bubble": pipe["bubble_measured"],
-           "bubble_theory": bubble_theory(name, p, m),
+           "bubble_theory": bubble_theory(name, p, m, v),
+           "bubble_theory_times": _nan(pipe.get("bubble_theory_measured_times")),
+           "bubble_sim": _nan(pipe.get("bubble_simulated")),
            "threads": ranks_meta[0].get("threads"), "device": ranks_meta[0].get("device"),
            # mean compute per rank: grows with m on CPU (small matmuls run less efficiently)
            "compute": float(np.mean([r.get("compute") or 0.0 for r in summary["per_rank"]]))}
@@ -59,6 +63,14 @@ def run_records(row: dict, meta: dict, summary: dict) -> tuple[dict, list[dict]]
         rec["peak_theory"] = r.get("peak_act_theory")
         ranks.append(rec)
     return run, ranks
+
+
+def _nan(x):
+    return np.nan if x is None else float(x)
+
+
+def _none(x):
+    return None if x is None or not np.isfinite(x) else float(x)
 
 
 def spread(df: pd.DataFrame, by: list, cols: list) -> pd.DataFrame:
@@ -85,23 +97,31 @@ def measurements(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def bubble_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Figure 2's data: per (p, schedule, m), blocking communication only: bubble and span
-    medians/IQR over repeats, and the theory."""
+    """Figures 2 and 8's data: per (p, schedule, v, m), blocking communication only: bubble,
+    span, compute, the simulator's bubble and the F/B/W-time theory (medians/IQR over
+    repeats), and the closed-form theory with v."""
     d = measurements(runs)
     d = d[~d["overlap"].astype(bool)]
-    t = spread(d, ["p", "schedule", "m"], ["bubble", "span", "compute"])
-    t["bubble_theory"] = [bubble_theory(s, p, m) for s, p, m in zip(t["schedule"], t["p"], t["m"])]
+    for c, dflt in (("v", 1), ("bubble_sim", np.nan), ("bubble_theory_times", np.nan)):
+        if c not in d:            # records of an older analysis
+            d = d.assign(**{c: dflt})
+    t = spread(d, ["p", "schedule", "v", "m"],
+               ["bubble", "span", "compute", "bubble_sim", "bubble_theory_times"])
+    t["bubble_theory"] = [bubble_theory(s, int(p), int(m), int(v)) for s, p, m, v in
+                          zip(t["schedule"], t["p"], t["m"], t["v"])]
     return t
 
 
 def memory_table(ranks: pd.DataFrame) -> pd.DataFrame:
-    """Figure 3's data: per (p, schedule, m, rank), blocking runs: peak activation bytes
-    (median/IQR over repeats) and the theory (meta.pebbles_theory.peak_bytes)."""
+    """Figures 3 and 9's data: per (p, schedule, v, m, rank), blocking runs: peak activation
+    bytes (median/IQR over repeats) and the theory (meta.pebbles_theory.peak_bytes)."""
     d = measurements(ranks)
     d = d[~d["overlap"].astype(bool)]
-    t = spread(d, ["p", "schedule", "m", "rank"], ["peak_act"])
-    th = d.groupby(["p", "schedule", "m", "rank"])["peak_theory"].first()
-    key = pd.MultiIndex.from_frame(t[["p", "schedule", "m", "rank"]])
+    d = d if "v" in d else d.assign(v=1)
+    by = ["p", "schedule", "v", "m", "rank"]
+    t = spread(d, by, ["peak_act"])
+    th = d.groupby(by)["peak_theory"].first()
+    key = pd.MultiIndex.from_frame(t[by])
     t["peak_theory"] = th.reindex(key).values
     return t
 
@@ -146,7 +166,9 @@ def headline(bubble: pd.DataFrame, memory: pd.DataFrame, breakdown: pd.DataFrame
                  {k: [float(x) * 1e3 for x in g.sort_values("rank")["compute"]]
                   for k, g in stages.groupby(["p", "schedule", "m"])})
     for r in bubble.itertuples():
-        out["bubble"].append({"p": int(r.p), "schedule": r.schedule, "m": int(r.m),
+        out["bubble"].append({"p": int(r.p), "schedule": r.schedule, "v": int(r.v),
+                              "m": int(r.m), "simulated": _none(r.bubble_sim),
+                              "theory_times": _none(r.bubble_theory_times),
                               "compute_stage_ms": per_stage.get((r.p, r.schedule, r.m), []),
                               "measured": float(r.bubble), "q1": float(r.bubble_q1),
                               "q3": float(r.bubble_q3), "theory": r.bubble_theory,

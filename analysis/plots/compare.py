@@ -1,4 +1,4 @@
-"""Figure 1: measured pebble graphs of several schedules side by side, on one time scale.
+"""Figures 1 and 7: measured pebble graphs of several schedules side by side, on one time scale.
 
 Each panel is analysis.plots.pebble.pebble_graph of one step of one run, drawn into its own
 subfigure; all share the longest step's time span, so a shorter step is visibly shorter and
@@ -29,7 +29,7 @@ def schedules_side_by_side(panels: list[dict], fig=None):
     if fig is None:
         fig = plt.figure(figsize=(style.WIDE, min(9.0, 1.8 + 0.12 * rows)))
     subs = fig.subfigures(1, len(panels), wspace=0.02)
-    out, m_max = [], 1
+    out, m_max, split = [], 1, False
     for sf, p, span in zip(subs, panels, spans):
         _, axes = pebble_graph(p["events"], p["pebbles"], p["meta"], p["step"], fig=sf,
                                span=shown)
@@ -37,6 +37,7 @@ def schedules_side_by_side(panels: list[dict], fig=None):
         scale, unit = style.time_unit(shown)
         sf.suptitle(f"{p['title']}\nstep {span * scale:.0f} {unit}", fontsize=7)
         m_max = max(m_max, int((p["meta"].get("schedule") or {}).get("microbatches") or 1))
+        split |= bool(p["events"]["kind"].eq("bwd_w").any())
         out.append(axes)
     # one activation scale too, when the graphs chose the same unit (they do for one model)
     baxes = [a[-1] for a in out]
@@ -44,5 +45,5 @@ def schedules_side_by_side(panels: list[dict], fig=None):
         top = max(a.get_ylim()[1] for a in baxes)
         for a in baxes:
             a.set_ylim(0, top)
-    _legend(fig, m_max)
+    _legend(fig, m_max, split)
     return fig, out

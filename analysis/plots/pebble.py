@@ -3,8 +3,10 @@
 One panel per rank. Rows are that stage's layers in model order: forward rows (F<i>) above,
 backward rows (B<i>) below, then `opt`. A pebble (an activation saved for backward) is a pale bar
 in its layer's forward row from when it was stored to when it was freed, coloured by microbatch
-(one sub-row per microbatch); forward and backward compute are solid boxes where they ran; grey
-shading marks the rank's idle stretches (no compute); arrows join each send to its receive.
+(one sub-row per microbatch); forward and backward compute are solid boxes where they ran (under
+split backward the input gradient B solid, the weight gradient W hatched, both in the B rows);
+grey shading marks the rank's idle stretches (no compute); arrows join each send to its receive.
+With virtual stages (pipeline.virtual) a rank's rows are the layers of all its chunks.
 Under the panels: live activation bytes per rank on the same time axis.
 """
 from __future__ import annotations
@@ -21,16 +23,28 @@ from analysis.metrics import COMPUTE, live_bytes, recv_split, step_windows
 from analysis.plots.common import add_boxes, step_curve
 
 
+BACKWARD = ("bwd", "bwd_in", "bwd_w")   # drawn in the B rows (bwd_w hatched)
+
+
+def _stages_of(meta, rank) -> list:
+    """The global stages (entries of meta.json's split) rank `rank` holds."""
+    from analysis.calibrate import placement
+    pl = placement(meta)
+    return [pl.stage(rank, c) for c in range(pl.v)]
+
+
 def _rows(ev, peb, meta, rank):
     """(layers in model order, has_opt) for one rank's panel."""
-    layers = set(ev.loc[ev["kind"].isin(("fwd", "bwd", "loss")), "layer"].tolist())
+    layers = set(ev.loc[ev["kind"].isin(("fwd", "loss") + BACKWARD), "layer"].tolist())
     layers |= set(peb["layer"].tolist())
     split = meta.get("split") or []
     per_layer = any(x >= 0 for x in layers)  # per-layer tracing off: one "stage" row pair
-    if per_layer and rank < len(split):
-        layers |= set(range(*split[rank]))
+    stages = [g for g in _stages_of(meta, rank) if g < len(split)]
+    if per_layer and stages:
+        for g in stages:
+            layers |= set(range(*split[g]))
         L = (meta.get("model") or {}).get("layers")
-        if L is not None and rank == len(split) - 1 and (ev["kind"] == "loss").any():
+        if L is not None and len(split) - 1 in stages and (ev["kind"] == "loss").any():
             layers.add(L)
     return sorted(int(x) for x in layers), bool(ev["kind"].isin(("opt", "norms")).any())
 
@@ -88,7 +102,7 @@ def pebble_graph(events, pebbles, meta: dict, step: int, fig=None, span: float |
         add_boxes(ax, X(gs0[wide]), X(ge0[wide]), -0.5, nrows[r] - 0.5, gid="idle",
                   facecolor=style.IDLE, edgecolor="none", zorder=0)
         oy = np.array([f_row.get(l, 0) if k in ("fwd", "loss") else
-                       b_row.get(l, n) if k == "bwd" else 2 * n
+                       b_row.get(l, n) if k in BACKWARD else 2 * n
                        for k, l in zip(o["kind"], o["layer"])])
         add_boxes(ax, X(o["start"].clip(lower=lo)), X(o["end"].clip(upper=hi)), oy - 0.4,
                   oy + 0.4, gid="compute-other", facecolor="white", edgecolor=style.OTHER,
@@ -103,11 +117,16 @@ def pebble_graph(events, pebbles, meta: dict, step: int, fig=None, span: float |
         # compute where it ran: forward (and loss) in F rows, backward in B rows, opt last
         kind, layer = c["kind"].to_numpy(), c["layer"].to_numpy()
         y = np.array([f_row.get(l, 0) if k in ("fwd", "loss") else
-                      b_row.get(l, n) if k == "bwd" else 2 * n for k, l in zip(kind, layer)])
+                      b_row.get(l, n) if k in BACKWARD else 2 * n for k, l in zip(kind, layer)])
         col = [style.KIND[k] if k in ("opt", "norms") else style.mb_color(b, m)
                for k, b in zip(kind, c["mb"])]
-        add_boxes(ax, X(c["start"]), X(c["end"]), y - 0.4, y + 0.4, gid="compute",
-                  facecolor=col, edgecolor="black", linewidth=0.3, zorder=2)
+        w = kind == "bwd_w"      # weight gradients: hatched, so B and W tell apart
+        for sel, kw in ((~w, {}), (w, {"hatch": "//////"})):
+            if sel.any():
+                add_boxes(ax, X(c["start"].to_numpy()[sel]), X(c["end"].to_numpy()[sel]),
+                          y[sel] - 0.4, y[sel] + 0.4, gid="compute-w" if kw else "compute",
+                          facecolor=[x for x, k in zip(col, sel) if k], edgecolor="black",
+                          linewidth=0.3, zorder=2, **kw)
         ax.axhline(n - 0.5, color="black", lw=0.4, ls=(0, (2, 2)), zorder=3)
         labels = [f"F {_label(l, meta)}" for l in layers] + [f"B {_label(l, meta)}"
                                                              for l in layers]
@@ -118,7 +137,7 @@ def pebble_graph(events, pebbles, meta: dict, step: int, fig=None, span: float |
         ax.set_ylim(nrows[r] - 0.5, -0.5)
         ax.set_ylabel(f"rank {r}")
         ax.tick_params(axis="x", labelbottom=False)
-    _arrows(fig, axes, ranks, rowy, recv_split(ev), X)
+    _arrows(fig, axes, ranks, rowy, recv_split(ev), X, meta)
     # live activation bytes under the panels, same time axis
     bax = axes[-1]
     lb = live_bytes(pebbles[pebbles["rank"].isin(ranks)])
@@ -132,19 +151,37 @@ def pebble_graph(events, pebbles, meta: dict, step: int, fig=None, span: float |
     bax.set_ylim(bottom=0)
     bax.legend(loc="lower right", bbox_to_anchor=(1, 1), ncol=len(ranks), borderaxespad=0.1)
     axes[0].set_xlim(0, shown * scale)
-    _legend(fig, m)
+    _legend(fig, m, split=bool(ev["kind"].eq("bwd_w").any()))
     return fig, axes
 
 
-def _arrows(fig, axes, ranks, rowy, rs, X):
-    """One ConnectionPatch per matched send/receive pair of the step (few per step)."""
+def _arrows(fig, axes, ranks, rowy, rs, X, meta=None):
+    """One ConnectionPatch per matched send/receive pair of the step (few per step). With
+    per-layer rows, an arrow leaves the row of the boundary layer it carries and enters the
+    row of the layer that consumes it: with several chunks per rank the pair id's chunk
+    (runformat.pair_id) and the placement say which stage's layers those are."""
     ax_of = dict(zip(ranks, axes))
     rs = rs[rs["matched"] & rs["send_rank"].isin(ranks) & rs["rank"].isin(ranks)]
+    split = (meta or {}).get("split") or []
+    from analysis.calibrate import placement
+    pl = placement(meta) if meta else None
+
+    def stage_layers(g):
+        lo, hi = split[g]
+        return lo, hi - 1
 
     def y_of(rank, pair, sending):
         f_row, b_row, n = rowy[rank]
         layers = list(f_row)
         real = [l for l in layers if l >= 0] or layers or [0]
+        src, dst = (int(x) for x in pair.split(".")[2].split("c")[0].split(">"))
+        bc = int(pair.split("c")[1]) if "c" in pair else 0
+        if pl is not None and len(split) == pl.stages and real[0] >= 0:
+            up = pl.stage(src if pair.startswith("A") else dst, bc)  # boundary's upstream stage
+            if pair.startswith("A"):      # out of stage up's last forward row, into up+1's first
+                return f_row.get(stage_layers(up)[1] if sending else stage_layers(up + 1)[0], 0)
+            if pair.startswith("G"):      # out of up+1's first backward row, into up's last
+                return b_row.get(stage_layers(up + 1)[0] if sending else stage_layers(up)[1], n)
         if pair.startswith("A"):  # activation: out of the last forward row, into the first
             return f_row.get(real[-1] if sending else real[0], 0)
         if pair.startswith("G"):  # gradient: out of the first backward row, into the last
@@ -161,10 +198,13 @@ def _arrows(fig, axes, ranks, rowy, rs, X):
         fig.add_artist(cp)
 
 
-def _legend(fig, m):
+def _legend(fig, m, split=False):
     shown = range(m) if m <= 8 else sorted({0, 1, m // 2, m - 2, m - 1})
     mbs = [Patch(facecolor=style.mb_color(k, m), edgecolor="black", lw=0.3, label=f"mb {k}")
            for k in shown]
+    if split:   # split backward: B solid, W hatched (in the B rows)
+        mbs.append(Patch(facecolor="white", edgecolor="black", hatch="//////", lw=0.3,
+                         label="W (weight grad.)"))
     extra = [Patch(facecolor=style.mb_color(0, m, 0.45), label="pebble: stored → freed"),
              Patch(facecolor=style.IDLE, label="idle (no compute)"),
              Patch(facecolor="white", edgecolor=style.OTHER, hatch="////", lw=0.3,
