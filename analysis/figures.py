@@ -7,6 +7,9 @@ complete runs it lists, and writes into DIR (default SWEEP_DIR/figures):
   fig2_bubble          bubble fraction against m, per p: measured (median, IQR) and theory
   fig3_memory          peak activation memory per stage against m: GPipe, 1F1B, theory
   fig4_breakdown       where a step's time goes, blocking vs overlapped communication
+  fig7_zb_schedules    pebble graphs of 1F1B, interleaved, ZB-H1 and ZB-V, one time scale
+  fig8_zb_bubble       bubble against m for every schedule, per p: measured, theory, simulated
+  fig9_zb_memory       peak activation memory per stage against m for every schedule, theory
   lesson_requires_grad, lesson_detach   the two lessons (analysis.lessons)
   fig6_animation.gif   + fig6_frames/NNN.png: the animated pebble graph of one measured step
   numbers.json         the measured numbers (experiments.paper turns them into figures.md)
@@ -37,6 +40,7 @@ from analysis.metrics import steady, step_windows  # noqa: E402
 from analysis.plots import (breakdown_plot, bubble_plot, peak_memory_plot,  # noqa: E402
                             schedules_side_by_side)
 from analysis.plots.animate import durations, frame_states, pebble_animation  # noqa: E402
+from analysis.plots.sweep import sched_label  # noqa: E402
 
 GIF_DPI = 120     # the GIF is for screens: ~650 px wide, 6-pt labels still legible
 FRAME_EPS = 1e-4  # s: event times closer than this form one animation frame (animate.py):
@@ -60,6 +64,10 @@ def load_sweep(sweep_dir) -> dict:
             "path": path, "meta": meta, "cores": int(index["cores"].max()),
             "spec": json.loads((d / "sweep.json").read_text()) if (d / "sweep.json").exists()
             else {}}
+
+
+CLASSIC = ("naive", "gpipe", "1f1b")                 # figures 1-3
+ZB_PANELS = ("1f1b", "interleaved", "zb_h1", "zbv")  # figure 7 (1F1B as the reference)
 
 
 def _pick(sw, p, schedule, m, tag_not="lessons"):
@@ -109,7 +117,7 @@ def make(sweep_dir, out, formats=("png", "pdf"), gif=True, log=None) -> dict:
 
     meas = sweep_stats.measurements(runs) if len(runs) else runs
     p0 = int(meas["p"].min()) if len(meas) else None
-    ms = sorted(int(m) for m in meas.loc[meas["schedule"] != "naive", "m"].unique()) \
+    ms = sorted(int(m) for m in meas.loc[meas["schedule"].isin(CLASSIC[1:]), "m"].unique()) \
         if len(meas) else []
     m1 = 4 if 4 in ms else (ms[-1] if ms else None)
     with plt.rc_context(style.RC):
@@ -118,21 +126,29 @@ def make(sweep_dir, out, formats=("png", "pdf"), gif=True, log=None) -> dict:
                             ("1f1b", m1, f"1F1B (m={m1})")):
             path = _pick(sw, p0, s, m) if m else None
             if path is not None:
-                run = load_run(path)
-                step = typical_step(run)
-                ev = run.events[run.events["step"] == step]
-                panels.append({"title": title, "events": run.events, "pebbles": run.pebbles,
-                               "meta": run.meta, "step": step, "path": str(path),
-                               "span_ms": float(step_windows(ev)["span"].iloc[0]) * 1e3})
+                panels.append(_panel(path, title))
         if panels:
             save("fig1_schedules", schedules_side_by_side(panels)[0])
         else:
             skipped["fig1_schedules"] = "no naive/GPipe/1F1B runs"
-        if len(bub):
-            save("fig2_bubble", bubble_plot(bub, cores)[0])
-            save("fig3_memory", peak_memory_plot(mem, cores)[0])
+        classic = bub[bub["schedule"].isin(CLASSIC)] if len(bub) else bub
+        if len(classic):
+            save("fig2_bubble", bubble_plot(classic, cores)[0])
+            save("fig3_memory", peak_memory_plot(mem, cores, schedules=CLASSIC)[0])
         else:
             skipped["fig2_bubble"] = skipped["fig3_memory"] = "no schedule measurements"
+        zb_panels = _zb_panels(sw, p0)
+        if zb_panels:
+            save("fig7_zb_schedules", schedules_side_by_side(zb_panels)[0])
+        else:
+            skipped["fig7_zb_schedules"] = ("no p and m with runs of 1F1B, interleaved, ZB-H1 "
+                                            "and ZB-V")
+        if len(bub) and bub["schedule"].isin(ZB_PANELS[1:]).any():
+            save("fig8_zb_bubble", bubble_plot(bub, cores, by="schedule")[0])
+            save("fig9_zb_memory", peak_memory_plot(mem, cores)[0])
+        else:
+            skipped["fig8_zb_bubble"] = skipped["fig9_zb_memory"] = \
+                "no interleaved, ZB-H1 or ZB-V runs"
         if len(brk):
             save("fig4_breakdown", breakdown_plot(brk, cores)[0])
         else:
@@ -143,10 +159,44 @@ def make(sweep_dir, out, formats=("png", "pdf"), gif=True, log=None) -> dict:
     numbers = {"setup": setup(sw), "headline": sweep_stats.headline(bub, mem, brk, stages)
                if len(bub) else {}, "lessons": lessons, "animation": anim,
                "fig1": [{k: p[k] for k in ("title", "path", "step", "span_ms")} for p in panels],
+               "fig7": [{k: p[k] for k in ("title", "schedule", "p", "m", "v", "path", "step",
+                                           "span_ms")} for p in zb_panels],
                "made": made, "skipped": skipped}
     (out / "numbers.json").write_text(json.dumps(numbers, indent=1, default=str))
     log(f"wrote {len(made)} figures and numbers.json into {out}")
     return numbers
+
+
+def _panel(path, title, **extra) -> dict:
+    """One pebble-graph panel: the run's typical steady step (typical_step)."""
+    run = load_run(path)
+    step = typical_step(run)
+    ev = run.events[run.events["step"] == step]
+    return {"title": title, "events": run.events, "pebbles": run.pebbles, "meta": run.meta,
+            "step": step, "path": str(path),
+            "span_ms": float(step_windows(ev)["span"].iloc[0]) * 1e3, **extra}
+
+
+def _zb_panels(sw, p) -> list:
+    """Figure 7: 1F1B, interleaved, ZB-H1 and ZB-V at one p and m (m=4 if every one ran
+    there, else the largest m they share), the median-span repeat of each."""
+    r = sweep_stats.measurements(sw["runs"]) if len(sw["runs"]) else sw["runs"]
+    if p is None or r.empty:
+        return []
+    r = r[(r["p"] == p) & ~r["overlap"]]
+    common = None
+    for s in ZB_PANELS:
+        ms = set(int(m) for m in r.loc[r["schedule"] == s, "m"])
+        common = ms if common is None else common & ms
+    if not common:
+        return []
+    m = 4 if 4 in common else max(common)
+    out = []
+    for s in ZB_PANELS:
+        path = _pick(sw, p, s, m)
+        v = int(r.loc[(r["schedule"] == s) & (r["m"] == m), "v"].max()) if "v" in r else 1
+        out.append(_panel(path, f"{sched_label(s, v)}, m={m}", schedule=s, p=int(p), m=m, v=v))
+    return out
 
 
 def _lessons(sw, out, formats, made, skipped, log):

@@ -1,4 +1,4 @@
-"""Figures 2-4 of the paper set, from the tables of analysis.sweep_stats (medians and
+"""Figures 2-4 and 8-9 of the paper set, from the tables of analysis.sweep_stats (medians and
 interquartile ranges over repeats). Each takes a frame and returns (fig, axes); none reads or
 saves a file. Points measured with more ranks than cores are drawn hollow and footnoted: their
 ranks shared cores, so their times (not their memory) are not those of a real pipeline."""
@@ -12,11 +12,21 @@ from matplotlib.patches import Patch
 from analysis import style
 from harness import schedule as S
 
-MARKER = {"naive": "s", "gpipe": "o", "1f1b": "^"}
-SCHED = {"naive": "naive", "gpipe": "GPipe", "1f1b": "1F1B"}
-SCHED_COLOR = {"naive": "#000000", "gpipe": style.PALETTE[0], "1f1b": style.PALETTE[1]}
+MARKER = {"naive": "s", "gpipe": "o", "1f1b": "^", "interleaved": "D", "zb_h1": "v",
+          "zbv": "P"}
+SCHED = {"naive": "naive", "gpipe": "GPipe", "1f1b": "1F1B", "interleaved": "interleaved",
+         "zb_h1": "ZB-H1", "zbv": "ZB-V"}
+SCHED_COLOR = {"naive": "#000000", "gpipe": style.PALETTE[0], "1f1b": style.PALETTE[1],
+               "interleaved": style.PALETTE[2], "zb_h1": style.PALETTE[3],
+               "zbv": style.PALETTE[5]}
 # multiplicative x offsets on the log2 m axis so error bars of schedules at one m do not overlap
-NUDGE = {"naive": 1.0, "gpipe": 0.92, "1f1b": 1.08}
+NUDGE = {"naive": 1.0, "gpipe": 0.92, "1f1b": 1.08, "interleaved": 0.96, "zb_h1": 1.04,
+         "zbv": 1.12}
+
+
+def sched_label(s, v=1) -> str:
+    """A schedule's display name, with its chunks per rank when it has several."""
+    return SCHED.get(s, s) + (f" (v={int(v)})" if v and int(v) > 1 else "")
 PART_STYLE = {  # figure 4 segments, bottom to top; the timeline's colours for the same things
     "compute": dict(facecolor=style.KIND["fwd"], label="compute"),
     "recv_wait": dict(facecolor="white", edgecolor=style.KIND["recv"], hatch="/////",
@@ -49,9 +59,16 @@ def _note(fig, table, cores):
                  f"oversubscribed (ranks share cores)", fontsize=5.5, va="top", ha="left")
 
 
-def bubble_plot(table, cores: int | None = None, fig=None):
-    """Bubble fraction against m, one colour per p: measured medians with interquartile
-    ranges (marker = schedule), theory (p-1)/(m+p-1) as a curve (naive: (p-1)/p at m=1)."""
+def bubble_plot(table, cores: int | None = None, fig=None, by: str = "p"):
+    """Bubble fraction against m, measured medians with interquartile ranges.
+
+    by="p" (figure 2): one axes, one colour per p, marker = schedule, theory (p-1)/(m+p-1)
+    as a curve (naive: (p-1)/p at m=1). by="schedule" (figure 8): one panel per p, one colour
+    and marker per schedule, each schedule's own theory (harness.schedule.bubble with its v,
+    equal F/B/W times) as a line of its colour, and the simulator's prediction for each
+    measured point (table column bubble_sim, when present) as a small cross."""
+    if by == "schedule":
+        return _bubble_by_schedule(table, cores, fig)
     if fig is None:
         fig = plt.figure(figsize=(style.COLUMN, 2.4))
     ax = fig.subplots()
@@ -87,14 +104,75 @@ def bubble_plot(table, cores: int | None = None, fig=None):
 
 
 def _order(names):
-    return [s for s in ("naive", "gpipe", "1f1b") if s in set(names)] + \
-        sorted(set(names) - {"naive", "gpipe", "1f1b"})
+    return [s for s in SCHED if s in set(names)] + sorted(set(names) - set(SCHED))
 
 
-def peak_memory_plot(table, cores: int | None = None, fig=None):
+def _v_of(table, s) -> int:
+    v = table.loc[table["schedule"] == s, "v"] if "v" in table else []
+    return int(v.max()) if len(v) else 1
+
+
+def _bubble_by_schedule(table, cores, fig):
+    ps = sorted(int(p) for p in table["p"].unique())
+    if fig is None:
+        fig = plt.figure(figsize=(style.WIDE if len(ps) > 1 else style.COLUMN, 2.6))
+    axes = np.atleast_1d(fig.subplots(1, len(ps), sharey=True))
+    ms = sorted(int(m) for m in table["m"].unique())
+    mm = np.geomspace(max(2, min(ms)) if len(ms) > 1 else min(ms), max(ms), 60)
+    scheds = _order(table["schedule"])
+    for ax, p in zip(axes, ps):
+        d = table[table["p"] == p]
+        for s in scheds:
+            g = d[d["schedule"] == s].sort_values("m")
+            if g.empty:
+                continue
+            c, v = SCHED_COLOR.get(s, "0.5"), _v_of(d, s)
+            if s == "naive":       # one m: the theory as a wide dash at m=1
+                ax.plot([1], [S.bubble(s, p, 1)], ls="", marker="_", ms=10, mew=1.2, color=c,
+                        zorder=1, gid=f"theory-p{p}-{s}")
+            else:
+                ax.plot(mm, [S.bubble(s, p, x, v) for x in mm], color=c, lw=0.8, zorder=1,
+                        ls=(0, (4, 2)) if s == "1f1b" else "-", gid=f"theory-p{p}-{s}")
+            x = g["m"].to_numpy(float) * NUDGE.get(s, 1.0)
+            y = g["bubble"].to_numpy(float)
+            err = np.vstack([y - g["bubble_q1"], g["bubble_q3"] - y])
+            hollow = g["oversubscribed"].astype(bool).to_numpy()
+            for h in (False, True):
+                k = hollow == h
+                if k.any():
+                    ax.errorbar(x[k], y[k], yerr=err[:, k], fmt=MARKER.get(s, "D"), ms=3.5,
+                                color=c, mfc="white" if h else c, mew=0.8, elinewidth=0.7,
+                                capsize=1.5, zorder=3, gid=f"measured-p{p}-{s}")
+            if "bubble_sim" in g and g["bubble_sim"].notna().any():
+                ax.plot(x, g["bubble_sim"].to_numpy(float), ls="", marker="x", ms=3, mew=0.7,
+                        color="0.15", zorder=4, gid=f"simulated-p{p}-{s}")
+        over = bool(d["oversubscribed"].any())
+        ax.set_title(f"p = {p}" + (f" (oversubscribed on {cores or 'fewer'} cores)" if over
+                                   else ""))
+        _m_axis(ax, ms)
+        ax.set_ylim(0, 1)
+    axes[0].set_ylabel("bubble: idle share of a step")
+    hs = [Line2D([], [], color=SCHED_COLOR.get(s, "0.5"), marker=MARKER.get(s, "D"), ms=3.5,
+                 lw=0.8, ls=(0, (4, 2)) if s == "1f1b" else "-",
+                 label=sched_label(s, _v_of(table, s))) for s in scheds]
+    hs += [Line2D([], [], ls="", marker="o", color="0.3", ms=3.5,
+                  label="marker: measured (median, IQR)"),
+           Line2D([], [], color="0.3", lw=0.8, label="line: theory (equal F/B/W)")]
+    if "bubble_sim" in table and table["bubble_sim"].notna().any():
+        hs.append(Line2D([], [], ls="", marker="x", ms=3, mew=0.7, color="0.15",
+                         label="×: simulated from the run's own times"))
+    fig.legend(handles=hs, loc="outside upper center", ncol=min(len(hs), 5))
+    _note(fig, table, cores)
+    return fig, list(axes)
+
+
+def peak_memory_plot(table, cores: int | None = None, fig=None, schedules=None):
     """Peak activation memory per stage against m, one panel per p: measured (open markers,
     median over repeats; marker = stage) on the theory (wide dashes: meta.pebbles_theory,
-    bytes per microbatch x microbatches in flight), GPipe and 1F1B (naive at m=1)."""
+    bytes per chunk-microbatch x chunk-microbatches in flight, walked from the schedule), one
+    colour per schedule; `schedules` picks which (default every one in the table)."""
+    if schedules is not None:
+        table = table[table["schedule"].isin(schedules)]
     ps = sorted(int(p) for p in table["p"].unique())
     if fig is None:
         fig = plt.figure(figsize=(style.WIDE if len(ps) > 1 else style.COLUMN, 2.4))
@@ -120,7 +198,7 @@ def peak_memory_plot(table, cores: int | None = None, fig=None):
         _m_axis(ax, ms)
         ax.set_ylim(bottom=0)
     axes[0].set_ylabel(f"peak activations held ({unit})")
-    hs = [Patch(color=SCHED_COLOR.get(s, "0.5"), label=SCHED.get(s, s))
+    hs = [Patch(color=SCHED_COLOR.get(s, "0.5"), label=sched_label(s, _v_of(table, s)))
           for s in _order(table["schedule"])]
     nst = int(table["rank"].max()) + 1
     hs += [Line2D([], [], ls="", marker=stage_marker[r % 8], ms=3.5, color="0.3", mfc="white",
