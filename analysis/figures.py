@@ -161,10 +161,21 @@ def make(sweep_dir, out, formats=("png", "pdf"), gif=True, log=None) -> dict:
                "fig1": [{k: p[k] for k in ("title", "path", "step", "span_ms")} for p in panels],
                "fig7": [{k: p[k] for k in ("title", "schedule", "p", "m", "v", "path", "step",
                                            "span_ms")} for p in zb_panels],
-               "made": made, "skipped": skipped}
+               "memory": _memory_records(mem), "made": made, "skipped": skipped}
     (out / "numbers.json").write_text(json.dumps(numbers, indent=1, default=str))
     log(f"wrote {len(made)} figures and numbers.json into {out}")
     return numbers
+
+
+def _memory_records(mem) -> list:
+    """Figure 9's numbers: per (p, schedule, v, m, rank) the measured peak activation bytes
+    (median over repeats) and the theory (meta.json's pebbles_theory)."""
+    if not len(mem):
+        return []
+    return [{"p": int(r.p), "schedule": r.schedule, "v": int(r.v), "m": int(r.m),
+             "rank": int(r.rank), "measured": float(r.peak_act),
+             "theory": None if pd.isna(r.peak_theory) else float(r.peak_theory)}
+            for r in mem.itertuples() if pd.notna(r.peak_act)]
 
 
 def _panel(path, title, **extra) -> dict:

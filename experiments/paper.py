@@ -27,7 +27,9 @@ from harness.schedule import BUBBLE_FORMULA
 
 HERE = Path(__file__).resolve().parent
 GALLERY_PX = 1000  # width of the README's gallery images
-NAME = {"naive": "naive", "gpipe": "GPipe", "1f1b": "1F1B"}
+NAME = {"naive": "naive", "gpipe": "GPipe", "1f1b": "1F1B", "interleaved": "interleaved",
+        "zb_h1": "ZB-H1", "zbv": "ZB-V"}
+CLASSIC = ("naive", "gpipe", "1f1b")
 
 
 def main(argv=None) -> int:
@@ -135,6 +137,57 @@ def _bubble_caption(b: list, s: dict) -> str:
             + "\n\n" + "\n".join(rows))
 
 
+def _sched(r) -> str:
+    return NAME.get(r["schedule"], r["schedule"]) + (f" (v={r['v']})" if r.get("v", 1) > 1
+                                                     else "")
+
+
+def _zb_bubble_caption(b: list, s: dict) -> str:
+    order = list(NAME)
+    b = sorted(b, key=lambda r: (r["p"], order.index(r["schedule"]) if r["schedule"] in order
+                                 else 9, r["m"]))
+    rows = ["| p | schedule | m | bubble measured (IQR) | theory, equal F/B/W | theory, measured "
+            "F/B/W | simulated | step (ms) |", "|---|---|---|---|---|---|---|---|"]
+    rows += [f"| {r['p']} | {_sched(r)} | {r['m']} | {_pct(r['measured'])} ({_pct(r['q1'])}–"
+             f"{_pct(r['q3'])}) | {_pct(r['theory'])} | {_pct(r.get('theory_times'))} | "
+             f"{_pct(r.get('simulated'))} | {r['span_ms']:.1f} |" for r in b]
+    sim = [abs(r["simulated"] - r["measured"]) for r in b if r.get("simulated") is not None]
+    gap = (f" The simulator's prediction is within {100 * max(sim):.0f} percentage points of "
+           f"the measured bubble at every point (median {100 * sorted(sim)[len(sim) // 2]:.1f})."
+           if sim else "")
+    over = (f" Hollow markers: p={','.join(map(str, s['oversubscribed_ps']))} ran on "
+            f"{s['cores']} cores (oversubscribed)." if s.get("oversubscribed_ps") else "")
+    return ("Bubble fraction against m for every schedule, one panel per p: markers are "
+            "measured medians over repeats with interquartile ranges, lines each schedule's "
+            "closed-form theory with its v chunks per rank and equal forward, input-gradient "
+            "and weight-gradient times (harness.schedule.bubble: interleaved (p−1)/(v·m+p−1), "
+            "ZB-H1 (p−1)(f+b−min(w,f)) / ((p−1)(f+b−min(w,f)) + m(f+b+w)), ZB-V as PyTorch's "
+            "order (p−1)f / ((p−1)f + 6mf); docs/schedules.md), crosses the simulator's "
+            "prediction for each run (harness.simulate replaying the run's own schedule with "
+            "its own per-chunk action, gap and message times; analysis.whatif). The table adds "
+            "the zero-bubble theory evaluated with the run's mean F, B and W times, as the "
+            "zero-bubble paper computes its bubble rates." + gap + over
+            + "\n\n" + "\n".join(rows))
+
+
+def _zb_memory_caption(mem: list) -> str:
+    order = list(NAME)
+    mem = sorted(mem, key=lambda r: (r["p"], order.index(r["schedule"]) if r["schedule"] in
+                                     order else 9, r["m"], r["rank"]))
+    exact = sum(r["measured"] == r["theory"] for r in mem)
+    kib = lambda x: "–" if x is None else f"{x / 1024:.1f}"  # noqa: E731
+    rows = ["| p | schedule | m | rank | peak measured (KiB) | theory (KiB) |",
+            "|---|---|---|---|---|---|"]
+    rows += [f"| {r['p']} | {_sched(r)} | {r['m']} | {r['rank']} | {kib(r['measured'])} | "
+             f"{kib(r['theory'])} |" for r in mem]
+    return ("Peak activation bytes held per stage (live pebbles, max over a step, median over "
+            "steady steps and repeats) against m for every schedule, measured (open markers, "
+            "one shape per stage) on the theory (wide dashes: the schedule walked with each "
+            "chunk-microbatch weighing its chunk's bytes per microbatch, "
+            f"harness.schedule.pebble_theory). {exact} of {len(mem)} (point, stage) peaks equal "
+            "the theory to the byte.\n\n" + "\n".join(rows))
+
+
 def index_markdown(n: dict) -> str:
     """figures.md: each figure, its caption, and the numbers it shows."""
     s, h, made = n.get("setup") or {}, n.get("headline") or {}, n.get("made", {})
@@ -160,7 +213,7 @@ def index_markdown(n: dict) -> str:
             f"compute, coloured by microbatch; pale bars: pebbles (activations held for "
             f"backward) from store to free; grey: idle; arrows: send → receive. Step spans: "
             f"{spans}. Runs: the median-span repeat of each point.")
-    b = h.get("bubble") or []
+    b = [r for r in h.get("bubble") or [] if r["schedule"] in CLASSIC]
     if b:
         fig("fig2_bubble", "Figure 2: bubble against microbatches", _bubble_caption(b, s))
     mr = h.get("memory_ratio") or []
@@ -214,6 +267,26 @@ def index_markdown(n: dict) -> str:
             f"detach on the sender. After step {de['step']}: "
             f"{held(de['activations_MiB_ablation'])} without detach; "
             f"{held(de['activations_MiB_correct'])} with it.")
+    if n.get("fig7"):
+        spans = ", ".join(f"{q['title']} {q.get('span_ms', float('nan')):.0f} ms"
+                          for q in n["fig7"])
+        q0 = n["fig7"][0]
+        fig("fig7_zb_schedules", "Figure 7: 1F1B, interleaved, ZB-H1 and ZB-V, one time scale",
+            f"Measured pebble graphs of one step (the steady step of median span) of 1F1B, "
+            f"interleaved 1F1B (v chunks per rank, Megatron-LM's round-robin placement), ZB-H1 "
+            f"and ZB-V (two chunks per rank in a V: rank 0 holds the first and the loss stage) "
+            f"on p={q0['p']} ranks, m={q0['m']}, the same model and batch, drawn on one time "
+            f"axis as in figure 1. With several chunks a rank's rows are the layers of all its "
+            f"chunks; under split backward the input gradient (B) is a solid box and the weight "
+            f"gradient (W) a hatched one in the backward rows, and a microbatch's pebbles stay "
+            f"until its W ends. Step spans: {spans}.")
+    zb = h.get("bubble") or []
+    if zb and "fig8_zb_bubble" in made:
+        fig("fig8_zb_bubble", "Figure 8: bubble against microbatches, every schedule",
+            _zb_bubble_caption(zb, s))
+    if "fig9_zb_memory" in made and n.get("memory"):
+        fig("fig9_zb_memory", "Figure 9: peak activation memory, every schedule",
+            _zb_memory_caption(n["memory"]))
     an = n.get("animation")
     if an:
         fig("fig6_animation", "Figure 6: the pebble graph, animated from a measured step",

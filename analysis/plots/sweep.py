@@ -156,12 +156,13 @@ def _bubble_by_schedule(table, cores, fig):
                  lw=0.8, ls=(0, (4, 2)) if s == "1f1b" else "-",
                  label=sched_label(s, _v_of(table, s))) for s in scheds]
     hs += [Line2D([], [], ls="", marker="o", color="0.3", ms=3.5,
-                  label="marker: measured (median, IQR)"),
-           Line2D([], [], color="0.3", lw=0.8, label="line: theory (equal F/B/W)")]
+                  label="measured (median, IQR)"),
+           Line2D([], [], color="0.3", lw=0.8, label="theory, equal F/B/W")]
     if "bubble_sim" in table and table["bubble_sim"].notna().any():
         hs.append(Line2D([], [], ls="", marker="x", ms=3, mew=0.7, color="0.15",
-                         label="×: simulated from the run's own times"))
-    fig.legend(handles=hs, loc="outside upper center", ncol=min(len(hs), 5))
+                         label="simulated (run's own times)"))
+    # a column-wide figure takes three legend columns, a wide one five
+    fig.legend(handles=hs, loc="outside upper center", ncol=3 if len(ps) == 1 else 5)
     _note(fig, table, cores)
     return fig, list(axes)
 
@@ -204,7 +205,8 @@ def peak_memory_plot(table, cores: int | None = None, fig=None, schedules=None):
     hs += [Line2D([], [], ls="", marker=stage_marker[r % 8], ms=3.5, color="0.3", mfc="white",
                   mew=0.8, label=f"stage {r} measured") for r in range(nst)]
     hs += [Line2D([], [], ls="", marker="_", ms=10, mew=1.2, color="0.3", label="theory")]
-    fig.legend(handles=hs, loc="outside upper center", ncol=min(len(hs), 7))
+    fig.legend(handles=hs, loc="outside upper center",
+               ncol=min(len(hs), 7 if len(ps) > 1 else 4))   # column-wide: fewer columns
     return fig, list(axes)
 
 
