@@ -162,7 +162,7 @@ def _zb_bubble_caption(b: list, s: dict) -> str:
             "closed-form theory with its v chunks per rank and equal forward, input-gradient "
             "and weight-gradient times (harness.schedule.bubble: interleaved (p−1)/(v·m+p−1), "
             "ZB-H1 (p−1)(f+b−min(w,f)) / ((p−1)(f+b−min(w,f)) + m(f+b+w)), ZB-V as PyTorch's "
-            "order (p−1)f / ((p−1)f + 6mf); docs/schedules.md), crosses the simulator's "
+            "order k·f / (k·f + 6mf) with k = max(p−1, 2(2p−1−m)); docs/schedules.md), crosses the simulator's "
             "prediction for each run (harness.simulate replaying the run's own schedule with "
             "its own per-chunk action, gap and message times; analysis.whatif). The table adds "
             "the zero-bubble theory evaluated with the run's mean F, B and W times, as the "

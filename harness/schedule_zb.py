@@ -203,13 +203,16 @@ VIRTUAL = {
         ),
     "zbv": Theory(
         zbv,
-        "(p-1)f / ((p-1)f + 6mf), for f=b=w (the paper's optimised ZB-V: 0)",
+        "k·f / (k·f + 6mf), k = max(p-1, 2(2p-1-m)), for f=b=w (the paper's optimised ZB-V: 0)",
         "min(2p, 2m, m + r + 1)",
         "Qi et al., ICLR 2024, Sec. 6 (ZB-V); PyTorch ScheduleZBVZeroBubble's order",
         # PyTorch's hand-written ZB-V order (reproduced here) leaves (p-1) forward-times idle
-        # per rank with equal F/B/W times (simulated: tests/test_schedule_zb.py); the paper's
-        # own ZB-V reaches 0 there. Stated for f=b=w only: other times give other drains.
-        lambda p, m, v, f, b, w: _share((p - 1) * f, 2 * m * (f + b + w)),
+        # per rank with equal F/B/W times once m >= 2p-1 microbatches fill the V; with fewer,
+        # each missing one below 2p-1 leaves two more: 2(2p-1-m) (simulated for p = 2..7,
+        # m = 1..3p: tests/test_schedule_zb.py). The paper's own ZB-V reaches 0 there.
+        # Stated for f=b=w only: other times give other drains.
+        lambda p, m, v, f, b, w: _share(max(p - 1, 2 * (2 * p - 1 - m)) * f,
+                                        2 * m * (f + b + w)),
         # 2p chunk-microbatches = p whole microbatches: 1F1B's peak on stage 0, on every rank
         lambda p, m, v, r: min(2 * p, 2 * m, m + r + 1),
         ),

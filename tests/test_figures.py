@@ -169,3 +169,112 @@ def test_make_writes_the_whole_set(sw, tmp_path):
     for f in ("fig1_schedules.png", "fig2_bubble.png", "fig6_animation.gif", "lesson_detach.png"):
         assert f"]({f})" in md
     assert "device cpu" in md and "1 repeat per point" in md
+
+
+# -- figures 7-9 on a synthetic sweep (no MPI): every number known by hand ---------------------
+# Synthetic runs (harness.synthetic) play each schedule through the simulator with equal
+# forward, input-gradient and weight-gradient times per layer, free messages, a free loss and
+# opt: the measured bubble must then equal each schedule's closed form, and the simulator's
+# prediction (calibrated on the run itself) the measurement.
+ZB = {"1f1b": 1, "interleaved": 2, "zb_h1": 1, "zbv": 2}   # schedule -> chunks per rank
+
+
+def hand_bubble(s, p, m, v):
+    """docs/schedules.md's bubble formulas with equal F/B/W times, written out again here."""
+    if s in ("gpipe", "1f1b"):
+        return (p - 1) / (m + p - 1)
+    if s == "interleaved":
+        return (p - 1) / (v * m + p - 1)
+    if s == "zb_h1":       # (p-1)(f+b-min(w,f)) / (... + m(f+b+w)), f = b = w
+        return (p - 1) / ((p - 1) + 3 * m)
+    if s == "zbv":         # k f / (k f + 6mf), k = max(p-1, 2(2p-1-m)): PyTorch's order
+        k = max(p - 1, 2 * (2 * p - 1 - m))
+        return k / (k + 6 * m)
+    raise KeyError(s)
+
+
+class SyntheticLauncher:
+    """A sweep launcher that writes a synthetic run (harness.synthetic) for each point: two
+    layers per rank, split into v chunks of 2/v layers; every layer's F, B and W 1 ms."""
+
+    def __call__(self, ranks, args, run_dir, timeout):
+        from harness.synthetic import MS, make_run
+        kv = dict(a.split("=", 1) for a in args)
+        v = int(kv.get("pipeline.virtual", 1))
+        make_run(run_dir, p=ranks, m=int(kv["pipeline.microbatches"]), schedule=kv["schedule"],
+                 virtual=v, layers_per_stage=2 // v, steps=4, t_fwd=MS, t_bwd=2 * MS,
+                 t_loss=0, t_opt=0, xfer=0, batch=48)
+        (run_dir / "config.yaml").write_text(
+            "model: {layers: 4, width: 64, in_features: 64, classes: 10}\n"
+            "data: {batch_size: 48}\ntrain: {steps: 4}\n")
+        return run_dir
+
+
+@pytest.fixture(scope="module")
+def zb_sweep(tmp_path_factory):
+    out = tmp_path_factory.mktemp("zbsweep") / "syn"
+    points = [{"ranks": p, "schedule": s, "pipeline.microbatches": m,
+               **({"pipeline.virtual": v} if v > 1 else {})}
+              for p in (2, 3) for s, v in ZB.items() for m in (p, 2 * p)]
+    spec = {"sweep": {"name": "zb_synthetic", "base": "deep_mlp", "repeats": 1, "ranks": [2],
+                      "grid": {"schedule": ["1f1b"], "pipeline.microbatches": [2]},
+                      "fixed": {"model.layers": 12, "data.batch_size": 48},
+                      "points": points[1:]}}                 # the grid is the first point
+    idx = sweep.run_sweep(spec, out, launcher=SyntheticLauncher(), ncores=4,
+                          log=lambda *a, **k: None)
+    assert (idx["status"] == "complete").all(), idx[["point", "status", "message"]]
+    return out
+
+
+def test_zb_figures_written_and_their_numbers_right(zb_sweep, tmp_path):
+    out = tmp_path / "figs"
+    n = figs.make(zb_sweep, out, formats=("png",), gif=False, log=lambda s: None)
+    for name in ("fig7_zb_schedules", "fig8_zb_bubble", "fig9_zb_memory"):
+        img = plt.imread(out / f"{name}.png")
+        assert img.shape[1] > 300 and img[..., :3].std() > 0.05, name
+    # figure 7: the four schedules at one p and m, in order, each with its v
+    f7 = n["fig7"]
+    assert [q["schedule"] for q in f7] == list(ZB)
+    assert {(q["p"], q["m"]) for q in f7} == {(2, 4)} and [q["v"] for q in f7] == list(ZB.values())
+    # figure 8's numbers: measured = the hand formula = the simulator's prediction
+    b = json.loads((out / "numbers.json").read_text())["headline"]["bubble"]
+    assert len(b) == 16 and {(r["schedule"], r["v"]) for r in b} == set(ZB.items())
+    for r in b:
+        th = hand_bubble(r["schedule"], r["p"], r["m"], r["v"])
+        assert r["theory"] == pytest.approx(th, abs=1e-12), r
+        assert r["measured"] == pytest.approx(th, abs=1e-9), r
+        assert r["simulated"] == pytest.approx(r["measured"], abs=1e-9), r
+        if r["schedule"] in ("zb_h1", "zbv"):       # equal measured F/B/W: the same theory
+            assert r["theory_times"] == pytest.approx(th, abs=1e-9), r
+        else:
+            assert r["theory_times"] is None
+    # figure 9's numbers: every stage's measured peak is the walked theory to the byte, but
+    # for one artefact of the free loss (t_loss=0): on the last stage of a full-backward
+    # schedule the loss's pebble (4096 bytes, synthetic's act_bytes) is stored and freed at
+    # one instant, which live_bytes (frees first at a tie) never counts as held
+    mem = n["memory"]
+    assert len(mem) == sum(p for p in (2, 3) for _ in ZB for _ in (0, 1))
+    for r in mem:
+        last = r["rank"] == r["p"] - 1 and r["schedule"] in ("1f1b", "interleaved")
+        assert r["measured"] == r["theory"] - 4096 * last, r
+    md = __import__("experiments.paper", fromlist=["index_markdown"]).index_markdown(n)
+    for f in ("fig7_zb_schedules.png", "fig8_zb_bubble.png", "fig9_zb_memory.png"):
+        assert f"]({f})" in md
+
+
+def test_bubble_plot_by_schedule_draws_each_theory_with_its_v(zb_sweep):
+    sw_ = figs.load_sweep(zb_sweep)
+    t = sweep_stats.bubble_table(sw_["runs"])
+    with plt.rc_context(style.RC):
+        fig, axes = bubble_plot(t, sw_["cores"], by="schedule")
+        assert len(axes) == 2                                          # p = 2, 3
+        for ax, p in zip(axes, (2, 3)):
+            lines = {l.get_gid(): l for l in ax.lines}
+            for s, v in ZB.items():
+                th = lines[f"theory-p{p}-{s}"]
+                x, y = th.get_xdata(), th.get_ydata()
+                assert np.allclose(y, [hand_bubble(s, p, xx, v) for xx in x])
+                sim = lines[f"simulated-p{p}-{s}"].get_ydata()
+                d = t[(t["p"] == p) & (t["schedule"] == s)].sort_values("m")
+                assert np.allclose(sim, d["bubble_sim"]) and len(sim) == 2
+        _png(fig)

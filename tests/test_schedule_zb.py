@@ -55,10 +55,12 @@ def test_simulated_bubble_matches_theory(p, k, times):
 
 
 @pytest.mark.parametrize("p", (2, 3, 4))
-@pytest.mark.parametrize("k", (2, 4))
-def test_zbv_bubble_with_equal_times(p, k):
-    m = k * p
+@pytest.mark.parametrize("m", (1, 2, 3, 5, 8, 12))
+def test_zbv_bubble_with_equal_times(p, m):
+    # below m = 2p-1 the V is not full: the idle grows by 2 forward-times per missing microbatch
     got = idle_share(simulate(build("zbv", p, m, virtual=2)))
+    idle = max(p - 1, 2 * (2 * p - 1 - m))          # forward-times; busy is 6m of them
+    assert got == pytest.approx([idle / (idle + 6 * m)] * p)
     assert got == pytest.approx([VIRTUAL["zbv"].bubble(p, m, 2)] * p)
 
 

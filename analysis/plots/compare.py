@@ -7,6 +7,7 @@ equal lengths mean equal times. One legend for all (the per-graph legends would 
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
+import numpy as np
 
 from analysis import style
 from analysis.metrics import step_windows
@@ -28,7 +29,7 @@ def schedules_side_by_side(panels: list[dict], fig=None):
     shown = max(spans)
     if fig is None:
         fig = plt.figure(figsize=(style.WIDE, min(9.0, 1.8 + 0.12 * rows)))
-    subs = fig.subfigures(1, len(panels), wspace=0.02)
+    subs = np.atleast_1d(fig.subfigures(1, len(panels), wspace=0.02))   # one panel: not a list
     out, m_max, split = [], 1, False
     for sf, p, span in zip(subs, panels, spans):
         _, axes = pebble_graph(p["events"], p["pebbles"], p["meta"], p["step"], fig=sf,
