@@ -96,3 +96,24 @@ def fill(path: Path) -> None:
                 f.flush()
         except OSError:
             pass
+
+
+def hand_bubble(s: str, p: int, m: int, v: int = 1, times: dict | None = None) -> float:
+    """docs/schedules.md's bubble formulas written out again (not harness.schedule.bubble), so
+    that a test comparing the two checks the code: idle share of a rank's step. times: one
+    chunk's {fwd, bwd_in, bwd_w} per microbatch (default equal)."""
+    t = {"fwd": 1.0, "bwd_in": 1.0, "bwd_w": 1.0, **(times or {})}
+    f, b, w = t["fwd"], t["bwd_in"], t["bwd_w"]
+    if s == "naive":
+        return (p - 1) / p
+    if s in ("gpipe", "1f1b"):
+        return (p - 1) / (m + p - 1)
+    if s == "interleaved":                       # Narayanan et al.: (1/v)(p-1)/m of compute
+        return (p - 1) / (v * m + p - 1)
+    if s == "zb_h1":                             # Qi et al.: (p-1)(F+B-W), W fills <= an F gap
+        idle = (p - 1) * (f + b - min(w, f))
+        return idle / (idle + m * (f + b + w))
+    if s == "zbv":                               # PyTorch's ZB-V order, f = b = w
+        idle = max(p - 1, 2 * (2 * p - 1 - m)) * f
+        return idle / (idle + 2 * m * (f + b + w))
+    raise KeyError(s)

@@ -15,7 +15,7 @@ from analysis import figures as figs  # noqa: E402
 from analysis.plots import (breakdown_plot, bubble_plot, frame_states,  # noqa: E402
                             pebble_animation, peak_memory_plot, schedules_side_by_side)
 from experiments import sweep  # noqa: E402
-from helpers import render_png  # noqa: E402
+from helpers import hand_bubble, render_png  # noqa: E402
 
 QUICK = Path(sweep.__file__).parent / "paper_quick.yaml"
 
@@ -177,20 +177,6 @@ def test_make_writes_the_whole_set(sw, tmp_path):
 # opt: the measured bubble must then equal each schedule's closed form, and the simulator's
 # prediction (calibrated on the run itself) the measurement.
 ZB = {"1f1b": 1, "interleaved": 2, "zb_h1": 1, "zbv": 2}   # schedule -> chunks per rank
-
-
-def hand_bubble(s, p, m, v):
-    """docs/schedules.md's bubble formulas with equal F/B/W times, written out again here."""
-    if s in ("gpipe", "1f1b"):
-        return (p - 1) / (m + p - 1)
-    if s == "interleaved":
-        return (p - 1) / (v * m + p - 1)
-    if s == "zb_h1":       # (p-1)(f+b-min(w,f)) / (... + m(f+b+w)), f = b = w
-        return (p - 1) / ((p - 1) + 3 * m)
-    if s == "zbv":         # k f / (k f + 6mf), k = max(p-1, 2(2p-1-m)): PyTorch's order
-        k = max(p - 1, 2 * (2 * p - 1 - m))
-        return k / (k + 6 * m)
-    raise KeyError(s)
 
 
 class SyntheticLauncher:

@@ -1,25 +1,29 @@
 """Interleaved 1F1B, ZB-H1 and ZB-V under mpirun: losses and final weights match the single-process
-run to 1e-5 on the MLP and the GPT, peak pebbles per rank equal the schedule's walked in-flight
-bytes exactly, and split backward's W keeps a microbatch's activations alive past its B."""
+run to 1e-5 on the MLP and the GPT (p = 2, 3, 4), peak pebbles per rank equal the schedule's
+walked in-flight bytes exactly, split backward's W keeps a microbatch's activations alive past
+its B, metrics.json carries the measured bubble beside the theory (with v) and the simulator's
+prediction, and what a schedule cannot run is refused with a one-line reason."""
 import json
 
 import pytest
 import torch
 
-from analysis import load_run
+from analysis import load_run, metrics
 from analysis.metrics import live_bytes
-from helpers import losses, meta, ok, run_harness, weights
+from helpers import hand_bubble, losses, meta, ok, run_harness, weights
 
-# 8 blocks, so that 4 ranks x 2 chunks each get one
-MLP = ["model.layers=8", "model.width=64", "model.in_features=32", "data.batch_size=32",
+# 8 blocks, so that 4 ranks x 2 chunks each get one; batch 48 splits into m = 2, 3, 4, 6, 8
+MLP = ["model.layers=8", "model.width=64", "model.in_features=32", "data.batch_size=48",
        "threads=1", "quiet=true", "train.steps=3", "run.save_weights=true"]
 GPT = ["model.name=gpt", "gpt.layers=6", "gpt.d=32", "gpt.heads=2", "gpt.seq=16", "gpt.vocab=64",
-       "data.batch_size=8", "train.lr=0.05", "threads=1", "quiet=true", "train.steps=3",
+       "data.batch_size=12", "train.lr=0.05", "threads=1", "quiet=true", "train.steps=3",
        "run.save_weights=true"]
 SCHED = {"interleaved": ["schedule=interleaved", "pipeline.virtual=2"],
          "zb_h1": ["schedule=zb_h1"], "zbv": ["schedule=zbv", "pipeline.virtual=2"]}
-MLP_CASES = [(p, s, m) for p in (2, 4) for s in SCHED for m in (p, 2 * p)]
-GPT_CASES = [(2, s, 4) for s in SCHED] + [(4, "interleaved", 4), (4, "zbv", 4)]
+V = {"interleaved": 2, "zb_h1": 1, "zbv": 2}
+MLP_CASES = [(p, s, m) for p in (2, 3, 4) for s in SCHED for m in (p, 2 * p)]
+GPT_CASES = ([(2, s, 4) for s in SCHED] + [(3, s, 3) for s in SCHED]
+             + [(4, "interleaved", 4), (4, "zbv", 4)])
 
 
 @pytest.fixture(scope="module")
@@ -70,12 +74,40 @@ def _w_keeps_activations_past_b(d, p):
     assert checked > 0
 
 
+def _bubble_measured_theory_simulated(d, p, sched, m):
+    """metrics.json's pipeline block: the measured bubble, the theory with v (the hand formula
+    of docs/schedules.md), the zero-bubble theory with this run's own F/B/W times, and the
+    simulator's replay of this run, whose per-rank compute must be the run's own."""
+    run = load_run(d)
+    s = metrics.summarize(run.events, run.pebbles, run.memory, run.meta, run.steps)
+    pipe, v = s["pipeline"], V[sched]
+    assert s["schedule"]["virtual"] == v
+    assert 0 < pipe["bubble_measured"] < 1
+    assert pipe["bubble_theory"] == pytest.approx(hand_bubble(sched, p, m, v), abs=1e-12)
+    sim = pipe["simulated"]
+    assert sim["error"] is None and 0 <= pipe["bubble_simulated"] < 1, sim
+    span = pipe["step_span_simulated_s"]
+    busy_sim = [(1 - x) * span for x in sim["idle_per_rank"]]
+    busy = [r["compute"] for r in s["per_rank"]]
+    # the replay runs each rank's own measured compute (mean vs median over steady steps)
+    assert busy_sim == pytest.approx(busy, rel=0.25), (busy_sim, busy)
+    assert span >= max(busy_sim)
+    t = sim["times_s"]
+    if sched == "interleaved":
+        assert t["bwd_in"] is None and pipe["bubble_theory_measured_times"] is None
+    else:   # ZB-H1, ZB-V: the paper's theory evaluated with this run's mean F, B, W
+        assert min(t["fwd"], t["bwd_in"], t["bwd_w"]) > 0 and t["bwd"] is None
+        assert pipe["bubble_theory_measured_times"] == pytest.approx(
+            hand_bubble(sched, p, m, v, {k: t[k] for k in ("fwd", "bwd_in", "bwd_w")}))
+
+
 @pytest.mark.parametrize("p, sched, m", MLP_CASES, ids=[f"mlp-p{p}-{s}-m{m}" for p, s, m in MLP_CASES])
 def test_mlp_matches_single_process(refs, tmp_path, p, sched, m):
     d = ok(run_harness(p, *MLP, *SCHED[sched], f"pipeline.microbatches={m}",
                        f"run.dir={tmp_path / 'r'}"))
     _matches(refs["mlp"], d, p)
     _peak_pebbles_equal_theory(d, p)
+    _bubble_measured_theory_simulated(d, p, sched, m)
     kinds = set(load_run(d).events["kind"])
     if sched == "interleaved":
         assert "bwd" in kinds and not {"bwd_in", "bwd_w"} & kinds
@@ -92,11 +124,19 @@ def test_gpt_matches_single_process(refs, tmp_path, p, sched, m):
     _peak_pebbles_equal_theory(d, p)
 
 
-def test_bad_virtual_configs_are_refused(tmp_path):
-    for args, msg in ((["schedule=interleaved", "pipeline.microbatches=3", "pipeline.virtual=2",
-                        "data.batch_size=33"], "multiple of the 2 ranks"),
-                      (["schedule=zbv", "pipeline.microbatches=2"], "pipeline.virtual=2"),
+@pytest.mark.parametrize("p", (2, 3))
+def test_bad_virtual_configs_are_refused(tmp_path, p):
+    # what each schedule cannot run, for v in {1, 2} and an m that is no multiple of p
+    for args, msg in ((["schedule=interleaved", f"pipeline.microbatches={p + 1}",
+                        "pipeline.virtual=2", f"data.batch_size={11 * (p + 1)}"],
+                       f"multiple of the {p} ranks"),
+                      (["schedule=interleaved", f"pipeline.microbatches={p}"],
+                       "pipeline.virtual >= 2"),
+                      (["schedule=zbv", f"pipeline.microbatches={p}"], "pipeline.virtual=2"),
+                      (["schedule=zb_h1", "pipeline.virtual=2", f"pipeline.microbatches={p}"],
+                       "pipeline.virtual=1"),
                       (["schedule=1f1b", "pipeline.virtual=2", "pipeline.microbatches=2"],
                        "one chunk per rank")):
-        proc = run_harness(2, *MLP, *args, f"run.dir={tmp_path / 'x'}")
+        proc = run_harness(p, *MLP, *args, f"run.dir={tmp_path / 'x'}")
         assert proc.returncode == 2 and msg in proc.stderr, proc.stderr
+        assert proc.stderr.count(msg) == 1, proc.stderr       # printed once, not per rank
