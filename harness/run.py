@@ -184,7 +184,8 @@ class Run:
             cfg.trace.enabled, self.base, rank, timer, self.clock.now,
             layers.parameters(), device, cfg.trace.sample_interval_ms / 1000)
         self.p2p = comm.P2P(self.tracer, self.clock.now, cfg.comm.timeout_s, self.on_timeout,
-                            device, cuda_aware, cfg.comm.wait, cfg.comm.poll_us)
+                            device, cuda_aware, cfg.comm.wait, cfg.comm.poll_us,
+                            cfg.comm.spin_us)
         self.p2p.watchdog.reporter = self._reporter()
         if cfg.trace.kineto:
             from .trace.kineto import KinetoWindow
@@ -293,7 +294,8 @@ class Run:
                       "exchanges": cfg.trace.clock_exchanges, "estimates": []},
             "versions": versions(), "mpi_library": comm.library(), "cuda_aware_mpi": cuda_aware,
             "comm": {"wait": cfg.comm.wait,
-                     "poll_us": cfg.comm.poll_us if cfg.comm.wait == "sleep" else None},
+                     "poll_us": cfg.comm.poll_us if cfg.comm.wait != "spin" else None,
+                     "spin_us": cfg.comm.spin_us if cfg.comm.wait == "backoff" else None},
         }
         rundir.write_json(d / "meta.json", self.meta)
 
