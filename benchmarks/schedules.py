@@ -1,9 +1,9 @@
-"""Step time and bubble of every schedule (naive, GPipe, 1F1B, interleaved, ZB-H1, ZBV) on the
-default MLP, beside theory and beside torch.distributed.pipelining running the same model, split,
-data and thread count.
+"""Step time and bubble of every schedule (naive, GPipe, 1F1B, interleaved, ZB-H1, ZBV,
+DualPipeV) on the default MLP, beside theory and beside torch.distributed.pipelining running the
+same model, split, data and thread count.
 
     python -m benchmarks.schedules [--ranks 2] [--steps 12] [--ms 1,2,4,8]
-                                   [--schedules naive,gpipe,1f1b,interleaved,zb_h1,zbv] [key=value ...]
+                                   [--schedules naive,...,dualpipev] [key=value ...]
 
 For each (schedule, m) it runs ours (`mpirun -n P python -m harness.run`) and PyTorch's
 (`torchrun --nproc-per-node P -m benchmarks.torch_pipe`, gloo) back to back, so both see the
@@ -12,9 +12,9 @@ time (first 2 steps are warm-up), the median of the per-pair ratios, our measure
 (analysis.metrics) split by phase (warm-up / steady / cool-down: the share of the step each
 rank idles in that phase, mean over ranks; analysis/phases.py) and the theory. Our naive is
 PyTorch's GPipe with m=1; interleaved (pipeline.virtual=2) runs ScheduleInterleaved1F1B, zbv
-ScheduleZBVZeroBubble, both with our chunks as their stages, and zb_h1 runs
-ScheduleInterleavedZeroBubble with one stage per rank (benchmarks/torch_pipe.py). Also checks that both computed the same losses (they start from the
-same weights and data). `--no-peer` runs only ours (the bubble and its phases); any model works
+ScheduleZBVZeroBubble and dualpipev ScheduleDualPipeV, all with our chunks as their stages, and
+zb_h1 runs ScheduleInterleavedZeroBubble with one stage per rank (benchmarks/torch_pipe.py).
+Also checks that both computed the same losses (they start from the same weights and data). `--no-peer` runs only ours (the bubble and its phases); any model works
 (`model.name=gpt`, `exp=gpt`, ...).
 """
 from __future__ import annotations
@@ -33,8 +33,8 @@ from benchmarks.common import launch, median_step_time
 from harness.schedule import theory
 
 
-ALL = ("naive", "gpipe", "1f1b", "interleaved", "zb_h1", "zbv")
-V = {"interleaved": 2, "zbv": 2}                     # chunks per rank each case runs with
+ALL = ("naive", "gpipe", "1f1b", "interleaved", "zb_h1", "zbv", "dualpipev")
+V = {"interleaved": 2, "zbv": 2, "dualpipev": 2}                     # chunks per rank each case runs with
 VIRTUAL = {k: [f"pipeline.virtual={v}"] for k, v in V.items()}
 
 
@@ -45,6 +45,8 @@ def usable(name: str, p: int, m: int) -> bool:
         return True
     if name == "interleaved":
         return m >= p and m % p == 0
+    if name == "dualpipev":
+        return m >= 2 * p
     return m >= p if name in ("zb_h1", "zbv") else m > 1
 
 
@@ -88,7 +90,7 @@ def main(argv=None):
         ap.error(f"--schedules: unknown {', '.join(unknown)}; allowed {', '.join(ALL)}")
     cases = [("naive", 1, "gpipe")] if "naive" in names else []
     cases += [(s, m, s) for s in names if s != "naive" for m in ms if usable(s, a.ranks, m)]
-    X {'ours ms':>8} {'torch ms':>8} {'ours/torch':>10} | "
+    print(f"{'schedule':>11} {'m':>2} | {'ours ms':>8} {'torch ms':>8} {'ours/torch':>10} | "
           f"{'bubble':>6} {'theory':>6} | {'warm':>5} {'steady':>6} {'cool':>5} | losses   "
           f"(medians of {a.repeats} {'runs' if a.no_peer else 'back-to-back pairs'})",
           flush=True)

@@ -7,7 +7,7 @@ runs PyTorch's class for our schedule (PEER below), and writes per-step wall tim
 ranks) and the losses to OUT.json from rank 0.
 
 Virtual stages: a rank's chunks become one PipelineStage each, numbered by our placement
-(harness.schedule.Placement: loop for interleaved, V for zbv — PyTorch's "loop"/"v" mapping), so
+(harness.schedule.Placement: loop for interleaved, V for zbv and dualpipev — PyTorch's "loop"/"v" mapping), so
 both sides hold the same blocks on the same rank.
 """
 from __future__ import annotations
@@ -19,8 +19,8 @@ import time
 import torch
 import torch.distributed as dist
 from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
-                                           ScheduleInterleaved1F1B, ScheduleInterleavedZeroBubble,
-                                           ScheduleZBVZeroBubble)
+                                           ScheduleDualPipeV, ScheduleInterleaved1F1B,
+                                           ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble)
 
 from harness import config
 from harness.stage import build as build_stage
@@ -31,8 +31,8 @@ from harness.stage import placement
 # stage per rank — the same F/B/W counts and peak in-flight, its own order of the W's.
 PEER = {"gpipe": ScheduleGPipe, "naive": ScheduleGPipe, "1f1b": Schedule1F1B,
         "interleaved": ScheduleInterleaved1F1B, "zb_h1": ScheduleInterleavedZeroBubble,
-        "zbv": ScheduleZBVZeroBubble}
-MULTI = {"interleaved", "zb_h1", "zbv"}   # PipelineScheduleMulti: a list of stages
+        "zbv": ScheduleZBVZeroBubble, "dualpipev": ScheduleDualPipeV}
+MULTI = {"interleaved", "zb_h1", "zbv", "dualpipev"}   # PipelineScheduleMulti: a list of stages
 
 
 def main(schedule: str, m: int, steps: int, out: str, overrides: list[str]):

@@ -103,7 +103,7 @@ class PipelineCfg:
     recompute: str = doc("GPT: none, full (checkpoint each block) or attention (only the "
                          "attention core, selective recomputation)", "none")
     virtual: int = doc("model chunks per rank (virtual stages): the blocks are split into "
-                       "ranks x virtual chunks; interleaved needs >= 2, zbv 2, the rest 1", 1)
+                       "ranks x virtual chunks; interleaved needs >= 2, zbv and dualpipev 2, the rest 1", 1)
 
 
 @dataclass
@@ -162,7 +162,7 @@ class Config:
     device: str = doc("auto|cpu|cuda; auto = cuda:<local rank> when CUDA is available", "auto")
     threads: int = doc("torch threads per rank; 0 = cores / ranks on this host (at least 1)", 0)
     quiet: bool = doc("no per-step progress line", False)
-    schedule: str = doc("pipeline schedule: naive (m=1), gpipe, 1f1b, interleaved, zb_h1, zbv",
+    schedule: str = doc("pipeline schedule: naive (m=1), gpipe, 1f1b, interleaved, zb_h1, zbv, dualpipev",
                         "naive")
     precision: str = doc("fp32, or bf16: each forward under torch.autocast (matmuls in bf16; "
                          "bf16 boundary tensors travel as same-size int16 views)", "fp32")
