@@ -157,7 +157,7 @@ def bubble_theory(name: str, p: int, m: int, virtual: int = 1, times=None) -> fl
     return S.bubble(name, p, m, virtual, times)
 
 
-SPLIT = ("zb_h1", "zbv")   # schedules whose theory depends on the F/B/W times
+SPLIT = ("zb_h1", "zbv", "dualpipev")   # schedules whose theory takes F/B/W times
 
 
 def simulated(events, pebbles, meta: dict, steps) -> dict:

@@ -2,8 +2,13 @@
 
 Launched by benchmarks/schedules.py as `torchrun --nproc-per-node P -m benchmarks.torch_pipe
 SCHEDULE M STEPS OUT.json key=value...` (gloo on CPU). Builds each stage with harness.stage (same
-blocks, init, data, split and thread count as our runs, for the MLP, the GPT or a factory model), runs ScheduleGPipe or Schedule1F1B,
-and writes per-step wall times (max over ranks) to OUT.json from rank 0.
+blocks, init, data, split and thread count as our runs, for the MLP, the GPT or a factory model),
+runs PyTorch's class for our schedule (PEER below), and writes per-step wall times (max over
+ranks) and the losses to OUT.json from rank 0.
+
+Virtual stages: a rank's chunks become one PipelineStage each, numbered by our placement
+(harness.schedule.Placement: loop for interleaved, V for zbv and dualpipev — PyTorch's "loop"/"v" mapping), so
+both sides hold the same blocks on the same rank.
 """
 from __future__ import annotations
 
@@ -13,38 +18,57 @@ import time
 
 import torch
 import torch.distributed as dist
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
+                                           ScheduleDualPipeV, ScheduleInterleaved1F1B,
+                                           ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble)
 
 from harness import config
 from harness.stage import build as build_stage
+from harness.stage import placement
+
+# our schedule -> PyTorch's class. zb_h1 is the zero-bubble paper's ZB-H1; PyTorch's nearest is
+# ScheduleInterleavedZeroBubble (the paper's ZB1P: 1F1B's memory, W fills the bubble) with one
+# stage per rank — the same F/B/W counts and peak in-flight, its own order of the W's.
+PEER = {"gpipe": ScheduleGPipe, "naive": ScheduleGPipe, "1f1b": Schedule1F1B,
+        "interleaved": ScheduleInterleaved1F1B, "zb_h1": ScheduleInterleavedZeroBubble,
+        "zbv": ScheduleZBVZeroBubble, "dualpipev": ScheduleDualPipeV}
+MULTI = {"interleaved", "zb_h1", "zbv", "dualpipev"}   # PipelineScheduleMulti: a list of stages
 
 
 def main(schedule: str, m: int, steps: int, out: str, overrides: list[str]):
     dist.init_process_group("gloo")
     rank, size = dist.get_rank(), dist.get_world_size()
-    cfg = config.load(overrides, world_size=size)
+    # our config for the same case: its schedule and m fix the placement and microbatch size
+    cfg = config.load([*overrides, f"schedule={schedule}", f"pipeline.microbatches={m}"],
+                      world_size=size)
     torch.set_num_threads(cfg.threads or max(1, config.cores_available() // size))
     # the same stage as ours (harness.stage: any model, same split, init and data)
     st = build_stage(cfg, rank, size, cfg.data.batch_size // m)
-    stage_mod = torch.nn.Sequential(*st.layers)
-    stage = PipelineStage(stage_mod, rank, size, torch.device("cpu"))
+    pl = placement(cfg, size)
+    n_stages = pl.p * pl.v
+    mods, stages, i = [], [], 0
+    for c, (first, end) in enumerate(st.chunks):   # st.layers: all chunks' blocks, in order
+        mods.append(torch.nn.Sequential(*st.layers[i:i + end - first]))
+        i += end - first
+        stages.append(PipelineStage(mods[-1], pl.stage(rank, c), n_stages, torch.device("cpu")))
+    first_rank, last_rank = pl.where(0)[0], pl.where(n_stages - 1)[0]
     # loss per microbatch; the schedule scales gradients by 1/m (scale_grads=True)
-    sched_cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule]
-    sched = sched_cls(stage, n_microbatches=m, loss_fn=st.loss)
-    opt = torch.optim.SGD(stage_mod.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum)
+    if schedule in MULTI:
+        sched = PEER[schedule](stages, n_microbatches=m, loss_fn=st.loss)
+    else:
+        sched = PEER[schedule](stages[0], n_microbatches=m, loss_fn=st.loss)
+    params = [q for mod in mods for q in mod.parameters()]
+    opt = torch.optim.SGD(params, lr=cfg.train.lr, momentum=cfg.train.momentum)
     times, losses = [], []
     for step in range(steps):
         x, y = st.data(step)
         dist.barrier()
         t0 = time.perf_counter()
-        if rank == 0:
-            sched.step(x)
-        elif rank == size - 1:
-            mb_losses = []
-            sched.step(target=y, losses=mb_losses)
-            losses.append(float(torch.stack(mb_losses).mean()))
-        else:
-            sched.step()
+        mb_losses = []
+        kw = {"target": y, "losses": mb_losses} if rank == last_rank else {}
+        sched.step(*([x] if rank == first_rank else []), **kw)
+        if rank == last_rank:
+            losses.append(float(torch.stack(mb_losses).detach().mean()))
         opt.step()
         opt.zero_grad(set_to_none=True)
         t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
@@ -53,7 +77,7 @@ def main(schedule: str, m: int, steps: int, out: str, overrides: list[str]):
     last_losses = [None]
     if size > 1:
         obj = [losses]
-        dist.broadcast_object_list(obj, src=size - 1)
+        dist.broadcast_object_list(obj, src=last_rank)
         last_losses = obj[0]
     if rank == 0:
         with open(out, "w") as f:

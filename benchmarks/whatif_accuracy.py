@@ -7,7 +7,8 @@ GPipe m=2) calibrates analysis.whatif, which then predicts every other configura
 compared with what the run measured (analysis.metrics: median over steady steps of the step
 span, the bubble, and the per-rank peak activation bytes). The straggler is predicted with
 --scale: the sleep per block (slow_ms), converted to a factor on rank 1's fwd and bwd.
-Prints one row per configuration and the median absolute step-time error.
+Prints one row per configuration and the median absolute step-time error. With --repeats R
+each configuration runs R times, round-robin, and the table shows medians over the repeats.
 """
 from __future__ import annotations
 
@@ -27,17 +28,21 @@ CONFIGS = [("naive", 1)] + [(s, m) for s in ("gpipe", "1f1b") for m in (1, 2, 4,
 SLOW = ("gpipe", 4, 1, 2.0)      # schedule, m, slow rank, slow_ms
 
 
-def run_all(d: Path, steps: int, reuse: bool) -> dict:
+def run_all(d: Path, steps: int, reuse: bool, repeats: int = 1) -> dict:
+    """-> {config: [run dirs, one per repeat]}. Repeats go round-robin over the configurations
+    (all first repeats, then all second ones...), so a drift in the machine's load spreads over
+    every configuration rather than landing on a few."""
     todo = [(f"{s}-{m}", [f"schedule={s}", f"pipeline.microbatches={m}"]) for s, m in CONFIGS]
     todo.append(("slow", [f"schedule={SLOW[0]}", f"pipeline.microbatches={SLOW[1]}",
                           f"debug.slow_rank={SLOW[2]}", f"debug.slow_ms={SLOW[3]}"]))
-    out = {}
-    for name, args in todo:
-        rd = d / name
-        if not (reuse and (rd / "stats.csv").exists()):
-            print(f"running {name} ...", flush=True)
-            launch(2, MODEL + [f"train.steps={steps}"] + args, rd, timeout=600)
-        out[name] = rd
+    out = {name: [] for name, _ in todo}
+    for r in range(repeats):
+        for name, args in todo:
+            rd = d / (name if r == 0 else f"{name}.{r}")
+            if not (reuse and (rd / "stats.csv").exists()):
+                print(f"running {rd.name} ...", flush=True)
+                launch(2, MODEL + [f"train.steps={steps}"] + args, rd, timeout=600)
+            out[name].append(rd)
     return out
 
 
@@ -55,31 +60,41 @@ def main(argv=None) -> int:
     ap.add_argument("--reuse", action="store_true", help="keep runs already in --dir")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--calibrate", default="gpipe-2", help="the run calibrated on")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="runs per configuration, round-robin; medians of step time and bubble, "
+                         "the calibration over all repeats of --calibrate (default 1)")
     a = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(a.dir or tmp)
         d.mkdir(parents=True, exist_ok=True)
-        dirs = run_all(d, a.steps, a.reuse)
-        cal = calibrate([load_run(dirs[a.calibrate])])
-        print(f"calibrated on {a.calibrate}: " + "; ".join(cal.notes))
+        dirs = run_all(d, a.steps, a.reuse, a.repeats)
+        cal = calibrate([load_run(x) for x in dirs[a.calibrate]])
+        print(f"calibrated on {a.calibrate} ({a.repeats} run{'s' * (a.repeats > 1)}): "
+              + "; ".join(cal.notes))
         head = (f"{'config':<14}{'step meas':>10}{'pred':>9}{'err':>8}{'bubble meas':>13}"
                 f"{'pred':>7}{'peak act r0 meas/pred (B)':>28}{'r1':>22}  exact")
         print(head)
         errs, exact = [], True
-        for name, rd in dirs.items():
-            run = load_run(rd)
-            sch = run.meta["schedule"]
+        for name, rds in dirs.items():
+            runs = [load_run(x) for x in rds]
+            sch = runs[0].meta["schedule"]
             scales = []
             if name == "slow":
                 rows = cal.batch // SLOW[1]
                 scales = [Scale(SLOW[2], k, slow_factor(cal, SLOW[2], SLOW[3], k, rows))
                           for k in ("fwd", "bwd")]
             p = predict(cal, sch["name"], int(sch["microbatches"]), scales=scales)
-            me = measured(run)
+            each = [measured(run) for run in runs]
+            me = {"step_s": statistics.median(x["step_s"] for x in each),
+                  "bubble": statistics.median(x["bubble"] for x in each),
+                  "peak_act_bytes": each[0]["peak_act_bytes"]}
+            # peaks: every repeat must equal the prediction
+            peaks_all = [x["peak_act_bytes"] for x in each]
             err = (p.step_s - me["step_s"]) / me["step_s"]
             if name != a.calibrate:
                 errs.append(abs(err))
-            ok = [int(x) == int(y) for x, y in zip(me["peak_act_bytes"], p.peak_act_bytes)]
+            ok = [all(int(pk[i]) == int(y) for pk in peaks_all)
+                  for i, y in enumerate(p.peak_act_bytes)]
             exact &= all(ok)
             peaks = [f"{int(x)}/{int(y)}" for x, y in zip(me["peak_act_bytes"], p.peak_act_bytes)]
             print(f"{name + ('*' if name == a.calibrate else ''):<14}"

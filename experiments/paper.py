@@ -28,7 +28,7 @@ from harness.schedule import BUBBLE_FORMULA
 HERE = Path(__file__).resolve().parent
 GALLERY_PX = 1000  # width of the README's gallery images
 NAME = {"naive": "naive", "gpipe": "GPipe", "1f1b": "1F1B", "interleaved": "interleaved",
-        "zb_h1": "ZB-H1", "zbv": "ZB-V"}
+        "zb_h1": "ZB-H1", "zbv": "ZB-V", "dualpipev": "DualPipeV"}
 CLASSIC = ("naive", "gpipe", "1f1b")
 
 

@@ -159,17 +159,72 @@ class Pending:
         self.peer, self.tag, self.step, self.mb, self.pair, self.t0 = peer, tag, step, mb, pair, t0
 
 
+class Waiter:
+    """How a rank waits for a posted MPI request (comm.wait).
+
+    spin: MPI's own blocking call, which busy-polls (MPICH): the completion time is exact, but
+      the waiting rank keeps a core busy, which on a shared or SMT CPU slows the rank computing
+      next to it.
+    sleep: test, spin ~20 µs, then test every poll_us with a sleep in between: frees the core;
+      every completion is seen up to ~poll_us (+ the kernel's wake-up) late, also short waits.
+    backoff: test for spin_us (short waits, the common case at large m, complete exactly as
+      under spin), then sleep between tests, starting at 10 µs and doubling up to poll_us: a long
+      wait (naive, warm-up) frees the core after spin_us, and its completion is seen late by at
+      most one sleep, ≤ poll_us (+ wake-up).
+    Sleeps use the waiting thread's timer slack, which Waiter sets to 1 µs where Linux allows
+    (prctl PR_SET_TIMERSLACK; the default 50 µs would make every sleep ≥ ~60 µs)."""
+
+    FIRST_SLEEP_S = 10e-6
+
+    def __init__(self, mode: str = "spin", poll_us: float = 50.0, spin_us: float = 200.0):
+        if mode not in ("spin", "sleep", "backoff"):
+            raise ValueError(f"comm.wait={mode!r}: allowed spin, sleep, backoff")
+        self.mode, self.blocking = mode, mode == "spin"
+        self.poll_s, self.spin_s = poll_us * 1e-6, (20.0 if mode == "sleep" else spin_us) * 1e-6
+        if not self.blocking:
+            _tight_timer_slack()
+
+    def wait(self, req) -> None:
+        """Until `req` (an MPI request) completes."""
+        clock, test, sleep = time.perf_counter, req.Test, time.sleep
+        spin_until = clock() + self.spin_s
+        while not test():
+            if clock() > spin_until:
+                break
+        else:
+            return
+        nap = self.poll_s if self.mode == "sleep" else min(self.FIRST_SLEEP_S, self.poll_s)
+        while not test():
+            sleep(nap)
+            nap = min(nap * 2, self.poll_s)
+
+
+_SLACK_SET = False
+
+
+def _tight_timer_slack(ns: int = 1000) -> bool:
+    """Linux: the calling thread's timer slack to `ns` (prctl PR_SET_TIMERSLACK = 29), so a short
+    sleep lasts what was asked rather than +50 µs. Once (the main thread, which waits); False
+    where it cannot."""
+    global _SLACK_SET
+    if _SLACK_SET:
+        return True
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        _SLACK_SET = libc.prctl(29, ctypes.c_ulong(ns), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        _SLACK_SET = False
+    return _SLACK_SET
+
+
 class P2P:
     """Point-to-point tensor transport for one rank, traced and guarded by a watchdog."""
 
     def __init__(self, tracer, now, timeout_s: float, on_timeout, device, cuda_aware: bool,
-                 wait: str = "spin", poll_us: float = 50.0):
+                 wait: str = "spin", poll_us: float = 50.0, spin_us: float = 200.0):
         self.tracer, self.now = tracer, now
-        # "spin": MPI's own blocking calls, which busy-poll (MPICH) — exact completion times, but
-        # the waiting rank keeps a core busy, which on a shared or SMT CPU slows the rank that
-        # computes. "sleep": non-blocking call + Test, sleeping poll_us between tests after a
-        # short spin — frees the core, completion times late by up to ~poll_us.
-        self.sleep_s = poll_us * 1e-6 if wait == "sleep" else None
+        self.waiter = Waiter(wait, poll_us, spin_us)
         self.device, self.cuda_aware = device, cuda_aware
         self.stage_via_host = device.type == "cuda" and not cuda_aware
         self.watchdog = Watchdog(timeout_s, on_timeout)
@@ -215,19 +270,15 @@ class P2P:
     def _block(self, what: str, req, blocking, post, info=()) -> tuple[int, int]:
         """Run one blocking operation under the watchdog; -> (start, end) on the trace clock.
 
-        MPI's own blocking call (`blocking()`), or in "sleep" mode the posted request (`req`,
-        or `post()`) tested until done, spinning ~20 us, then sleeping between tests."""
+        MPI's own blocking call (`blocking()`), or the posted request (`req`, or `post()`)
+        completed by the Waiter (comm.wait=sleep|backoff)."""
         # info = (op, peer, tag, pair, step, mb): what the hang report says this rank waits on
         self.watchdog.blocked = (time.monotonic() + self.timeout_s, what, *info)
         t0 = self.now()
-        if self.sleep_s is None:
+        if self.waiter.blocking:
             blocking()
         else:
-            req = req if req is not None else post()
-            spin_until = time.perf_counter() + 20e-6
-            while not req.Test():
-                if time.perf_counter() > spin_until:
-                    time.sleep(self.sleep_s)
+            self.waiter.wait(req if req is not None else post())
         t1 = self.now()
         self.watchdog.blocked = None
         return t0, t1

@@ -103,7 +103,7 @@ class PipelineCfg:
     recompute: str = doc("GPT: none, full (checkpoint each block) or attention (only the "
                          "attention core, selective recomputation)", "none")
     virtual: int = doc("model chunks per rank (virtual stages): the blocks are split into "
-                       "ranks x virtual chunks; interleaved needs >= 2, zbv 2, the rest 1", 1)
+                       "ranks x virtual chunks; interleaved needs >= 2, zbv and dualpipev 2, the rest 1", 1)
 
 
 @dataclass
@@ -120,9 +120,14 @@ class TraceCfg:
 @dataclass
 class CommCfg:
     timeout_s: float = doc("a blocking send/receive/wait that takes longer aborts the job", 120.0)
-    wait: str = doc("spin|sleep: how a blocked rank waits. spin = MPI's blocking calls (busy-poll, "
-                    "exact times); sleep = test every comm.poll_us (frees the core)", "spin")
-    poll_us: float = doc("with comm.wait=sleep: sleep between completion tests, microseconds", 50.0)
+    wait: str = doc("spin|sleep|backoff: how a blocked rank waits. spin = MPI's blocking calls "
+                    "(busy-poll, exact times); sleep = test every comm.poll_us (frees the core, "
+                    "times late by <= ~poll_us); backoff = test for comm.spin_us, then sleep "
+                    "10 us doubling to comm.poll_us", "spin")
+    poll_us: float = doc("with comm.wait=sleep: sleep between completion tests; with backoff: "
+                         "the longest sleep, microseconds", 50.0)
+    spin_us: float = doc("with comm.wait=backoff: how long a wait busy-tests before it sleeps, "
+                         "microseconds", 200.0)
     cuda_aware: str = doc("auto|true|false: pass CUDA buffers to MPI directly (else stage "
                           "through host memory); auto asks MPI (mpi_memory_alloc_kinds)", "auto")
 
@@ -157,7 +162,7 @@ class Config:
     device: str = doc("auto|cpu|cuda; auto = cuda:<local rank> when CUDA is available", "auto")
     threads: int = doc("torch threads per rank; 0 = cores / ranks on this host (at least 1)", 0)
     quiet: bool = doc("no per-step progress line", False)
-    schedule: str = doc("pipeline schedule: naive (m=1), gpipe, 1f1b, interleaved, zb_h1, zbv",
+    schedule: str = doc("pipeline schedule: naive (m=1), gpipe, 1f1b, interleaved, zb_h1, zbv, dualpipev",
                         "naive")
     precision: str = doc("fp32, or bf16: each forward under torch.autocast (matmuls in bf16; "
                          "bf16 boundary tensors travel as same-size int16 views)", "fp32")
@@ -342,8 +347,10 @@ def validate(cfg: Config, world_size: int) -> None:
     _check(cfg.threads >= 0, f"threads={cfg.threads}: must be >= 0 (0 = automatic)")
     _check(cfg.comm.cuda_aware in ("auto", "true", "false"),
            f"comm.cuda_aware={cfg.comm.cuda_aware!r}: allowed auto, true, false")
-    _check(cfg.comm.wait in ("spin", "sleep"), f"comm.wait={cfg.comm.wait!r}: allowed spin, sleep")
+    _check(cfg.comm.wait in ("spin", "sleep", "backoff"),
+           f"comm.wait={cfg.comm.wait!r}: allowed spin, sleep, backoff")
     _check(cfg.comm.poll_us > 0, f"comm.poll_us={cfg.comm.poll_us}: must be > 0")
+    _check(cfg.comm.spin_us >= 0, f"comm.spin_us={cfg.comm.spin_us}: must be >= 0")
     _check(cfg.comm.timeout_s > 0, f"comm.timeout_s={cfg.comm.timeout_s}: must be > 0")
     _check(cfg.trace.sample_interval_ms > 0,
            f"trace.sample_interval_ms={cfg.trace.sample_interval_ms}: must be > 0")

@@ -4,23 +4,22 @@ One process per pipeline stage. The order matters: the config is validated befor
 communication; then rank 0 creates the run directory and shares it; then every rank builds its
 stage, writes its traces and stats while training, and rank 0 marks the run complete only after
 every rank has finished. An exception on any rank is printed once (by that rank), recorded in
-meta.json and brings the whole job down with MPI_Abort, so no rank is left blocked in a receive.
+meta.json and brings the whole job down with MPI_Abort, so no rank is left blocked in a receive
+(harness/failure.py: the failure half of Run).
 """
 from __future__ import annotations
 
-import errno
-import json
 import math
 import os
 import platform
 import socket
 import sys
 import time
-import traceback
 from importlib import metadata
 from pathlib import Path
 
 from . import config
+from .failure import Diverged, Failures, Stopped  # noqa: F401 - Stopped: raised here
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,15 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     return Run(cfg, rank, size).main()
 
 
-class Stopped(RuntimeError):
-    """The run was stopped for a reason its message states in full: one line, no traceback."""
-
-
-class Diverged(Stopped):
-    """A non-finite loss or gradient norm (train.stop_on_nonfinite=true)."""
-
-
-class Run:
+class Run(Failures):
     def __init__(self, cfg, rank: int, size: int):
         self.cfg, self.rank, self.size = cfg, rank, size
         self.last = rank == size - 1
@@ -83,26 +74,7 @@ class Run:
             self.finish()
             return 0
         except BaseException as e:  # noqa: BLE001 - whatever it is, the job must come down
-            tb = traceback.format_exc()
-            msg = str(e)
-            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-                msg, tb = (f"disk full: no space left on the device of {self.base or self.run_path} "
-                           f"({self._when()})"), ""
-            elif isinstance(e, Stopped):
-                tb = ""
-            died = self.dead_peer() if self.size > 1 else None
-            first = self.failed_first(e) if self.size > 1 and not died else None
-            if died:  # an MPI error because a peer process vanished (SIGKILL, OOM killer)
-                self.fail("Died", f"{died}; this rank then failed: {type(e).__name__}: "
-                          f"{msg.splitlines()[0] if msg else ''}", "")
-            elif first:  # a communication error because another rank failed and went first
-                self.fail(type(e).__name__, f"{first}; this rank's communication then failed: "
-                          f"{msg.splitlines()[0] if msg else ''}", "")
-            else:
-                self.fail(type(e).__name__, msg, tb)
-            if self.size > 1:
-                self.abort(1)
-            return 1
+            return self.on_exception(e)
 
     def _when(self) -> str:
         return f"at step {self.step}" if self.step >= 0 else "during setup"
@@ -184,7 +156,8 @@ class Run:
             cfg.trace.enabled, self.base, rank, timer, self.clock.now,
             layers.parameters(), device, cfg.trace.sample_interval_ms / 1000)
         self.p2p = comm.P2P(self.tracer, self.clock.now, cfg.comm.timeout_s, self.on_timeout,
-                            device, cuda_aware, cfg.comm.wait, cfg.comm.poll_us)
+                            device, cuda_aware, cfg.comm.wait, cfg.comm.poll_us,
+                            cfg.comm.spin_us)
         self.p2p.watchdog.reporter = self._reporter()
         if cfg.trace.kineto:
             from .trace.kineto import KinetoWindow
@@ -216,17 +189,6 @@ class Run:
         if self.sampler:
             self.sampler.write_rows = self._kept_errors(self.sampler.write_rows)
             self.sampler.start()
-
-    def _reporter(self):
-        """This rank's hang report (harness.hang): written by the watchdog thread once the rank
-        has been stuck in one action for `threshold` s; fresh for long enough that a rank that
-        waits `hang_grace_s` after its own trigger still sees the others'."""
-        from . import hang
-        poll = self.p2p.watchdog.poll
-        threshold = min(2.0, self.cfg.comm.timeout_s / 4)
-        self.hang_grace_s = threshold + 2 * poll
-        return hang.Reporter(self.base, self.rank, self.bases, threshold,
-                             fresh_s=self.hang_grace_s + 2 * poll + 1.0)
 
     def _kept_errors(self, write):
         """The sampler thread's writes: an OSError (a full disk) is raised by the main thread
@@ -293,7 +255,8 @@ class Run:
                       "exchanges": cfg.trace.clock_exchanges, "estimates": []},
             "versions": versions(), "mpi_library": comm.library(), "cuda_aware_mpi": cuda_aware,
             "comm": {"wait": cfg.comm.wait,
-                     "poll_us": cfg.comm.poll_us if cfg.comm.wait == "sleep" else None},
+                     "poll_us": cfg.comm.poll_us if cfg.comm.wait != "spin" else None,
+                     "spin_us": cfg.comm.spin_us if cfg.comm.wait == "backoff" else None},
         }
         rundir.write_json(d / "meta.json", self.meta)
 
@@ -395,140 +358,6 @@ class Run:
         if self.rank == 0 and out:
             raise RuntimeError("file transfer to the run directory failed (the files stay in "
                                "the ranks' run.local_dir): " + "; ".join(out))
-
-    def _drop_report(self):
-        rep = self.p2p and self.p2p.watchdog.reporter
-        if rep is not None:
-            rep.close()
-            from .hang import report_path
-            report_path(self.base, self.rank).unlink(missing_ok=True)
-
-    # -- failure -------------------------------------------------------------------------------
-    def fail(self, exc_type: str, message: str, tb: str, extra: dict | None = None):
-        """Say it (a traceback, or one line when `tb` is empty), then record it: meta.json
-        first (it must succeed, even on a full disk), then the rank's log and trace."""
-        from . import rundir
-        problem = None
-        if self.base and self.base != self.run_dir:  # room on the local disk, for the log
-            rundir.release(self.base, self.rank)
-        if self.run_dir:  # first: when the launcher is gone, writing to stderr can kill us
-            try:
-                rundir.mark_failed(self.run_dir, self.rank, exc_type, message, extra)
-            except Exception as e:  # noqa: BLE001 - recording the failure must not mask it
-                problem = (f"[rank {self.rank}] could not record the failure in "
-                           f"{self.run_dir / 'meta.json'}: {e}\n")
-        try:
-            if tb:
-                sys.stderr.write(f"[rank {self.rank}] harness.run failed; aborting the job\n{tb}")
-            else:
-                sys.stderr.write(f"[rank {self.rank}] harness.run: error: {message}; "
-                                 f"aborting the job\n")
-            sys.stderr.write(problem or "")
-            sys.stderr.flush()
-        except OSError:  # nobody is listening any more
-            pass
-        for record in (lambda: self.files and self.files.log(f"FAILED: {message}\n{tb}"),
-                       lambda: self.tracer and self.tracer.flush(),
-                       self._copy_back):
-            try:
-                record()
-            except Exception:  # noqa: BLE001 - best effort (the disk may be full); meta.json has it
-                pass
-
-    @staticmethod
-    def abort(code: int):
-        """MPI_Abort the job, a moment after this rank's last words: mpiexec kills every process
-        at once, and a line still on its way through the launcher's stderr forwarding would be
-        lost (seen: a rank's one-line error never reaching the terminal)."""
-        from . import comm
-        sys.stderr.flush()
-        time.sleep(0.3)
-        comm.abort(code)
-
-    def dead_peer(self) -> str | None:
-        """'died: rank R last seen at step N, T s ago' if another rank's process is gone (its
-        heartbeat, harness.heartbeat.judge), else None."""
-        from .heartbeat import judge
-        if not self.run_dir:
-            return None
-        peers = {"status": "running", "ranks": [{"rank": r} for r in range(self.size)
-                                                if r != self.rank]}
-        try:
-            return judge(self.run_dir, peers, bases=self.bases)
-        except Exception:  # noqa: BLE001 - a judgement we cannot make is no judgement
-            return None
-
-    def failed_first(self, e: BaseException) -> str | None:
-        """For an MPI error on this rank: 'rank R failed first (Type: message)' when meta.json
-        already records another rank's failure (that rank aborted the job, and its exit broke a
-        transfer in progress here, e.g. a shared-memory copy from its address space), else None.
-        Then the cause is the other rank's, and this rank's traceback would only bury it."""
-        from mpi4py import MPI
-        if not isinstance(e, MPI.Exception) or not self.run_dir:
-            return None
-        try:
-            err = json.loads((self.run_dir / "meta.json").read_text()).get("error") or {}
-        except (OSError, ValueError):
-            return None
-        if err.get("rank") in (None, self.rank):
-            return None
-        return f"rank {err['rank']} failed first ({err.get('type')}: {err.get('message')})"
-
-    def _copy_back(self):
-        """On a failure, as far as it can: the local files to the run directory through the
-        file system, when this rank can reach it (MPI may be unusable by now)."""
-        if self.cfg and self.cfg.run.local_dir and self.run_dir and self.base:
-            from .localdir import copy_back
-            copy_back(self.base, self.run_dir, self.rank)
-
-    def explain_hang(self, trigger: str) -> str | None:
-        """Watchdog or SIGUSR1: report what this rank is blocked on, wait for the others'
-        reports, and, if this is the lowest rank that asked, print one diagnosis (harness.hang).
-        -> the diagnosis, or None when another rank gives it (or there is nothing to report)."""
-        from . import hang
-        wd = self.p2p.watchdog if self.p2p else None
-        if wd is None or wd.reporter is None:
-            return None
-        wd.report(trigger)
-        time.sleep(self.hang_grace_s)  # the others' watchdogs rewrite their reports meanwhile
-        reports = wd.reporter.collect()
-        asked = [r for r, x in reports.items() if x.get("trigger")] or [self.rank]
-        if min(asked) != self.rank:
-            time.sleep(2 * self.hang_grace_s)  # rank min(asked) prints it and ends the job
-            return None
-        diag = hang.diagnose(reports, self.size)
-        try:
-            sys.stderr.write(f"[rank {self.rank}] {diag}\n")
-            sys.stderr.flush()
-            self.files.log(diag)
-        except (OSError, ValueError):
-            pass
-        return diag
-
-    def on_signal(self, name: str, signum: int):
-        """Signal thread (harness.signals): SIGTERM and friends end the run as a failure;
-        SIGUSR1 first explains what every rank is blocked on (harness.hang)."""
-        diag = self.explain_hang(name) if name == "SIGUSR1" and not self.done else None
-        if not self.done:
-            # mpirun terminates the survivors when a rank was killed: then name the dead rank
-            died = self.dead_peer()
-            if died:
-                self.fail("Died", f"{died}; the job was then terminated ({name})", "")
-            else:
-                self.fail("Terminated", f"terminated by {name} {self._when()}", "",
-                          {"diagnosis": diag} if diag else None)
-        if self.size > 1:
-            self.abort(128 + signum)
-        os._exit(128 + signum)
-
-    def on_timeout(self, what: str):
-        """Watchdog thread: a blocking call outlived comm.timeout_s."""
-        msg = (f"rank {self.rank}: {what} did not complete within "
-               f"comm.timeout_s={self.cfg.comm.timeout_s:g} s")
-        diag = self.explain_hang("watchdog")
-        self.fail("CommTimeout", msg, msg + "\n", {"diagnosis": diag} if diag else None)
-        self.abort(3)
-
 
 def warn_oversubscribed(infos: list) -> None:
     """Once per job (rank 0): hosts running more ranks than they have cores."""

@@ -329,14 +329,15 @@ def _overlap_rank(acts: list) -> list:
 
 def build(name: str, p: int, m: int, overlap: bool = False, virtual: int = 1) -> Schedule:
     """The action lists of schedule `name` for p ranks, m microbatches and `virtual` chunks per
-    rank (pipeline.virtual; naive, gpipe, 1f1b and zb_h1 take 1, interleaved >= 2, zbv 2)."""
+    rank (pipeline.virtual; naive, gpipe, 1f1b and zb_h1 take 1, interleaved >= 2, zbv and
+    dualpipev 2)."""
     if name not in SCHEDULES:
         raise ValueError(f"schedule={name!r}: allowed {', '.join(SCHEDULES)}")
     if name in VIRTUAL:
         return SCHEDULES[name](p, m, virtual)      # always non-blocking (schedule_zb.py)
     if virtual != 1:
         raise ValueError(f"pipeline.virtual={virtual!r}: schedule={name!r} holds one chunk per "
-                         f"rank (virtual stages: schedule=interleaved or zbv)")
+                         f"rank (virtual stages: schedule=interleaved, zbv or dualpipev)")
     sched = Schedule(SCHEDULES[name](p, m), Placement(p))
     return overlapped(sched) if overlap else sched
 

@@ -49,7 +49,7 @@ def _args(name, p, m, v, need_v, m_multiple=False):
     S._check_args(p, m)
     if not need_v(v):
         raise ValueError(f"pipeline.virtual={v!r}: schedule={name!r} needs "
-                         f"{ {'interleaved': 'pipeline.virtual >= 2', 'zbv': 'pipeline.virtual=2', 'zb_h1': 'pipeline.virtual=1'}[name] }")
+                         f"{ {'interleaved': 'pipeline.virtual >= 2', 'zbv': 'pipeline.virtual=2', 'zb_h1': 'pipeline.virtual=1', 'dualpipev': 'pipeline.virtual=2'}[name] }")
     if m_multiple and m % p:
         # Megatron-LM's order runs microbatches in groups of p through every chunk; a partial
         # group would leave a chunk waiting for a microbatch that never comes.
@@ -156,6 +156,67 @@ def zbv(p: int, m: int, v: int = 2) -> S.Schedule:
     return with_comm(orders, Placement(p, 2, "v"))
 
 
+# -- DualPipeV (DeepSeek-V3's DualPipe cut in half; Sea AI Lab, deepseek-ai/DualPipe; the order
+#    of torch.distributed.pipelining's ScheduleDualPipeV) -----------------------------------
+def dualpipev(p: int, m: int, v: int = 2) -> S.Schedule:
+    """DualPipeV: ZB-V's placement (rank r holds stages r and 2p-1-r) and its eight steps: F0s,
+    F0F1 pairs, I1·W·F1 zero-bubble rounds, the main F0B1-F1B0 phase, B1-F1B0, B1B0 (the second
+    half with split backward), W0B0, the remaining Ws. Where the papers overlap a forward with
+    another microbatch's backward ("F&B", two CUDA streams), this runs the two one after the other,
+    forward first, as PyTorch's runtime does without a custom overlap function. Needs m >= 2p."""
+    _args("dualpipev", p, m, v, lambda v: v == 2)
+    if m < 2 * p:
+        raise ValueError(f"pipeline.microbatches={m}: schedule='dualpipev' needs at least 2p = "
+                         f"{2 * p} microbatches (one per stage: its steps assume the V is full)")
+    orders = []
+    for r in range(p):
+        cnt = {(k, c): 0 for k in (FWD, BWD_IN, BWD_W) for c in (0, 1)}
+        order, weights = [], []
+
+        def do(kind, c):
+            # a full backward counts as its input and weight halves (PyTorch's counters)
+            key = BWD_IN if kind == S.BWD else kind
+            order.append(Action(kind, cnt[key, c], c))
+            if kind == BWD_IN:
+                weights.append((c, cnt[key, c]))
+            cnt[key, c] += 1
+            if kind == S.BWD:
+                cnt[BWD_W, c] += 1
+
+        def w_pending():
+            if weights:
+                c, mb = weights.pop(0)
+                order.append(Action(BWD_W, mb, c))
+                cnt[BWD_W, c] += 1
+        for _ in range((p - r - 1) * 2):                     # 1: F0
+            do(FWD, 0)
+        for _ in range(r + 1):                               # 2: F0 F1
+            do(FWD, 0), do(FWD, 1)
+        for _ in range(p - r - 1):                           # 3: I1 W F1
+            do(BWD_IN, 1), w_pending(), do(FWD, 1)
+        for _ in range(m - 2 * p + r + 1):                   # 4: F0 B1, F1 B0 ("F&B")
+            do(FWD, 0), do(S.BWD, 1)
+            do(FWD, 1), do(S.BWD, 0)
+        for _ in range(p - r - 1):                           # 5: B1, F1 B0
+            do(S.BWD, 1)
+            do(FWD, 1), do(S.BWD, 0)
+        zb = False                                           # 6: B1 B0, split from half-way
+        for i in range(r + 1):
+            zb |= i == (r + 1) // 2 and r % 2 == 1
+            do(BWD_IN if zb else S.BWD, 1)
+            zb |= i == (r + 1) // 2 and r % 2 == 0
+            do(BWD_IN if zb else S.BWD, 0)
+        for _ in range(p - r - 1):                           # 7: W B0
+            w_pending()
+            do(BWD_IN if zb else S.BWD, 0)
+        for _ in range(r + 1):                               # 8: W
+            w_pending()
+        while weights:                                       # (none left for m >= 2p)
+            w_pending()
+        orders.append(order)
+    return with_comm(orders, Placement(p, 2, "v"))
+
+
 # -- theory ---------------------------------------------------------------------------------
 def _share(bubble_time, busy):
     """Idle share of a rank's step: bubble / (bubble + compute)."""
@@ -215,5 +276,19 @@ VIRTUAL = {
                                         2 * m * (f + b + w)),
         # 2p chunk-microbatches = p whole microbatches: 1F1B's peak on stage 0, on every rank
         lambda p, m, v, r: min(2 * p, 2 * m, m + r + 1),
+        ),
+    "dualpipev": Theory(
+        dualpipev,
+        "(p-1)f / ((p-1)f + 6mf), for f=b=w, F&B run one after the other "
+        "[paper, F&B overlapped: (p-1)(F&B+B-3W)]",
+        "2p+1",
+        "DeepSeek-V3 (arXiv 2412.19437) DualPipe; DualPipeV in deepseek-ai/DualPipe; "
+        "PyTorch ScheduleDualPipeV's order",
+        # simulated with equal times and each F&B pair run in sequence: (p-1) forward-times idle
+        # per rank (tests/test_schedule_zb.py); the paper's (PP/2-1)(F&B+B-3W), PP = 2p stages,
+        # counts an overlapped F&B pair, which one CPU thread per rank cannot do
+        lambda p, m, v, f, b, w: _share((p - 1) * f, 2 * m * (f + b + w)),
+        # the paper's "PP+1" activations per device: 2p+1 chunk-microbatches (m >= 2p)
+        lambda p, m, v, r: 2 * p + 1,
         ),
 }

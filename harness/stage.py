@@ -20,7 +20,6 @@ from torch import nn
 
 from . import model as mlp
 from .models import BlockModel, load_factory, param_counts, probe_shapes
-from .models.base import _probe_real
 from .models import gpt as gpt_mod
 from .models import gpt_memory
 
@@ -130,7 +129,7 @@ def build(cfg, rank: int, size: int, mb_rows: int, agree=lambda x: x) -> Stage:
     bounds = _split(cfg, part, size)
     if cfg.precision == "bf16":  # meta tensors are not autocast: one real forward under it
         with autocast(cfg):
-            shapes = _probe_real(bm, mb_rows)
+            shapes = probe_shapes(bm, mb_rows, real=True)
     else:
         shapes = probe_shapes(bm, mb_rows)
 

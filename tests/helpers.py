@@ -116,4 +116,6 @@ def hand_bubble(s: str, p: int, m: int, v: int = 1, times: dict | None = None) -
     if s == "zbv":                               # PyTorch's ZB-V order, f = b = w
         idle = max(p - 1, 2 * (2 * p - 1 - m)) * f
         return idle / (idle + 2 * m * (f + b + w))
+    if s == "dualpipev":                         # F&B pairs in sequence, f = b = w, m >= 2p
+        return (p - 1) * f / ((p - 1) * f + 2 * m * (f + b + w))
     raise KeyError(s)

@@ -43,3 +43,19 @@ def test_without_a_readable_run_directory_there_is_no_judgement(tmp_path):
     assert r.failed_first(MPI.Exception(MPI.ERR_OTHER)) is None  # run_dir unknown
     r.run_dir = tmp_path  # no meta.json
     assert r.failed_first(MPI.Exception(MPI.ERR_OTHER)) is None
+
+
+def test_an_mpi_error_waits_a_moment_for_the_cause_to_show(tmp_path):
+    """The peer's failure reaches meta.json after this rank's MPI error: looked for again."""
+    import threading
+    r = _run(tmp_path, 1, None)
+    r.bases = None
+    late = {"status": "failed", "error": {"rank": 0, "type": "Terminated", "message": "x"}}
+    t = threading.Timer(0.3, lambda: (tmp_path / "meta.json").write_text(json.dumps(late)))
+    t.start()
+    died, first = r.peer_cause(MPI.Exception(MPI.ERR_OTHER), settle_s=5.0)
+    t.join()
+    assert died is None and first == "rank 0 failed first (Terminated: x)"
+    # any other exception is judged at once
+    (tmp_path / "meta.json").write_text(json.dumps({"status": "running"}))
+    assert r.peer_cause(RuntimeError("boom"), settle_s=5.0) == (None, None)

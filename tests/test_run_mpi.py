@@ -140,13 +140,18 @@ def test_tracing_off_trains_identically(runs, tmp_path):
     assert json.loads((d / "meta.json").read_text())["trace"]["enabled"] is False
 
 
-def test_sleeping_waits_train_identically(runs, tmp_path):
-    """comm.wait=sleep (test-and-sleep instead of MPI's busy-polling waits) changes how a rank
-    waits, not what it computes."""
-    d = ok(run_harness(2, *SMALL, *STEPS, "comm.wait=sleep", "comm.poll_us=20",
+@pytest.mark.parametrize("wait, extra, recorded", [
+    ("sleep", ["comm.poll_us=20"], {"wait": "sleep", "poll_us": 20.0, "spin_us": None}),
+    ("backoff", ["comm.poll_us=100", "comm.spin_us=0"],
+     {"wait": "backoff", "poll_us": 100.0, "spin_us": 0.0}),
+])
+def test_sleeping_waits_train_identically(runs, tmp_path, wait, extra, recorded):
+    """comm.wait=sleep|backoff (test-and-sleep instead of MPI's busy-polling waits) changes how
+    a rank waits, not what it computes."""
+    d = ok(run_harness(2, *SMALL, *STEPS, f"comm.wait={wait}", *extra,
                        f"run.dir={tmp_path / 'r'}"))
     assert losses(d) == losses(runs[2])
-    assert json.loads((d / "meta.json").read_text())["comm"] == {"wait": "sleep", "poll_us": 20.0}
+    assert json.loads((d / "meta.json").read_text())["comm"] == recorded
 
 
 def test_more_ranks_than_cores_is_warned_once(tmp_path):

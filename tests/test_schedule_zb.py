@@ -1,5 +1,5 @@
-"""Virtual stages and split backward in the IR: interleaved 1F1B, ZB-H1, ZB-V as data, checked by
-the simulator, with in-flight peaks and bubbles against their closed forms."""
+"""Virtual stages and split backward in the IR: interleaved 1F1B, ZB-H1, ZB-V and DualPipeV as
+data, checked by the simulator, with in-flight peaks and bubbles against their closed forms."""
 import pytest
 
 from harness import runformat
@@ -11,6 +11,7 @@ from harness.simulate import DeadlockError, ScheduleError, check, idle_share, si
 
 NEW = [("interleaved", 2), ("interleaved", 3), ("zb_h1", 1), ("zbv", 2)]
 GRID = [(n, v, p, m) for n, v in NEW for p in (2, 3, 4) for m in (p, 2 * p)]
+GRID += [("dualpipev", 2, p, m) for p in (2, 3, 4) for m in (2 * p, 3 * p)]  # needs m >= 2p
 IDS = [f"{n}-v{v}-p{p}-m{m}" for n, v, p, m in GRID]
 
 
@@ -38,6 +39,8 @@ def test_closed_forms_by_hand():
     assert VIRTUAL["interleaved"].peak(4, 8, 2) == [11, 9, 7, 5]
     assert VIRTUAL["zb_h1"].peak(4, 8) == [4, 4, 4, 4]          # 1F1B's stage-0 peak, everywhere
     assert VIRTUAL["zbv"].peak(4, 8, 2) == [8, 8, 8, 8]         # 2p chunk-microbatches
+    # DualPipeV's table (deepseek-ai/DualPipe): "PP+1" activations per device, PP = 2p stages
+    assert VIRTUAL["dualpipev"].peak(4, 8, 2) == [9, 9, 9, 9]
 
 
 @pytest.mark.parametrize("p", (2, 3, 4))
@@ -54,14 +57,38 @@ def test_simulated_bubble_matches_theory(p, k, times):
     assert VIRTUAL["zb_h1"].bubble(p, m, 1, times) < S.bubble("1f1b", p, m)
 
 
+@pytest.mark.parametrize("name", ("zbv", "dualpipev"))
 @pytest.mark.parametrize("p", (2, 3, 4))
-@pytest.mark.parametrize("m", (1, 2, 3, 5, 8, 12))
-def test_zbv_bubble_with_equal_times(p, m):
+@pytest.mark.parametrize("k", (2, 4))
+def test_v_shaped_bubbles_with_equal_times(name, p, k):
+    m = k * p
+    got = idle_share(simulate(build(name, p, m, virtual=2)))
+    assert got == pytest.approx([VIRTUAL[name].bubble(p, m, 2)] * p)
+    # by hand: (p-1) forward-times idle against 2 chunks x m x (f + b + w) of work
+    assert got[0] == pytest.approx((p - 1) / ((p - 1) + 6 * m))
+
+
+def test_zbv_bubble_below_a_full_v():
     # below m = 2p-1 the V is not full: the idle grows by 2 forward-times per missing microbatch
-    got = idle_share(simulate(build("zbv", p, m, virtual=2)))
-    idle = max(p - 1, 2 * (2 * p - 1 - m))          # forward-times; busy is 6m of them
-    assert got == pytest.approx([idle / (idle + 6 * m)] * p)
-    assert got == pytest.approx([VIRTUAL["zbv"].bubble(p, m, 2)] * p)
+    for p in (2, 3, 4):
+        for m in (1, 2, 3, 5):
+            got = idle_share(simulate(build("zbv", p, m, virtual=2)))
+            idle = max(p - 1, 2 * (2 * p - 1 - m))      # forward-times; busy is 6m of them
+            assert got == pytest.approx([idle / (idle + 6 * m)] * p), (p, m)
+            assert got == pytest.approx([VIRTUAL["zbv"].bubble(p, m, 2)] * p), (p, m)
+
+
+def test_dualpipev_mixes_full_and_split_backwards_and_loses_no_weight_gradient():
+    sched = build("dualpipev", 3, 6, virtual=2)
+    for acts in sched:
+        kinds = {a.kind for a in acts}
+        assert {BWD, BWD_IN, BWD_W} <= kinds
+        for c in (0, 1):   # every split B has its W later, on the same chunk and microbatch
+            ins = [a.mb for a in acts if a.kind == BWD_IN and a.chunk == c]
+            ws = [a.mb for a in acts if a.kind == BWD_W and a.chunk == c]
+            assert sorted(ins) == sorted(ws)
+            for mb in ins:
+                assert acts.index(Action(BWD_IN, mb, c)) < acts.index(Action(BWD_W, mb, c))
 
 
 def test_interleaving_shrinks_the_bubble_by_v():
@@ -163,3 +190,5 @@ def test_requirements_are_explained():
         build("zbv", 2, 2, virtual=3)
     with pytest.raises(ValueError, match="one chunk per rank"):
         build("1f1b", 2, 2, virtual=2)
+    with pytest.raises(ValueError, match="needs at least 2p = 4 microbatches"):
+        build("dualpipev", 2, 3, virtual=2)

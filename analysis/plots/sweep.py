@@ -13,15 +13,15 @@ from analysis import style
 from harness import schedule as S
 
 MARKER = {"naive": "s", "gpipe": "o", "1f1b": "^", "interleaved": "D", "zb_h1": "v",
-          "zbv": "P"}
+          "zbv": "P", "dualpipev": "X"}
 SCHED = {"naive": "naive", "gpipe": "GPipe", "1f1b": "1F1B", "interleaved": "interleaved",
-         "zb_h1": "ZB-H1", "zbv": "ZB-V"}
+         "zb_h1": "ZB-H1", "zbv": "ZB-V", "dualpipev": "DualPipeV"}
 SCHED_COLOR = {"naive": "#000000", "gpipe": style.PALETTE[0], "1f1b": style.PALETTE[1],
                "interleaved": style.PALETTE[2], "zb_h1": style.PALETTE[3],
-               "zbv": style.PALETTE[5]}
+               "zbv": style.PALETTE[5], "dualpipev": style.PALETTE[4]}
 # multiplicative x offsets on the log2 m axis so error bars of schedules at one m do not overlap
 NUDGE = {"naive": 1.0, "gpipe": 0.92, "1f1b": 1.08, "interleaved": 0.96, "zb_h1": 1.04,
-         "zbv": 1.12}
+         "zbv": 1.12, "dualpipev": 0.88}
 
 
 def sched_label(s, v=1) -> str:

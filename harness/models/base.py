@@ -87,14 +87,18 @@ def _probe_real(model: BlockModel, rows: int) -> list[tuple[torch.Size, torch.dt
     return out
 
 
-def probe_shapes(model: BlockModel, rows: int) -> list[tuple[torch.Size, torch.dtype]]:
+def probe_shapes(model: BlockModel, rows: int, real: bool = False
+                 ) -> list[tuple[torch.Size, torch.dtype]]:
     """(shape, dtype) of every block's output for a microbatch of `rows` rows.
 
     Runs the blocks on torch's meta device: exact shapes at the real size, no memory, no FLOPs.
     A block whose forward makes tensors on a fixed device (e.g. `torch.arange(n)` without
     `device=x.device`) cannot run on meta; then we fall back to one real forward under no_grad
-    at the real size (exact too, just slower).
+    at the real size (exact too, just slower). real=True always runs the real forward: what
+    the caller's context changes (torch.autocast's dtypes) does not reach meta tensors.
     """
+    if real:
+        return _probe_real(model, rows)
     try:
         return _probe_meta(model, rows)
     except (RuntimeError, NotImplementedError, TypeError):
