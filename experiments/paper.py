@@ -154,8 +154,8 @@ def _zb_bubble_caption(b: list, s: dict) -> str:
     sim = [abs(r["simulated"] - r["measured"]) for r in b if r.get("simulated") is not None]
     gap = (f" The simulator's prediction differs from the measured bubble by at most "
            f"{100 * max(sim):.0f} percentage points (median "
-           f"{100 * sorted(sim)[len(sim) // 2]:.1f}): what its model leaves out (the machine's "
-           f"load, and a non-blocking send's transfer waiting for the sender's next MPI call)."
+           f"{100 * sorted(sim)[len(sim) // 2]:.1f}): what its model leaves out (contention "
+           f"between ranks on shared cores, the machine's load; docs/analysis.md)."
            if sim else "")
     over = (f" Hollow markers: p={','.join(map(str, s['oversubscribed_ps']))} ran on "
             f"{s['cores']} cores (oversubscribed)." if s.get("oversubscribed_ps") else "")
