@@ -318,7 +318,11 @@ def local_dir_notes(d: Path, meta: dict, have: dict) -> list:
 def divergence(stats: pd.DataFrame, meta: dict) -> list:
     """One line if the training diverged: the first step with a non-finite loss or grad norm."""
     bad = pd.Series(False, index=stats.index)
-    last = int(meta.get("world_size") or (stats["rank"].max() + 1 if len(stats) else 1)) - 1
+    p = int(meta.get("world_size") or (stats["rank"].max() + 1 if len(stats) else 1))
+    sch = meta.get("schedule") or {}
+    # the rank holding the loss stage: the last rank, or rank 0 when the chunks run in a V
+    # (zbv, dualpipev: the last stage is rank 0's second chunk)
+    last = 0 if sch.get("placement") == "v" and int(sch.get("virtual") or 1) % 2 == 0 else p - 1
     for c in ("loss", "grad_norm"):
         if c in stats:
             v = pd.to_numeric(stats[c], errors="coerce")

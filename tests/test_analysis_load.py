@@ -162,3 +162,22 @@ def test_damaged_stats_rows_are_dropped_and_counted(run_dir):
     run = load_run(run_dir)
     assert len(run.stats) == 5
     assert f"{p}: dropped 1 malformed row(s) (line 3)" in run.warnings
+
+
+def test_divergence_looks_for_the_loss_on_the_rank_that_holds_it():
+    """V placements (zbv, dualpipev) put the loss stage on rank 0: the last rank's empty loss
+    is not divergence there, rank 0's is."""
+    import pandas as pd
+
+    from analysis.load import divergence
+    nan = float("nan")
+    stats = pd.DataFrame({"step": [0, 0], "rank": [0, 1], "loss": [2.3, nan],
+                          "grad_norm": [1.0, 1.0]})
+    v = {"world_size": 2, "schedule": {"placement": "v", "virtual": 2}}
+    loop = {"world_size": 2, "schedule": {"placement": "loop", "virtual": 1}}
+    assert divergence(stats, v) == []
+    assert divergence(stats, loop) != []          # there the last rank holds the loss
+    flipped = stats.assign(loss=[nan, 2.3])
+    assert divergence(flipped, loop) == []
+    assert divergence(flipped, v) == [
+        "training diverged: non-finite loss or gradient norm from step 0 (rank 0, 1 rows)"]
