@@ -84,7 +84,7 @@ def action_times(events: pd.DataFrame, steps) -> pd.DataFrame:
     """One row per (rank, step, mb, kind) action of the given steps: wall (first start to last
     end of its spans) and busy (sum of its spans), seconds. opt/norms have mb -1."""
     comp = events[events["kind"].isin(list(ACTION_OF)) & events["step"].isin(steps)]
-    kind = comp["kind"].map(lambda k: ACTION_OF[k])
+    kind = comp["kind"].astype(object).map(lambda k: ACTION_OF[k])
     # the loss forward belongs to fwd, its backward is recorded as kind bwd already
     kind = kind.where(kind.notna(), "fwd")
     g = comp.assign(k=kind, d=comp["end"] - comp["start"]).groupby(["rank", "step", "mb", "k"])

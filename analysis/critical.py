@@ -94,40 +94,64 @@ class RankTimes:
         return None, d["reach"][i]
 
 
-def _walk(rt: RankTimes, rank: int, lo: float, hi: float, step: int) -> list:
-    segs, t, stuck = [], hi, 0
-    while t > lo and len(segs) < 1_000_000:
-        i, gap_from = rt.active(rank, t)
-        if i is None:
-            g0 = max(gap_from, lo)
-            segs.append((step, rank, "other", "gap", g0, t, -1))
-            t = g0
+def _walk(rt: RankTimes, rank: int, lo: float, hi: float, step: int, segs: list) -> None:
+    """Append the segments of one step's path to `segs` (walked back from hi to lo).
+
+    RankTimes.active inlined, with the rank's lists in locals: the walk visits every segment
+    of every step, and a call plus dict lookups per segment cost more than the work."""
+    t, stuck, n = hi, 0, 0
+    compute = frozenset(COMPUTE)
+    lists = rt.lists
+    d = lists.get(rank)
+    if d is not None:
+        S, E, R, W, PR, PT, PE, EV = (d["s"], d["e"], d["reach"], d["what"], d["prank"],
+                                      d["ptime"], d["pend"], d["event"])
+    cur = rank
+    while t > lo and n < 1_000_000:
+        if rank != cur:
+            d, cur = lists.get(rank), rank
+            if d is not None:
+                S, E, R, W, PR, PT, PE, EV = (d["s"], d["e"], d["reach"], d["what"],
+                                              d["prank"], d["ptime"], d["pend"], d["event"])
+        n += 1
+        # RankTimes.active(rank, t)
+        i = bisect_left(S, t) - 1 if d is not None else -1
+        if i < 0:
+            segs.append((step, rank, "other", "gap", lo, t, -1))   # max(-inf, lo)
+            t = lo
             continue
-        d = rt.lists[rank]
-        s, what, pr, pt = d["s"][i], d["what"][i], d["prank"][i], d["ptime"][i]
-        ev = d["event"][i]
-        if what in COMPUTE:
-            segs.append((step, rank, "compute", what, max(s, lo), t, ev))
+        if not E[i] >= t:
+            if R[i] >= t:   # an earlier, longer span covers t (overlap from clock noise)
+                while i >= 0 and not (E[i] >= t):
+                    i -= 1
+            else:
+                g0 = max(R[i], lo)
+                segs.append((step, rank, "other", "gap", g0, t, -1))
+                t = g0
+                continue
+        s, what, pr, pt = S[i], W[i], PR[i], PT[i]
+        if what in compute:
+            segs.append((step, rank, "compute", what, max(s, lo), t, EV[i]))
             t = s
         elif pr < 0 or isnan(pt):     # no partner, or its time is unknown
-            segs.append((step, rank, "wait", what, max(s, lo), t, ev))
+            segs.append((step, rank, "wait", what, max(s, lo), t, EV[i]))
             t = s
-        elif pt >= t or (what == "send" and d["pend"][i] < t):
+        elif pt >= t or (what == "send" and PE[i] < t):
             # still waiting at t: the partner holds the path. A send still blocked after its
             # receive completed waits for the receiver's next MPI call (MPICH's shared-memory
             # rendezvous completes the send then), so the receiver holds it too
             if stuck > 2:             # no progress (only with broken clocks): give up the edge
-                segs.append((step, rank, "wait", what, max(s, lo), t, ev))
+                segs.append((step, rank, "wait", what, max(s, lo), t, EV[i]))
                 t, stuck = s, 0
                 continue
             rank, stuck = pr, stuck + 1
+            n -= 1                    # the original counted segments, not moves
         else:
             x0 = max(s, pt, lo)
-            segs.append((step, rank, "transfer", what, x0, t, ev))
+            segs.append((step, rank, "transfer", what, x0, t, EV[i]))
             t, stuck = x0, 0
             if pt > s:                # the partner came late: follow it
                 rank = pr
-    return segs
 
 
 def critical_path(events: pd.DataFrame, steps=None, rt: RankTimes | None = None) -> pd.DataFrame:
@@ -146,13 +170,25 @@ def critical_path(events: pd.DataFrame, steps=None, rt: RankTimes | None = None)
     last_rank = dict(zip(last.index.tolist(), last["rank"].tolist()))
     w0 = dict(zip(win.index.tolist(), win["start"].tolist()))
     w1 = dict(zip(win.index.tolist(), win["end"].tolist()))
-    segs = []
+    segs: list = []
     for st in sorted(ev_steps):
         if st not in last_rank:
             continue
-        segs += _walk(rt, int(last_rank[st]), w0[st], w1[st], int(st))
-    df = pd.DataFrame(segs, columns=["step", "rank", "kind", "what", "start", "end", "event"])
+        _walk(rt, int(last_rank[st]), w0[st], w1[st], int(st), segs)
+    df = _frame(segs)
     return df.sort_values(["step", "start"], kind="stable", ignore_index=True)
+
+
+def _frame(segs: list) -> pd.DataFrame:
+    """Segment tuples -> frame; column by column (a frame from 10^5 tuples infers each cell)."""
+    names = ["step", "rank", "kind", "what", "start", "end", "event"]
+    if not segs:
+        return pd.DataFrame(segs, columns=names)
+    c = list(zip(*segs))
+    return pd.DataFrame({"step": np.array(c[0], np.int64), "rank": np.array(c[1], np.int64),
+                         "kind": list(c[2]), "what": list(c[3]),
+                         "start": np.array(c[4], np.float64), "end": np.array(c[5], np.float64),
+                         "event": np.array(c[6], np.int64)})
 
 
 def composition(path: pd.DataFrame, steps=None) -> pd.DataFrame:

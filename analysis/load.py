@@ -42,6 +42,12 @@ _TEXT, _NULLABLE = {"kind", "pair", "source", "module", "shape", "dtype"}, {"tb"
 _DTYPES = {kind: {c: str if c in _TEXT else "Int64" if c in _NULLABLE else _INT for c in cols}
            for kind, cols in TRACE_COLS.items()}
 _DTYPES["stats"] = {c: _INT if c in ("step", "rank") else "float64" for c in STATS_COLS}
+# id-like text of the events is read as categorical: a few kinds and one pair id per message
+# repeat over millions of rows, and comparing, joining and sorting integer codes is ~10x faster
+# than Python strings (categories are kept sorted, so grouping orders as the strings would)
+_CATEGORY = {"kind", "pair"}
+_DTYPES["events"] = {c: "category" if c in _CATEGORY else t
+                     for c, t in _DTYPES["events"].items()}
 
 
 class RunFormatError(ValueError):
@@ -133,8 +139,8 @@ def _parse_careful(data: bytes, path: Path, dtypes: dict, warnings: list):
     out = {}
     for c in raw.columns:
         want = dtypes.get(c, str)
-        if want is str:
-            out[c] = raw[c]
+        if want is str or want == "category":
+            out[c] = raw[c].replace("", np.nan) if want == "category" else raw[c]
             continue
         text = raw[c].str.strip()
         num = pd.to_numeric(text, errors="coerce")
@@ -274,13 +280,21 @@ def load_run(path) -> Run:
     mem = _cat(raw["memory"], ["rank"] + list(_DTYPES["memory"]))
     starts = [int(f[c].min()) for f, c in ((ev, "t0"), (peb, "t_store"), (mem, "t")) if len(f)]
     origin = int(ev["t0"].min()) if len(ev) else (min(starts) if starts else 0)
+    kind = _categorical(ev["kind"])
+    lanes = [LANE.get(k, "other") for k in kind.cat.categories]
+    lane = pd.Categorical.from_codes(
+        np.asarray(pd.Categorical(lanes, categories=sorted(set(lanes))).codes)[kind.cat.codes]
+        if len(lanes) else np.zeros(len(kind), int), categories=sorted(set(lanes)) or ["other"])
     events = pd.DataFrame({
         "rank": ev["rank"], "step": ev["step"], "mb": ev["mb"], "layer": ev["layer"],
-        "kind": ev["kind"], "lane": ev["kind"].map(LANE).fillna("other"),
+        "kind": kind, "lane": lane,
         "start": _secs(ev["t0"], origin), "end": _secs(ev["t1"], origin),
         "tb": _secs(ev["tb"], origin), "peer": ev["peer"], "tag": ev["tag"],
-        "bytes": ev["bytes"], "pair": ev["pair"].replace("", pd.NA)})
-    events = events.sort_values(["rank", "start"], kind="stable", ignore_index=True)
+        "bytes": ev["bytes"], "pair": _categorical(ev["pair"], drop="")})
+    # one stable argsort of (rank, start) and one take: sorting the frame with sort_values
+    # costs ~2x more
+    order = np.lexsort((events["start"].to_numpy(), events["rank"].to_numpy()))
+    events = events.take(order).reset_index(drop=True)
     pebbles = pd.DataFrame({
         "rank": peb["rank"], "step": peb["step"], "mb": peb["mb"], "layer": peb["layer"],
         "kind": peb["kind"], "bytes": peb["bytes"],
@@ -331,12 +345,32 @@ def divergence(stats: pd.DataFrame, meta: dict) -> list:
             f"{int(first['step'])} (rank {int(first['rank'])}, {int(bad.sum())} rows)"]
 
 
+def _categorical(col: pd.Series, drop: str | None = None) -> pd.Series:
+    """`col` as a categorical with sorted categories (`drop`, e.g. "", becomes NA)."""
+    if not isinstance(col.dtype, pd.CategoricalDtype):
+        col = col.astype("category")
+    cats = col.cat.categories
+    if drop is not None and drop in cats:
+        col = col.cat.remove_categories([drop])
+        cats = col.cat.categories
+    if not cats.is_monotonic_increasing:
+        col = col.cat.reorder_categories(sorted(cats))
+    return col
+
+
 def _cat(parts: dict, cols: list) -> pd.DataFrame:
     if not parts:
         return pd.DataFrame({c: pd.Series(dtype=object if c in ("kind", "pair", "source")
                                           else "Int64" if c in ("tb", "t_free") else _INT)
                              for c in cols})
-    return pd.concat(parts.values(), ignore_index=True)
+    frames = list(parts.values())
+    for c in frames[0].columns:   # per-rank categoricals: one union of their categories
+        if all(isinstance(f[c].dtype, pd.CategoricalDtype) for f in frames if c in f):
+            u = pd.api.types.union_categoricals([f[c] for f in frames if c in f],
+                                                sort_categories=True)
+            frames = [f.assign(**{c: pd.Categorical(f[c], categories=u.categories)})
+                      for f in frames]
+    return pd.concat(frames, ignore_index=True)
 
 
 def _complete_steps(events: pd.DataFrame, world: int, warnings: list) -> list:
