@@ -24,7 +24,7 @@ from bisect import bisect_right
 import numpy as np
 import pandas as pd
 
-from analysis.critical import RankTimes
+from analysis.critical import RankTimes, paused_gc
 from analysis.metrics import COMPUTE, step_windows
 
 MAX_DEPTH = 16  # wait chains longer than the pipeline is deep cannot happen; a guard only
@@ -97,17 +97,18 @@ def blame(events: pd.DataFrame, rt: RankTimes | None = None) -> pd.DataFrame:
     w0, w1 = win["start"].tolist(), win["end"].tolist()
     steps = win.index.tolist()
     rows = []
-    for victim, a, b, cause in _waits(rt):
-        # the step windows this wait overlaps
-        k = bisect_right(w1, a)
-        while k < len(steps) and w0[k] < b:
-            lo, hi = max(a, w0[k]), min(b, w1[k])
-            if hi > lo:
-                out = {}
-                _explain(rt, cause, lo, hi, out, 1)
-                rows += [(int(steps[k]), victim, r, kind, v) for (r, kind), v in out.items()
-                         if r != victim and v > 0]
-            k += 1
+    with paused_gc():
+        for victim, a, b, cause in _waits(rt):
+            # the step windows this wait overlaps
+            k = bisect_right(w1, a)
+            while k < len(steps) and w0[k] < b:
+                lo, hi = max(a, w0[k]), min(b, w1[k])
+                if hi > lo:
+                    out = {}
+                    _explain(rt, cause, lo, hi, out, 1)
+                    rows += [(int(steps[k]), victim, r, kind, v) for (r, kind), v in out.items()
+                             if r != victim and v > 0]
+                k += 1
     df = pd.DataFrame(rows, columns=["step", "victim", "rank", "kind", "seconds"])
     return df.groupby(["step", "victim", "rank", "kind"], as_index=False)["seconds"].sum()
 

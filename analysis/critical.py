@@ -24,16 +24,32 @@ runs beside compute). The path's segments tile [W0, W1], so their lengths add up
 """
 from __future__ import annotations
 
+import gc
 from bisect import bisect_left
+from contextlib import contextmanager
 from math import isnan
 
 import numpy as np
 import pandas as pd
 
 from analysis.metrics import COMPUTE, recv_split, step_windows
-from analysis.waits import send_split
+from analysis.waits import _lookup, send_split
 
 KINDS = ("compute", "transfer", "wait", "other")
+
+
+@contextmanager
+def paused_gc():
+    """The cyclic garbage collector off for a block that makes ~10^5 tuples and frees none of
+    them (the walks, blame, the trace's lines): each generation-2 pass would scan every object
+    the analysis holds, and they cost more than the walk itself. Restored afterwards."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 class RankTimes:
@@ -43,22 +59,31 @@ class RankTimes:
     time (send start for a receive, receive post for a send; NaN if none), event index."""
 
     def __init__(self, events: pd.DataFrame):
-        ev = events[events["kind"].isin(COMPUTE + ("send", "recv"))]
-        rs = recv_split(events).drop_duplicates("pair").set_index("pair")
-        ss = send_split(events).drop_duplicates("pair").set_index("pair")
-        s = ev["tb"].where(ev["kind"].isin(("send", "recv")), ev["start"]).fillna(ev["start"])
+        ev = events[events["kind"].isin(COMPUTE + ("send", "recv")).to_numpy()]
+        rs = recv_split(events).drop_duplicates("pair")
+        ss = send_split(events).drop_duplicates("pair")
+        kind = ev["kind"]
+        s = ev["tb"].where(kind.isin(("send", "recv")), ev["start"]).fillna(ev["start"])
         prank = np.full(len(ev), -1)
         ptime = np.full(len(ev), np.nan)
         pend = np.full(len(ev), np.nan)   # sends: when their receive completed
-        for kind, tab, rc, tc in (("recv", rs, "send_rank", "send_start"),
-                                  ("send", ss, "recv_rank", "recv_start")):
-            k = (ev["kind"] == kind).to_numpy() & ev["pair"].notna().to_numpy()
+        for kd, tab, rc, tc in (("recv", rs, "send_rank", "send_start"),
+                                ("send", ss, "recv_rank", "recv_start")):
+            k = (kind == kd).to_numpy() & ev["pair"].notna().to_numpy()
+            tab = tab[tab["pair"].notna()]
             if k.any() and len(tab):
-                j = tab.reindex(ev.loc[k, "pair"])
-                prank[k] = j[rc].fillna(-1).to_numpy(int)
-                ptime[k] = j[tc].to_numpy(float)
-                if kind == "send":
-                    pend[k] = j["recv_end"].to_numpy(float)
+                j = _lookup(tab["pair"], ev.loc[k, "pair"])   # the first row of each pair
+                hit = j >= 0
+                pr = np.full(len(j), -1)
+                pr[hit] = np.nan_to_num(tab[rc].to_numpy(float)[j[hit]], nan=-1)
+                prank[k] = pr
+                pt = np.full(len(j), np.nan)
+                pt[hit] = tab[tc].to_numpy(float)[j[hit]]
+                ptime[k] = pt
+                if kd == "send":
+                    pe = np.full(len(j), np.nan)
+                    pe[hit] = tab["recv_end"].to_numpy(float)[j[hit]]
+                    pend[k] = pe
         df = pd.DataFrame({"rank": ev["rank"].to_numpy(), "s": s.to_numpy(float),
                            "e": ev["end"].to_numpy(float), "what": ev["kind"].to_numpy(),
                            "prank": prank, "ptime": ptime, "pend": pend,
@@ -171,11 +196,12 @@ def critical_path(events: pd.DataFrame, steps=None, rt: RankTimes | None = None)
     w0 = dict(zip(win.index.tolist(), win["start"].tolist()))
     w1 = dict(zip(win.index.tolist(), win["end"].tolist()))
     segs: list = []
-    for st in sorted(ev_steps):
-        if st not in last_rank:
-            continue
-        _walk(rt, int(last_rank[st]), w0[st], w1[st], int(st), segs)
-    df = _frame(segs)
+    with paused_gc():
+        for st in sorted(ev_steps):
+            if st not in last_rank:
+                continue
+            _walk(rt, int(last_rank[st]), w0[st], w1[st], int(st), segs)
+        df = _frame(segs)
     return df.sort_values(["step", "start"], kind="stable", ignore_index=True)
 
 

@@ -42,12 +42,6 @@ _TEXT, _NULLABLE = {"kind", "pair", "source", "module", "shape", "dtype"}, {"tb"
 _DTYPES = {kind: {c: str if c in _TEXT else "Int64" if c in _NULLABLE else _INT for c in cols}
            for kind, cols in TRACE_COLS.items()}
 _DTYPES["stats"] = {c: _INT if c in ("step", "rank") else "float64" for c in STATS_COLS}
-# id-like text of the events is read as categorical: a few kinds and one pair id per message
-# repeat over millions of rows, and comparing, joining and sorting integer codes is ~10x faster
-# than Python strings (categories are kept sorted, so grouping orders as the strings would)
-_CATEGORY = {"kind", "pair"}
-_DTYPES["events"] = {c: "category" if c in _CATEGORY else t
-                     for c, t in _DTYPES["events"].items()}
 
 
 class RunFormatError(ValueError):
@@ -139,8 +133,8 @@ def _parse_careful(data: bytes, path: Path, dtypes: dict, warnings: list):
     out = {}
     for c in raw.columns:
         want = dtypes.get(c, str)
-        if want is str or want == "category":
-            out[c] = raw[c].replace("", np.nan) if want == "category" else raw[c]
+        if want is str:
+            out[c] = raw[c]
             continue
         text = raw[c].str.strip()
         num = pd.to_numeric(text, errors="coerce")
@@ -346,7 +340,13 @@ def divergence(stats: pd.DataFrame, meta: dict) -> list:
 
 
 def _categorical(col: pd.Series, drop: str | None = None) -> pd.Series:
-    """`col` as a categorical with sorted categories (`drop`, e.g. "", becomes NA)."""
+    """`col` as a categorical with sorted categories (`drop`, e.g. "", becomes NA).
+
+    The events' id-like text (kind, lane, pair) is categorical: a few kinds and one pair id per
+    message repeat over millions of rows, and comparing, joining and sorting integer codes is
+    ~10x faster than Python strings. Sorted categories group and sort as the strings would.
+    A categorical takes no new value (map/replace to a value not among its categories fail):
+    code that rewrites kinds does it on `.astype(object)`."""
     if not isinstance(col.dtype, pd.CategoricalDtype):
         col = col.astype("category")
     cats = col.cat.categories
@@ -363,14 +363,7 @@ def _cat(parts: dict, cols: list) -> pd.DataFrame:
         return pd.DataFrame({c: pd.Series(dtype=object if c in ("kind", "pair", "source")
                                           else "Int64" if c in ("tb", "t_free") else _INT)
                              for c in cols})
-    frames = list(parts.values())
-    for c in frames[0].columns:   # per-rank categoricals: one union of their categories
-        if all(isinstance(f[c].dtype, pd.CategoricalDtype) for f in frames if c in f):
-            u = pd.api.types.union_categoricals([f[c] for f in frames if c in f],
-                                                sort_categories=True)
-            frames = [f.assign(**{c: pd.Categorical(f[c], categories=u.categories)})
-                      for f in frames]
-    return pd.concat(frames, ignore_index=True)
+    return pd.concat(parts.values(), ignore_index=True)
 
 
 def _complete_steps(events: pd.DataFrame, world: int, warnings: list) -> list:

@@ -69,6 +69,7 @@ def _lookup(keys: pd.Series, wanted: pd.Series) -> np.ndarray:
             and kd.categories.equals(wd.categories)):
         pos = np.full(len(kd.categories) + 1, -1, dtype=np.int64)   # last slot: NA (code -1)
         pos[keys.cat.codes.to_numpy()] = np.arange(len(keys))
+        pos[-1] = -1
         return pos[wanted.cat.codes.to_numpy()]
     out = pd.Index(keys.astype(object)).get_indexer(wanted.astype(object))
     return np.where(wanted.isna().to_numpy(), -1, out)
