@@ -109,7 +109,14 @@ def blame(events: pd.DataFrame, rt: RankTimes | None = None) -> pd.DataFrame:
                     rows += [(int(steps[k]), victim, r, kind, v) for (r, kind), v in out.items()
                              if r != victim and v > 0]
                 k += 1
-    df = pd.DataFrame(rows, columns=["step", "victim", "rank", "kind", "seconds"])
+    names = ["step", "victim", "rank", "kind", "seconds"]
+    if rows:   # column by column: a frame from 10^5 tuples infers each cell
+        c = list(zip(*rows))
+        df = pd.DataFrame({"step": np.array(c[0], np.int64), "victim": np.array(c[1], np.int64),
+                           "rank": np.array(c[2], np.int64), "kind": list(c[3]),
+                           "seconds": np.array(c[4], np.float64)})
+    else:
+        df = pd.DataFrame(rows, columns=names)
     return df.groupby(["step", "victim", "rank", "kind"], as_index=False)["seconds"].sum()
 
 
