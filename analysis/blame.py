@@ -27,6 +27,7 @@ import pandas as pd
 from analysis.critical import RankTimes, paused_gc
 from analysis.metrics import COMPUTE, step_windows
 
+_COMPUTE = frozenset(COMPUTE)
 MAX_DEPTH = 16  # wait chains longer than the pipeline is deep cannot happen; a guard only
 
 
@@ -54,7 +55,7 @@ def _explain(rt, rank, w0, w1, out, depth):
     if d is None or depth > MAX_DEPTH:
         out[(rank, "wait")] = out.get((rank, "wait"), 0.0) + (w1 - w0)
         return
-    S, E = d["s"], d["e"]
+    S, E, W, PT, PR = d["s"], d["e"], d["what"], d["ptime"], d["prank"]
     i = max(bisect_right(S, w0) - 1, 0)
     t = w0
     n = len(S)
@@ -69,11 +70,11 @@ def _explain(rt, rank, w0, w1, out, depth):
             t = x
             continue
         x1 = min(e, w1)
-        what = d["what"][i]
-        if what in COMPUTE:
+        what = W[i]
+        if what in _COMPUTE:
             out[(rank, what)] = out.get((rank, what), 0.0) + (x1 - t)
         else:
-            pt, pr = d["ptime"][i], d["prank"][i]
+            pt, pr = PT[i], PR[i]
             wait_end = min(pt, e) if pr >= 0 and pt > s else s
             if t < wait_end:                   # this rank was waiting, too: pass it on
                 y = min(wait_end, x1)

@@ -52,6 +52,9 @@ def paused_gc():
             gc.enable()
 
 
+_LISTED = frozenset(("s", "e", "what", "prank", "ptime"))
+
+
 class RankTimes:
     """Per rank, the spans during which it was busy or blocked, sorted, for lookups by time.
 
@@ -97,8 +100,11 @@ class RankTimes:
                               "ptime": d["ptime"].to_numpy(), "pend": d["pend"].to_numpy(),
                               "event": d["event"].to_numpy()}
             # the walks look spans up one at a time: Python lists and bisect do that ~10x
-            # faster than numpy scalars
-            self.lists[int(r)] = {k: v.tolist() for k, v in self.r[int(r)].items()}
+            # faster than numpy scalars. Only what every step of a walk reads becomes a list
+            # (a float in a list costs 32 bytes: 1 GB more at 10 M events for the other three,
+            # read once a segment or less); reach, pend and event stay arrays
+            self.lists[int(r)] = {k: (v.tolist() if k in _LISTED else v)
+                                  for k, v in self.r[int(r)].items()}
 
     def active(self, rank: int, t: float):
         """(index of the span running on `rank` just before t, or None; end of the last span
@@ -116,7 +122,7 @@ class RankTimes:
             while j >= 0 and not (e[j] >= t):
                 j -= 1
             return j, None
-        return None, d["reach"][i]
+        return None, float(d["reach"][i])
 
 
 def _walk(rt: RankTimes, rank: int, lo: float, hi: float, step: int, segs: list) -> None:
@@ -150,30 +156,30 @@ def _walk(rt: RankTimes, rank: int, lo: float, hi: float, step: int, segs: list)
                 while i >= 0 and not (E[i] >= t):
                     i -= 1
             else:
-                g0 = max(R[i], lo)
+                g0 = max(float(R[i]), lo)
                 segs.append((step, rank, "other", "gap", g0, t, -1))
                 t = g0
                 continue
         s, what, pr, pt = S[i], W[i], PR[i], PT[i]
         if what in compute:
-            segs.append((step, rank, "compute", what, max(s, lo), t, EV[i]))
+            segs.append((step, rank, "compute", what, max(s, lo), t, int(EV[i])))
             t = s
         elif pr < 0 or isnan(pt):     # no partner, or its time is unknown
-            segs.append((step, rank, "wait", what, max(s, lo), t, EV[i]))
+            segs.append((step, rank, "wait", what, max(s, lo), t, int(EV[i])))
             t = s
-        elif pt >= t or (what == "send" and PE[i] < t):
+        elif pt >= t or (what == "send" and float(PE[i]) < t):
             # still waiting at t: the partner holds the path. A send still blocked after its
             # receive completed waits for the receiver's next MPI call (MPICH's shared-memory
             # rendezvous completes the send then), so the receiver holds it too
             if stuck > 2:             # no progress (only with broken clocks): give up the edge
-                segs.append((step, rank, "wait", what, max(s, lo), t, EV[i]))
+                segs.append((step, rank, "wait", what, max(s, lo), t, int(EV[i])))
                 t, stuck = s, 0
                 continue
             rank, stuck = pr, stuck + 1
             n -= 1                    # the original counted segments, not moves
         else:
             x0 = max(s, pt, lo)
-            segs.append((step, rank, "transfer", what, x0, t, EV[i]))
+            segs.append((step, rank, "transfer", what, x0, t, int(EV[i])))
             t, stuck = x0, 0
             if pt > s:                # the partner came late: follow it
                 rank = pr

@@ -55,9 +55,12 @@ def recv_split(events: pd.DataFrame) -> pd.DataFrame:
 def step_windows(events: pd.DataFrame) -> pd.DataFrame:
     """Per step: first start and last end of compute over all ranks, and span = end - start.
     Steps with no compute at all (a crashed rank's last step) fall back to all their events."""
-    comp = events[events["kind"].isin(COMPUTE)]
-    rest = events[~events["step"].isin(comp["step"].unique())]
-    w = pd.concat([comp, rest]).groupby("step").agg(start=("start", "min"), end=("end", "max"))
+    k = events["kind"].isin(COMPUTE).to_numpy()
+    st = events["step"].to_numpy()
+    use = k | ~np.isin(st, np.unique(st[k]))   # compute, or any event of a compute-less step
+    w = pd.DataFrame({"step": st[use], "start": events["start"].to_numpy()[use],
+                      "end": events["end"].to_numpy()[use]}).groupby("step").agg(
+        start=("start", "min"), end=("end", "max"))
     w["span"] = w["end"] - w["start"]
     return w
 
