@@ -269,9 +269,10 @@ def load_run(path) -> Run:
                     df[c] = _align(meta, r, df[c])
             raw[kind][r] = df
     warnings += local_dir_notes(d, meta, raw["events"])
-    ev = _cat(raw["events"], ["rank"] + list(_DTYPES["events"]))
-    peb = _cat(raw["pebbles"], ["rank"] + list(_DTYPES["pebbles"]))
-    mem = _cat(raw["memory"], ["rank"] + list(_DTYPES["memory"]))
+    # pop: each rank's frames are released once concatenated (at 10 M events they are GBs)
+    ev = _cat(raw.pop("events"), ["rank"] + list(_DTYPES["events"]))
+    peb = _cat(raw.pop("pebbles"), ["rank"] + list(_DTYPES["pebbles"]))
+    mem = _cat(raw.pop("memory"), ["rank"] + list(_DTYPES["memory"]))
     starts = [int(f[c].min()) for f, c in ((ev, "t0"), (peb, "t_store"), (mem, "t")) if len(f)]
     origin = int(ev["t0"].min()) if len(ev) else (min(starts) if starts else 0)
     kind = _categorical(ev["kind"])
@@ -288,6 +289,7 @@ def load_run(path) -> Run:
     # one stable argsort of (rank, start) and one take: sorting the frame with sort_values
     # costs ~2x more
     order = np.lexsort((events["start"].to_numpy(), events["rank"].to_numpy()))
+    del ev
     events = events.take(order).reset_index(drop=True)
     pebbles = pd.DataFrame({
         "rank": peb["rank"], "step": peb["step"], "mb": peb["mb"], "layer": peb["layer"],
@@ -295,6 +297,7 @@ def load_run(path) -> Run:
         "stored": _secs(peb["t_store"], origin), "freed": _secs(peb["t_free"], origin),
         "module": peb["module"].fillna(""), "shape": peb["shape"].fillna(""),
         "dtype": peb["dtype"].fillna("")})
+    del peb
     pebbles = pebbles.sort_values(["rank", "stored"], kind="stable", ignore_index=True)
     memory = pd.DataFrame({"rank": mem["rank"], "time": _secs(mem["t"], origin),
                            "source": mem["source"], "bytes": mem["bytes"]})
