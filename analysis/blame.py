@@ -92,7 +92,7 @@ def _explain(rt, rank, w0, w1, out, depth):
 def blame(events: pd.DataFrame, rt: RankTimes | None = None) -> pd.DataFrame:
     """Rows: step, victim, rank (blamed), kind, seconds — one per combination that occurred.
     rt: RankTimes(events), when the caller has it already (the critical path uses the same)."""
-    ev = events[events["lane"] != "step"]
+    ev = events.loc[(events["lane"] != "step").to_numpy(), ["kind", "step", "start", "end"]]
     rt = rt or RankTimes(events)
     win = step_windows(ev).sort_index()
     w0, w1 = win["start"].tolist(), win["end"].tolist()
