@@ -24,9 +24,10 @@ from bisect import bisect_right
 import numpy as np
 import pandas as pd
 
-from analysis.critical import RankTimes
+from analysis.critical import RankTimes, paused_gc
 from analysis.metrics import COMPUTE, step_windows
 
+_COMPUTE = frozenset(COMPUTE)
 MAX_DEPTH = 16  # wait chains longer than the pipeline is deep cannot happen; a guard only
 
 
@@ -54,7 +55,7 @@ def _explain(rt, rank, w0, w1, out, depth):
     if d is None or depth > MAX_DEPTH:
         out[(rank, "wait")] = out.get((rank, "wait"), 0.0) + (w1 - w0)
         return
-    S, E = d["s"], d["e"]
+    S, E, W, PT, PR = d["s"], d["e"], d["what"], d["ptime"], d["prank"]
     i = max(bisect_right(S, w0) - 1, 0)
     t = w0
     n = len(S)
@@ -69,11 +70,11 @@ def _explain(rt, rank, w0, w1, out, depth):
             t = x
             continue
         x1 = min(e, w1)
-        what = d["what"][i]
-        if what in COMPUTE:
+        what = W[i]
+        if what in _COMPUTE:
             out[(rank, what)] = out.get((rank, what), 0.0) + (x1 - t)
         else:
-            pt, pr = d["ptime"][i], d["prank"][i]
+            pt, pr = PT[i], PR[i]
             wait_end = min(pt, e) if pr >= 0 and pt > s else s
             if t < wait_end:                   # this rank was waiting, too: pass it on
                 y = min(wait_end, x1)
@@ -91,24 +92,32 @@ def _explain(rt, rank, w0, w1, out, depth):
 def blame(events: pd.DataFrame, rt: RankTimes | None = None) -> pd.DataFrame:
     """Rows: step, victim, rank (blamed), kind, seconds — one per combination that occurred.
     rt: RankTimes(events), when the caller has it already (the critical path uses the same)."""
-    ev = events[events["lane"] != "step"]
+    ev = events.loc[(events["lane"] != "step").to_numpy(), ["kind", "step", "start", "end"]]
     rt = rt or RankTimes(events)
     win = step_windows(ev).sort_index()
     w0, w1 = win["start"].tolist(), win["end"].tolist()
     steps = win.index.tolist()
     rows = []
-    for victim, a, b, cause in _waits(rt):
-        # the step windows this wait overlaps
-        k = bisect_right(w1, a)
-        while k < len(steps) and w0[k] < b:
-            lo, hi = max(a, w0[k]), min(b, w1[k])
-            if hi > lo:
-                out = {}
-                _explain(rt, cause, lo, hi, out, 1)
-                rows += [(int(steps[k]), victim, r, kind, v) for (r, kind), v in out.items()
-                         if r != victim and v > 0]
-            k += 1
-    df = pd.DataFrame(rows, columns=["step", "victim", "rank", "kind", "seconds"])
+    with paused_gc():
+        for victim, a, b, cause in _waits(rt):
+            # the step windows this wait overlaps
+            k = bisect_right(w1, a)
+            while k < len(steps) and w0[k] < b:
+                lo, hi = max(a, w0[k]), min(b, w1[k])
+                if hi > lo:
+                    out = {}
+                    _explain(rt, cause, lo, hi, out, 1)
+                    rows += [(int(steps[k]), victim, r, kind, v) for (r, kind), v in out.items()
+                             if r != victim and v > 0]
+                k += 1
+    names = ["step", "victim", "rank", "kind", "seconds"]
+    if rows:   # column by column: a frame from 10^5 tuples infers each cell
+        c = list(zip(*rows))
+        df = pd.DataFrame({"step": np.array(c[0], np.int64), "victim": np.array(c[1], np.int64),
+                           "rank": np.array(c[2], np.int64), "kind": list(c[3]),
+                           "seconds": np.array(c[4], np.float64)})
+    else:
+        df = pd.DataFrame(rows, columns=names)
     return df.groupby(["step", "victim", "rank", "kind"], as_index=False)["seconds"].sum()
 
 

@@ -114,7 +114,7 @@ def action_times(events: pd.DataFrame, steps, meta: dict | None = None) -> pd.Da
     to last end of its spans) and busy (sum of its spans), seconds. opt/norms have mb -1.
     chunk: the rank's model chunk (from meta's split; 0 without meta or with one chunk)."""
     comp = events[events["kind"].isin(list(ACTION_OF)) & events["step"].isin(steps)]
-    kind = comp["kind"].map(lambda k: ACTION_OF[k])
+    kind = comp["kind"].astype(object).map(lambda k: ACTION_OF[k])
     # the loss forward belongs to fwd, its backward is recorded as kind bwd (bwd_in) already
     kind = kind.where(kind.notna(), "fwd")
     chunk = layer_chunk(meta, comp["layer"]) if meta else np.zeros(len(comp), int)

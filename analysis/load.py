@@ -269,24 +269,38 @@ def load_run(path) -> Run:
                     df[c] = _align(meta, r, df[c])
             raw[kind][r] = df
     warnings += local_dir_notes(d, meta, raw["events"])
-    ev = _cat(raw["events"], ["rank"] + list(_DTYPES["events"]))
-    peb = _cat(raw["pebbles"], ["rank"] + list(_DTYPES["pebbles"]))
-    mem = _cat(raw["memory"], ["rank"] + list(_DTYPES["memory"]))
+    # pop: each rank's frames are released once concatenated (at 10 M events they are GBs)
+    ev = _cat(raw.pop("events"), ["rank"] + list(_DTYPES["events"]))
+    peb = _cat(raw.pop("pebbles"), ["rank"] + list(_DTYPES["pebbles"]))
+    mem = _cat(raw.pop("memory"), ["rank"] + list(_DTYPES["memory"]))
     starts = [int(f[c].min()) for f, c in ((ev, "t0"), (peb, "t_store"), (mem, "t")) if len(f)]
     origin = int(ev["t0"].min()) if len(ev) else (min(starts) if starts else 0)
+    kind = _categorical(ev["kind"])
+    lanes = [LANE.get(k, "other") for k in kind.cat.categories]
+    lane = pd.Categorical.from_codes(
+        np.asarray(pd.Categorical(lanes, categories=sorted(set(lanes))).codes)[kind.cat.codes]
+        if len(lanes) else np.zeros(len(kind), int), categories=sorted(set(lanes)) or ["other"])
     events = pd.DataFrame({
         "rank": ev["rank"], "step": ev["step"], "mb": ev["mb"], "layer": ev["layer"],
-        "kind": ev["kind"], "lane": ev["kind"].map(LANE).fillna("other"),
+        "kind": kind, "lane": lane,
         "start": _secs(ev["t0"], origin), "end": _secs(ev["t1"], origin),
         "tb": _secs(ev["tb"], origin), "peer": ev["peer"], "tag": ev["tag"],
-        "bytes": ev["bytes"], "pair": ev["pair"].replace("", pd.NA)})
-    events = events.sort_values(["rank", "start"], kind="stable", ignore_index=True)
+        "bytes": ev["bytes"], "pair": _categorical(ev["pair"], drop="")})
+    # one stable argsort of (rank, start) and one take: sorting the frame with sort_values
+    # costs ~2x more
+    order = np.lexsort((events["start"].to_numpy(), events["rank"].to_numpy()))
+    del ev
+    events = events.take(order).reset_index(drop=True)
     pebbles = pd.DataFrame({
         "rank": peb["rank"], "step": peb["step"], "mb": peb["mb"], "layer": peb["layer"],
-        "kind": peb["kind"], "bytes": peb["bytes"],
+        "kind": _categorical(peb["kind"]), "bytes": peb["bytes"],
         "stored": _secs(peb["t_store"], origin), "freed": _secs(peb["t_free"], origin),
-        "module": peb["module"].fillna(""), "shape": peb["shape"].fillna(""),
-        "dtype": peb["dtype"].fillna("")})
+        # labels repeated per layer and microbatch: as Python strings ~110 MB per million
+        # pebbles, as categoricals a byte or two a row
+        "module": _categorical(peb["module"].fillna("")),
+        "shape": _categorical(peb["shape"].fillna("")),
+        "dtype": _categorical(peb["dtype"].fillna(""))})
+    del peb
     pebbles = pebbles.sort_values(["rank", "stored"], kind="stable", ignore_index=True)
     memory = pd.DataFrame({"rank": mem["rank"], "time": _secs(mem["t"], origin),
                            "source": mem["source"], "bytes": mem["bytes"]})
@@ -333,6 +347,25 @@ def divergence(stats: pd.DataFrame, meta: dict) -> list:
     first = stats[bad].sort_values(["step", "rank"]).iloc[0]
     return [f"training diverged: non-finite loss or gradient norm from step "
             f"{int(first['step'])} (rank {int(first['rank'])}, {int(bad.sum())} rows)"]
+
+
+def _categorical(col: pd.Series, drop: str | None = None) -> pd.Series:
+    """`col` as a categorical with sorted categories (`drop`, e.g. "", becomes NA).
+
+    The events' id-like text (kind, lane, pair) is categorical: a few kinds and one pair id per
+    message repeat over millions of rows, and comparing, joining and sorting integer codes is
+    ~10x faster than Python strings. Sorted categories group and sort as the strings would.
+    A categorical takes no new value (map/replace to a value not among its categories fail):
+    code that rewrites kinds does it on `.astype(object)`."""
+    if not isinstance(col.dtype, pd.CategoricalDtype):
+        col = col.astype("category")
+    cats = col.cat.categories
+    if drop is not None and drop in cats:
+        col = col.cat.remove_categories([drop])
+        cats = col.cat.categories
+    if not cats.is_monotonic_increasing:
+        col = col.cat.reorder_categories(sorted(cats))
+    return col
 
 
 def _cat(parts: dict, cols: list) -> pd.DataFrame:

@@ -64,9 +64,12 @@ def recv_split(events: pd.DataFrame) -> pd.DataFrame:
 def step_windows(events: pd.DataFrame) -> pd.DataFrame:
     """Per step: first start and last end of compute over all ranks, and span = end - start.
     Steps with no compute at all (a crashed rank's last step) fall back to all their events."""
-    comp = events[events["kind"].isin(COMPUTE)]
-    rest = events[~events["step"].isin(comp["step"].unique())]
-    w = pd.concat([comp, rest]).groupby("step").agg(start=("start", "min"), end=("end", "max"))
+    k = events["kind"].isin(COMPUTE).to_numpy()
+    st = events["step"].to_numpy()
+    use = k | ~np.isin(st, np.unique(st[k]))   # compute, or any event of a compute-less step
+    w = pd.DataFrame({"step": st[use], "start": events["start"].to_numpy()[use],
+                      "end": events["end"].to_numpy()[use]}).groupby("step").agg(
+        start=("start", "min"), end=("end", "max"))
     w["span"] = w["end"] - w["start"]
     return w
 
@@ -103,14 +106,14 @@ def step_table(events: pd.DataFrame, pebbles: pd.DataFrame | None = None) -> pd.
     n = len(steps) * R
     code = lambda df: (np.searchsorted(steps, df["step"].to_numpy()) * R   # noqa: E731
                        + np.searchsorted(ranks, df["rank"].to_numpy()))
-    lane = ev["lane"].to_numpy()
+    lane = ev["lane"]   # compared as a Series: on the loader's categorical, codes compare
 
     def sel(mask, lo="start"):
-        d = ev[mask]
+        d = ev[np.asarray(mask)]
         return code(d), d[lo].fillna(d["start"]).to_numpy(), d["end"].to_numpy()
 
-    comp = sel(np.isin(ev["kind"].to_numpy(), COMPUTE))
-    comm = sel(np.isin(lane, ("send", "recv")))
+    comp = sel(ev["kind"].isin(COMPUTE))
+    comm = sel(lane.isin(("send", "recv")))
     out = pd.DataFrame({"step": np.repeat(steps, R), "rank": np.tile(ranks, len(steps))})
     win = step_windows(ev)
     out["span"] = win["span"].reindex(out["step"]).to_numpy()
@@ -280,8 +283,23 @@ def summarize(events, pebbles, memory, meta: dict, steps: list | None = None,
             critical.critical_path(events, stead, rt) if critical_path is None else
             critical_path[critical_path["step"].isin(stead)].reset_index(drop=True), stead),
         "blame": bl_mod.summary(bl, stead, ranks),
-        "per_step": [{k: _f(v) for k, v in rec.items()} for rec in table.to_dict("records")],
+        "per_step": _records(table),
     }
+
+
+def _records(table: pd.DataFrame) -> list:
+    """table.to_dict("records") with every value through _f, a column at a time."""
+    cols = []
+    for c in table.columns:
+        v = table[c]
+        if v.dtype.kind == "f":
+            cols.append([None if x != x else x for x in v.tolist()])
+        elif v.dtype.kind in "iu":
+            cols.append(v.tolist())
+        else:
+            cols.append([_f(x) for x in v.tolist()])
+    names = list(table.columns)
+    return [dict(zip(names, row)) for row in zip(*cols)]
 
 
 def _f(x):

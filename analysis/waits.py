@@ -41,14 +41,38 @@ SHARE_LIMIT = 0.10  # uncertainty / median transfer above which a split is flagg
 def pair_join(events: pd.DataFrame, kind: str, other: str) -> pd.DataFrame:
     """Each `kind` event (send or recv) joined on `pair` to its counterpart of kind `other`,
     whose rank, start and end come as {other}_rank, {other}_start, {other}_end (NaN when the
-    counterpart's trace is missing)."""
+    counterpart's trace is missing). A left join that keeps the `kind` events' order (what
+    DataFrame.merge gives, by index lookup: on categorical pair ids one array take)."""
     cols = ["rank", "step", "mb", "pair", "start", "end", "tb", "peer"]
-    mine = events.loc[events["kind"] == kind, cols]
-    theirs = events.loc[(events["kind"] == other) & events["pair"].notna(),
-                        ["pair", "rank", "start", "end"]]
-    theirs = theirs.drop_duplicates("pair").rename(
-        columns={c: f"{other}_{c}" for c in ("rank", "start", "end")})
-    return mine.merge(theirs, on="pair", how="left")
+    k = events["kind"]
+    mine = events.loc[(k == kind).to_numpy(), cols].reset_index(drop=True)
+    pair = events["pair"]
+    theirs = events.loc[((k == other) & pair.notna()).to_numpy(), ["pair", "rank", "start", "end"]]
+    theirs = theirs.drop_duplicates("pair")
+    idx = _lookup(theirs["pair"], mine["pair"])
+    hit = idx >= 0
+    for c in ("rank", "start", "end"):
+        v = theirs[c].to_numpy()
+        if hit.all():
+            mine[f"{other}_{c}"] = v[idx]
+        else:   # as a left merge: a missing counterpart makes the column float with NaN
+            col = np.full(len(idx), np.nan)
+            col[hit] = v[idx[hit]]
+            mine[f"{other}_{c}"] = col
+    return mine
+
+
+def _lookup(keys: pd.Series, wanted: pd.Series) -> np.ndarray:
+    """Position in `keys` (unique, no NA) of each of `wanted`, -1 where absent or NA."""
+    kd, wd = keys.dtype, wanted.dtype
+    if (isinstance(kd, pd.CategoricalDtype) and isinstance(wd, pd.CategoricalDtype)
+            and kd.categories.equals(wd.categories)):
+        pos = np.full(len(kd.categories) + 1, -1, dtype=np.int64)   # last slot: NA (code -1)
+        pos[keys.cat.codes.to_numpy()] = np.arange(len(keys))
+        pos[-1] = -1
+        return pos[wanted.cat.codes.to_numpy()]
+    out = pd.Index(keys.astype(object)).get_indexer(wanted.astype(object))
+    return np.where(wanted.isna().to_numpy(), -1, out)
 
 
 def send_split(events: pd.DataFrame) -> pd.DataFrame:

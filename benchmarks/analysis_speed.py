@@ -1,15 +1,21 @@
-"""How fast is the analysis? `python -m benchmarks.analysis_speed [--sizes 1e5,1e6]`
+"""How fast is the analysis? `python -m benchmarks.analysis_speed [--sizes 1e5,1e6,1e7] [--rss]`
 
 Writes synthetic run directories in the documented format (docs/run-format.md; one simulated
 1F1B step from harness/synthetic.py, tiled over as many steps as it takes), then times each phase
-of `python -m analysis.pebble` separately and prints seconds per million events.
+of `python -m analysis.pebble` separately and prints seconds per million events. --rss adds the
+process's peak resident memory during each phase (psutil, sampled every 5 ms; the run's frames
+stay loaded across the phases, so each phase's peak includes them).
 """
 from __future__ import annotations
 
 import argparse
 import math
+import multiprocessing
+import shutil
 import tempfile
+import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import matplotlib
@@ -57,17 +63,52 @@ def synth_run(path: Path, n_events: float, p=4, m=8, lps=8) -> int:
     return len(ev)
 
 
-def bench(path: Path, n: int) -> dict:
+class PeakRSS:
+    """Peak resident set size of this process while the block runs (bytes), sampled by a
+    thread every `every` seconds (psutil; without it, ru_maxrss: the whole process's peak)."""
+
+    def __init__(self, every: float = 0.005):
+        self.every, self.peak = every, 0
+
+    def __enter__(self):
+        try:
+            import psutil
+            proc = psutil.Process()
+            self._read = lambda: proc.memory_info().rss
+        except ImportError:  # pragma: no cover - psutil is in the environment
+            import resource
+            self._read = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        self.peak = self._read()
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.wait(self.every):
+                self.peak = max(self.peak, self._read())
+        self._t = threading.Thread(target=sample, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self._read())
+        return False
+
+
+def bench(path: Path, n: int, rss: bool = False) -> dict:
     """Seconds of each phase, as `python -m analysis.pebble` runs them (the critical path once,
     shared by the summary, the timeline and the trace); `cpu` holds each phase's CPU seconds
-    (on a shared machine wall time also counts other people's jobs)."""
-    out, cpu = {}, {}
+    (on a shared machine wall time also counts other people's jobs); with rss, `rss` each
+    phase's peak resident bytes."""
+    out, cpu, mem = {}, {}, {}
 
     def timed(name, fn):
-        t, c = time.perf_counter(), time.process_time()
-        r = fn()
-        out[name] = time.perf_counter() - t
-        cpu[name] = time.process_time() - c
+        with PeakRSS() if rss else _Nothing() as pk:
+            t, c = time.perf_counter(), time.process_time()
+            r = fn()
+            out[name] = time.perf_counter() - t
+            cpu[name] = time.process_time() - c
+        mem[name] = pk.peak
         return r
     run = timed("load", lambda: load_run(path))
     path_ = timed("critical path", lambda: critical.critical_path(run.events))
@@ -91,28 +132,47 @@ def bench(path: Path, n: int) -> dict:
             write_chrome(f, run.events, run.pebbles, run.memory, run.meta, path_)
     timed("trace.json", trace)
     out["cpu"] = cpu
+    if rss:
+        out["rss"] = mem
     return out
+
+
+class _Nothing:
+    peak = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", default="1e5,1e6", help="event counts, comma-separated")
+    ap.add_argument("--sizes", default="1e5,1e6,1e7", help="event counts, comma-separated")
+    ap.add_argument("--rss", action="store_true", help="also print each phase's peak resident "
+                    "memory (MiB)")
     a = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         for size in (float(x) for x in a.sizes.split(",")):
             d = Path(tmp) / f"run{int(size)}"
             t = time.perf_counter()
-            n = synth_run(d, size)
+            # written by a child process: its frames (GBs at 10 M events) never inflate this
+            # process's resident memory, so --rss measures the analysis alone
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:
+                n = ex.submit(synth_run, d, size).result()
             print(f"{n:,} events ({len(pd.read_csv(d / 'stats.csv')) // 4:,} steps, 4 ranks): "
                   f"written in {time.perf_counter() - t:.1f} s", flush=True)
-            res = bench(d, n)
-            cpu = res.pop("cpu")
+            res = bench(d, n, a.rss)
+            cpu, mem = res.pop("cpu"), res.pop("rss", {})
+            mib = lambda b: f"   peak {b / 2**20:7.0f} MiB" if b else ""  # noqa: E731
             for k, v in res.items():
                 print(f"  {k:<13} {v:7.2f} s   {v / n * 1e6:7.2f} s per million events   "
-                      f"(cpu {cpu[k]:6.2f} s)")
+                      f"(cpu {cpu[k]:6.2f} s){mib(mem.get(k))}")
             tot, ctot = sum(res.values()), sum(cpu.values())
             print(f"  {'total':<13} {tot:7.2f} s   {tot / n * 1e6:7.2f} s per million events   "
-                  f"(cpu {ctot:6.2f} s)", flush=True)
+                  f"(cpu {ctot:6.2f} s){mib(max(mem.values(), default=0))}", flush=True)
+            shutil.rmtree(d)   # a 10 M run is ~1 GB on disk
 
 
 if __name__ == "__main__":

@@ -63,3 +63,88 @@ def test_counters_and_units(run, trace):
     x = [e for e in trace if e["ph"] == "X"]
     end = max(e["ts"] + e["dur"] for e in x)
     assert np.isclose(end, run.events["end"].max() * 1e6, atol=1e-2)   # µs
+
+
+def _reference(events, pebbles, memory, meta, critical):
+    """trace.json built the plain way, one dict per trace event (json.dumps' input), from the
+    format analysis/chrome.py documents: what its text templates must equal."""
+    from analysis.metrics import recv_split
+
+    def us(x):
+        return float(np.round(float(x) * 1e6, 3))
+
+    def name(k, layer, mb, peer, step):
+        if k == "step":
+            return f"step {step}"
+        s = k + (f" L{layer}" if layer >= 0 else "") + (f" mb{mb}" if mb >= 0 else "")
+        return s + {"send": f" ->{peer}", "recv": f" <-{peer}"}.get(k, "")
+    out = []
+    ranks = sorted(set(events["rank"]) | set(pebbles["rank"]) | set(memory["rank"]))
+    for r in ranks:
+        out += [{"ph": "M", "name": "process_name", "pid": r, "tid": 0,
+                 "args": {"name": f"rank {r}"}},
+                {"ph": "M", "name": "process_sort_index", "pid": r, "tid": 0,
+                 "args": {"sort_index": r}}]
+    seen = []
+    for r, lane in zip(events["rank"], events["lane"]):
+        if (r, lane) not in seen:
+            seen.append((r, lane))
+            t = TID.get(lane, 5)
+            out += [{"ph": "M", "name": "thread_name", "pid": r, "tid": t, "args": {"name": lane}},
+                    {"ph": "M", "name": "thread_sort_index", "pid": r, "tid": t,
+                     "args": {"sort_index": t}}]
+    if critical is not None and len(critical):
+        out += [{"ph": "M", "name": "thread_name", "pid": r, "tid": 6,
+                 "args": {"name": "critical path"}} for r in sorted(critical["rank"].unique())]
+        out += [{"name": f"critical: {c.what}", "cat": "critical", "ph": "X", "ts": us(c.start),
+                 "dur": us(c.end - c.start), "pid": c.rank, "tid": 6,
+                 "args": {"step": c.step, "kind": c.kind}} for c in critical.itertuples()]
+    rs = recv_split(events)
+    first = {}
+    for row in rs.itertuples():
+        if row.pair == row.pair and row.pair is not None and row.pair not in first:
+            first[row.pair] = row
+    for e in events.itertuples():
+        args = {"step": e.step, "mb": e.mb, "layer": e.layer, "bytes": e.bytes}
+        if isinstance(e.pair, str):
+            args["pair"] = e.pair
+            x = first.get(e.pair)
+            if e.kind == "recv" and x is not None and x.wait == x.wait:
+                args["wait_us"], args["transfer_us"] = us(x.wait), us(x.transfer)
+        out.append({"name": name(e.kind, e.layer, e.mb, e.peer, e.step), "cat": e.kind,
+                    "ph": "X", "ts": us(e.start), "dur": us(e.end - e.start), "pid": e.rank,
+                    "tid": TID.get(e.lane, 5), "args": args})
+    m = rs[rs["matched"]]
+    out += [{"name": "p2p", "cat": "flow", "ph": "s", "id": i, "ts": us(x.send_start),
+             "pid": int(x.send_rank), "tid": TID["send"]} for i, x in enumerate(m.itertuples(), 1)]
+    out += [{"name": "p2p", "cat": "flow", "ph": "f", "bp": "e", "id": i, "ts": us(x.start),
+             "pid": int(x.rank), "tid": TID["recv"]} for i, x in enumerate(m.itertuples(), 1)]
+    out += [{"name": "activations (pebbles)", "ph": "C", "ts": us(x.time), "pid": int(x.rank),
+             "tid": 0, "args": {"bytes": int(x.bytes)}} for x in live_bytes(pebbles).itertuples()]
+    out += [{"name": f"memory {x.source}", "ph": "C", "ts": us(x.time), "pid": int(x.rank),
+             "tid": 0, "args": {"bytes": int(x.bytes)}} for x in memory.itertuples()]
+    return out
+
+
+@pytest.mark.parametrize("how", ["gpipe-skew", "1f1b-overlap", "a rank's events missing"])
+def test_trace_text_equals_dict_per_event_construction(tmp_path, how):
+    """The writer renders text from templates for speed; its events must be exactly those a
+    dict per event would give (json.loads equality: names, times rounded to the ns, args)."""
+    from analysis.critical import critical_path
+    kw = {"gpipe-skew": dict(p=3, m=3, schedule="gpipe", clocks={2: (70_000, 90_000)}),
+          "1f1b-overlap": dict(p=4, m=6, schedule="1f1b", overlap=True),
+          "a rank's events missing": dict(p=3, m=2, schedule="1f1b")}[how]
+    d = make_run(tmp_path / "r", steps=3, **kw)
+    if how == "a rank's events missing":   # its partners' sends and receives go unmatched
+        (d / "trace" / "events.r2.csv").unlink()
+    run = load_run(d)
+    path = critical_path(run.events)
+    got = json.loads(chrome_json(run.events, run.pebbles, run.memory, run.meta, path))
+    want = _reference(run.events, run.pebbles, run.memory, run.meta, path)
+    assert len(got["traceEvents"]) == len(want)
+    for i, (g, w) in enumerate(zip(got["traceEvents"], want)):
+        assert g == w, (i, g, w)
+    assert any("wait_us" in e.get("args", {}) for e in want)
+    if how == "a rank's events missing":
+        assert any("pair" in e.get("args", {}) and "wait_us" not in e["args"]
+                   and e["cat"] == "recv" for e in want)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 from matplotlib.collections import PolyCollection
+from matplotlib.patches import PathPatch
+from matplotlib.path import Path
 
 
 def boxes(x0, x1, y0, y1) -> np.ndarray:
@@ -11,12 +13,28 @@ def boxes(x0, x1, y0, y1) -> np.ndarray:
     return np.stack([np.c_[x0, y0], np.c_[x1, y0], np.c_[x1, y1], np.c_[x0, y1]], axis=1)
 
 
-def add_boxes(ax, x0, x1, y0, y1, gid=None, **kw) -> PolyCollection:
-    """Draw many rectangles as one artist (BrokenBarHCollection's replacement)."""
-    pc = PolyCollection(boxes(x0, x1, y0, y1), closed=True, **kw)
+def add_boxes(ax, x0, x1, y0, y1, gid=None, hatch=None, **kw) -> PolyCollection:
+    """Draw many rectangles as one artist (BrokenBarHCollection's replacement).
+
+    A hatch is drawn by a second artist, one compound path over all the boxes (gid + "-hatch"):
+    Agg sets a hatch up once per path, and hatching each box of a collection cost ~2 ms a box
+    at 300 dpi (a second per timeline); the pattern is anchored to the canvas either way, so
+    the picture is the same. The collection keeps one path per box."""
+    verts = boxes(x0, x1, y0, y1)
+    pc = PolyCollection(verts, closed=True, **kw)
     if gid:
         pc.set_gid(gid)
     ax.add_collection(pc, autolim=False)
+    if hatch and len(verts):
+        n = len(verts)
+        ring = np.concatenate([verts, verts[:, :1]], axis=1).reshape(-1, 2)
+        codes = np.tile([Path.MOVETO, Path.LINETO, Path.LINETO, Path.LINETO, Path.CLOSEPOLY], n)
+        hp = PathPatch(Path(ring, codes), facecolor="none", hatch=hatch, linewidth=0,
+                       edgecolor=kw.get("edgecolor", kw.get("color", "black")),
+                       zorder=kw.get("zorder", pc.get_zorder()))
+        if gid:
+            hp.set_gid(gid + "-hatch")
+        ax.add_artist(hp)
     return pc
 
 

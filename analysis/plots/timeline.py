@@ -200,7 +200,7 @@ def planned_frame(schedule: dict | None, events) -> pd.DataFrame | None:
         return None
     comp = events[events["kind"].isin(COMPUTE)]
     # the loss forward belongs to the stage's fwd action, the statistics to its opt action
-    kind = comp["kind"].replace({"loss": "fwd", "norms": "opt"})
+    kind = comp["kind"].astype(object).replace({"loss": "fwd", "norms": "opt"})
     dur = (comp.assign(k=kind, d=comp["end"] - comp["start"])
            .groupby(["rank", "step", "k", "mb"])["d"].sum()
            .groupby(["rank", "k"]).median())
