@@ -3,8 +3,9 @@
 Launched by benchmarks/schedules.py as `torchrun --nproc-per-node P -m benchmarks.torch_pipe
 SCHEDULE M STEPS OUT.json key=value...` (gloo on CPU). Builds each stage with harness.stage (same
 blocks, init, data, split and thread count as our runs, for the MLP, the GPT or a factory model),
-runs PyTorch's class for our schedule (PEER below), and writes per-step wall times (max over
-ranks) and the losses to OUT.json from rank 0.
+runs PyTorch's class for our schedule (PEER below), then the optimizer and the gradient and
+update norms our runs record every step (the same work per step on both sides), and writes
+per-step wall times (max over ranks) and the losses to OUT.json from rank 0.
 
 Virtual stages: a rank's chunks become one PipelineStage each, numbered by our placement
 (harness.schedule.Placement: loop for interleaved, V for zbv and dualpipev — PyTorch's "loop"/"v" mapping), so
@@ -70,6 +71,12 @@ def main(schedule: str, m: int, steps: int, out: str, overrides: list[str]):
         if rank == last_rank:
             losses.append(float(torch.stack(mb_losses).detach().mean()))
         opt.step()
+        # the statistics our runs record every step (harness.executor.optimize: gradient and
+        # update norms), so that both sides do the same work per step
+        grads = [q.grad for q in params if q.grad is not None]
+        bufs = [opt.state[q]["momentum_buffer"] for q in params if q in opt.state]
+        float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        float(torch.nn.utils.get_total_norm(bufs)) if bufs else 0.0
         opt.zero_grad(set_to_none=True)
         t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)

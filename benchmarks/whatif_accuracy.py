@@ -59,7 +59,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dir", help="where the runs go (default: a temporary folder)")
     ap.add_argument("--reuse", action="store_true", help="keep runs already in --dir")
     ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--calibrate", default="gpipe-2", help="the run calibrated on")
+    ap.add_argument("--calibrate", default="gpipe-2",
+                    help="the configuration calibrated on; a comma-separated list calibrates on "
+                         "several (two microbatch sizes fit compute as a + b*rows)")
     ap.add_argument("--repeats", type=int, default=1,
                     help="runs per configuration, round-robin; medians of step time and bubble, "
                          "the calibration over all repeats of --calibrate (default 1)")
@@ -68,7 +70,11 @@ def main(argv=None) -> int:
         d = Path(a.dir or tmp)
         d.mkdir(parents=True, exist_ok=True)
         dirs = run_all(d, a.steps, a.reuse, a.repeats)
-        cal = calibrate([load_run(x) for x in dirs[a.calibrate]])
+        cals = a.calibrate.split(",")
+        unknown = [c for c in cals if c not in dirs]
+        if unknown:
+            ap.error(f"--calibrate: unknown {', '.join(unknown)}; allowed {', '.join(dirs)}")
+        cal = calibrate([load_run(x) for c in cals for x in dirs[c]])
         print(f"calibrated on {a.calibrate} ({a.repeats} run{'s' * (a.repeats > 1)}): "
               + "; ".join(cal.notes))
         head = (f"{'config':<14}{'step meas':>10}{'pred':>9}{'err':>8}{'bubble meas':>13}"
@@ -91,13 +97,13 @@ def main(argv=None) -> int:
             # peaks: every repeat must equal the prediction
             peaks_all = [x["peak_act_bytes"] for x in each]
             err = (p.step_s - me["step_s"]) / me["step_s"]
-            if name != a.calibrate:
+            if name not in cals:
                 errs.append(abs(err))
             ok = [all(int(pk[i]) == int(y) for pk in peaks_all)
                   for i, y in enumerate(p.peak_act_bytes)]
             exact &= all(ok)
             peaks = [f"{int(x)}/{int(y)}" for x, y in zip(me["peak_act_bytes"], p.peak_act_bytes)]
-            print(f"{name + ('*' if name == a.calibrate else ''):<14}"
+            print(f"{name + ('*' if name in cals else ''):<14}"
                   f"{me['step_s'] * 1e3:>8.1f}ms{p.step_s * 1e3:>7.1f}ms{err * 100:>+7.1f}%"
                   f"{me['bubble'] * 100:>12.1f}%{p.bubble * 100:>6.1f}%"
                   f"{peaks[0]:>28}{peaks[1] if len(peaks) > 1 else '':>22}  "
