@@ -50,11 +50,13 @@ def usable(name: str, p: int, m: int) -> bool:
     return m >= p if name in ("zb_h1", "zbv") else m > 1
 
 
-def torch_run(ranks, schedule, m, steps, overrides, out: Path) -> dict:
+def torch_run(ranks, schedule, m, steps, overrides, out: Path, timeout: float = 900) -> dict:
     torchrun = Path(sys.executable).parent / "torchrun"
-    cmd = [str(torchrun), f"--nproc-per-node={ranks}", "-m", "benchmarks.torch_pipe",
-           schedule, str(m), str(steps), str(out), *overrides]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+    # --standalone: a local rendezvous on a free port (two jobs never collide on 29500)
+    cmd = [str(torchrun), "--standalone", f"--nproc-per-node={ranks}", "-m",
+           "benchmarks.torch_pipe", schedule, str(m), str(steps), str(out), *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ),
+                          timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     return json.loads(out.read_text())
