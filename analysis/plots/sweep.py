@@ -79,16 +79,7 @@ def bubble_plot(table, cores: int | None = None, fig=None, by: str = "p"):
         ax.plot(mm, [S.bubble("gpipe", int(p), x) for x in mm], color=c, lw=0.8, zorder=1,
                 gid=f"theory-p{p}")
         for s, d in table[table["p"] == p].groupby("schedule"):
-            x = d["m"].to_numpy(float) * NUDGE.get(s, 1.0)
-            y = d["bubble"].to_numpy(float)
-            err = np.vstack([y - d["bubble_q1"], d["bubble_q3"] - y])
-            hollow = d["oversubscribed"].astype(bool).to_numpy()
-            for h in (False, True):
-                k = hollow == h
-                if k.any():
-                    ax.errorbar(x[k], y[k], yerr=err[:, k], fmt=MARKER.get(s, "D"), ms=3.5,
-                                color=c, mfc="white" if h else c, mew=0.8, elinewidth=0.7,
-                                capsize=1.5, zorder=3, gid=f"measured-p{p}-{s}")
+            _measured_bubble(ax, d, s, c, f"measured-p{p}-{s}")
     ax.set_ylim(0, 1)
     ax.set_ylabel("bubble: idle share of a step")
     _m_axis(ax, ms)
@@ -101,6 +92,22 @@ def bubble_plot(table, cores: int | None = None, fig=None, by: str = "p"):
     ax.legend(handles=handles, loc="upper right", ncol=1)
     _note(fig, table, cores)
     return fig, ax
+
+
+def _measured_bubble(ax, d, s, c, gid):
+    """Schedule s's measured bubbles (median, IQR error bars) against m, nudged sideways by
+    schedule; oversubscribed runs hollow. -> the x positions drawn at."""
+    x = d["m"].to_numpy(float) * NUDGE.get(s, 1.0)
+    y = d["bubble"].to_numpy(float)
+    err = np.vstack([y - d["bubble_q1"], d["bubble_q3"] - y])
+    hollow = d["oversubscribed"].astype(bool).to_numpy()
+    for h in (False, True):
+        k = hollow == h
+        if k.any():
+            ax.errorbar(x[k], y[k], yerr=err[:, k], fmt=MARKER.get(s, "D"), ms=3.5, color=c,
+                        mfc="white" if h else c, mew=0.8, elinewidth=0.7, capsize=1.5,
+                        zorder=3, gid=gid)
+    return x
 
 
 def _order(names):
@@ -133,16 +140,7 @@ def _bubble_by_schedule(table, cores, fig):
             else:
                 ax.plot(mm, [S.bubble(s, p, x, v) for x in mm], color=c, lw=0.8, zorder=1,
                         ls=(0, (4, 2)) if s == "1f1b" else "-", gid=f"theory-p{p}-{s}")
-            x = g["m"].to_numpy(float) * NUDGE.get(s, 1.0)
-            y = g["bubble"].to_numpy(float)
-            err = np.vstack([y - g["bubble_q1"], g["bubble_q3"] - y])
-            hollow = g["oversubscribed"].astype(bool).to_numpy()
-            for h in (False, True):
-                k = hollow == h
-                if k.any():
-                    ax.errorbar(x[k], y[k], yerr=err[:, k], fmt=MARKER.get(s, "D"), ms=3.5,
-                                color=c, mfc="white" if h else c, mew=0.8, elinewidth=0.7,
-                                capsize=1.5, zorder=3, gid=f"measured-p{p}-{s}")
+            x = _measured_bubble(ax, g, s, c, f"measured-p{p}-{s}")
             if "bubble_sim" in g and g["bubble_sim"].notna().any():
                 ax.plot(x, g["bubble_sim"].to_numpy(float), ls="", marker="x", ms=3, mew=0.7,
                         color="0.15", zorder=4, gid=f"simulated-p{p}-{s}")
