@@ -24,6 +24,7 @@ from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleG
                                            ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble)
 
 from harness import config
+from harness.executor import step_norms
 from harness.stage import build as build_stage
 from harness.stage import placement
 
@@ -71,12 +72,8 @@ def main(schedule: str, m: int, steps: int, out: str, overrides: list[str]):
         if rank == last_rank:
             losses.append(float(torch.stack(mb_losses).detach().mean()))
         opt.step()
-        # the statistics our runs record every step (harness.executor.optimize: gradient and
-        # update norms), so that both sides do the same work per step
-        grads = [q.grad for q in params if q.grad is not None]
-        bufs = [opt.state[q]["momentum_buffer"] for q in params if q in opt.state]
-        float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-        float(torch.nn.utils.get_total_norm(bufs)) if bufs else 0.0
+        # the statistics our runs record every step, so that both sides do the same work
+        step_norms(params, opt, cfg.train.lr, cfg.train.momentum)
         opt.zero_grad(set_to_none=True)
         t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)

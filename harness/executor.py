@@ -45,6 +45,18 @@ class StepState:
     stats: dict = field(default_factory=dict)         # grad_norm, update_norm (from opt)
 
 
+def step_norms(params, opt, lr: float, momentum: float) -> tuple[float, float]:
+    """(gradient norm, update norm) after an SGD step, what stats.csv records. SGD's step leaves
+    .grad as it was, so the gradient norm is the same after it; the update is lr x the momentum
+    buffer (no dampening, no decay), or lr x the gradient without momentum."""
+    grads = [p.grad for p in params if p.grad is not None]
+    gnorm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+    if momentum > 0:
+        bufs = [opt.state[p]["momentum_buffer"] for p in params if p in opt.state]
+        return gnorm, (lr * float(torch.nn.utils.get_total_norm(bufs)) if bufs else 0.0)
+    return gnorm, lr * gnorm
+
+
 class StageExecutor:
     """One rank's stage: its layers, its optimizer, and a handler per kind of action.
 
@@ -331,15 +343,8 @@ class StageExecutor:
         self.opt.step()
         m1 = tr.mark()
         tr.span(self.st.step, -1, -1, "opt", m0, m1)
-        # the run's statistics are the harness's work, not the optimizer's: their own span.
-        # SGD's step leaves .grad as it was, so the gradient norm is the same after it.
-        grads = [p.grad for p in self.params if p.grad is not None]
-        gnorm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-        if self.momentum > 0:  # SGD applies lr * momentum buffer (no dampening, no decay)
-            bufs = [self.opt.state[p]["momentum_buffer"] for p in self.params if p in self.opt.state]
-            unorm = self.lr * float(torch.nn.utils.get_total_norm(bufs)) if bufs else 0.0
-        else:
-            unorm = self.lr * gnorm
+        # the run's statistics are the harness's work, not the optimizer's: their own span
+        gnorm, unorm = step_norms(self.params, self.opt, self.lr, self.momentum)
         tr.span(self.st.step, -1, -1, "norms", m1, tr.mark())
         self.opt.zero_grad(set_to_none=True)
         self.st.stats = {"grad_norm": gnorm, "update_norm": unorm}
