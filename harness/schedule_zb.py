@@ -209,9 +209,7 @@ def dualpipev(p: int, m: int, v: int = 2) -> S.Schedule:
         for _ in range(p - r - 1):                           # 7: W B0
             w_pending()
             do(BWD_IN if zb else S.BWD, 0)
-        for _ in range(r + 1):                               # 8: W
-            w_pending()
-        while weights:                                       # (none left for m >= 2p)
+        for _ in range(r + 1):                               # 8: W (the last ones, for m >= 2p)
             w_pending()
         orders.append(order)
     return with_comm(orders, Placement(p, 2, "v"))
