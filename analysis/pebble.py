@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import sys
 import time
 from pathlib import Path
@@ -78,6 +79,8 @@ def main(argv=None) -> int:
     ap.add_argument("--format", default="png,pdf", help="figure formats, comma-separated "
                     "(default: png,pdf)")
     ap.add_argument("--no-trace", action="store_true", help="skip trace.json")
+    ap.add_argument("--serial", action="store_true", help="write trace.json in this process "
+                    "after the figures (default: a forked process writes it beside them)")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     a = ap.parse_args(argv)
     log = _Progress(a.quiet)
@@ -116,19 +119,83 @@ def main(argv=None) -> int:
 
 
 def _write(a, run, out, ident, steps, step, log, writing) -> int:
-    """Every output of main; `writing[0]` names the file being written (for the error)."""
+    """Every output of main; `writing[0]` names the file being written (for the error).
+    trace.json is written by a forked process while this one computes the metrics and draws
+    the figures (two cores: the two halves take similar time)."""
     out.mkdir(parents=True, exist_ok=True)
     path = critical.critical_path(run.events)     # every step: the summary, timeline and trace
+    trace = (lambda: (0, [])) if a.no_trace else _start(
+        lambda: _write_trace(run, out / "trace.json", path, log), a.serial)
+    failed = True
+    try:
+        _write_metrics_figures(a, run, out, ident, steps, step, log, writing, path)
+        failed = False
+    finally:
+        rc, lines = trace()
+        for line in lines:  # one error line in all: ours, if we failed too
+            if not (failed and line.startswith("error:")):
+                print(line, file=sys.stderr)
+    log(f"outputs in {out}")
+    return rc
+
+
+def _start(job, serial: bool):
+    """Run job() (-> exit status, lines for stderr) in a forked child; -> a function that waits
+    for it and gives its result. Serially (--serial, or where the OS cannot fork) job runs
+    when waited for. The lines travel back by pipe, so that they are printed by this process
+    (after its own, and where a test captures them)."""
+    if serial or "fork" not in multiprocessing.get_all_start_methods():
+        return job
+    ctx = multiprocessing.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+    sys.stdout.flush()
+    sys.stderr.flush()  # or the child would write the parent's buffered lines a second time
+    child = ctx.Process(target=lambda: send.send(job()), name="trace.json")
+    child.start()
+    send.close()
+
+    def wait():
+        try:
+            result = recv.recv()
+        except EOFError:  # it died before answering (its traceback is on stderr)
+            child.join()
+            return 1, [f"error: the process writing trace.json died "
+                       f"(exit code {child.exitcode})"]
+        child.join()
+        return result
+    return wait
+
+
+def _write_trace(run, target: Path, path, log) -> tuple[int, list[str]]:
+    """trace.json, with the run's torch.profiler events merged in; -> (exit status, lines for
+    stderr). An error is one line naming the file, and no half-written file stays behind."""
+    seen = len(run.warnings)
+    try:
+        with open(target, "w", encoding="utf-8") as f:
+            n = chrome.write_chrome(f, run.events, run.pebbles, run.memory, run.meta, path)
+        log(f"wrote trace.json ({n:,} trace events)")
+        k = kineto.merge_into(target, run, run.warnings)
+    except OSError as e:
+        if target.is_file():
+            target.unlink()
+        return 1, [f"error: cannot write {e.filename or target}: {e.strerror or e}"]
+    if k:
+        log(f"merged {k:,} torch.profiler (Kineto) events into trace.json")
+    # the merge's own warnings (metrics.json was written before it)
+    return 0, [f"warning: {w}" for w in run.warnings[seen:]]
+
+
+def _write_metrics_figures(a, run, out, ident, steps, step, log, writing, path) -> None:
     summary = metrics.summarize(run.events, run.pebbles, run.memory, run.meta, steps, path)
     summary = {"run": ident | {"status": run.meta.get("status")}, **summary,
-               "warnings": run.warnings}
+               "warnings": list(run.warnings)}
     per_step = summary.pop("per_step")
     writing[0] = out / "steps.csv"
     pd.DataFrame(per_step).to_csv(writing[0], index=False)
     writing[0] = out / "metrics.json"
     writing[0].write_text(json.dumps(summary, indent=1))
     log("metrics computed")
-    print(report.table(summary, title=str(a.run)))
+    print(report.table(summary, title=str(a.run)), flush=True)
 
     formats = [f.strip() for f in a.format.split(",") if f.strip()]
     shown = [s for s in steps if s <= step][-3:] or [step]
@@ -151,16 +218,6 @@ def _write(a, run, out, ident, steps, step, log, writing) -> int:
                     raise
             plt.close(fig)
             log(f"drew {name}.{{{','.join(formats)}}}")
-    if not a.no_trace:
-        writing[0] = out / "trace.json"
-        with open(writing[0], "w", encoding="utf-8") as f:
-            n = chrome.write_chrome(f, run.events, run.pebbles, run.memory, run.meta, path)
-        log(f"wrote trace.json ({n:,} trace events)")
-        k = kineto.merge_into(writing[0], run, run.warnings)
-        if k:
-            log(f"merged {k:,} torch.profiler (Kineto) events into trace.json")
-    log(f"outputs in {out}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -181,3 +181,33 @@ def test_divergence_looks_for_the_loss_on_the_rank_that_holds_it():
     assert divergence(flipped, loop) == []
     assert divergence(flipped, v) == [
         "training diverged: non-finite loss or gradient norm from step 0 (rank 0, 1 rows)"]
+
+
+def test_trace_written_beside_the_figures_equals_the_serial_one(run_dir, tmp_path, capsys):
+    # the forked writer (default) and the in-process one (--serial) give the same bytes, and
+    # every other output is there too
+    for out, extra in ((tmp_path / "fork", []), (tmp_path / "serial", ["--serial"])):
+        assert main([str(run_dir), "--out", str(out), "--format", "png", "-q", *extra]) == 0
+    assert (tmp_path / "fork" / "trace.json").read_bytes() == \
+        (tmp_path / "serial" / "trace.json").read_bytes()
+    assert json.loads((tmp_path / "fork" / "trace.json").read_text())["traceEvents"]
+    for name in ("metrics.json", "steps.csv", "pebble.png", "timeline.png", "memory.png"):
+        assert (tmp_path / "fork" / name).stat().st_size > 0
+
+
+@pytest.mark.parametrize("serial", [False, True])
+def test_trace_that_cannot_be_written_is_one_error_line(run_dir, capsys, serial):
+    # the forked writer's error comes back to this process: one line naming trace.json, exit
+    # status 1, the other outputs written
+    extra = ["--serial"] if serial else []
+    assert main([str(run_dir), "--format", "png", "-q", *extra]) == 0
+    out = run_dir / "analysis"
+    (out / "trace.json").unlink()
+    (out / "trace.json").mkdir()           # opening it for writing fails
+    capsys.readouterr()
+    assert main([str(run_dir), "--format", "png", "-q", *extra]) == 1
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "cannot write" in lines[0] and "trace.json" in lines[0], err
+    assert "Traceback" not in err
+    assert (out / "trace.json").is_dir() and (out / "memory.png").stat().st_size > 0
