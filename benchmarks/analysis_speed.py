@@ -4,14 +4,19 @@ Writes synthetic run directories in the documented format (docs/run-format.md; o
 1F1B step from harness/synthetic.py, tiled over as many steps as it takes), then times each phase
 of `python -m analysis.pebble` separately and prints seconds per million events. --rss adds the
 process's peak resident memory during each phase (psutil, sampled every 5 ms; the run's frames
-stay loaded across the phases, so each phase's peak includes them).
+stay loaded across the phases, so each phase's peak includes them). Last, "end to end" runs
+`python -m analysis.pebble RUN --format png` itself, as a user would (imports included, trace.json
+written by its forked process beside the figures): the issue's goal is measured on that line.
 """
 from __future__ import annotations
 
 import argparse
 import math
 import multiprocessing
+import resource
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -137,6 +142,35 @@ def bench(path: Path, n: int, rss: bool = False) -> dict:
     return out
 
 
+def end_to_end(path: Path) -> tuple[float, float, int]:
+    """`python -m analysis.pebble RUN --format png` as a user runs it (imports included, trace.json
+    written by its forked process beside the figures): -> (wall s, CPU s of it and its child,
+    peak memory of the two together). Memory is the sum of their proportional set sizes (PSS:
+    pages the fork shares are counted once), sampled every 50 ms."""
+    import psutil
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "analysis.pebble", str(path), "--out",
+                             str(path / "e2e"), "--format", "png", "-q"],
+                            stdout=subprocess.DEVNULL)
+    top, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        total = 0
+        try:
+            for q in [top, *top.children(recursive=True)]:
+                total += q.memory_full_info().pss
+        except psutil.Error:   # one of them ended between the listing and the reading
+            pass
+        peak = max(peak, total)
+        time.sleep(0.05)
+    wall = time.perf_counter() - t
+    if proc.returncode:
+        raise SystemExit(f"python -m analysis.pebble {path} failed ({proc.returncode})")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return wall, cpu, peak
+
+
 class _Nothing:
     peak = None
 
@@ -152,6 +186,8 @@ def main(argv=None):
     ap.add_argument("--sizes", default="1e5,1e6,1e7", help="event counts, comma-separated")
     ap.add_argument("--rss", action="store_true", help="also print each phase's peak resident "
                     "memory (MiB)")
+    ap.add_argument("--no-e2e", action="store_true", help="skip the end-to-end run of "
+                    "python -m analysis.pebble (its wall time is the issue's measure)")
     a = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         for size in (float(x) for x in a.sizes.split(",")):
@@ -172,6 +208,11 @@ def main(argv=None):
             tot, ctot = sum(res.values()), sum(cpu.values())
             print(f"  {'total':<13} {tot:7.2f} s   {tot / n * 1e6:7.2f} s per million events   "
                   f"(cpu {ctot:6.2f} s){mib(max(mem.values(), default=0))}", flush=True)
+            if not a.no_e2e:
+                wall, c, peak = end_to_end(d)
+                print(f"  {'end to end':<13} {wall:7.2f} s   {wall / n * 1e6:7.2f} s per million "
+                      f"events   (cpu {c:6.2f} s)   peak {peak / 2**20:7.0f} MiB   "
+                      f"[python -m analysis.pebble --format png, 2 processes]", flush=True)
             shutil.rmtree(d)   # a 10 M run is ~1 GB on disk
 
 
