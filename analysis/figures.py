@@ -91,9 +91,17 @@ def main(argv=None) -> int:
     ap.add_argument("--no-gif", action="store_true", help="skip the animation (figure 6)")
     a = ap.parse_args(argv)
     out = Path(a.out) if a.out else Path(a.sweep) / "figures"
-    make(a.sweep, out, [f for f in a.format.split(",") if f], gif=not a.no_gif)
+    try:
+        make(a.sweep, out, [f for f in a.format.split(",") if f], gif=not a.no_gif)
+    except MixedSweep as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(out)
     return 0
+
+
+class MixedSweep(ValueError):
+    """The sweep's measuring runs are of more than one configuration (sweep_stats.CONFIG)."""
 
 
 def make(sweep_dir, out, formats=("png", "pdf"), gif=True, log=None) -> dict:
@@ -106,6 +114,12 @@ def make(sweep_dir, out, formats=("png", "pdf"), gif=True, log=None) -> dict:
     sw = load_sweep(sweep_dir)
     log(f"loaded {len(sw['runs'])} complete runs of {len(sw['index'])} index rows")
     runs, ranks, cores = sw["runs"], sw["ranks"], sw["cores"]
+    mixed = sweep_stats.configs(runs) if len(runs) else []
+    if len(mixed) > 1:   # every figure compares schedules of one model, precision, recompute
+        raise MixedSweep(f"{sweep_dir}: the runs are of {len(mixed)} configurations ("
+                         + "; ".join(", ".join(f"{k}={v}" for k, v in c.items())
+                                     for c in mixed)
+                         + "): the figures compare schedules of one; split the sweep")
     made, skipped = {}, {}
     bub = sweep_stats.bubble_table(runs) if len(runs) else pd.DataFrame()
     mem = sweep_stats.memory_table(ranks) if len(ranks) else pd.DataFrame()

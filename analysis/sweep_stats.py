@@ -27,6 +27,11 @@ ID = ["point", "repeat", "tag", "exp", "p", "schedule", "v", "m", "overlap", "ov
 PARTS = ["compute", "recv_wait", "recv_transfer", "send_wait", "send_transfer", "other_idle"]
 
 
+# what makes two runs different configurations beyond (p, schedule, v, m): the tables keep
+# them apart (a median over bf16 and fp32 runs, or with and without recomputation, is no number)
+CONFIG = ["exp", "model", "precision", "recompute"]
+
+
 def run_records(row: dict, meta: dict, summary: dict) -> tuple[dict, list[dict]]:
     """One run's record and its per-rank records.
 
@@ -36,8 +41,12 @@ def run_records(row: dict, meta: dict, summary: dict) -> tuple[dict, list[dict]]
     p = int(meta.get("world_size") or summary["schedule"]["stages"])
     m = int(sch.get("microbatches") or 1)
     name, v = sch.get("name"), int(sch.get("virtual") or 1)
+    model = meta.get("model") or {}
     ident = {"point": row.get("point"), "repeat": row.get("repeat"), "tag": row.get("tag"),
-             "exp": meta.get("experiment"), "p": p, "schedule": name, "v": v, "m": m,
+             "exp": meta.get("experiment"), "model": model.get("name"),
+             "precision": model.get("dtype") or "fp32",
+             "recompute": sch.get("recompute") or "none",   # absent before it was recorded
+             "p": p, "schedule": name, "v": v, "m": m,
              "overlap": bool(sch.get("overlap")),
              "oversubscribed": bool(row.get("oversubscribed", False))}
     pipe = summary["pipeline"]
@@ -92,12 +101,21 @@ def spread(df: pd.DataFrame, by: list, cols: list) -> pd.DataFrame:
 
 
 def measurements(runs: pd.DataFrame) -> pd.DataFrame:
-    """Runs that measure schedules (not the lessons' ablations)."""
-    return runs[runs["tag"] != "lessons"]
+    """Runs that measure schedules (not the lessons' ablations), with the CONFIG columns (None
+    in records of an older analysis)."""
+    d = runs[runs["tag"] != "lessons"]
+    missing = {c: None for c in CONFIG if c not in d}
+    return d.assign(**missing) if missing else d
+
+
+def configs(runs: pd.DataFrame) -> list[dict]:
+    """The distinct CONFIG combinations among the measuring runs."""
+    d = measurements(runs)
+    return d[CONFIG].drop_duplicates().to_dict("records")
 
 
 def bubble_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Figures 2 and 8's data: per (p, schedule, v, m), blocking communication only: bubble,
+    """Figures 2 and 8's data: per (CONFIG, p, schedule, v, m), blocking communication only: bubble,
     span, compute, the simulator's bubble and the F/B/W-time theory (medians/IQR over
     repeats), and the closed-form theory with v."""
     d = measurements(runs)
@@ -105,7 +123,7 @@ def bubble_table(runs: pd.DataFrame) -> pd.DataFrame:
     for c, dflt in (("v", 1), ("bubble_sim", np.nan), ("bubble_theory_times", np.nan)):
         if c not in d:            # records of an older analysis
             d = d.assign(**{c: dflt})
-    t = spread(d, ["p", "schedule", "v", "m"],
+    t = spread(d, CONFIG + ["p", "schedule", "v", "m"],
                ["bubble", "span", "compute", "bubble_sim", "bubble_theory_times"])
     t["bubble_theory"] = [bubble_theory(s, int(p), int(m), int(v)) for s, p, m, v in
                           zip(t["schedule"], t["p"], t["m"], t["v"])]
@@ -113,41 +131,40 @@ def bubble_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def memory_table(ranks: pd.DataFrame) -> pd.DataFrame:
-    """Figures 3 and 9's data: per (p, schedule, v, m, rank), blocking runs: peak activation
+    """Figures 3 and 9's data: per (CONFIG, p, schedule, v, m, rank), blocking runs: peak activation
     bytes (median/IQR over repeats) and the theory (meta.pebbles_theory.peak_bytes)."""
     d = measurements(ranks)
     d = d[~d["overlap"].astype(bool)]
     d = d if "v" in d else d.assign(v=1)
-    by = ["p", "schedule", "v", "m", "rank"]
+    by = CONFIG + ["p", "schedule", "v", "m", "rank"]
     t = spread(d, by, ["peak_act"])
-    th = d.groupby(by)["peak_theory"].first()
-    key = pd.MultiIndex.from_frame(t[by])
-    t["peak_theory"] = th.reindex(key).values
+    # the same groups in the same (sorted) order as spread's
+    t["peak_theory"] = d.groupby(by, dropna=False)["peak_theory"].first().to_numpy()
     return t
 
 
 def stage_table(ranks: pd.DataFrame) -> pd.DataFrame:
-    """Compute time per stage and step, per (p, schedule, m, rank), blocking runs (medians)."""
+    """Compute time per stage and step, per (CONFIG, p, schedule, m, rank), blocking runs
+    (medians)."""
     d = measurements(ranks)
-    return spread(d[~d["overlap"].astype(bool)], ["p", "schedule", "m", "rank"], ["compute"])
+    return spread(d[~d["overlap"].astype(bool)], CONFIG + ["p", "schedule", "m", "rank"],
+                  ["compute"])
 
 
 def breakdown_table(ranks: pd.DataFrame) -> pd.DataFrame:
-    """Figure 4's data: where each rank's step goes, for the (p, schedule, m) that were run
-    both with and without overlapped communication. Medians over repeats of each part."""
+    """Figure 4's data: where each rank's step goes, for the (CONFIG, p, schedule, m) that were
+    run both with and without overlapped communication. Medians over repeats of each part."""
     d = measurements(ranks)
-    both = d.groupby(["p", "schedule", "m"])["overlap"].nunique()
-    keep = both[both == 2].index
-    d = d.set_index(["p", "schedule", "m"]).loc[lambda x: x.index.isin(keep)].reset_index()
-    t = spread(d, ["p", "schedule", "m", "overlap", "rank"], PARTS + ["span"])
+    key = CONFIG + ["p", "schedule", "m"]
+    d = d[d.groupby(key, dropna=False)["overlap"].transform("nunique") == 2]
+    by = key + ["overlap", "rank"]
+    t = spread(d, by, PARTS + ["span"])
     # the rest of the median span, so that a bar's parts add up to it exactly (medians of
     # parts need not add up to the median of their sum)
     t["other_idle"] = (t["span"] - t[PARTS[:-1]].sum(axis=1)).clip(lower=0)
-    if "clock_unreliable" in d:
-        bad = d.groupby(["p", "schedule", "m", "overlap", "rank"])["clock_unreliable"].any()
-        t["clock_unreliable"] = bad.reindex(
-            pd.MultiIndex.from_frame(t[["p", "schedule", "m", "overlap", "rank"]])).fillna(
-            False).to_numpy(bool)
+    if "clock_unreliable" in d and len(d):   # the same groups in spread's (sorted) order
+        t["clock_unreliable"] = d.groupby(by, dropna=False)["clock_unreliable"].any() \
+            .to_numpy(bool)
     return t
 
 

@@ -244,7 +244,8 @@ class Run(Failures):
                          "placement": S.placement_of(self.schedule).style,
                          "overlap": cfg.pipeline.overlap,
                          "recv_requires_grad": cfg.pipeline.recv_requires_grad,
-                         "detach": cfg.pipeline.detach},
+                         "detach": cfg.pipeline.detach,
+                         "recompute": cfg.pipeline.recompute},
             # per microbatch bytes each stage saves, derived from the code (None: a model without
             # a formula, e.g. a user's factory)
             # (per rank, through all its chunks; peaks walked from the schedule)

@@ -94,7 +94,7 @@ def make_meta(p: int, layers_per_stage: int, schedule: str = "naive", m: int = 1
                    "memory_sources": {"rss": "ok", "nvml": "unavailable: no GPU"}}
                   for r in range(p)],
         "model": {"layers": L, "widths": [width] * (L + 1), "batch_size": batch,
-                  "dtype": "float32", "param_counts": [width * width + width] * L},
+                  "dtype": "fp32", "param_counts": [width * width + width] * L},
         "split": [[s * layers_per_stage, (s + 1) * layers_per_stage] for s in range(p * virtual)],
         "schedule": {"name": schedule, "microbatches": m, "overlap": False, "virtual": virtual,
                      "placement": placement},

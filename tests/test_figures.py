@@ -6,6 +6,7 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
+import pandas as pd
 import pytest
 
 matplotlib.use("Agg")
@@ -269,3 +270,37 @@ def test_bubble_plot_by_schedule_draws_each_theory_with_its_v(zb_sweep):
                 d = t[(t["p"] == p) & (t["schedule"] == s)].sort_values("m")
                 assert np.allclose(sim, d["bubble_sim"]) and len(sim) == 2
         _png(fig)
+
+
+def test_tables_keep_configurations_apart_and_make_refuses_a_mix(zb_sweep, tmp_path):
+    # one run's meta says bf16: its numbers must not be folded into the fp32 medians, and the
+    # figure set (which compares schedules of one configuration) refuses the mixed sweep
+    import shutil
+    d = tmp_path / "mixed"
+    shutil.copytree(zb_sweep, d)
+    sw = figs.load_sweep(d)
+    assert sweep_stats.configs(sw["runs"]) and len(sweep_stats.configs(sw["runs"])) == 1
+    rec = sw["runs"].iloc[0]
+    meta_path = sw["path"][(rec["point"], int(rec["repeat"]))] / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta.setdefault("model", {})["dtype"] = "bf16"
+    meta_path.write_text(json.dumps(meta))
+    sw = figs.load_sweep(d)
+    assert sorted(c["precision"] for c in sweep_stats.configs(sw["runs"])) == ["bf16", "fp32"]
+    # the same point run twice, once per precision, with different numbers: two rows
+    fp32 = sw["runs"].iloc[[1]]
+    twin = fp32.assign(precision="bf16", bubble=fp32["bubble"] * 2, repeat=1)
+    bub = sweep_stats.bubble_table(pd.concat([fp32, twin], ignore_index=True))
+    assert sorted(bub["precision"]) == ["bf16", "fp32"] and (bub["n"] == 1).all()
+    assert bub.set_index("precision")["bubble"].to_dict() == pytest.approx(
+        {"fp32": fp32["bubble"].iloc[0], "bf16": 2 * fp32["bubble"].iloc[0]})
+    key = (sw["ranks"]["point"] == fp32["point"].iloc[0])
+    r32 = sw["ranks"][key]
+    mem = sweep_stats.memory_table(pd.concat([r32, r32.assign(precision="bf16", repeat=1,
+                                                              peak_act=0)]))
+    assert len(mem) == 2 * len(r32) and (mem["n"] == 1).all()
+    assert (mem.loc[mem["precision"] == "bf16", "peak_act"] == 0).all()
+    assert (mem.loc[mem["precision"] == "fp32", "peak_act"] > 0).all()
+    with pytest.raises(figs.MixedSweep, match="2 configurations.*precision=bf16"):
+        figs.make(d, tmp_path / "figs", formats=("png",), gif=False, log=lambda s: None)
+    assert figs.main([str(d), "--out", str(tmp_path / "f2"), "--no-gif"]) == 2
