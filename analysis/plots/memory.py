@@ -3,19 +3,21 @@ samples (RSS on CPU; CUDA/NVML sources on GPU) below, on one time axis."""
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
+import numpy as np
 from matplotlib.lines import Line2D
 
 from analysis import style
 from analysis.metrics import live_bytes
-from analysis.plots.common import decimate
+from analysis.plots.common import columns, envelope
 
 DASHES = {"rss": "-", "cuda_allocated": "--", "cuda_reserved": ":", "nvml_used": "-.",
           "nvml_process": (0, (1, 1))}
 
 
 def memory_plot(pebbles, memory, fig=None):
-    """Returns (fig, [activations axes, device axes]). Long runs are decimated to ~4000 points
-    per curve keeping each bin's maximum, so peaks stay visible."""
+    """Returns (fig, [activations axes, device axes]). Long runs are cut to what the saved
+    image's pixels can show (common.envelope: each 2-pixel column's first, lowest, highest and
+    last point), so they draw as the raw curves do, peaks included, at a fraction of the cost."""
     if fig is None:
         fig = plt.figure(figsize=(style.COLUMN, 2.8))
     aax, dax = fig.subplots(2, 1, sharex=True)
@@ -24,19 +26,21 @@ def memory_plot(pebbles, memory, fig=None):
     lo = min(x.min() for x in ts) if ts else 0.0
     hi = max(x.max() for x in ts) if ts else 1.0
     scale, unit = style.time_unit(max(hi - lo, 1e-9))
-    ranks = sorted(set(lb["rank"].astype(int)) | set(memory["rank"].astype(int)))
+    ranks = sorted(int(r) for r in np.union1d(lb["rank"].unique(), memory["rank"].unique()))
+    n = columns(fig)
     aunit = style.bytes_unit(lb["bytes"].max() if len(lb) else 1)
+    lr, lt, lv = (lb[c].to_numpy() for c in ("rank", "time", "bytes"))  # sorted by rank, time
     for r in ranks:
-        d = lb[lb["rank"] == r]
-        if len(d):
-            t, b = decimate(d["time"].to_numpy(), d["bytes"].to_numpy(float))
+        i, j = np.searchsorted(lr, [r, r + 1])
+        if j > i:
+            t, b = envelope(lt[i:j], lv[i:j].astype(float), lo, hi, n)
             aax.step(t * scale, b * aunit[0], where="post", color=style.rank_color(r),
                      label=f"rank {r}")
     aax.set_ylabel(f"activations ({aunit[1]})")
     aax.set_ylim(bottom=0)
     dunit = style.bytes_unit(memory["bytes"].max() if len(memory) else 1)
     for (r, src), d in memory.groupby(["rank", "source"]):
-        t, b = decimate(d["time"].to_numpy(), d["bytes"].to_numpy(float))
+        t, b = envelope(d["time"].to_numpy(), d["bytes"].to_numpy(float), lo, hi, n)
         dax.plot(t * scale, b * dunit[0], color=style.rank_color(r), ls=DASHES.get(src, "-"))
     srcs = sorted(memory["source"].unique()) if len(memory) else []
     # on CPU the only source is the process's resident set; say so rather than "device"
