@@ -63,9 +63,35 @@ def envelope(t: np.ndarray, y: np.ndarray, lo: float, hi: float, n: int):
     return t[idx], y[idx]
 
 
+def band(t: np.ndarray, y: np.ndarray, lo: float, hi: float, n: int, step: bool = False):
+    """Outline of what a line through (t, y) (sorted times; step: drawn as steps "post") covers
+    in each of n columns over [lo, hi]: per column, from the lowest to the highest value the
+    curve takes there (its samples and its values at the column's edges). Returns (x, y) of one
+    polygon, upper edge left to right, lower edge back.
+
+    Filled and stroked with the line's width, it draws what the line would: a line through a
+    million samples is a band of vertical zigzags whose stroking costs Agg ~0.1 s a curve at
+    300 dpi, the polygon a few ms; peaks and troughs both stay (min/max per column)."""
+    w = (hi - lo) / n if hi > lo else 1.0
+    c0, c1 = (int(np.clip((x - lo) // w, 0, n - 1)) for x in (t[0], t[-1]))
+    edges = lo + w * np.arange(c0, c1 + 2, dtype=float)
+    edges[0], edges[-1] = t[0], t[-1]
+    if step:   # the level after the last sample at or before the edge
+        at = y[np.searchsorted(t, edges, "right") - 1]
+    else:
+        at = np.interp(edges, t, y)
+    top, bot = np.maximum(at[:-1], at[1:]), np.minimum(at[:-1], at[1:])
+    col = np.clip(((t - lo) // w).astype(np.int64), c0, c1) - c0
+    first = np.flatnonzero(np.r_[True, col[1:] != col[:-1]])
+    top[col[first]] = np.maximum(top[col[first]], np.maximum.reduceat(y, first))
+    bot[col[first]] = np.minimum(bot[col[first]], np.minimum.reduceat(y, first))
+    x = np.c_[edges[:-1], edges[1:]].ravel()
+    return np.r_[x, x[::-1]], np.r_[np.repeat(top, 2), np.repeat(bot, 2)[::-1]]
+
+
 def columns(fig, px: float = 2.0) -> int:
     """How many columns of `px` saved pixels the figure is wide (an upper bound for an axes):
-    the n for envelope(), at the dpi the figure will be saved at."""
+    the n for envelope() and band(), at the dpi the figure will be saved at."""
     dpi = plt.rcParams["savefig.dpi"]
     dpi = fig.dpi if dpi == "figure" else dpi
     return max(1, int(np.ceil(fig.get_figwidth() * dpi / px)))
