@@ -200,7 +200,8 @@ def _median_durations(events) -> pd.Series:
     """Median over (step, microbatch) of each action's summed duration, indexed by (rank, action).
 
     On plain arrays rather than a groupby of the frame: one integer key per (rank, step, action,
-    microbatch), hashed once (pd.factorize) and summed with a bincount."""
+    microbatch), summed with a bincount (over all possible keys while they are not many more
+    than the rows, else over the keys present, hashed once by pd.factorize)."""
     codes, kinds = pd.factorize(events["kind"])
     names = np.array(sorted(set(_ACTION.values())))
     act = np.array([names.searchsorted(_ACTION[k]) if k in _ACTION else -1 for k in kinds]
@@ -213,9 +214,14 @@ def _median_durations(events) -> pd.Series:
     key = np.zeros(use.sum(), np.int64)
     for c, lo, n in zip(cols, los, spans):   # mixed radix: unique per tuple, no overflow for
         key = key * n + (c - lo)             # any run (ranks x steps x 3 x microbatches < 2^63)
-    group, keys = pd.factorize(key)
-    d = (events["end"].to_numpy() - events["start"].to_numpy())[use]
-    total = np.bincount(group, weights=np.nan_to_num(d), minlength=len(keys))  # sum skips NaN
+    d = np.nan_to_num((events["end"].to_numpy() - events["start"].to_numpy())[use])  # skip NaN
+    size = int(np.prod(spans))
+    if size <= 4 * len(key) + 4096:
+        keys = np.flatnonzero(np.bincount(key, minlength=size))
+        total = np.bincount(key, weights=d, minlength=size)[keys]
+    else:
+        group, keys = pd.factorize(key)
+        total = np.bincount(group, weights=d, minlength=len(keys))
     below = spans[1] * spans[2] * spans[3]    # decode each group's rank and action
     rank = keys // below + los[0]
     action = names[(keys // spans[3]) % spans[2] + los[2]]
