@@ -8,8 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-from cycler import cycler
 import numpy as np
+from cycler import cycler
 from matplotlib import colormaps
 from matplotlib.colors import to_rgba, to_rgba_array
 

@@ -16,10 +16,11 @@ DASHES = {"rss": "-", "cuda_allocated": "--", "cuda_reserved": ":", "nvml_used":
 
 
 def memory_plot(pebbles, memory, fig=None):
-    """Returns (fig, [activations axes, device axes]). A curve of more points than the saved
-    image has 2-pixel columns (4 per column) is cut to what they show: per column its lowest to
-    highest value, so it draws as its raw line would, peaks and troughs included; a solid one as
-    the band it covers (common.band, a polygon: ~100x cheaper to rasterise than the line)."""
+    """Returns (fig, [activations axes, device axes]). A curve of more than 4 points per
+    2-pixel column of the saved image is cut to what the columns show, each its lowest to
+    highest value, so it draws as its raw line would, peaks and troughs included: a solid one
+    as the band it covers (common.band, a polygon ~100x cheaper to rasterise than the line), a
+    dashed one through its M4 envelope (common.envelope)."""
     if fig is None:
         fig = plt.figure(figsize=(style.COLUMN, 2.8))
     aax, dax = fig.subplots(2, 1, sharex=True)
