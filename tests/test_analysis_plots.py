@@ -1,5 +1,6 @@
 """Figures on synthetic runs: non-empty images whose drawn content matches the data."""
 import matplotlib
+import numpy as np
 import pytest
 
 matplotlib.use("Agg")
@@ -84,4 +85,140 @@ def test_single_step_and_stage_level_spans(tmp_path):
         assert [len(ax.get_yticks()) for ax in axes[:-1]] == [3, 3]   # F stage, B stage, opt
         _png(fig)
         fig, _ = timeline(run.events, planned=planned_frame(run.schedule, run.events))
+        _png(fig)
+
+
+# ---- the fast paths against straightforward references ----------------------------------
+
+def test_mb_colors_are_mb_color_of_each():
+    from matplotlib.colors import to_rgba
+    rng = np.random.default_rng(0)
+    for m in (1, 3, 7, 8, 12):
+        mbs = np.r_[-1, rng.integers(0, m, 50)]
+        for alpha in (1.0, 0.45):
+            got = style.mb_colors(mbs, m, alpha)
+            assert got.shape == (len(mbs), 4)
+            np.testing.assert_array_equal(got, [to_rgba(style.mb_color(k, m, alpha)) for k in mbs])
+
+
+def test_median_durations_match_a_groupby(run):
+    from analysis.metrics import COMPUTE
+    from analysis.plots.timeline import _median_durations
+    for ev in (run.events, run.events[run.events["step"].isin(run.steps[1:])],
+               run.events[run.events["kind"] != "opt"]):
+        # the formulation it replaced: sum per (rank, step, action, mb), median per (rank, action)
+        comp = ev[ev["kind"].isin(COMPUTE)]
+        kind = comp["kind"].astype(object).replace({"loss": "fwd", "norms": "opt"})
+        ref = (comp.assign(k=kind, d=comp["end"] - comp["start"])
+               .groupby(["rank", "step", "k", "mb"])["d"].sum().groupby(["rank", "k"]).median())
+        ref = ref[ref.index.get_level_values("k").isin(("fwd", "bwd", "opt"))]
+        got = _median_durations(ev)
+        assert sorted(got.index) == sorted(ref.index)
+        for key, v in ref.items():
+            assert got[key] == pytest.approx(v, rel=1e-12)
+
+
+def test_pebble_bytes_panel_is_the_whole_runs_level(run):
+    """The bytes panel uses only the pebbles held in the window; its curves must be those of
+    live_bytes over all pebbles."""
+    from analysis.metrics import live_bytes, step_windows
+    from analysis.plots.common import step_curve
+    peb = run.pebbles.copy()
+    # pebbles held across windows: every other one of the first step never freed, every third
+    # one of the second freed only in the last step
+    first, second = (np.flatnonzero(peb["step"] == s) for s in run.steps[:2])
+    peb.loc[first[::2], "freed"] = np.nan
+    peb.loc[second[::3], "freed"] = run.events["end"].max()
+    lb = live_bytes(peb)
+    for step in run.steps:
+        with plt.rc_context(style.RC):
+            fig, axes = pebble_graph(run.events, peb, run.meta, step)
+        ev = run.events[(run.events["step"] == step) & (run.events["lane"] != "step")]
+        win = step_windows(ev).iloc[0]
+        lo, hi = win["start"], win["end"]
+        curves = [step_curve(lb, r, lo, hi) for r in sorted(ev["rank"].unique())]
+        bscale = style.bytes_unit(max(b.max() for _, b in curves) or 1)[0]
+        lines = axes[-1].lines
+        assert len(lines) == len(curves)
+        for ln, (t, b) in zip(lines, curves):
+            np.testing.assert_allclose(ln.get_ydata(), b * bscale, rtol=1e-12)
+            x = np.asarray(ln.get_xdata())
+            np.testing.assert_allclose(x / x[-1] if x[-1] else x, (t - lo) / (t[-1] - lo),
+                                       rtol=1e-9, atol=1e-12)
+        plt.close(fig)
+
+
+def _band_reference(t, y, lo, hi, n, step):
+    """common.band written out column by column."""
+    w = (hi - lo) / n
+    col = np.clip(np.floor((t - lo) / w).astype(int), 0, n - 1)
+
+    def at(x):   # the curve's value at time x (inside [t[0], t[-1]])
+        if step:
+            return y[np.flatnonzero(t <= x)[-1]]
+        return np.interp(x, t, y)
+    xs, top, bot = [], [], []
+    for c in range(col[0], col[-1] + 1):
+        a = t[0] if c == col[0] else lo + c * w
+        b = t[-1] if c == col[-1] else lo + (c + 1) * w
+        vals = [at(a), at(b)] + list(y[col == c])
+        xs += [a, b]
+        top += [max(vals)] * 2
+        bot += [min(vals)] * 2
+    return np.r_[xs, xs[::-1]], np.r_[top, bot[::-1]]
+
+
+@pytest.mark.parametrize("step", [False, True])
+def test_band_is_the_per_column_range(step):
+    from analysis.plots.common import band
+    rng = np.random.default_rng(1)
+    t = np.sort(np.r_[rng.uniform(0, 40, 3000), rng.uniform(70, 100, 2000), [50.0] * 3])
+    y = rng.normal(0, 1, len(t)).cumsum()
+    for lo, hi, n in ((0.0, 100.0, 37), (-5.0, 120.0, 200), (t[0], t[-1], 1000)):
+        x, yy = band(t, y, lo, hi, n, step)
+        rx, ry = _band_reference(t, y, lo, hi, n, step)
+        np.testing.assert_allclose(x, rx, rtol=1e-12, atol=1e-9)
+        np.testing.assert_array_equal(yy, ry)
+        # every sample lies inside the polygon's column
+        m = len(x) // 2
+        left, top, bot = x[:m:2], yy[:m:2], yy[m:][::-1][::2]
+        i = np.clip(np.searchsorted(left, t, "right") - 1, 0, len(left) - 1)
+        assert (bot[i] <= y).all() and (y <= top[i]).all()
+
+
+def test_envelope_keeps_each_columns_first_extremes_and_last():
+    from analysis.plots.common import envelope
+    rng = np.random.default_rng(2)
+    t = np.sort(rng.uniform(0, 10, 20000))
+    y = rng.integers(0, 50, len(t)).astype(float)
+    n = 300
+    tt, yy = envelope(t, y, 0.0, 10.0, n)
+    assert len(tt) <= 4 * n and (np.diff(tt) >= 0).all()
+    col, ecol = (np.clip((a / 10 * n).astype(int), 0, n - 1) for a in (t, tt))
+    for c in np.unique(col):
+        raw, got = y[col == c], yy[ecol == c]
+        assert got.min() == raw.min() and got.max() == raw.max()
+        assert got[0] == raw[0] and got[-1] == raw[-1]
+    assert np.isin(tt, t).all()   # samples of the curve, none made up
+
+
+def test_memory_plot_draws_a_dense_run_as_bands(run):
+    """More samples than the image has columns: solid curves become one band polygon each,
+    which holds every sample; dashed ones stay lines (their dashes must show)."""
+    import pandas as pd
+    from matplotlib.collections import PolyCollection
+    t = np.linspace(0, 50, 20000)
+    mem = pd.concat([pd.DataFrame({"rank": r, "time": t, "source": src,
+                                   "bytes": (100 << 20) + ((t * 1e6).astype(int) % (5 << 20))})
+                     for r in range(2) for src in ("cuda_allocated", "rss")], ignore_index=True)
+    with plt.rc_context(style.RC):
+        fig, (aax, dax) = memory_plot(run.pebbles, mem)
+        bands = [c for c in dax.collections if isinstance(c, PolyCollection)]
+        assert len(bands) == 2 and len(dax.lines) == 2      # rss: bands; cuda_allocated: lines
+        scale = 1 / 2**20
+        for pc in bands:
+            v = pc.get_paths()[0].vertices
+            assert v[:, 1].min() == pytest.approx(100) and v[:, 1].max() <= 105
+            assert v[:, 1].max() == pytest.approx(mem["bytes"].max() * scale)
+        assert all(len(ln.get_xdata()) <= 4 * 2 * 1020 for ln in dax.lines)
         _png(fig)

@@ -1,6 +1,7 @@
 """Small drawing helpers shared by the figures."""
 from __future__ import annotations
 
+import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.collections import PolyCollection
 from matplotlib.patches import PathPatch
@@ -38,14 +39,62 @@ def add_boxes(ax, x0, x1, y0, y1, gid=None, hatch=None, **kw) -> PolyCollection:
     return pc
 
 
-def decimate(t: np.ndarray, y: np.ndarray, n: int = 4000):
-    """At most ~n points of a step curve, keeping each bin's maximum (peaks must survive)."""
-    if len(t) <= n:
+def envelope(t: np.ndarray, y: np.ndarray, lo: float, hi: float, n: int):
+    """A curve sampled at sorted times `t`, cut to what n columns over [lo, hi] can show.
+
+    Per column that holds samples: its first, lowest, highest and last sample, in time order
+    (M4, Jugel et al. 2014), so the band a column draws and the level carried into the next are
+    the raw curve's (peaks and troughs both survive) and a curve of a million samples draws
+    like the raw one from at most 4n points. For a plain or a step ("post") line."""
+    if len(t) <= 4 * n:
         return t, y
-    edges = np.linspace(t[0], t[-1], n + 1)
-    b = np.clip(np.searchsorted(edges, t, "right") - 1, 0, n - 1)
-    start = np.flatnonzero(np.r_[True, b[1:] != b[:-1]])
-    return t[start], np.maximum.reduceat(y, start)
+    col = np.clip(((t - lo) * (n / (hi - lo))).astype(np.int64), 0, n - 1) if hi > lo else \
+        np.zeros(len(t), np.int64)
+    first = np.flatnonzero(np.r_[True, col[1:] != col[:-1]])
+    count = np.diff(np.r_[first, len(t)])
+
+    def first_where(hit):   # per column, the first sample where `hit` holds (one always does)
+        i = np.flatnonzero(hit)
+        return i[np.r_[True, col[i[1:]] != col[i[:-1]]]]
+    lo_i = first_where(y == np.repeat(np.minimum.reduceat(y, first), count))
+    hi_i = first_where(y == np.repeat(np.maximum.reduceat(y, first), count))
+    idx = np.sort(np.c_[first, lo_i, hi_i, first + count - 1], axis=1).ravel()
+    idx = idx[np.r_[True, idx[1:] != idx[:-1]]]   # a sample that is both first and lowest, ...
+    return t[idx], y[idx]
+
+
+def band(t: np.ndarray, y: np.ndarray, lo: float, hi: float, n: int, step: bool = False):
+    """Outline of what a line through (t, y) (sorted times; step: drawn as steps "post") covers
+    in each of n columns over [lo, hi]: per column, from the lowest to the highest value the
+    curve takes there (its samples and its values at the column's edges). Returns (x, y) of one
+    polygon, upper edge left to right, lower edge back.
+
+    Filled and stroked with the line's width, it draws what the line would: a line through a
+    million samples is a band of vertical zigzags whose stroking costs Agg ~0.1 s a curve at
+    300 dpi, the polygon a few ms; peaks and troughs both stay (min/max per column)."""
+    w = (hi - lo) / n if hi > lo else 1.0
+    c0, c1 = (int(np.clip((x - lo) // w, 0, n - 1)) for x in (t[0], t[-1]))
+    edges = lo + w * np.arange(c0, c1 + 2, dtype=float)
+    edges[0], edges[-1] = t[0], t[-1]
+    if step:   # the level after the last sample at or before the edge
+        at = y[np.searchsorted(t, edges, "right") - 1]
+    else:
+        at = np.interp(edges, t, y)
+    top, bot = np.maximum(at[:-1], at[1:]), np.minimum(at[:-1], at[1:])
+    col = np.clip(((t - lo) // w).astype(np.int64), c0, c1) - c0
+    first = np.flatnonzero(np.r_[True, col[1:] != col[:-1]])
+    top[col[first]] = np.maximum(top[col[first]], np.maximum.reduceat(y, first))
+    bot[col[first]] = np.minimum(bot[col[first]], np.minimum.reduceat(y, first))
+    x = np.c_[edges[:-1], edges[1:]].ravel()
+    return np.r_[x, x[::-1]], np.r_[np.repeat(top, 2), np.repeat(bot, 2)[::-1]]
+
+
+def columns(fig, px: float = 2.0) -> int:
+    """How many columns of `px` saved pixels the figure is wide (an upper bound for an axes):
+    the n for envelope() and band(), at the dpi the figure will be saved at."""
+    dpi = plt.rcParams["savefig.dpi"]
+    dpi = fig.dpi if dpi == "figure" else dpi
+    return max(1, int(np.ceil(fig.get_figwidth() * dpi / px)))
 
 
 def step_curve(lb, rank, lo, hi):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.colors import to_rgba
 from matplotlib.lines import Line2D
 from matplotlib.patches import ConnectionPatch, Patch
 
@@ -112,20 +113,21 @@ def pebble_graph(events, pebbles, meta: dict, step: int, fig=None, span: float |
         y0 = np.array([f_row.get(l, 0) for l in pr["layer"]]) - 0.4 + pr["mb"].to_numpy() * hgt
         free = pr["freed"].fillna(hi).clip(upper=hi)
         add_boxes(ax, X(pr["stored"]), X(free), y0, y0 + hgt, gid="pebbles",
-                  facecolor=[style.mb_color(k, m, 0.45) for k in pr["mb"]], edgecolor="none",
+                  facecolor=style.mb_colors(pr["mb"], m, 0.45), edgecolor="none",
                   zorder=1)
         # compute where it ran: forward (and loss) in F rows, backward in B rows, opt last
         kind, layer = c["kind"].to_numpy(), c["layer"].to_numpy()
         y = np.array([f_row.get(l, 0) if k in ("fwd", "loss") else
                       b_row.get(l, n) if k in BACKWARD else 2 * n for k, l in zip(kind, layer)])
-        col = [style.KIND[k] if k in ("opt", "norms") else style.mb_color(b, m)
-               for k, b in zip(kind, c["mb"])]
+        col = style.mb_colors(c["mb"], m)
+        for k in ("opt", "norms"):
+            col[kind == k] = to_rgba(style.KIND[k])
         w = kind == "bwd_w"      # weight gradients: hatched, so B and W tell apart
         for sel, kw in ((~w, {}), (w, {"hatch": "//////"})):
             if sel.any():
                 add_boxes(ax, X(c["start"].to_numpy()[sel]), X(c["end"].to_numpy()[sel]),
                           y[sel] - 0.4, y[sel] + 0.4, gid="compute-w" if kw else "compute",
-                          facecolor=[x for x, k in zip(col, sel) if k], edgecolor="black",
+                          facecolor=col[sel], edgecolor="black",
                           linewidth=0.3, zorder=2, **kw)
         ax.axhline(n - 0.5, color="black", lw=0.4, ls=(0, (2, 2)), zorder=3)
         labels = [f"F {_label(l, meta)}" for l in layers] + [f"B {_label(l, meta)}"
@@ -140,7 +142,11 @@ def pebble_graph(events, pebbles, meta: dict, step: int, fig=None, span: float |
     _arrows(fig, axes, ranks, rowy, recv_split(ev), X, meta)
     # live activation bytes under the panels, same time axis
     bax = axes[-1]
-    lb = live_bytes(pebbles[pebbles["rank"].isin(ranks)])
+    # only the pebbles held at some time in [lo, hi]: one freed by lo adds and takes back its
+    # bytes before the window and one stored after hi comes after it, so the levels in the
+    # window are those of all the rank's pebbles (at a fraction of the sort)
+    held = (pebbles["stored"] <= hi) & ~(pebbles["freed"] <= lo)   # NaN freed: never freed
+    lb = live_bytes(pebbles[held & pebbles["rank"].isin(ranks)])
     peak = lb["bytes"].max() if len(lb) else 0
     bscale, bunit = style.bytes_unit(peak or 1)
     for r in ranks:

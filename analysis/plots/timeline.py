@@ -191,6 +191,43 @@ def _planned(ax, planned, ranks, scale, unit, starts):
                  "step's measured start", loc="left")
 
 
+# the simulator's compute actions; the loss forward belongs to the stage's fwd action, the
+# gradient/update statistics to its opt action
+_ACTION = {"fwd": "fwd", "loss": "fwd", "bwd": "bwd", "opt": "opt", "norms": "opt"}
+
+
+def _median_durations(events) -> pd.Series:
+    """Median over (step, microbatch) of each action's summed duration, indexed by (rank, action).
+
+    On plain arrays rather than a groupby of the frame: one integer key per (rank, step, action,
+    microbatch), summed with a bincount (over all possible keys while they are not many more
+    than the rows, else over the keys present, hashed once by pd.factorize)."""
+    codes, kinds = pd.factorize(events["kind"])
+    names = np.array(sorted(set(_ACTION.values())))
+    act = np.array([names.searchsorted(_ACTION[k]) if k in _ACTION else -1 for k in kinds]
+                   + [-1])[codes]   # code -1 (a missing kind) indexes the trailing -1
+    use = act >= 0
+    cols = [events[c].to_numpy()[use] for c in ("rank", "step")] + [act[use],
+                                                                    events["mb"].to_numpy()[use]]
+    los = [int(c.min()) if len(c) else 0 for c in cols]
+    spans = [int(c.max()) - lo + 1 if len(c) else 1 for c, lo in zip(cols, los)]
+    key = np.zeros(use.sum(), np.int64)
+    for c, lo, n in zip(cols, los, spans):   # mixed radix: unique per tuple, no overflow for
+        key = key * n + (c - lo)             # any run (ranks x steps x 3 x microbatches < 2^63)
+    d = np.nan_to_num((events["end"].to_numpy() - events["start"].to_numpy())[use])  # skip NaN
+    size = int(np.prod(spans))
+    if size <= 4 * len(key) + 4096:
+        keys = np.flatnonzero(np.bincount(key, minlength=size))
+        total = np.bincount(key, weights=d, minlength=size)[keys]
+    else:
+        group, keys = pd.factorize(key)
+        total = np.bincount(group, weights=d, minlength=len(keys))
+    below = spans[1] * spans[2] * spans[3]    # decode each group's rank and action
+    rank = keys // below + los[0]
+    action = names[(keys // spans[3]) % spans[2] + los[2]]
+    return pd.Series(total).groupby([rank, action]).median()
+
+
 def planned_frame(schedule: dict | None, events) -> pd.DataFrame | None:
     """The planned step as a frame (rank, kind, mb, start, end; seconds), or None if the schedule
     or harness.simulate is missing. Durations: per rank and action kind, the median measured
@@ -198,12 +235,7 @@ def planned_frame(schedule: dict | None, events) -> pd.DataFrame | None:
     the median measured receive transfer."""
     if not schedule:
         return None
-    comp = events[events["kind"].isin(COMPUTE)]
-    # the loss forward belongs to the stage's fwd action, the statistics to its opt action
-    kind = comp["kind"].astype(object).replace({"loss": "fwd", "norms": "opt"})
-    dur = (comp.assign(k=kind, d=comp["end"] - comp["start"])
-           .groupby(["rank", "step", "k", "mb"])["d"].sum()
-           .groupby(["rank", "k"]).median())
+    dur = _median_durations(events)
     rs = recv_split(events)
     latency = float(rs["transfer"].median()) if rs["matched"].any() else 0.0
 
