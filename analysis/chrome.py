@@ -6,16 +6,25 @@ in), flow arrows from each send slice (`ph:"s"`) to its receive slice (`ph:"f"`,
 same id), and counter tracks (`ph:"C"`): activation bytes held (from pebbles) and each memory
 sample source. Format: Google's "Trace Event Format" document, as summarised in FIELD.md.
 
-Rendered as text, not through json.dump: the few distinct (name, kind, rank, lane, mb, layer,
-bytes) combinations each get a %-template with those fields filled in once, and each event then
-formats only what varies (its times, step, pair and wait split), one `%` per event. Building a
-dict per event and serialising it costs ~5x more, and a million-event run must export in about a
-second. Every string put in a template is one of ours (kind names, pair ids like `A3.0.0>1`), so
-needs no escaping. tests/test_analysis_chrome.py checks the text against a dict-per-event
+Rendered as bytes with numpy, not through json.dump or per-event string formatting (a million
+events must export in well under a second). The trace events come in sections (critical-path
+slices, slices, flow starts, flow ends, counters), each a row layout: literal pieces that depend
+only on a row's group — its distinct combination of name, kind, rank, lane, mb, layer, bytes...,
+serialised once per group with json.dumps — and between them fields that vary per row (times,
+step, id, bytes, pair). Every field sits at the same byte column in every row of a section: the
+pieces are padded with spaces to their longest and numbers are right-aligned in a fixed width
+(JSON allows whitespace between tokens, so `"ts":   1234.567` parses like `"ts":1234.567`). A
+row is then whole 8-byte words: its group's piece words (one gather of a per-group table) with
+each field's characters XOR-ed in, a 3-digit group at a time from lookup tables (the pieces
+hold spaces, 0x20, where the fields go, and a character c is stored as c ^ 0x20, so that a blank
+is 0). Rows whose groups end early (slices without a pair or wait split) lose their trailing
+words in one boolean compaction, so the file keeps the events' order. The file is ~5% larger
+than compact JSON. tests/test_analysis_chrome.py checks the events against a dict-per-event
 construction (json.loads equality).
 """
 from __future__ import annotations
 
+import codecs
 import io
 import json
 from typing import Iterator
@@ -23,24 +32,13 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
-from analysis.critical import paused_gc
 from analysis.metrics import live_bytes, recv_split
 from analysis.waits import _lookup
 
 TID = {"compute": 0, "send": 1, "recv": 2, "copy": 3, "step": 4, "other": 5, "critical": 6,
        "recompute": 7}
 US = 1e6  # seconds -> microseconds
-CHUNK = 100_000  # events formatted and written at a time
-
-_X = ('{"name":"%s","cat":"%s","ph":"X","ts":%.3f,"dur":%.3f,"pid":%d,"tid":%d,'
-      '"args":{"step":%d,"mb":%d,"layer":%d,"bytes":%d%s}}')
-# critical-path slices and counters: filled in twice, the fixed fields once per template
-# (their %s), then the varying ones per line, where the template holds %.3f and %d
-_P = ('{"name":"critical: %s","cat":"critical","ph":"X","ts":%s,"dur":%s,"pid":%d,'
-      '"tid":6,"args":{"step":%s,"kind":"%s"}}')
-_C = '{"name":"%s","ph":"C","ts":%s,"pid":%d,"tid":0,"args":{"bytes":%s}}'
-_S = '{"name":"p2p","cat":"flow","ph":"s","id":%d,"ts":%.3f,"pid":%d,"tid":%d}'
-_F = '{"name":"p2p","cat":"flow","ph":"f","bp":"e","id":%d,"ts":%.3f,"pid":%d,"tid":%d}'
+CHUNK = 16_384  # rows built and written at a time: their words stay in the CPU's cache
 
 
 def _name(kind, layer, mb, peer, step):
@@ -67,11 +65,18 @@ def _metadata(events, ranks) -> list:
     return [json.dumps(x) for x in md]
 
 
-_TAIL_X = ("}}", ',"pair":"%s"}}', ',"pair":"%s","wait_us":%.3f,"transfer_us":%.3f}}')
-
-
-def _esc(x) -> str:
-    return str(x).replace("%", "%%")
+def _codes(c) -> tuple[np.ndarray, int]:
+    """Codes 0..k-1 of a column's distinct values (NA: -1), and k: a categorical's codes, an
+    integer column's offsets from its minimum when their range is small, else factorized."""
+    if isinstance(c, pd.Series) and isinstance(c.dtype, pd.CategoricalDtype):
+        return c.cat.codes.to_numpy(), len(c.cat.categories)
+    if pd.api.types.is_integer_dtype(getattr(c, "dtype", None)) and len(c):
+        a = np.asarray(c, dtype=np.int64)
+        lo, hi = int(a.min()), int(a.max())
+        if hi - lo < 1 << 16:
+            return a - lo, hi - lo + 1
+    codes, uniq = pd.factorize(c)
+    return codes, len(uniq)
 
 
 def _groups(cols: list) -> tuple[np.ndarray, np.ndarray]:
@@ -81,8 +86,8 @@ def _groups(cols: list) -> tuple[np.ndarray, np.ndarray]:
     n = len(cols[0])
     key, radix = np.zeros(n, np.int64), 1
     for c in cols:
-        codes, uniq = pd.factorize(c)
-        k = len(uniq) + 1                       # + NA (code -1)
+        codes, k = _codes(c)
+        k += 1                                  # + NA (code -1)
         if radix * k >= 2**62:
             key, u = pd.factorize(key)
             radix = len(u)
@@ -94,29 +99,188 @@ def _groups(cols: list) -> tuple[np.ndarray, np.ndarray]:
     return g, first
 
 
-def _render(template, fixed: list, varying: list) -> Iterator[list]:
-    """Lines, CHUNK at a time: per row template(*its fixed values) % (its varying values); one
-    template per distinct combination of the fixed columns."""
-    n = len(varying[0])
+# --- rows as 8-byte words ------------------------------------------------------------------
+# A row's bytes start as spaces (0x20) wherever a field goes; a field's character c is XOR-ed
+# in as c ^ 0x20 (so a blank contributes 0). Tokens are packed little-endian: first char lowest.
+
+def _pack(s: str) -> int:
+    return int.from_bytes(bytes(ord(c) ^ 0x20 for c in s), "little")
+
+
+# a number's 3-digit groups: [0, 1000) zero-padded (below the leading group), [1000, 2000)
+# leading zeros blank (the leading group), 2000 blank (above it)
+_DIG3 = np.array([_pack(f"{i:03d}") for i in range(1000)]
+                 + [_pack(f"{i:3d}") for i in range(1000)] + [0], np.uint64)
+_FRAC = np.array([_pack(f".{i:03d}") for i in range(1000)], np.uint64)  # µs' 3 decimals
+_MINUS = np.uint64(_pack("-"))
+_POW10 = 10 ** np.arange(19, dtype=np.int64)
+
+
+def _put(M, rows, p: int, v: np.ndarray, c: int) -> None:
+    """XOR the c-character tokens v (one per row, c <= 8) into byte columns p..p+c-1 of the rows
+    (row indices into M; None: all of them)."""
+    w, s = divmod(p, 8)
+    parts = [(w, v << np.uint64(8 * s) if s else v)]
+    if s + c > 8:                                       # spills into the next word
+        parts.append((w + 1, v >> np.uint64(64 - 8 * s)))
+    for col, x in parts:
+        if rows is None:
+            M[:, col] ^= x
+        else:
+            M[rows, col] ^= x
+
+
+def _number(M, rows, q: np.ndarray, end: int, nd: int, neg) -> None:
+    """Non-negative integers q (< 10**nd) right-aligned to end before byte `end`, leading
+    zeros blank; a '-' just before the digits of the rows where `neg` (bool array or None)."""
+    q0 = q
+    for j in range((nd + 2) // 3):
+        q1 = q // 1000
+        idx = q - q1 * 1000
+        idx += 1000 * (q < 1000)
+        if j:
+            idx += 1000 * (q == 0)
+        _put(M, rows, end - 3 * j - 3, _DIG3.take(idx), 3)
+        q = q1
+    if neg is not None and neg.any():
+        i = np.flatnonzero(neg)
+        at = end - 1 - np.maximum(1, np.searchsorted(_POW10, q0[i], "right"))
+        r = i if rows is None else rows[i]
+        M[r, at >> 3] ^= _MINUS << (8 * (at & 7)).astype(np.uint64)
+
+
+class _Int:
+    """An integer field, right-aligned."""
+
+    def __init__(self, values):
+        self.v = np.asarray(values, dtype=np.int64)
+
+    def fit(self, sel) -> None:
+        v = self.v if sel is None else self.v[sel]
+        lo, hi = (int(v.min()), int(v.max())) if len(v) else (0, 0)
+        self.nd, self.neg = len(str(max(-lo, hi))), lo < 0
+        self.chars = self.nd + self.neg
+
+    def put(self, M, rows, a, b, off) -> None:
+        v = self.v[a:b] if rows is None else self.v[a:b][rows]
+        _number(M, rows, np.abs(v), off + self.chars, self.nd, v < 0 if self.neg else None)
+
+
+class _Us:
+    """A time in seconds, written in µs with 3 decimals: the value of %.3f of
+    np.round(x * US, 3), right-aligned."""
+
+    def __init__(self, seconds):
+        self.x = np.asarray(seconds, dtype=float)
+
+    @staticmethod
+    def _k(x):  # thousandths of a µs, as np.round(x * US, 3) rounds them
+        return np.rint(x * US * 1000.0)
+
+    def fit(self, sel) -> None:
+        x = self.x if sel is None else self.x[sel]
+        lo, hi = (x.min(), x.max()) if len(x) else (0.0, 0.0)
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            raise ValueError("analysis.chrome: a time to export is NaN or infinite")
+        klo, khi = int(self._k(lo)), int(self._k(hi))
+        self.nd, self.neg = len(str(max(-klo, khi) // 1000)), klo < 0
+        self.chars = self.nd + self.neg + 4
+
+    def put(self, M, rows, a, b, off) -> None:
+        x = self.x[a:b] if rows is None else self.x[a:b][rows]
+        k = self._k(x).astype(np.int64)
+        ak = np.abs(k)
+        q = ak // 1000
+        end = off + self.chars - 4
+        _put(M, rows, end, _FRAC.take(ak - q * 1000), 4)
+        _number(M, rows, q, end, self.nd, k < 0 if self.neg else None)
+
+
+class _Str:
+    """A string field: per row a code into `values` (NA: -1, rows that do not have the field),
+    each value's JSON literal left-aligned, blank after."""
+
+    def __init__(self, codes, values):
+        self.codes = np.asarray(codes, dtype=np.int64)
+        s = list(map(str, pd.Index(values).tolist()))
+        raw = "".join(s)
+        q = raw.isascii() and raw.isprintable() and '"' not in raw and "\\" not in raw
+        if not q:                                       # escapes needed: json.dumps' quoting
+            s = [json.dumps(x) for x in s]
+            raw = "".join(s)
+        lens = np.fromiter(map(len, s), np.int64, len(s))
+        L = int(lens.max(initial=0))
+        self.width = L + 2 * q
+        t = np.zeros((len(s), -(-self.width // 8) * 8), np.uint8)
+        inside = np.arange(L) < lens[:, None]           # the characters, then the quotes
+        at = (np.cumsum(lens) - lens)[:, None] + np.arange(L)
+        t[:, q:L + q][inside] = np.frombuffer(raw.encode(), np.uint8)[at[inside]] ^ 0x20
+        if q:
+            t[:, 0] = ord('"') ^ 0x20
+            t[np.arange(len(s)), lens + 1] = ord('"') ^ 0x20
+        self.table = t.view(np.uint64)
+
+    def fit(self, sel) -> None:
+        self.chars = self.width
+
+    def put(self, M, rows, a, b, off) -> None:
+        c = self.codes[a:b] if rows is None else self.codes[a:b][rows]
+        t = self.table.take(c, axis=0)
+        for q in range(t.shape[1]):
+            _put(M, rows, off + 8 * q, t[:, q], min(8, self.chars - 8 * q))
+
+
+def _section(g, pieces: list, fields: list, nf=None) -> Iterator[tuple[np.ndarray, int]]:
+    """Rows of one kind of trace event, CHUNK at a time: (their bytes as uint64 words, how many
+    rows); each row is ",\\n" + the event + spaces to a whole word.
+
+    g: each row's group, 0..G-1. pieces: k + 1 entries, around the k fields (_Int, _Us, _Str):
+    a str, or one str per group (its JSON text there, ASCII). nf: per group, how many of the
+    fields its rows have (default all); a group with nf = j ends with pieces[j], later pieces
+    are '' for it. Each piece is padded to its longest, so that every field has its column."""
+    n = len(g)
     if not n:
         return
-    g, first = _groups(fixed)
-    vals = [np.asarray(c.to_numpy(dtype=object) if isinstance(c, pd.Series) else c)
-            for c in fixed]
-    T = np.array([template(*(v[i] for v in vals)) for i in first.tolist()], dtype=object)
+    G, k = int(g.max()) + 1, len(fields)
+    pieces = [[p] * G if isinstance(p, str) else p for p in pieces]
+    nf = np.full(G, k) if nf is None else np.asarray(nf)
+    every = [bool((nf > i).all()) for i in range(k)]
+    nfr = None if all(every) else nf[g]
+    for i, f in enumerate(fields):
+        f.fit(None if every[i] else np.flatnonzero(nfr > i))
+    off, pos = [], 2                                    # each field's first byte in the row
+    for i, f in enumerate(fields):
+        pos += max(map(len, pieces[i]))
+        off.append(pos)
+        pos += f.chars
+    rows = []                                           # each group's row: pieces, blanks
+    for j in range(G):
+        row = bytearray(b",\n" + pieces[0][j].encode())
+        for i in range(nf[j]):
+            row += b" " * (off[i] + fields[i].chars - len(row)) + pieces[i + 1][j].encode()
+        rows.append(row)
+    words = np.array([-(-len(r) // 8) for r in rows])
+    W = int(words.max())
+    base = np.array([bytes(r.ljust(8 * W)) for r in rows], dtype=f"S{8 * W}")
+    base = base.view(np.uint64).reshape(G, W)
+    keep = None if (words == W).all() else np.arange(W) < words[:, None]
     for a in range(0, n, CHUNK):
         b = min(n, a + CHUNK)
-        yield [t % v for t, v in zip(T[g[a:b]].tolist(),
-                                     zip(*(x[a:b].tolist() for x in varying)))]
+        gc = g[a:b]
+        M = base.take(gc, axis=0)
+        for i, f in enumerate(fields):
+            r = None if every[i] else np.flatnonzero(nfr[a:b] > i)
+            if r is None or len(r):
+                f.put(M, r, a, b, off[i])
+        yield (M.ravel() if keep is None else M[keep.take(gc, axis=0)]), b - a
 
 
-def _slices(ev, rs) -> Iterator[list]:
-    """The events as X slices, in their order, CHUNK at a time (lists of JSON strings)."""
+def _slices(ev, rs) -> Iterator[tuple[np.ndarray, int]]:
+    """The events as X slices, in their order (see _section)."""
     n = len(ev)
     if not n:
         return
     kind = ev["kind"]
-    kinds = kind.to_numpy(dtype=object)
     pair = ev["pair"]
     has = pair.notna().to_numpy()
     isr = (kind == "recv").to_numpy()
@@ -128,59 +292,67 @@ def _slices(ev, rs) -> Iterator[list]:
     hit = j >= 0
     w[hit] = split["wait"].to_numpy(float)[j[hit]]
     x[hit] = split["transfer"].to_numpy(float)[j[hit]]
-    w, x = np.round(w * US, 3), np.round(x * US, 3)
     # 0: no pair; 1: pair; 2: a receive with its wait split
     cls = np.where(has, np.where(isr & ~np.isnan(w), 2, 1), 0)
     stepcol = ev["step"].to_numpy()
-    named_step = np.where(kinds == "step", stepcol, 0)
+    named_step = np.where((kind == "step").to_numpy(), stepcol, 0)
     tid = np.array([TID.get(x_, 5) for x_ in ev["lane"].to_numpy(dtype=object)]) \
         if not isinstance(ev["lane"].dtype, pd.CategoricalDtype) else np.array(
             [TID.get(c, 5) for c in ev["lane"].cat.categories] + [5])[ev["lane"].cat.codes]
     cols = {c: ev[c].to_numpy() for c in ("rank", "mb", "layer", "peer", "bytes")}
     g, first = _groups([kind, cols["layer"], cols["mb"], cols["peer"], named_step,
                         cols["rank"], tid, cols["bytes"], cls])
-    templates = []
-    for i in first.tolist():
-        k = kinds[i]
-        head = ('{"name":"%s","cat":"%s","ph":"X","ts":%%.3f,"dur":%%.3f,"pid":%d,"tid":%d,'
-                '"args":{"step":%%d,"mb":%d,"layer":%d,"bytes":%d') % (
-            _esc(_name(k, cols["layer"][i], cols["mb"][i], cols["peer"][i], named_step[i])),
-            _esc(k), cols["rank"][i], tid[i], cols["mb"][i], cols["layer"][i], cols["bytes"][i])
-        templates.append(head + _TAIL_X[cls[i]])
-    T = np.array(templates, dtype=object)
-    start, end = ev["start"].to_numpy(), ev["end"].to_numpy()
-    pairs = pair.to_numpy(dtype=object)
-    for a in range(0, n, CHUNK):
-        b = min(n, a + CHUNK)
-        ts = np.round(start[a:b] * US, 3)
-        dur = np.round((end[a:b] - start[a:b]) * US, 3)
-        tl, c = T[g[a:b]], cls[a:b]
-        out = np.empty(b - a, dtype=object)
-        for k in range(3):
-            i = np.flatnonzero(c == k)
-            if not len(i):
-                continue
-            args = [ts[i].tolist(), dur[i].tolist(), stepcol[a:b][i].tolist()]
-            if k:
-                args.append(pairs[a:b][i].tolist())
-            if k == 2:
-                args += [w[a:b][i].tolist(), x[a:b][i].tolist()]
-            out[i] = [t % v for t, v in zip(tl[i].tolist(), zip(*args))]
-        yield out.tolist()
+    c = cls[first]
+    heads, procs, args = [], [], []
+    for k, layer, mb, peer, st, r, t, b, p in zip(
+            kind.take(first).tolist(), *(a[first].tolist() for a in (
+                cols["layer"], cols["mb"], cols["peer"], named_step, cols["rank"], tid,
+                cols["bytes"], cls))):
+        heads.append('{"name":%s,"cat":%s,"ph":"X","ts":' % (
+            json.dumps(_name(k, layer, mb, peer, st)), json.dumps(k)))
+        procs.append(',"pid":%d,"tid":%d,"args":{"step":' % (r, t))
+        args.append(',"mb":%d,"layer":%d,"bytes":%d' % (mb, layer, b)
+                    + (',"pair":' if p else "}}"))
+    choose = lambda *by_cls: list(np.array(by_cls, dtype=object)[c])   # noqa: E731
+    if isinstance(pair.dtype, pd.CategoricalDtype):
+        codes, values = pair.cat.codes.to_numpy(), pair.cat.categories
+    else:
+        codes, values = pd.factorize(pair)
+    start, end = ev["start"].to_numpy(float), ev["end"].to_numpy(float)
+    yield from _section(
+        g, [heads, ',"dur":', procs, args, choose("", "}}", ',"wait_us":'),
+            choose("", "", ',"transfer_us":'), choose("", "", "}}")],
+        [_Us(start), _Us(end - start), _Int(stepcol), _Str(codes, values), _Us(w), _Us(x)],
+        nf=np.array([3, 4, 6])[c])
+
+
+def _byte_writer(f):
+    """f.write for bytes: binary files directly; text files through their binary buffer when
+    their encoding leaves ASCII as it is (the trace is ASCII: json.dumps escapes the rest),
+    else (io.StringIO) decoded."""
+    if not isinstance(f, io.TextIOBase):
+        return f.write
+    raw = getattr(f, "buffer", None)
+    if raw is not None and codecs.lookup(f.encoding).name in (
+            "utf-8", "ascii", "iso8859-1", "cp1252"):
+        f.flush()
+        return raw.write
+    return lambda b: f.write(bytes(b).decode("ascii"))
 
 
 def write_chrome(f, events, pebbles, memory, meta: dict | None = None,
                  critical=None) -> int:
-    """Write the trace to the open text file `f`; returns the number of trace events.
+    """Write the trace to the open file `f` (text or binary); returns the number of trace
+    events.
 
     critical: analysis.critical.critical_path segments, shown as a "critical path" track
     (tid 6) in each rank the path passes through: one slice per segment, named by what ran.
 
-    Streams in chunks of CHUNK events, so a million-event run never holds all its JSON lines."""
-    ranks = sorted(set(events["rank"]) | set(pebbles["rank"]) | set(memory["rank"]))
+    Streams in chunks of CHUNK events, so a million-event run never holds all its text."""
+    ranks = sorted(set().union(*(np.unique(d["rank"]).tolist()
+                                 for d in (events, pebbles, memory))))
     rs = recv_split(events)
     m = rs[rs["matched"]]
-    ids = range(1, len(m) + 1)
     lb = live_bytes(pebbles)
     other = {"source": "harness analysis (python -m analysis.pebble)",
              "time": "µs since the run's first event, rank 0's clock"}
@@ -188,44 +360,65 @@ def write_chrome(f, events, pebbles, memory, meta: dict | None = None,
         other.update({k: meta.get(k) for k in ("experiment", "start_time", "world_size",
                                                 "schedule")})
 
+    def lines(texts: list):
+        return "".join(",\n" + s for s in texts).encode(), len(texts)
+
+    def counters(ts, ranks_, nbytes, name: str, source=None):
+        """ph:"C" rows: name (+ " " + source, per row), time, rank, bytes."""
+        ranks_ = np.asarray(ranks_, dtype=np.int64)
+        g, first = _groups([ranks_] if source is None else [source, ranks_])
+        names = [name] * len(first) if source is None else [
+            f"{name} {s}" for s in source.take(first).tolist()]
+        return _section(g, [['{"name":%s,"ph":"C","ts":' % json.dumps(s) for s in names],
+                            [',"pid":%d,"tid":0,"args":{"bytes":' % r for r in ranks_[first]],
+                            "}}"], [_Us(ts), _Int(nbytes)])
+
+    def flows(ph, ts, ranks_, tid):
+        """Flow events: name p2p, the given phase, id 1.., time, rank, lane."""
+        ranks_ = np.asarray(ranks_, dtype=np.int64)
+        g, first = _groups([ranks_])
+        return _section(g, ['{"name":"p2p","cat":"flow","ph":%s,"id":' % ph, ',"ts":',
+                            [',"pid":%d,"tid":%d}' % (r, tid) for r in ranks_[first]]],
+                        [_Int(np.arange(1, len(ts) + 1)), _Us(ts)])
+
     def chunks():
-        yield _metadata(events, ranks)
+        yield lines(_metadata(events, ranks))
         if critical is not None and len(critical):
-            yield [json.dumps({"ph": "M", "name": "thread_name", "pid": int(r),
-                               "tid": TID["critical"], "args": {"name": "critical path"}})
-                   for r in sorted(critical["rank"].unique())]
             c = critical
-            yield from _render(
-                lambda w, r, k: _P % (_esc(w), "%.3f", "%.3f", r, "%d", _esc(k)),
-                [c["what"], c["rank"].astype(int), c["kind"]],
-                [np.round(c["start"].to_numpy() * US, 3),
-                 np.round((c["end"] - c["start"]).to_numpy() * US, 3),
-                 c["step"].astype(int).to_numpy()])
+            yield lines([json.dumps({"ph": "M", "name": "thread_name", "pid": int(r),
+                                     "tid": TID["critical"], "args": {"name": "critical path"}})
+                         for r in sorted(c["rank"].unique())])
+            rank = c["rank"].to_numpy(np.int64)
+            g, first = _groups([c["what"], rank, c["kind"]])
+            yield from _section(
+                g, [['{"name":%s,"cat":"critical","ph":"X","ts":' % json.dumps(
+                    "critical: " + str(w)) for w in c["what"].take(first).tolist()], ',"dur":',
+                    [',"pid":%d,"tid":6,"args":{"step":' % r for r in rank[first].tolist()],
+                    [',"kind":%s}}' % json.dumps(str(k)) for k in c["kind"].take(first).tolist()]],
+                [_Us(c["start"].to_numpy(float)), _Us((c["end"] - c["start"]).to_numpy(float)),
+                 _Int(c["step"].to_numpy())])
         yield from _slices(events, rs)
         # flow start on the send slice at its start, end bound to the enclosing receive slice
-        yield [_S % (i, t, p, TID["send"]) for i, t, p in
-               zip(ids, np.round(m["send_start"].to_numpy() * US, 3).tolist(),
-                   m["send_rank"].astype(int).tolist())]
-        yield [_F % (i, t, p, TID["recv"]) for i, t, p in
-               zip(ids, np.round(m["start"].to_numpy() * US, 3).tolist(),
-                   m["rank"].astype(int).tolist())]
-        yield from _render(
-            lambda r: _C % ("activations (pebbles)", "%.3f", r, "%d"), [lb["rank"].astype(int)],
-            [np.round(lb["time"].to_numpy() * US, 3), lb["bytes"].astype(np.int64).to_numpy()])
-        yield from _render(
-            lambda sr, r: _C % (_esc("memory " + sr), "%.3f", r, "%d"),
-            [memory["source"], memory["rank"]],
-            [np.round(memory["time"].to_numpy() * US, 3), memory["bytes"].to_numpy()])
+        yield from flows('"s"', m["send_start"].to_numpy(float), m["send_rank"], TID["send"])
+        yield from flows('"f","bp":"e"', m["start"].to_numpy(float), m["rank"], TID["recv"])
+        yield from counters(lb["time"].to_numpy(float), lb["rank"], lb["bytes"],
+                            "activations (pebbles)")
+        yield from counters(memory["time"].to_numpy(float), memory["rank"], memory["bytes"],
+                            "memory", memory["source"])
 
-    f.write('{"traceEvents":[')
+    write = _byte_writer(f)
+    write(b'{"traceEvents":[')
     n = 0
-    with paused_gc():
-        for part in chunks():
-            if part:
-                f.write(",\n" if n else "\n")   # no concatenation: parts are ~30 MB
-                f.write(",\n".join(part))
-                n += len(part)
-    f.write('\n],"displayTimeUnit":"ms","otherData":' + json.dumps(other) + "}\n")
+    for part, k in chunks():
+        if not k:
+            continue
+        if not n:                    # the first event: no comma before it
+            part = b" " + part[1:] if isinstance(part, bytes) else part.view(np.uint8)
+            if not isinstance(part, bytes):
+                part[0] = ord(" ")
+        write(part)
+        n += k
+    write(('\n],"displayTimeUnit":"ms","otherData":' + json.dumps(other) + "}\n").encode())
     return n
 
 
