@@ -38,13 +38,11 @@ from analysis.waits import _lookup
 TID = {"compute": 0, "send": 1, "recv": 2, "copy": 3, "step": 4, "other": 5, "critical": 6,
        "recompute": 7}
 US = 1e6  # seconds -> microseconds
-CHUNK = 16_384  # rows built and written at a time: their words stay in the CPU's cache
+CHUNK = 8192  # rows built and written at a time: their words stay in the CPU's cache
 
 
-def _name(kind, layer, mb, peer, step):
-    """'fwd L3 mb0', 'send mb0 ->1', 'recv mb0 <-0', 'opt', 'step 4'."""
-    if kind == "step":
-        return f"step {step}"
+def _name(kind, layer, mb, peer):
+    """'fwd L3 mb0', 'send mb0 ->1', 'recv mb0 <-0', 'opt' (a step slice: 'step 4')."""
     s = kind + (f" L{layer}" if layer >= 0 else "") + (f" mb{mb}" if mb >= 0 else "")
     return s + (f" ->{peer}" if kind == "send" else f" <-{peer}" if kind == "recv" else "")
 
@@ -56,8 +54,9 @@ def _metadata(events, ranks) -> list:
                    "args": {"name": f"rank {r}"}})
         md.append({"ph": "M", "name": "process_sort_index", "pid": int(r), "tid": 0,
                    "args": {"sort_index": int(r)}})
-    lanes = events[["rank", "lane"]].drop_duplicates()
-    for r, lane in zip(lanes["rank"], lanes["lane"]):
+    _, first = _groups([events["rank"], events["lane"]])    # as they first appear
+    for r, lane in zip(events["rank"].to_numpy()[first].tolist(),
+                       events["lane"].take(first).tolist()):
         md.append({"ph": "M", "name": "thread_name", "pid": int(r), "tid": TID.get(lane, 5),
                    "args": {"name": lane}})
         md.append({"ph": "M", "name": "thread_sort_index", "pid": int(r),
@@ -66,17 +65,17 @@ def _metadata(events, ranks) -> list:
 
 
 def _codes(c) -> tuple[np.ndarray, int]:
-    """Codes 0..k-1 of a column's distinct values (NA: -1), and k: a categorical's codes, an
+    """Codes 1..k-1 of a column's distinct values (NA: 0), and k: a categorical's codes, an
     integer column's offsets from its minimum when their range is small, else factorized."""
     if isinstance(c, pd.Series) and isinstance(c.dtype, pd.CategoricalDtype):
-        return c.cat.codes.to_numpy(), len(c.cat.categories)
+        return c.cat.codes.to_numpy().astype(np.int64) + 1, len(c.cat.categories) + 1
     if pd.api.types.is_integer_dtype(getattr(c, "dtype", None)) and len(c):
         a = np.asarray(c, dtype=np.int64)
         lo, hi = int(a.min()), int(a.max())
         if hi - lo < 1 << 16:
-            return a - lo, hi - lo + 1
+            return a - (lo - 1), hi - lo + 2
     codes, uniq = pd.factorize(c)
-    return codes, len(uniq)
+    return codes + 1, len(uniq) + 1
 
 
 def _groups(cols: list) -> tuple[np.ndarray, np.ndarray]:
@@ -84,14 +83,13 @@ def _groups(cols: list) -> tuple[np.ndarray, np.ndarray]:
     number the groups in order of first appearance. One integer key per row (mixed radix over
     each column's factorized codes), compressed whenever it would overflow."""
     n = len(cols[0])
-    key, radix = np.zeros(n, np.int64), 1
+    key, radix = 0, 1
     for c in cols:
         codes, k = _codes(c)
-        k += 1                                  # + NA (code -1)
         if radix * k >= 2**62:
             key, u = pd.factorize(key)
             radix = len(u)
-        key = key * k + (codes + 1)
+        key = key * k + codes
         radix *= k
     g, u = pd.factorize(key)
     first = np.empty(len(u), np.int64)
@@ -107,63 +105,64 @@ def _pack(s: str) -> int:
     return int.from_bytes(bytes(ord(c) ^ 0x20 for c in s), "little")
 
 
-# a number's 3-digit groups: [0, 1000) zero-padded (below the leading group), [1000, 2000)
-# leading zeros blank (the leading group), 2000 blank (above it)
-_DIG3 = np.array([_pack(f"{i:03d}") for i in range(1000)]
-                 + [_pack(f"{i:3d}") for i in range(1000)] + [0], np.uint64)
+# a number's 3-digit groups, [0] for the units' group, [1] for those above: [0, 1000)
+# zero-padded (below the number's leading group), [1000, 2000) leading zeros blank (its leading
+# group; 1000 + 0: "  0" for the units, blank above them, where the number has no digits)
+_DIG3 = np.array([[_pack(f"{i:03d}") for i in range(1000)]
+                  + [_pack(f"{i:3d}" if i or not up else "") for i in range(1000)]
+                  for up in (0, 1)], np.uint64)
 _FRAC = np.array([_pack(f".{i:03d}") for i in range(1000)], np.uint64)  # µs' 3 decimals
 _MINUS = np.uint64(_pack("-"))
 _POW10 = 10 ** np.arange(19, dtype=np.int64)
 
 
-def _put(M, rows, p: int, v: np.ndarray, c: int) -> None:
-    """XOR the c-character tokens v (one per row, c <= 8) into byte columns p..p+c-1 of the rows
-    (row indices into M; None: all of them)."""
+def _put(F, p: int, v: np.ndarray, c: int) -> None:
+    """XOR the c-character tokens v (one per row, c <= 8) into bytes p..p+c-1 of a field's
+    words F (F[w]: each row's word w, contiguous). Bytes before 0 are left out: blank."""
+    if p < 0:
+        v, c, p = v >> np.uint64(-8 * p), c + p, 0
     w, s = divmod(p, 8)
-    parts = [(w, v << np.uint64(8 * s) if s else v)]
+    if not s:
+        F[w] ^= v
+        return
+    F[w] ^= v << np.uint64(8 * s)
     if s + c > 8:                                       # spills into the next word
-        parts.append((w + 1, v >> np.uint64(64 - 8 * s)))
-    for col, x in parts:
-        if rows is None:
-            M[:, col] ^= x
-        else:
-            M[rows, col] ^= x
+        F[w + 1] ^= v >> np.uint64(64 - 8 * s)
 
 
-def _number(M, rows, q: np.ndarray, end: int, nd: int, neg) -> None:
+def _number(F, q: np.ndarray, end: int, nd: int, neg) -> None:
     """Non-negative integers q (< 10**nd) right-aligned to end before byte `end`, leading
     zeros blank; a '-' just before the digits of the rows where `neg` (bool array or None)."""
-    q0 = q
+    q0, lo, hi = q, int(q.min()), int(q.max())
     for j in range((nd + 2) // 3):
+        if j and hi < 1000 ** j:            # above every row's leading group: all blank
+            break
         q1 = q // 1000
         idx = q - q1 * 1000
-        idx += 1000 * (q < 1000)
-        if j:
-            idx += 1000 * (q == 0)
-        _put(M, rows, end - 3 * j - 3, _DIG3.take(idx), 3)
+        if lo < 1000 ** (j + 1):            # some rows' leading group: their zeros blank
+            idx += 1000 * (q1 == 0)
+        _put(F, end - 3 * j - 3, _DIG3[min(j, 1)].take(idx), 3)
         q = q1
     if neg is not None and neg.any():
         i = np.flatnonzero(neg)
         at = end - 1 - np.maximum(1, np.searchsorted(_POW10, q0[i], "right"))
-        r = i if rows is None else rows[i]
-        M[r, at >> 3] ^= _MINUS << (8 * (at & 7)).astype(np.uint64)
+        F[at >> 3, i] ^= _MINUS << (8 * (at & 7)).astype(np.uint64)
 
 
 class _Int:
     """An integer field, right-aligned."""
 
     def __init__(self, values):
-        self.v = np.asarray(values, dtype=np.int64)
+        self.values = np.asarray(values, dtype=np.int64)
 
     def fit(self, sel) -> None:
-        v = self.v if sel is None else self.v[sel]
+        v = self.values if sel is None else self.values[sel]
         lo, hi = (int(v.min()), int(v.max())) if len(v) else (0, 0)
         self.nd, self.neg = len(str(max(-lo, hi))), lo < 0
         self.chars = self.nd + self.neg
 
-    def put(self, M, rows, a, b, off) -> None:
-        v = self.v[a:b] if rows is None else self.v[a:b][rows]
-        _number(M, rows, np.abs(v), off + self.chars, self.nd, v < 0 if self.neg else None)
+    def put(self, F, v, p) -> None:
+        _number(F, np.abs(v), p + self.chars, self.nd, v < 0 if self.neg else None)
 
 
 class _Us:
@@ -171,14 +170,14 @@ class _Us:
     np.round(x * US, 3), right-aligned."""
 
     def __init__(self, seconds):
-        self.x = np.asarray(seconds, dtype=float)
+        self.values = np.asarray(seconds, dtype=float)
 
     @staticmethod
     def _k(x):  # thousandths of a µs, as np.round(x * US, 3) rounds them
         return np.rint(x * US * 1000.0)
 
     def fit(self, sel) -> None:
-        x = self.x if sel is None else self.x[sel]
+        x = self.values if sel is None else self.values[sel]
         lo, hi = (x.min(), x.max()) if len(x) else (0.0, 0.0)
         if not (np.isfinite(lo) and np.isfinite(hi)):
             raise ValueError("analysis.chrome: a time to export is NaN or infinite")
@@ -186,14 +185,13 @@ class _Us:
         self.nd, self.neg = len(str(max(-klo, khi) // 1000)), klo < 0
         self.chars = self.nd + self.neg + 4
 
-    def put(self, M, rows, a, b, off) -> None:
-        x = self.x[a:b] if rows is None else self.x[a:b][rows]
+    def put(self, F, x, p) -> None:
         k = self._k(x).astype(np.int64)
-        ak = np.abs(k)
+        ak = np.abs(k) if self.neg else k
         q = ak // 1000
-        end = off + self.chars - 4
-        _put(M, rows, end, _FRAC.take(ak - q * 1000), 4)
-        _number(M, rows, q, end, self.nd, k < 0 if self.neg else None)
+        end = p + self.chars - 4
+        _put(F, end, _FRAC.take(ak - q * 1000), 4)
+        _number(F, q, end, self.nd, k < 0 if self.neg else None)
 
 
 class _Str:
@@ -201,7 +199,7 @@ class _Str:
     each value's JSON literal left-aligned, blank after."""
 
     def __init__(self, codes, values):
-        self.codes = np.asarray(codes, dtype=np.int64)
+        self.values = np.asarray(codes, dtype=np.int64)
         s = list(map(str, pd.Index(values).tolist()))
         raw = "".join(s)
         q = raw.isascii() and raw.isprintable() and '"' not in raw and "\\" not in raw
@@ -223,40 +221,39 @@ class _Str:
     def fit(self, sel) -> None:
         self.chars = self.width
 
-    def put(self, M, rows, a, b, off) -> None:
-        c = self.codes[a:b] if rows is None else self.codes[a:b][rows]
-        t = self.table.take(c, axis=0)
+    def put(self, F, codes, p) -> None:
+        t = self.table.take(codes, axis=0)
         for q in range(t.shape[1]):
-            _put(M, rows, off + 8 * q, t[:, q], min(8, self.chars - 8 * q))
+            _put(F, p + 8 * q, t[:, q], min(8, self.chars - 8 * q))
 
 
-def _section(g, pieces: list, fields: list, nf=None) -> Iterator[tuple[np.ndarray, int]]:
+def _section(g, pieces: list, fields: list, has=None) -> Iterator[tuple[np.ndarray, int]]:
     """Rows of one kind of trace event, CHUNK at a time: (their bytes as uint64 words, how many
     rows); each row is ",\\n" + the event + spaces to a whole word.
 
     g: each row's group, 0..G-1. pieces: k + 1 entries, around the k fields (_Int, _Us, _Str):
-    a str, or one str per group (its JSON text there, ASCII). nf: per group, how many of the
-    fields its rows have (default all); a group with nf = j ends with pieces[j], later pieces
-    are '' for it. Each piece is padded to its longest, so that every field has its column."""
+    a str, or one str per group (its JSON text there, ASCII). has: (groups, k) bool, the fields
+    each group's rows have (default all): a group ends with the piece after its last field, and
+    its pieces after a field it lacks are ''. Each piece is padded to its longest, so that every
+    field has its column; where a group lacks one, its row has blanks."""
     n = len(g)
     if not n:
         return
     G, k = int(g.max()) + 1, len(fields)
     pieces = [[p] * G if isinstance(p, str) else p for p in pieces]
-    nf = np.full(G, k) if nf is None else np.asarray(nf)
-    every = [bool((nf > i).all()) for i in range(k)]
-    nfr = None if all(every) else nf[g]
+    has = np.ones((G, k), bool) if has is None else np.asarray(has, bool)
+    every = has.all(0).tolist()
     for i, f in enumerate(fields):
-        f.fit(None if every[i] else np.flatnonzero(nfr > i))
+        f.fit(None if every[i] else np.flatnonzero(has[g, i]))
     off, pos = [], 2                                    # each field's first byte in the row
     for i, f in enumerate(fields):
         pos += max(map(len, pieces[i]))
         off.append(pos)
         pos += f.chars
     rows = []                                           # each group's row: pieces, blanks
-    for j in range(G):
+    for j, last in enumerate((k - 1 - np.argmax(has[:, ::-1], axis=1)).tolist()):
         row = bytearray(b",\n" + pieces[0][j].encode())
-        for i in range(nf[j]):
+        for i in range(last + 1 if has[j].any() else 0):
             row += b" " * (off[i] + fields[i].chars - len(row)) + pieces[i + 1][j].encode()
         rows.append(row)
     words = np.array([-(-len(r) // 8) for r in rows])
@@ -269,9 +266,22 @@ def _section(g, pieces: list, fields: list, nf=None) -> Iterator[tuple[np.ndarra
         gc = g[a:b]
         M = base.take(gc, axis=0)
         for i, f in enumerate(fields):
-            r = None if every[i] else np.flatnonzero(nfr[a:b] > i)
-            if r is None or len(r):
-                f.put(M, r, a, b, off[i])
+            v = f.values[a:b]
+            r = None if every[i] else np.flatnonzero(has[:, i].take(gc))
+            if r is not None:
+                if not len(r):
+                    continue
+                v = v[r]
+            # the field's characters go into words of their own (contiguous: fast), which are
+            # then XOR-ed into the rows' words (strided) once each
+            w0, p = divmod(off[i], 8)
+            F = np.zeros(((p + f.chars + 7) // 8, len(v)), np.uint64)
+            f.put(F, v, p)
+            for q, col in enumerate(F, w0):
+                if r is None:
+                    M[:, q] ^= col
+                else:
+                    M[r, q] ^= col
         yield (M.ravel() if keep is None else M[keep.take(gc, axis=0)]), b - a
 
 
@@ -295,35 +305,45 @@ def _slices(ev, rs) -> Iterator[tuple[np.ndarray, int]]:
     # 0: no pair; 1: pair; 2: a receive with its wait split
     cls = np.where(has, np.where(isr & ~np.isnan(w), 2, 1), 0)
     stepcol = ev["step"].to_numpy()
-    named_step = np.where((kind == "step").to_numpy(), stepcol, 0)
-    tid = np.array([TID.get(x_, 5) for x_ in ev["lane"].to_numpy(dtype=object)]) \
-        if not isinstance(ev["lane"].dtype, pd.CategoricalDtype) else np.array(
-            [TID.get(c, 5) for c in ev["lane"].cat.categories] + [5])[ev["lane"].cat.codes]
+    # a step slice's name, 'step 4', is a field of its own at the end of its row (the groups
+    # would otherwise be one per step)
+    isstep = (kind == "step").to_numpy()
+    steps, at = np.unique(stepcol[isstep], return_inverse=True)
+    named = np.full(n, -1)
+    named[isstep] = at
+    lane = ev["lane"]
+    tid = np.array([TID.get(x_, 5) for x_ in lane.to_numpy(dtype=object)]) \
+        if not isinstance(lane.dtype, pd.CategoricalDtype) else np.array(
+            [TID.get(c, 5) for c in lane.cat.categories] + [5])[lane.cat.codes.to_numpy()]
     cols = {c: ev[c].to_numpy() for c in ("rank", "mb", "layer", "peer", "bytes")}
-    g, first = _groups([kind, cols["layer"], cols["mb"], cols["peer"], named_step,
-                        cols["rank"], tid, cols["bytes"], cls])
-    c = cls[first]
-    heads, procs, args = [], [], []
-    for k, layer, mb, peer, st, r, t, b, p in zip(
+    g, first = _groups([kind, cols["layer"], cols["mb"], cols["peer"], cols["rank"], tid,
+                        cols["bytes"], cls])
+    pieces = [[] for _ in range(8)]
+    for k, layer, mb, peer, r, t, b, c in zip(
             kind.take(first).tolist(), *(a[first].tolist() for a in (
-                cols["layer"], cols["mb"], cols["peer"], named_step, cols["rank"], tid,
-                cols["bytes"], cls))):
-        heads.append('{"name":%s,"cat":%s,"ph":"X","ts":' % (
-            json.dumps(_name(k, layer, mb, peer, st)), json.dumps(k)))
-        procs.append(',"pid":%d,"tid":%d,"args":{"step":' % (r, t))
-        args.append(',"mb":%d,"layer":%d,"bytes":%d' % (mb, layer, b)
-                    + (',"pair":' if p else "}}"))
-    choose = lambda *by_cls: list(np.array(by_cls, dtype=object)[c])   # noqa: E731
+                cols["layer"], cols["mb"], cols["peer"], cols["rank"], tid, cols["bytes"],
+                cls))):
+        name = "" if k == "step" else '"name":%s,' % json.dumps(_name(k, layer, mb, peer))
+        close = '},"name":' if k == "step" else "}}"
+        tail = [[close, "", "", ""], [',"pair":', close, "", ""],
+                [',"pair":', ',"wait_us":', ',"transfer_us":', close]][c]
+        for piece, text in zip(pieces, [
+                '{%s"cat":%s,"ph":"X","ts":' % (name, json.dumps(k)), ',"dur":',
+                ',"pid":%d,"tid":%d,"args":{"step":' % (r, t),
+                ',"mb":%d,"layer":%d,"bytes":%d%s' % (mb, layer, b, tail[0]),
+                *tail[1:], "}" if k == "step" else ""]):
+            piece.append(text)
+    c, step = cls[first], kind.take(first).to_numpy() == "step"
     if isinstance(pair.dtype, pd.CategoricalDtype):
         codes, values = pair.cat.codes.to_numpy(), pair.cat.categories
     else:
         codes, values = pd.factorize(pair)
     start, end = ev["start"].to_numpy(float), ev["end"].to_numpy(float)
     yield from _section(
-        g, [heads, ',"dur":', procs, args, choose("", "}}", ',"wait_us":'),
-            choose("", "", ',"transfer_us":'), choose("", "", "}}")],
-        [_Us(start), _Us(end - start), _Int(stepcol), _Str(codes, values), _Us(w), _Us(x)],
-        nf=np.array([3, 4, 6])[c])
+        g, pieces,
+        [_Us(start), _Us(end - start), _Int(stepcol), _Str(codes, values), _Us(w), _Us(x),
+         _Str(named, [f"step {s}" for s in steps.tolist()])],
+        has=np.column_stack([np.ones((len(first), 3), bool), c >= 1, c == 2, c == 2, step]))
 
 
 def _byte_writer(f):
@@ -349,7 +369,7 @@ def write_chrome(f, events, pebbles, memory, meta: dict | None = None,
     (tid 6) in each rank the path passes through: one slice per segment, named by what ran.
 
     Streams in chunks of CHUNK events, so a million-event run never holds all its text."""
-    ranks = sorted(set().union(*(np.unique(d["rank"]).tolist()
+    ranks = sorted(set().union(*(pd.unique(d["rank"].to_numpy()).tolist()
                                  for d in (events, pebbles, memory))))
     rs = recv_split(events)
     m = rs[rs["matched"]]

@@ -168,22 +168,23 @@ def test_row_layouts_render_numbers_and_strings_as_json_would(monkeypatch, strin
     words = (["A0.0.1>2", "x", "fwd L3 mb0", "step 12"] if strings == "plain" else
              ["A0.0.1>2", 'say "hi"', "back\\slash", "tab\there", "µs", "", "\x01"])
     codes = rng.integers(0, len(words), n)
-    g = rng.integers(0, 3, n)
-    g[:3] = [2, 1, 0]
-    # group 0 ends after the time, group 1 after the integer, group 2 has all three fields
-    pieces = [['{"t":', '{"tt":', '{"ttt":'], ['}', ',"i":', ',"i":'], ["", "}", ',"s":'],
-              ["", "", "}"]]
+    g = rng.integers(0, 4, n)
+    g[:4] = [2, 1, 0, 3]
+    # group 0 ends after the time, group 1 after the integer, group 2 has all three fields,
+    # group 3 the time and the string (a blank where the integer goes)
+    pieces = [['{"t":', '{"tt":', '{"ttt":', '{"tttt":'], ['}', ',"i":', ',"i":', ',"s":'],
+              ["", "}", ',"s":', ""], ["", "", "}", "}"]]
     parts = [bytes(b) for b, _ in chrome._section(
         g, pieces, [chrome._Us(secs), chrome._Int(ints), chrome._Str(codes, words)],
-        nf=[1, 2, 3])]
+        has=[[1, 0, 0], [1, 1, 0], [1, 1, 1], [1, 0, 1]])]
     text = b"".join(parts).decode("ascii")
     got = json.loads("[" + text[1:] + "]")
     want = []
     for k, t, i, c in zip(g, secs, ints, codes):
-        row = {("t", "tt", "ttt")[k]: float(np.round(t * 1e6, 3))}
-        if k >= 1:
+        row = {("t", "tt", "ttt", "tttt")[k]: float(np.round(t * 1e6, 3))}
+        if k in (1, 2):
             row["i"] = int(i)
-        if k == 2:
+        if k in (2, 3):
             row["s"] = words[c]
         want.append(row)
     assert got == want
