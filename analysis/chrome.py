@@ -42,7 +42,7 @@ CHUNK = 8192  # rows built and written at a time: their words stay in the CPU's 
 
 
 def _name(kind, layer, mb, peer):
-    """'fwd L3 mb0', 'send mb0 ->1', 'recv mb0 <-0', 'opt' (a step slice: 'step 4')."""
+    """'fwd L3 mb0', 'send mb0 ->1', 'recv mb0 <-0', 'opt' (step slices: 'step 4', _slices)."""
     s = kind + (f" L{layer}" if layer >= 0 else "") + (f" mb{mb}" if mb >= 0 else "")
     return s + (f" ->{peer}" if kind == "send" else f" <-{peer}" if kind == "recv" else "")
 
@@ -81,7 +81,8 @@ def _codes(c) -> tuple[np.ndarray, int]:
 def _groups(cols: list) -> tuple[np.ndarray, np.ndarray]:
     """Rows' value tuples over `cols` -> (group code per row, first row of each group); codes
     number the groups in order of first appearance. One integer key per row (mixed radix over
-    each column's factorized codes), compressed whenever it would overflow."""
+    each column's codes), compressed whenever it would overflow; keys of a small range are
+    numbered through a table indexed by key, others factorized (hashed)."""
     n = len(cols[0])
     key, radix = 0, 1
     for c in cols:
@@ -91,6 +92,14 @@ def _groups(cols: list) -> tuple[np.ndarray, np.ndarray]:
             radix = len(u)
         key = key * k + codes
         radix *= k
+    if radix <= 2 * n + 1024:
+        pos = np.full(radix, n, np.int64)
+        pos[key[::-1]] = np.arange(n - 1, -1, -1)      # each key's first row: written last
+        present = np.flatnonzero(pos < n)
+        keys = present[np.argsort(pos[present], kind="stable")]
+        code = np.empty(radix, np.int64)
+        code[keys] = np.arange(len(keys))
+        return code[key], pos[keys]
     g, u = pd.factorize(key)
     first = np.empty(len(u), np.int64)
     first[g[::-1]] = np.arange(n)[::-1]
@@ -195,12 +204,12 @@ class _Us:
 
 
 class _Str:
-    """A string field: per row a code into `values` (NA: -1, rows that do not have the field),
-    each value's JSON literal left-aligned, blank after."""
+    """A string field: per row a code into `strings` (-1: rows that do not have the field),
+    the string's JSON literal left-aligned, blank after."""
 
-    def __init__(self, codes, values):
+    def __init__(self, codes, strings):
         self.values = np.asarray(codes, dtype=np.int64)
-        s = list(map(str, pd.Index(values).tolist()))
+        s = list(map(str, pd.Index(strings).tolist()))
         raw = "".join(s)
         q = raw.isascii() and raw.isprintable() and '"' not in raw and "\\" not in raw
         if not q:                                       # escapes needed: json.dumps' quoting
@@ -231,8 +240,9 @@ def _section(g, pieces: list, fields: list, has=None) -> Iterator[tuple[np.ndarr
     """Rows of one kind of trace event, CHUNK at a time: (their bytes as uint64 words, how many
     rows); each row is ",\\n" + the event + spaces to a whole word.
 
-    g: each row's group, 0..G-1. pieces: k + 1 entries, around the k fields (_Int, _Us, _Str):
-    a str, or one str per group (its JSON text there, ASCII). has: (groups, k) bool, the fields
+    g: each row's group, 0..G-1. fields: k of _Int, _Us, _Str (`values`: one per row; `fit`
+    sets the width, `chars`, from the rows that have the field; `put` writes the characters).
+    pieces: k + 1 entries, around the fields: a str, or one str per group (JSON text, ASCII). has: (groups, k) bool, the fields
     each group's rows have (default all): a group ends with the piece after its last field, and
     its pieces after a field it lacks are ''. Each piece is padded to its longest, so that every
     field has its column; where a group lacks one, its row has blanks."""
@@ -244,7 +254,7 @@ def _section(g, pieces: list, fields: list, has=None) -> Iterator[tuple[np.ndarr
     has = np.ones((G, k), bool) if has is None else np.asarray(has, bool)
     every = has.all(0).tolist()
     for i, f in enumerate(fields):
-        f.fit(None if every[i] else np.flatnonzero(has[g, i]))
+        f.fit(None if every[i] else np.flatnonzero(has[:, i].take(g)))
     off, pos = [], 2                                    # each field's first byte in the row
     for i, f in enumerate(fields):
         pos += max(map(len, pieces[i]))
@@ -292,7 +302,7 @@ def _slices(ev, rs) -> Iterator[tuple[np.ndarray, int]]:
         return
     kind = ev["kind"]
     pair = ev["pair"]
-    has = pair.notna().to_numpy()
+    paired = pair.notna().to_numpy()
     isr = (kind == "recv").to_numpy()
     split = rs.drop_duplicates("pair")
     split = split[split["pair"].notna()]
@@ -303,7 +313,7 @@ def _slices(ev, rs) -> Iterator[tuple[np.ndarray, int]]:
     w[hit] = split["wait"].to_numpy(float)[j[hit]]
     x[hit] = split["transfer"].to_numpy(float)[j[hit]]
     # 0: no pair; 1: pair; 2: a receive with its wait split
-    cls = np.where(has, np.where(isr & ~np.isnan(w), 2, 1), 0)
+    cls = np.where(paired, np.where(isr & ~np.isnan(w), 2, 1), 0)
     stepcol = ev["step"].to_numpy()
     # a step slice's name, 'step 4', is a field of its own at the end of its row (the groups
     # would otherwise be one per step)
@@ -319,14 +329,14 @@ def _slices(ev, rs) -> Iterator[tuple[np.ndarray, int]]:
     g, first = _groups([kind, cols["layer"], cols["mb"], cols["peer"], cols["rank"], tid,
                         cols["bytes"], cls])
     pieces = [[] for _ in range(8)]
-    for k, layer, mb, peer, r, t, b, c in zip(
+    for k, layer, mb, peer, r, t, b, cl in zip(
             kind.take(first).tolist(), *(a[first].tolist() for a in (
                 cols["layer"], cols["mb"], cols["peer"], cols["rank"], tid, cols["bytes"],
                 cls))):
         name = "" if k == "step" else '"name":%s,' % json.dumps(_name(k, layer, mb, peer))
         close = '},"name":' if k == "step" else "}}"
         tail = [[close, "", "", ""], [',"pair":', close, "", ""],
-                [',"pair":', ',"wait_us":', ',"transfer_us":', close]][c]
+                [',"pair":', ',"wait_us":', ',"transfer_us":', close]][cl]
         for piece, text in zip(pieces, [
                 '{%s"cat":%s,"ph":"X","ts":' % (name, json.dumps(k)), ',"dur":',
                 ',"pid":%d,"tid":%d,"args":{"step":' % (r, t),
@@ -429,13 +439,12 @@ def write_chrome(f, events, pebbles, memory, meta: dict | None = None,
     write = _byte_writer(f)
     write(b'{"traceEvents":[')
     n = 0
-    for part, k in chunks():
+    for part, k in chunks():             # each event: ",\n" + its JSON
         if not k:
             continue
-        if not n:                    # the first event: no comma before it
-            part = b" " + part[1:] if isinstance(part, bytes) else part.view(np.uint8)
-            if not isinstance(part, bytes):
-                part[0] = ord(" ")
+        if not n:                        # the first: no comma before it
+            part = bytearray(part) if isinstance(part, bytes) else part.view(np.uint8)
+            part[0] = ord(" ")
         write(part)
         n += k
     write(('\n],"displayTimeUnit":"ms","otherData":' + json.dumps(other) + "}\n").encode())

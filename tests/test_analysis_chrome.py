@@ -208,3 +208,20 @@ def test_written_the_same_to_binary_text_and_string_files(tmp_path, run):
         assert (tmp_path / "t.json").read_text(encoding=enc) == want
     assert (tmp_path / "b.json").read_text() == want and nb == nt
     assert json.loads(want)["traceEvents"]
+
+
+def test_events_appended_to_a_written_trace_follow_its_own(tmp_path, run):
+    """analysis.kineto merges by append_events, which finds the tail after the last event:
+    the padded rows leave it where it was."""
+    from analysis.chrome import append_events, write_chrome
+    path = tmp_path / "trace.json"
+    with open(path, "w", encoding="utf-8") as f:
+        write_chrome(f, run.events, run.pebbles, run.memory, run.meta)
+    before = json.loads(path.read_text())
+    extra = [{"name": "aten::mm", "cat": "kineto.cpu_op", "ph": "X", "ts": 1.5, "dur": 2.0,
+              "pid": 0, "tid": 100}]
+    assert append_events(path, [json.dumps(e) for e in extra]) == 1
+    after = json.loads(path.read_text())
+    assert after["traceEvents"] == before["traceEvents"] + extra
+    assert {k: v for k, v in after.items() if k != "traceEvents"} == {
+        k: v for k, v in before.items() if k != "traceEvents"}
