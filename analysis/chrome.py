@@ -214,17 +214,14 @@ class _Str:
         q = raw.isascii() and raw.isprintable() and '"' not in raw and "\\" not in raw
         if not q:                                       # escapes needed: json.dumps' quoting
             s = [json.dumps(x) for x in s]
-            raw = "".join(s)
-        lens = np.fromiter(map(len, s), np.int64, len(s))
-        L = int(lens.max(initial=0))
+        L = max(1, max(map(len, s), default=0))
+        u = np.array(s, dtype=f"S{L}").view(np.uint8).reshape(len(s), L)    # NUL after
         self.width = L + 2 * q
         t = np.zeros((len(s), -(-self.width // 8) * 8), np.uint8)
-        inside = np.arange(L) < lens[:, None]           # the characters, then the quotes
-        at = (np.cumsum(lens) - lens)[:, None] + np.arange(L)
-        t[:, q:L + q][inside] = np.frombuffer(raw.encode(), np.uint8)[at[inside]] ^ 0x20
-        if q:
+        t[:, q:L + q] = np.where(u != 0, u ^ 0x20, 0)
+        if q:                                           # the quotes around
             t[:, 0] = ord('"') ^ 0x20
-            t[np.arange(len(s)), lens + 1] = ord('"') ^ 0x20
+            t[np.arange(len(s)), (u != 0).sum(1) + 1] = ord('"') ^ 0x20
         self.table = t.view(np.uint64)
 
     def fit(self, sel) -> None:
