@@ -18,9 +18,11 @@ row is then whole 8-byte words: its group's piece words (one gather of a per-gro
 each field's characters XOR-ed in, a 3-digit group at a time from lookup tables (the pieces
 hold spaces, 0x20, where the fields go, and a character c is stored as c ^ 0x20, so that a blank
 is 0). Rows whose groups end early (slices without a pair or wait split) lose their trailing
-words in one boolean compaction, so the file keeps the events' order. The file is ~5% larger
-than compact JSON. tests/test_analysis_chrome.py checks the events against a dict-per-event
-construction (json.loads equality).
+words in one boolean compaction, so the file keeps the events' order; keys keep theirs, but for
+a step slice's name ('step 4'), a field at the end of its row. The file is ~5% larger than
+compact JSON; text files are written through their byte buffer. tests/test_analysis_chrome.py
+checks the events against a dict-per-event construction (json.loads equality) and the renderer
+against json.loads on numbers and strings of every kind.
 """
 from __future__ import annotations
 
@@ -239,10 +241,11 @@ def _section(g, pieces: list, fields: list, has=None) -> Iterator[tuple[np.ndarr
 
     g: each row's group, 0..G-1. fields: k of _Int, _Us, _Str (`values`: one per row; `fit`
     sets the width, `chars`, from the rows that have the field; `put` writes the characters).
-    pieces: k + 1 entries, around the fields: a str, or one str per group (JSON text, ASCII). has: (groups, k) bool, the fields
-    each group's rows have (default all): a group ends with the piece after its last field, and
-    its pieces after a field it lacks are ''. Each piece is padded to its longest, so that every
-    field has its column; where a group lacks one, its row has blanks."""
+    pieces: k + 1 entries, around the fields: a str, or one str per group (JSON text, ASCII).
+    has: (groups, k) bool, the fields each group's rows have (default all): a group ends with
+    the piece after its last field, and its pieces after a field it lacks are ''. Each piece is
+    padded to its longest, so that every field has its column; where a group lacks one, its row
+    has blanks."""
     n = len(g)
     if not n:
         return
