@@ -66,18 +66,19 @@ def _metadata(events, ranks) -> list:
     return [json.dumps(x) for x in md]
 
 
-def _codes(c) -> tuple[np.ndarray, int]:
-    """Codes 1..k-1 of a column's distinct values (NA: 0), and k: a categorical's codes, an
-    integer column's offsets from its minimum when their range is small, else factorized."""
+def _codes(c) -> tuple[np.ndarray, int, int]:
+    """A column's distinct values as codes: (a, shift, k), a + shift in 1..k-1 (NA: 0). A
+    categorical's codes, an integer column itself when its range is small, else factorized."""
     if isinstance(c, pd.Series) and isinstance(c.dtype, pd.CategoricalDtype):
-        return c.cat.codes.to_numpy().astype(np.int64) + 1, len(c.cat.categories) + 1
-    if pd.api.types.is_integer_dtype(getattr(c, "dtype", None)) and len(c):
-        a = np.asarray(c, dtype=np.int64)
+        return c.cat.codes.to_numpy(), 1, len(c.cat.categories) + 1
+    dtype = getattr(c, "dtype", None)
+    if isinstance(dtype, np.dtype) and dtype.kind in "iu" and len(c):
+        a = np.asarray(c)
         lo, hi = int(a.min()), int(a.max())
         if hi - lo < 1 << 16:
-            return a - (lo - 1), hi - lo + 2
+            return a, 1 - lo, hi - lo + 2
     codes, uniq = pd.factorize(c)
-    return codes + 1, len(uniq) + 1
+    return codes, 1, len(uniq) + 1
 
 
 def _groups(cols: list) -> tuple[np.ndarray, np.ndarray]:
@@ -86,14 +87,16 @@ def _groups(cols: list) -> tuple[np.ndarray, np.ndarray]:
     each column's codes), compressed whenever it would overflow; keys of a small range are
     numbered through a table indexed by key, others factorized (hashed)."""
     n = len(cols[0])
-    key, radix = 0, 1
+    key, shift, radix = np.zeros(n, np.int64), 0, 1     # the key is key + shift
     for c in cols:
-        codes, k = _codes(c)
+        a, s, k = _codes(c)
         if radix * k >= 2**62:
             key, u = pd.factorize(key)
-            radix = len(u)
-        key = key * k + codes
-        radix *= k
+            shift, radix = 0, len(u)
+        key *= k                                        # in place: no 8-byte-per-row copies
+        np.add(key, a, out=key, casting="unsafe")
+        shift, radix = shift * k + s, radix * k
+    key += shift
     if radix <= 2 * n + 1024:
         pos = np.full(radix, n, np.int64)
         pos[key[::-1]] = np.arange(n - 1, -1, -1)      # each key's first row: written last
