@@ -148,3 +148,80 @@ def test_trace_text_equals_dict_per_event_construction(tmp_path, how):
     if how == "a rank's events missing":
         assert any("pair" in e.get("args", {}) and "wait_us" not in e["args"]
                    and e["cat"] == "recv" for e in want)
+
+
+@pytest.mark.parametrize("strings", ["plain", "escaped"])
+def test_row_layouts_render_numbers_and_strings_as_json_would(monkeypatch, strings):
+    """The byte-level renderer (fixed columns, right-aligned numbers, XOR-ed digits, rows that
+    end early compacted away) against json.loads of a dict per row: times rounded to the ns as
+    np.round(x * 1e6, 3) does, negative, zero and huge values, strings that need escaping."""
+    from analysis import chrome
+    monkeypatch.setattr(chrome, "CHUNK", 700)           # several chunks, one partial
+    rng = np.random.default_rng(1)
+    n = 2500
+    secs = np.concatenate([[0.0, -0.0, 1e-10, -1e-10, 5e-10, -5e-10, 1.0000005, -0.4e-6,
+                            123456.7895, 9.99e5, -3e4],
+                           rng.uniform(-2, 2, n - 511) * 10.0 ** rng.integers(-9, 6, n - 511),
+                           (rng.integers(-10**12, 10**12, 500) + 0.5) / 1e9])   # ns ties
+    ints = np.concatenate([[0, -1, 9, 10, 999, 1000, -1000, 10**15, -10**15, 12, 345],
+                           rng.integers(-10**6, 10**9, n - 11)])
+    words = (["A0.0.1>2", "x", "fwd L3 mb0", "step 12"] if strings == "plain" else
+             ["A0.0.1>2", 'say "hi"', "back\\slash", "tab\there", "µs", "", "\x01"])
+    codes = rng.integers(0, len(words), n)
+    g = rng.integers(0, 4, n)
+    g[:4] = [2, 1, 0, 3]
+    # group 0 ends after the time, group 1 after the integer, group 2 has all three fields,
+    # group 3 the time and the string (a blank where the integer goes)
+    pieces = [['{"t":', '{"tt":', '{"ttt":', '{"tttt":'], ['}', ',"i":', ',"i":', ',"s":'],
+              ["", "}", ',"s":', ""], ["", "", "}", "}"]]
+    parts = [bytes(b) for b, _ in chrome._section(
+        g, pieces, [chrome._Us(secs), chrome._Int(ints), chrome._Str(codes, words)],
+        has=[[1, 0, 0], [1, 1, 0], [1, 1, 1], [1, 0, 1]])]
+    text = b"".join(parts).decode("ascii")
+    got = json.loads("[" + text[1:] + "]")
+    want = []
+    for k, t, i, c in zip(g, secs, ints, codes):
+        row = {("t", "tt", "ttt", "tttt")[k]: float(np.round(t * 1e6, 3))}
+        if k in (1, 2):
+            row["i"] = int(i)
+        if k in (2, 3):
+            row["s"] = words[c]
+        want.append(row)
+    assert got == want
+    # and the text itself: right-aligned numbers as %.3f / %d would write them
+    first = text.split(",\n")[1:4]
+    assert first[0].split('"ttt":')[1].split(",")[0].strip() == "%.3f" % np.round(secs[0] * 1e6, 3)
+
+
+def test_written_the_same_to_binary_text_and_string_files(tmp_path, run):
+    """write_chrome takes binary files, text files (written through their byte buffer when
+    the encoding keeps ASCII as it is) and io.StringIO: the same trace in each."""
+    from analysis.chrome import write_chrome
+    args = (run.events, run.pebbles, run.memory, run.meta)
+    want = chrome_json(*args)
+    with open(tmp_path / "b.json", "wb") as f:
+        nb = write_chrome(f, *args)
+    for enc in ("utf-8", "latin-1", "utf-16"):
+        with open(tmp_path / "t.json", "w", encoding=enc) as f:
+            f.write("")
+            nt = write_chrome(f, *args)
+        assert (tmp_path / "t.json").read_text(encoding=enc) == want
+    assert (tmp_path / "b.json").read_text() == want and nb == nt
+    assert json.loads(want)["traceEvents"]
+
+
+def test_events_appended_to_a_written_trace_follow_its_own(tmp_path, run):
+    """analysis.kineto merges by append_events, which finds the tail after the last event:
+    the padded rows leave it where it was."""
+    from analysis.chrome import append_events, write_chrome
+    path = tmp_path / "trace.json"
+    with open(path, "w", encoding="utf-8") as f:
+        write_chrome(f, run.events, run.pebbles, run.memory, run.meta)
+    before = json.loads(path.read_text())
+    extra = [{"name": "aten::mm", "cat": "kineto.cpu_op", "ph": "X", "ts": 1.5, "dur": 2.0,
+              "pid": 0, "tid": 100}]
+    assert append_events(path, [json.dumps(e) for e in extra]) == 1
+    after = json.loads(path.read_text())
+    assert after["traceEvents"] == before["traceEvents"] + extra
+    assert {k: v for k, v in after.items() if k != "traceEvents"} == {
+        k: v for k, v in before.items() if k != "traceEvents"}
