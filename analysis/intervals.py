@@ -69,11 +69,10 @@ def length(segments, n_groups: int) -> np.ndarray:
     return np.bincount(g, weights=e - s, minlength=n_groups)[:n_groups]
 
 
-def intersection(ga, sa, ea, gb, sb, eb, n_groups: int, measured=None) -> np.ndarray:
-    """|A ∩ B| per group, by inclusion-exclusion: |A| + |B| - |A ∪ B| (unions taken per set).
-    measured: (|A|, |B|) per group, when the caller has them already."""
-    a, b = measured if measured is not None else (measure(ga, sa, ea, n_groups),
-                                                  measure(gb, sb, eb, n_groups))
+def intersection(ga, sa, ea, gb, sb, eb, n_groups: int) -> np.ndarray:
+    """|A ∩ B| per group, by inclusion-exclusion: |A| + |B| - |A ∪ B| (unions taken per set)."""
+    a = measure(ga, sa, ea, n_groups)
+    b = measure(gb, sb, eb, n_groups)
     ab = measure(np.r_[np.asarray(ga), np.asarray(gb)], np.r_[np.asarray(sa), np.asarray(sb)],
                  np.r_[np.asarray(ea), np.asarray(eb)], n_groups)
     return np.maximum(a + b - ab, 0.0)

@@ -160,10 +160,12 @@ def _step_table(events, pebbles, rs, ss) -> pd.DataFrame:
     out["idle"] = out["span"] - out["compute"]
     out["utilisation"] = out["compute"] / out["span"]
     commt = iv.measure(*comm, n)
+    # |compute ∩ comm| by inclusion-exclusion, as intervals.intersection, with the union of
+    # both taken in event order: already sorted, where concatenating the two is not
+    both = iv.measure(*sel(is_comp | is_comm, start), n)
     with np.errstate(invalid="ignore", divide="ignore"):
         out["overlap_pct"] = rows(np.where(
-            commt > 0, iv.intersection(*comp, *comm, n, measured=(compute, commt)) / commt * 100,
-            np.nan))
+            commt > 0, np.maximum(compute + commt - both, 0.0) / commt * 100, np.nan))
     # the idle split by pipeline phase (analysis/phases.py); where the rank did no compute,
     # all of its idle is steady
     kind = events["kind"]
