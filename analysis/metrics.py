@@ -265,7 +265,8 @@ def summarize(events, pebbles, memory, meta: dict, steps: list | None = None,
     """Everything metrics.json holds. `steps`: the complete steps (Run.steps); default all.
     critical_path: analysis.critical.critical_path(events) when the caller has it already
     (it covers every step; the summary takes the steady ones)."""
-    table = step_table(events, pebbles)
+    rs = recv_split(events)
+    table = _step_table(events, pebbles, rs, waits.send_split(events))
     steps = sorted(steps if steps is not None else table["step"].unique())
     warm, stead, note = steady(steps)
     from analysis import blame as bl_mod
@@ -290,7 +291,6 @@ def summarize(events, pebbles, memory, meta: dict, steps: list | None = None,
     sch = meta.get("schedule") or {}
     p = int(meta.get("world_size") or events["rank"].nunique())
     m, v = int(sch.get("microbatches") or 1), int(sch.get("virtual") or 1)
-    rs = recv_split(events)
     sim = simulated(events, pebbles, meta, steps)
     return {
         "steps": {"complete": steps, "warmup": warm, "steady": stead, "note": note},
