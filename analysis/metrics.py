@@ -102,10 +102,13 @@ def live_bytes(pebbles: pd.DataFrame) -> pd.DataFrame:
     step = np.r_[pebbles["step"].to_numpy(), pebbles["step"].to_numpy()[freed]]
     store = np.r_[np.ones(n, bool), np.zeros(freed.sum(), bool)]
     order = np.lexsort((store, t, rank))  # store=False (free) sorts before True at a tie
-    df = pd.DataFrame({"rank": rank[order], "time": t[order], "delta": delta[order],
-                       "step": step[order], "store": store[order]})
-    df["bytes"] = df.groupby("rank")["delta"].cumsum()
-    return df.drop(columns="delta")
+    rank, delta = rank[order], delta[order]
+    # the running sum per rank: one cumsum, less each rank's total before its first row
+    level = np.cumsum(delta)
+    first = np.flatnonzero(np.r_[True, rank[1:] != rank[:-1]])
+    level -= np.repeat(level[first] - delta[first], np.diff(np.r_[first, len(rank)]))
+    return pd.DataFrame({"rank": rank, "time": t[order], "step": step[order],
+                         "store": store[order], "bytes": level})
 
 
 def step_table(events: pd.DataFrame, pebbles: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -180,15 +183,26 @@ def _step_table(events, pebbles, rs, ss) -> pd.DataFrame:
     # present: rows for (step, rank) pairs where the rank actually logged something
     present = np.zeros(n, bool)
     present[code] = True
-    out = out[rows(present)].reset_index(drop=True)
+    at = np.flatnonzero(rows(present))   # the rows kept, as step-major codes
+    out = out.iloc[at].reset_index(drop=True)
     for c in ph.PHASES:
         out["idle_" + c] = out["idle_" + c].fillna(out["idle"] if c == "steady" else 0.0)
+    out["peak_act_bytes"] = np.nan
     if pebbles is not None and len(pebbles):
+        # the highest level right after a store, per (step, rank) of the stored pebble;
+        # integers where every row has one, else floats with NaN (as a reindex gives)
         lb = live_bytes(pebbles)
-        pk = lb[lb["store"]].groupby(["step", "rank"])["bytes"].max()
-        out["peak_act_bytes"] = pk.reindex(pd.MultiIndex.from_frame(out[["step", "rank"]])).values
-    else:
-        out["peak_act_bytes"] = np.nan
+        st = lb["store"].to_numpy()
+        pstep, prank = lb["step"].to_numpy()[st], lb["rank"].to_numpy()[st]
+        i = np.minimum(np.searchsorted(steps, pstep), S_ - 1)
+        j = np.minimum(np.searchsorted(ranks, prank), R - 1)
+        ok = (steps[i] == pstep) & (ranks[j] == prank)
+        peak = np.full(n, np.iinfo(np.int64).min)
+        np.maximum.at(peak, (i * R + j)[ok], lb["bytes"].to_numpy()[st][ok])
+        found = np.zeros(n, bool)
+        found[(i * R + j)[ok]] = True
+        out["peak_act_bytes"] = peak[at] if found[at].all() else np.where(found[at], peak[at],
+                                                                         np.nan)
     return out
 
 
