@@ -110,34 +110,34 @@ class _Timeline:
     at or before the interval's start (the walk starts from that one): `exact`."""
 
     def __init__(self, d: dict, kinds: dict):
-        S, E, reach, what = d["s"], d["e"], d["reach"], d["what"]
+        S, E, reach = d["s"], d["e"], d["reach"]
         self.S, self.reach = S, reach
         prev = np.r_[-np.inf, reach[:-1]]                 # the running maximum before each
-        rec = np.flatnonzero(E > prev)                    # spans the walk visits
-        s, e, p, w = S[rec], E[rec], prev[rec], what[rec]
-        pr, pt = d["prank"][rec], d["ptime"][rec]
-        cs = np.maximum(s, p)                             # where its piece starts
+        rec = E > prev                                    # spans the walk visits
+        cols = (S, E, prev, d["what"], d["prank"], d["ptime"])
+        s, e, p, w, pr, pt = cols if rec.all() else (x[rec] for x in cols)
         wc, names = pd.factorize(w)                       # kind codes, local to this rank
         comp = np.isin(names, tuple(_COMPUTE))[wc]
-        with np.errstate(invalid="ignore"):   # a NaN partner time: no wait to pass on
-            wait_end = np.where(~comp & (pr >= 0) & (pt > s), np.fmin(pt, e), s)
-        code = np.array([kinds.setdefault(k, len(kinds)) for k in names], np.int64)[wc]
+        own = np.array([kinds.setdefault(k, len(kinds)) if k in _COMPUTE else -2
+                        for k in names], np.int64)[wc]    # -2: not compute, so transfer
         other, transfer = kinds.setdefault("other", len(kinds)), kinds.setdefault(
             "transfer", len(kinds))
-        # per visited span: the gap before it, the part passed on, the rest (its own kind,
-        # or transfer); empty pieces are dropped below
-        lo = np.stack([p, cs, np.maximum(cs, wait_end)], 1)
-        hi = np.stack([s, wait_end, e], 1)
-        kind = np.stack([np.full(len(rec), other), np.full(len(rec), -1),
-                         np.where(comp, code, transfer)], 1)
-        lo, hi, kind = lo.ravel(), hi.ravel(), kind.ravel()
-        to = np.repeat(pr, 3)
+        own[own == -2] = transfer
+        cs = np.maximum(s, p)                             # where its piece starts
+        with np.errstate(invalid="ignore"):   # a NaN partner time: no wait to pass on
+            wait_end = np.where(~comp & (pr >= 0) & (pt > s), np.fmin(pt, e), s)
+        # per visited span three pieces: the gap before it, the part passed on, the rest (its
+        # own kind, or transfer); empty ones are dropped, and one "other" after the last span
+        n = len(s)
+        lo, hi = np.empty(3 * n + 1), np.empty(3 * n + 1)
+        kind, to = np.empty(3 * n + 1, np.int64), np.empty(3 * n + 1, np.int64)
+        lo[0:-1:3], lo[1:-1:3], lo[2:-1:3] = p, cs, np.maximum(cs, wait_end)
+        hi[0:-1:3], hi[1:-1:3], hi[2:-1:3] = s, wait_end, e
+        kind[0::3], kind[1:-1:3], kind[2:-1:3] = other, -1, own   # -1: passed on to rank `to`
+        to[0:-1:3], to[1:-1:3], to[2:-1:3] = pr, pr, pr
+        lo[-1], hi[-1], to[-1] = (e[-1] if n else -np.inf), np.inf, -1
         keep = hi > lo
-        last = e[-1] if len(e) else -np.inf               # after the last span: other
-        self.lo = np.r_[lo[keep], last]
-        self.hi = np.r_[hi[keep], np.inf]
-        self.kind = np.r_[kind[keep], other]              # -1: passed on to rank `to`
-        self.to = np.r_[to[keep], -1]
+        self.lo, self.hi, self.kind, self.to = lo[keep], hi[keep], kind[keep], to[keep]
 
     def exact(self, lo):
         """Whether the pieces give _explain's walk for intervals starting at lo."""
