@@ -211,7 +211,8 @@ def blame(events: pd.DataFrame, rt: RankTimes | None = None) -> pd.DataFrame:
     keep = (events["lane"] != "step").to_numpy()
     steps, sc = iv.factorize(events["step"].to_numpy()[keep])
     w0, w1 = _windows(sc, len(steps), events["start"].to_numpy()[keep],
-                      events["end"].to_numpy()[keep], events["kind"].isin(COMPUTE).to_numpy()[keep])
+                      events["end"].to_numpy()[keep],
+                      events["kind"].isin(COMPUTE).to_numpy()[keep])
     rt = rt or RankTimes(events)
     victim, a, b, cause = _waits(rt)
     # each wait cut by the step windows it overlaps (windows in step order; bisect as below
@@ -240,12 +241,15 @@ def blame(events: pd.DataFrame, rt: RankTimes | None = None) -> pd.DataFrame:
     kq, kr, kk = key // len(names) // len(ranks), ranks[key // len(names) % len(ranks)], \
         key % len(names)
     use = (kr != victim[w][kq]) & (tot > 0)
+    cols = ["step", "victim", "rank", "kind", "seconds"]
+    if not use.any():   # no wait anywhere: the empty frame, with the columns
+        return pd.DataFrame([], columns=cols).groupby(cols[:-1], as_index=False)[cols[-1]].sum()
     df = pd.DataFrame({"step": steps[k][kq][use].astype(np.int64),
                        "victim": victim[w][kq][use].astype(np.int64),
                        "rank": kr[use].astype(np.int64),
                        "kind": np.array(names, dtype=object)[kk[use]].tolist(),
                        "seconds": tot[use].astype(np.float64)})
-    return df.groupby(["step", "victim", "rank", "kind"], as_index=False)["seconds"].sum()
+    return df.groupby(cols[:-1], as_index=False)["seconds"].sum()
 
 
 def caused_per_step(bl: pd.DataFrame, steps, ranks) -> pd.DataFrame:

@@ -194,9 +194,9 @@ def _step_table(events, pebbles, rs, ss) -> pd.DataFrame:
         lb = live_bytes(pebbles)
         st = lb["store"].to_numpy()
         pstep, prank = lb["step"].to_numpy()[st], lb["rank"].to_numpy()[st]
-        i = np.minimum(np.searchsorted(steps, pstep), S_ - 1)
-        j = np.minimum(np.searchsorted(ranks, prank), R - 1)
-        ok = (steps[i] == pstep) & (ranks[j] == prank)
+        i = np.minimum(np.searchsorted(steps, pstep), max(S_ - 1, 0))
+        j = np.minimum(np.searchsorted(ranks, prank), max(R - 1, 0))
+        ok = (steps[i] == pstep) & (ranks[j] == prank) if n else np.zeros(len(i), bool)
         peak = np.full(n, np.iinfo(np.int64).min)
         np.maximum.at(peak, (i * R + j)[ok], lb["bytes"].to_numpy()[st][ok])
         found = np.zeros(n, bool)
