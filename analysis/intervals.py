@@ -11,6 +11,21 @@ import numpy as np
 import pandas as pd
 
 
+def factorize(x):
+    """np.unique(x, return_inverse=True) -> (sorted distinct values, each one's position in
+    them). Integers of a small range (steps, ranks) go through a lookup table: one pass,
+    where np.unique hashes or sorts."""
+    x = np.asarray(x)
+    if x.dtype.kind in "iu" and len(x):
+        lo, hi = int(x.min()), int(x.max())
+        if hi - lo <= 4 * len(x) + 1024:
+            seen = np.zeros(hi - lo + 1, bool)
+            seen[x - lo] = True
+            pos = np.cumsum(seen) - 1
+            return (np.flatnonzero(seen) + lo).astype(x.dtype), pos[x - lo]
+    return np.unique(x, return_inverse=True)
+
+
 def union(group, start, end):
     """Merged segments per group -> (group, seg_start, seg_end), sorted by group then start.
 
@@ -23,8 +38,9 @@ def union(group, start, end):
     g, s, e = g[ok], s[ok], e[ok]
     if not len(g):
         return g, s, e
-    order = np.lexsort((s, g))
-    g, s, e = g[order], s[order], e[order]
+    if not _in_order(g, s):   # callers often pass them sorted already: a check is ~10x cheaper
+        order = np.lexsort((s, g))
+        g, s, e = g[order], s[order], e[order]
     # running max of ends within each group (groupby-cummax is one cython pass)
     reach = pd.Series(e).groupby(g).cummax().to_numpy()
     prev = np.empty_like(reach)
@@ -36,9 +52,20 @@ def union(group, start, end):
     return g[idx], s[idx], seg_end
 
 
+def _in_order(g, s) -> bool:
+    """Are the intervals sorted by group, then start?"""
+    dg = np.diff(g)
+    return bool(np.all((dg > 0) | ((dg == 0) & (s[1:] >= s[:-1]))))
+
+
 def measure(group, start, end, n_groups: int) -> np.ndarray:
     """|union of intervals| per group code 0..n_groups-1 (zeros where a group has none)."""
-    g, s, e = union(group, start, end)
+    return length(union(group, start, end), n_groups)
+
+
+def length(segments, n_groups: int) -> np.ndarray:
+    """Total length per group code of union()'s segments."""
+    g, s, e = segments
     return np.bincount(g, weights=e - s, minlength=n_groups)[:n_groups]
 
 

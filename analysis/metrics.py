@@ -64,14 +64,25 @@ def recv_split(events: pd.DataFrame) -> pd.DataFrame:
 def step_windows(events: pd.DataFrame) -> pd.DataFrame:
     """Per step: first start and last end of compute over all ranks, and span = end - start.
     Steps with no compute at all (a crashed rank's last step) fall back to all their events."""
-    k = events["kind"].isin(COMPUTE).to_numpy()
-    st = events["step"].to_numpy()
-    use = k | ~np.isin(st, np.unique(st[k]))   # compute, or any event of a compute-less step
-    w = pd.DataFrame({"step": st[use], "start": events["start"].to_numpy()[use],
-                      "end": events["end"].to_numpy()[use]}).groupby("step").agg(
-        start=("start", "min"), end=("end", "max"))
+    steps, code = iv.factorize(events["step"].to_numpy())
+    lo, hi = _windows(code, len(steps), events["start"].to_numpy(), events["end"].to_numpy(),
+                      events["kind"].isin(COMPUTE).to_numpy())
+    w = pd.DataFrame({"start": lo, "end": hi}, index=pd.Index(steps, name="step"))
     w["span"] = w["end"] - w["start"]
     return w
+
+
+def _windows(code, n, start, end, comp):
+    """step_windows on arrays: code = each event's step as 0..n-1 (every one has events),
+    comp = is it compute -> (start, end) per step. NaN bounds are skipped, as a groupby
+    min/max skips them."""
+    has_comp = np.zeros(n, bool)
+    has_comp[code[comp]] = True
+    use = comp | ~has_comp[code]   # compute, or any event of a compute-less step
+    lo, hi = np.full(n, np.nan), np.full(n, np.nan)
+    np.fmin.at(lo, code[use], start[use])
+    np.fmax.at(hi, code[use], end[use])
+    return lo, hi
 
 
 def live_bytes(pebbles: pd.DataFrame) -> pd.DataFrame:
@@ -91,65 +102,107 @@ def live_bytes(pebbles: pd.DataFrame) -> pd.DataFrame:
     step = np.r_[pebbles["step"].to_numpy(), pebbles["step"].to_numpy()[freed]]
     store = np.r_[np.ones(n, bool), np.zeros(freed.sum(), bool)]
     order = np.lexsort((store, t, rank))  # store=False (free) sorts before True at a tie
-    df = pd.DataFrame({"rank": rank[order], "time": t[order], "delta": delta[order],
-                       "step": step[order], "store": store[order]})
-    df["bytes"] = df.groupby("rank")["delta"].cumsum()
-    return df.drop(columns="delta")
+    rank, delta = rank[order], delta[order]
+    # the running sum per rank: one cumsum, less each rank's total before its first row
+    level = np.cumsum(delta)
+    first = np.flatnonzero(np.r_[True, rank[1:] != rank[:-1]])
+    level -= np.repeat(level[first] - delta[first], np.diff(np.r_[first, len(rank)]))
+    return pd.DataFrame({"rank": rank, "time": t[order], "step": step[order],
+                         "store": store[order], "bytes": level})
 
 
 def step_table(events: pd.DataFrame, pebbles: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per (step, rank) that has events: the per-rank metrics of the module docstring."""
-    ev = events[events["lane"] != "step"]
-    steps = np.sort(ev["step"].unique())
-    ranks = np.sort(ev["rank"].unique())
-    R = len(ranks)
-    n = len(steps) * R
-    code = lambda df: (np.searchsorted(steps, df["step"].to_numpy()) * R   # noqa: E731
-                       + np.searchsorted(ranks, df["rank"].to_numpy()))
-    lane = ev["lane"]   # compared as a Series: on the loader's categorical, codes compare
+    return _step_table(events, pebbles, recv_split(events), waits.send_split(events))
 
-    def sel(mask, lo="start"):
-        d = ev[np.asarray(mask)]
-        return code(d), d[lo].fillna(d["start"]).to_numpy(), d["end"].to_numpy()
 
-    comp = sel(ev["kind"].isin(COMPUTE))
-    comm = sel(lane.isin(("send", "recv")))
-    out = pd.DataFrame({"step": np.repeat(steps, R), "rank": np.tile(ranks, len(steps))})
-    win = step_windows(ev)
-    out["span"] = win["span"].reindex(out["step"]).to_numpy()
-    out["compute"] = iv.measure(*comp, n)
-    out["send"] = iv.measure(*sel(lane == "send", "tb"), n)
-    out["recv"] = iv.measure(*sel(lane == "recv", "tb"), n)
-    rs = recv_split(ev)
+def _step_table(events, pebbles, rs, ss) -> pd.DataFrame:
+    """step_table with the run's recv_split and send_split given (summarize has them)."""
+    # plain arrays of the non-"step" events, each column taken once: a boolean selection of
+    # the frame would copy all of its columns, once per lane
+    keep = (events["lane"] != "step").to_numpy()
+    col = lambda c: events[c].to_numpy()[keep]   # noqa: E731
+    step, rank, start, end, tb = col("step"), col("rank"), col("start"), col("end"), col("tb")
+    lane = events["lane"]   # compared as a Series: on the loader's categorical, codes compare
+    is_lane = {k: (lane == k).to_numpy()[keep] for k in ("send", "recv", "copy")}
+    is_comp = events["kind"].isin(COMPUTE).to_numpy()[keep]
+    blocked = np.where(np.isnan(tb), start, tb)   # a send/recv's lane span starts at tb
+    (steps, si), (ranks, ri) = iv.factorize(step), iv.factorize(rank)
+    R, S_ = len(ranks), len(steps)
+    n = S_ * R
+    # group codes rank-major (rank * S + step): the loader sorts events by (rank, start), so
+    # each lane's intervals come already in (group, start) order and intervals.union need
+    # not sort; the table's rows are step-major (step * R + rank), hence `rows`
+    code = ri * S_ + si
+    rows = lambda x: np.asarray(x).reshape(R, S_).T.ravel()   # noqa: E731
+    tcode = lambda df: (np.searchsorted(steps, df["step"].to_numpy()) * R   # noqa: E731
+                        + np.searchsorted(ranks, df["rank"].to_numpy()))
+
+    def sel(mask, lo):
+        return code[mask], lo[mask], end[mask]
+
+    is_comm = is_lane["send"] | is_lane["recv"]
+    comp, comm = sel(is_comp, start), sel(is_comm, start)
+    out = pd.DataFrame({"step": np.repeat(steps, R), "rank": np.tile(ranks, S_)})
+    w0, w1 = _windows(si, S_, start, end, is_comp)
+    span = w1 - w0
+    out["span"] = np.repeat(span, R)
+    busy = iv.union(*comp)
+    compute = iv.length(busy, n)
+    out["compute"] = rows(compute)
+    out["send"] = rows(iv.measure(*sel(is_lane["send"], blocked), n))
+    out["recv"] = rows(iv.measure(*sel(is_lane["recv"], blocked), n))
     for c in ("wait", "transfer"):
-        out["recv_" + c] = np.bincount(code(rs), weights=rs[c].fillna(0).to_numpy(),
+        out["recv_" + c] = np.bincount(tcode(rs), weights=rs[c].fillna(0).to_numpy(),
                                        minlength=n)[:n] if len(rs) else 0.0
-    ss = waits.send_split(ev)   # late receiver (Scalasca), analysis/waits.py
+    # late receiver (Scalasca), analysis/waits.py
     for c in ("wait", "transfer"):
-        out["send_" + c] = np.bincount(code(ss), weights=ss[c].fillna(0).to_numpy(),
+        out["send_" + c] = np.bincount(tcode(ss), weights=ss[c].fillna(0).to_numpy(),
                                        minlength=n)[:n] if len(ss) else 0.0
-    out["copy"] = iv.measure(*sel(lane == "copy", "tb"), n)
+    out["copy"] = rows(iv.measure(*sel(is_lane["copy"], blocked), n))
     out["idle"] = out["span"] - out["compute"]
     out["utilisation"] = out["compute"] / out["span"]
     commt = iv.measure(*comm, n)
+    # |compute ∩ comm| by inclusion-exclusion, as intervals.intersection, with the union of
+    # both taken in event order: already sorted, where concatenating the two is not
+    both = iv.measure(*sel(is_comp | is_comm, start), n)
     with np.errstate(invalid="ignore", divide="ignore"):
-        out["overlap_pct"] = np.where(commt > 0, iv.intersection(*comp, *comm, n) / commt * 100,
-                                      np.nan)
+        out["overlap_pct"] = rows(np.where(
+            commt > 0, np.maximum(compute + commt - both, 0.0) / commt * 100, np.nan))
+    # the idle split by pipeline phase (analysis/phases.py); where the rank did no compute,
+    # all of its idle is steady
+    kind = events["kind"]
+    sw = np.tile(np.arange(S_), R)   # each group's step
+    split = ph.idle_split(comp[0], n, start[is_comp], end[is_comp],
+                          (kind == "bwd").to_numpy()[keep][is_comp],
+                          kind.isin(("fwd", "loss")).to_numpy()[keep][is_comp],
+                          w0[sw], w1[sw], busy)
+    has_comp = np.bincount(comp[0], minlength=n) > 0
+    for c in ph.PHASES:
+        out["idle_" + c] = rows(np.where(has_comp, split[c], np.nan))
     # present: rows for (step, rank) pairs where the rank actually logged something
     present = np.zeros(n, bool)
-    present[code(ev)] = True
-    out = out[present].reset_index(drop=True)
-    # the idle split by pipeline phase (analysis/phases.py); 0 where the rank did no compute
-    pi = ph.phase_idle(ev, win)
-    out = out.merge(pi, on=["step", "rank"], how="left")
+    present[code] = True
+    at = np.flatnonzero(rows(present))   # the rows kept, as step-major codes
+    out = out.iloc[at].reset_index(drop=True)
     for c in ph.PHASES:
         out["idle_" + c] = out["idle_" + c].fillna(out["idle"] if c == "steady" else 0.0)
+    out["peak_act_bytes"] = np.nan
     if pebbles is not None and len(pebbles):
+        # the highest level right after a store, per (step, rank) of the stored pebble;
+        # integers where every row has one, else floats with NaN (as a reindex gives)
         lb = live_bytes(pebbles)
-        pk = lb[lb["store"]].groupby(["step", "rank"])["bytes"].max()
-        out["peak_act_bytes"] = pk.reindex(pd.MultiIndex.from_frame(out[["step", "rank"]])).values
-    else:
-        out["peak_act_bytes"] = np.nan
+        st = lb["store"].to_numpy()
+        pstep, prank = lb["step"].to_numpy()[st], lb["rank"].to_numpy()[st]
+        i = np.minimum(np.searchsorted(steps, pstep), max(S_ - 1, 0))
+        j = np.minimum(np.searchsorted(ranks, prank), max(R - 1, 0))
+        ok = (steps[i] == pstep) & (ranks[j] == prank) if n else np.zeros(len(i), bool)
+        peak = np.full(n, np.iinfo(np.int64).min)
+        np.maximum.at(peak, (i * R + j)[ok], lb["bytes"].to_numpy()[st][ok])
+        found = np.zeros(n, bool)
+        found[(i * R + j)[ok]] = True
+        out["peak_act_bytes"] = peak[at] if found[at].all() else np.where(found[at], peak[at],
+                                                                         np.nan)
     return out
 
 
@@ -226,7 +279,8 @@ def summarize(events, pebbles, memory, meta: dict, steps: list | None = None,
     """Everything metrics.json holds. `steps`: the complete steps (Run.steps); default all.
     critical_path: analysis.critical.critical_path(events) when the caller has it already
     (it covers every step; the summary takes the steady ones)."""
-    table = step_table(events, pebbles)
+    rs = recv_split(events)
+    table = _step_table(events, pebbles, rs, waits.send_split(events))
     steps = sorted(steps if steps is not None else table["step"].unique())
     warm, stead, note = steady(steps)
     from analysis import blame as bl_mod
@@ -251,7 +305,6 @@ def summarize(events, pebbles, memory, meta: dict, steps: list | None = None,
     sch = meta.get("schedule") or {}
     p = int(meta.get("world_size") or events["rank"].nunique())
     m, v = int(sch.get("microbatches") or 1), int(sch.get("virtual") or 1)
-    rs = recv_split(events)
     sim = simulated(events, pebbles, meta, steps)
     return {
         "steps": {"complete": steps, "warmup": warm, "steady": stead, "note": note},

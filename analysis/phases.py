@@ -28,39 +28,64 @@ PHASES = ("warmup", "steady", "cooldown")
 
 def phase_bounds(events: pd.DataFrame, windows: pd.DataFrame) -> pd.DataFrame:
     """One row per (step, rank) with compute: W0, a, b, W1 and the three phase intervals."""
-    comp = events[events["kind"].isin(COMPUTE)]
-    keys = comp[["step", "rank"]].drop_duplicates().sort_values(["step", "rank"])
-    out = keys.reset_index(drop=True)
-    w = windows.reindex(out["step"])
-    out["W0"], out["W1"] = w["start"].to_numpy(), w["end"].to_numpy()
-    a = comp[comp["kind"] == "bwd"].groupby(["step", "rank"])["start"].min()
-    b = comp[comp["kind"].isin(("fwd", "loss"))].groupby(["step", "rank"])["end"].max()
-    idx = pd.MultiIndex.from_frame(out[["step", "rank"]])
-    out["a"] = a.reindex(idx).to_numpy()
-    out["b"] = b.reindex(idx).to_numpy()
-    out["a"] = out["a"].fillna(out["W1"])
-    out["b"] = out["b"].fillna(out["W0"])
-    lo, hi = np.minimum(out["a"], out["b"]), np.maximum(out["a"], out["b"])
-    out["warmup_lo"], out["warmup_hi"] = out["W0"], lo
-    out["steady_lo"], out["steady_hi"] = lo, hi
-    out["cooldown_lo"], out["cooldown_hi"] = hi, out["W1"]
+    keys, code, (start, end, bwd, fwd) = _compute_arrays(events)
+    w = windows.reindex(keys["step"])
+    out = keys.assign(W0=w["start"].to_numpy(), W1=w["end"].to_numpy())
+    out["a"], out["b"] = first_last(code, len(out), start, end, bwd, fwd,
+                                    out["W0"].to_numpy(), out["W1"].to_numpy())
+    for ph, (lo, hi) in bounds(out["W0"], out["W1"], out["a"], out["b"]).items():
+        out[f"{ph}_lo"], out[f"{ph}_hi"] = lo, hi
     return out
 
 
 def phase_idle(events: pd.DataFrame, windows: pd.DataFrame) -> pd.DataFrame:
     """Per (step, rank): idle_warmup, idle_steady, idle_cooldown (seconds)."""
-    pb = phase_bounds(events, windows)
-    comp = events[events["kind"].isin(COMPUTE)]
-    key = pd.MultiIndex.from_frame(pb[["step", "rank"]])
-    code = key.get_indexer(pd.MultiIndex.from_frame(comp[["step", "rank"]]))
-    s, e = comp["start"].to_numpy(), comp["end"].to_numpy()
-    n = len(pb)
-    out = pb[["step", "rank"]].copy()
-    for ph in PHASES:
-        lo, hi = pb[f"{ph}_lo"].to_numpy(), pb[f"{ph}_hi"].to_numpy()
-        length = np.maximum(0.0, hi - lo)
-        ok = code >= 0
-        cs = np.clip(s[ok], lo[code[ok]], hi[code[ok]])
-        ce = np.clip(e[ok], lo[code[ok]], hi[code[ok]])
-        out[f"idle_{ph}"] = length - iv.measure(code[ok], cs, ce, n)
+    keys, code, (start, end, bwd, fwd) = _compute_arrays(events)
+    w = windows.reindex(keys["step"])
+    idle = idle_split(code, len(keys), start, end, bwd, fwd, w["start"].to_numpy(),
+                      w["end"].to_numpy(), iv.union(code, start, end))
+    return keys.assign(**{f"idle_{ph}": v for ph, v in idle.items()})
+
+
+def _compute_arrays(events: pd.DataFrame):
+    """The compute events: their (step, rank) pairs in order (a frame), each event's row in it,
+    and as arrays start, end, is a backward, is a forward or the loss."""
+    kind = events["kind"]
+    comp = kind.isin(COMPUTE).to_numpy()
+    ranks, ri = iv.factorize(events["rank"].to_numpy()[comp])
+    R = max(len(ranks), 1)
+    key, code = iv.factorize(events["step"].to_numpy()[comp] * R + ri)   # by step, then rank
+    keys = pd.DataFrame({"step": key // R, "rank": ranks[key % R]})
+    return keys, code, (events["start"].to_numpy()[comp], events["end"].to_numpy()[comp],
+                        (kind == "bwd").to_numpy()[comp],
+                        kind.isin(("fwd", "loss")).to_numpy()[comp])
+
+
+def first_last(code, n, start, end, bwd, fwd, w0, w1):
+    """Per group 0..n-1 of a (step, rank)'s compute spans: a = the first backward's start
+    (w1 without one), b = the last forward's or loss's end (w0 without one)."""
+    a, b = np.full(n, np.nan), np.full(n, np.nan)
+    np.fmin.at(a, code[bwd], start[bwd])
+    np.fmax.at(b, code[fwd], end[fwd])
+    return np.where(np.isnan(a), w1, a), np.where(np.isnan(b), w0, b)
+
+
+def bounds(w0, w1, a, b) -> dict:
+    """{phase: (lo, hi)} from the step window [w0, w1] and a, b (module docstring)."""
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    return {"warmup": (w0, lo), "steady": (lo, hi), "cooldown": (hi, w1)}
+
+
+def idle_split(code, n, start, end, bwd, fwd, w0, w1, segments) -> dict:
+    """{phase: idle seconds per group 0..n-1}. code, start, end, bwd, fwd: the compute spans
+    (first_last); w0, w1: each group's step window; segments: iv.union(code, start, end).
+    A phase's busy time is the union's segments clipped to it: the segments are disjoint, so
+    clipped they stay the union of the clipped spans, and no second union is needed."""
+    a, b = first_last(code, n, start, end, bwd, fwd, w0, w1)
+    g, s, e = segments
+    out = {}
+    for ph, (lo, hi) in bounds(w0, w1, a, b).items():
+        lo, hi = np.asarray(lo, float), np.asarray(hi, float)
+        busy = np.maximum(0.0, np.minimum(e, hi[g]) - np.maximum(s, lo[g]))
+        out[ph] = np.maximum(0.0, hi - lo) - np.bincount(g, weights=busy, minlength=n)[:n]
     return out
