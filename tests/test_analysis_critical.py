@@ -12,7 +12,7 @@ from analysis import critical as C
 from analysis import load_run
 from harness.synthetic import make_run
 
-CASES = [("1f1b", 3, 1), ("gpipe", 2, 1), ("interleaved", 2, 2), ("zbv", 3, 2), ("zb_h1", 4, 1)]
+CASES = [("1f1b", 4, 1), ("gpipe", 2, 1), ("interleaved", 2, 2), ("zbv", 3, 2), ("zb_h1", 3, 1)]
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +38,10 @@ def noisy(events, seed, scale):
 
 
 @pytest.mark.parametrize("name", [c[0] for c in CASES])
-@pytest.mark.parametrize("scale", [0.0, 1e-4, 2e-3])
-def test_lockstep_walk_is_the_one_at_a_time_walk(runs, name, scale, monkeypatch):
-    ev = noisy(runs[name].events, 7, scale)
+@pytest.mark.parametrize("scale", [0.0, 1e-4, 2e-3, 1e-2])
+@pytest.mark.parametrize("seed", [3, 5])
+def test_lockstep_walk_is_the_one_at_a_time_walk(runs, name, scale, seed, monkeypatch):
+    ev = noisy(runs[name].events, seed, scale)
     monkeypatch.setattr(C, "VECTOR_MIN", 10 ** 9)     # every step walked alone (Python lists)
     one = C.critical_path(ev)
     assert len(one) and set(one["kind"]) <= set(C.KINDS)
@@ -83,3 +84,17 @@ def test_rank_times_is_a_loop_over_the_events(runs):
             [tuple("nan" if x != x else x for x in w) for w in rows]
         assert d["reach"].tolist() == np.maximum.accumulate([w[1] for w in rows]).tolist()
         assert rt.lists[r]["s"] == d["s"].tolist()
+
+
+@pytest.mark.parametrize("vmin", [1, 10 ** 9])
+def test_a_send_that_starts_as_the_receive_blocks_is_not_late(vmin, monkeypatch):
+    # r0 F 0-4, send 4-4.1; r1 blocks in the receive from 4 (tb = the send's start): the
+    # sender was not late, so the path stays on r1 (idle before 4), in both walks
+    monkeypatch.setattr(C, "VECTOR_MIN", vmin)
+    ev = pd.DataFrame({"rank": [0, 0, 1, 1], "step": 0, "kind": ["fwd", "send", "recv", "fwd"],
+                       "lane": ["compute", "send", "recv", "compute"],
+                       "start": [0.0, 4.0, 1.0, 4.1], "end": [4.0, 4.1, 4.1, 9.0],
+                       "tb": [np.nan, 4.0, 4.0, np.nan], "pair": [None, "a", "a", None]})
+    path = C.critical_path(ev)
+    assert [(r, k) for r, k in path[["rank", "kind"]].itertuples(index=False)] == \
+        [(1, "other"), (1, "transfer"), (1, "compute")]
