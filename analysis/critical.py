@@ -85,53 +85,57 @@ class RankTimes:
     _SEND, _RECV) and `kind` (code among `kinds`) besides; `span[rank]`: the rank's rows of it
     (start, stop); `r[rank]`: the rank's arrays (s, e, reach = running max of e, what, prank,
     ptime, pend = when a send's receive completed, event), views into `g`; `lists`: the same
-    as Python lists where the one-at-a-time walks read them, built on first use (a float in a
-    list costs 32 bytes: GBs at 10 M events)."""
+    as Python lists where the one-at-a-time walks read them. `r` and `lists` are built on
+    first use (the lockstep walk needs neither; a float in a list costs 32 bytes: GBs at 10 M
+    events)."""
 
     def __init__(self, events: pd.DataFrame):
         kind, kinds = _codes(events["kind"])
         self.kinds = list(kinds)
-        names = np.array(self.kinds + [None], dtype=object)   # [-1]: an NA kind
-        code = np.where(np.isin(names, COMPUTE)[kind], _COMP, -1).astype(np.int8)
+        self._names = np.array(self.kinds + [None], dtype=object)   # [-1]: an NA kind
+        code = np.where(np.isin(self._names, COMPUTE)[kind], _COMP, -1).astype(np.int8)
         for kd, c in (("send", _SEND), ("recv", _RECV)):
             if kd in self.kinds:
                 code[kind == self.kinds.index(kd)] = c
         start = events["start"].to_numpy(float)
+        end = events["end"].to_numpy(float)
         rank = events["rank"].to_numpy()
-        # partners: a receive's is the first send with its pair id, a send's the first receive
-        pair, ids = _codes(events["pair"])
-        prank = np.full(len(events), -1, dtype=np.int64)
-        ptime = np.full(len(events), np.nan)
-        pend = np.full(len(events), np.nan)   # sends: when their receive completed
-        for mine, other in ((_RECV, _SEND), (_SEND, _RECV)):
-            k = np.flatnonzero((code == mine) & (pair >= 0))
-            q = _first(pair, code == other, len(ids))[pair[k]]
-            k, q = k[q >= 0], q[q >= 0]
-            prank[k], ptime[k] = rank[q], start[q]
-            if mine == _SEND:
-                pend[k] = events["end"].to_numpy(float)[q]
-        del pair
         tb = events["tb"].to_numpy(float)
         s = np.where((code > _COMP) & ~np.isnan(tb), tb, start)
         del tb
-        e = events["end"].to_numpy(float)
-        keep = np.flatnonzero((code >= 0) & (e > s))
+        keep = np.flatnonzero((code >= 0) & (end > s))
         # stable sort by (rank, s): ties keep the frame's order
         keep = keep[np.lexsort((s[keep], rank[keep]))]
-        g = {"rank": rank[keep], "s": s[keep], "e": e[keep], "code": code[keep],
-             "kind": kind[keep], "prank": prank[keep], "ptime": ptime[keep], "pend": pend[keep],
-             "event": events.index.to_numpy()[keep]}
-        del kind, code, start, rank, prank, ptime, pend, s, e
+        g = {"rank": rank[keep], "s": s[keep], "e": end[keep], "code": code[keep],
+             "kind": kind[keep], "event": events.index.take(keep).to_numpy()}
+        del s, kind
+        # partners: a receive's is the first send with its pair id, a send's the first receive
+        pair, ids = _codes(events["pair"])
+        mine_pair = pair[keep]
+        g["prank"] = np.full(len(keep), -1, dtype=np.int64)
+        g["ptime"] = np.full(len(keep), np.nan)
+        g["pend"] = np.full(len(keep), np.nan)   # sends: when their receive completed
+        for mine, other in ((_RECV, _SEND), (_SEND, _RECV)):
+            k = np.flatnonzero((g["code"] == mine) & (mine_pair >= 0))
+            q = _first(pair, code == other, len(ids))[mine_pair[k]]
+            k, q = k[q >= 0], q[q >= 0]
+            g["prank"][k], g["ptime"][k] = rank[q], start[q]
+            if mine == _SEND:
+                g["pend"][k] = end[q]
+        del pair, mine_pair, code
         ranks, first = np.unique(g["rank"], return_index=True)
-        stop = np.r_[first[1:], len(keep)]
         g["reach"] = np.empty(len(keep))
-        g["what"] = names[g["kind"]]
-        self.g, self.span, self.r = g, {}, {}
-        for r, a, b in zip(ranks.tolist(), first.tolist(), stop.tolist()):
+        self.g, self.span = g, {}
+        for r, a, b in zip(ranks.tolist(), first.tolist(), np.r_[first[1:], len(keep)].tolist()):
             g["reach"][a:b] = np.maximum.accumulate(g["e"][a:b])
             self.span[r] = (a, b)
-            self.r[r] = {k: g[k][a:b] for k in ("s", "e", "reach", "what", "prank", "ptime",
-                                                 "pend", "event")}
+
+    @cached_property
+    def r(self) -> dict:
+        what = self._names[self.g["kind"]]
+        return {r: {k: (what if k == "what" else self.g[k])[a:b]
+                    for k in ("s", "e", "reach", "what", "prank", "ptime", "pend", "event")}
+                for r, (a, b) in self.span.items()}
 
     @cached_property
     def lists(self) -> dict:
