@@ -54,6 +54,14 @@ _NA_VALUES = ("", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-na
               "1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null")
 
 
+# the frames' columns (module docstring)
+EVENT_FRAME = ("rank", "step", "mb", "layer", "kind", "lane", "start", "end", "tb", "peer", "tag",
+               "bytes", "pair")
+PEBBLE_FRAME = ("rank", "step", "mb", "layer", "kind", "bytes", "stored", "freed", "module",
+                "shape", "dtype")
+MEMORY_FRAME = ("rank", "time", "source", "bytes")
+
+
 class RunFormatError(ValueError):
     """The path is not a run directory, or one of its files is in an unknown format."""
 
@@ -324,45 +332,37 @@ def load_run(path) -> Run:
                 continue
             parts[kind][r] = table
     warnings += local_dir_notes(d, meta, parts["events"])
-    # pop: each rank's frames are released once concatenated (at 10 M events they are GBs)
+    # pop: each rank's tables are released once concatenated, and each column once taken in
+    # order (at 10 M events they are GBs)
     ev = _cat(parts.pop("events"), "events", meta)
     peb = _cat(parts.pop("pebbles"), "pebbles", meta)
     mem = _cat(parts.pop("memory"), "memory", meta)
+    pa.default_memory_pool().release_unused()   # the tables' memory, back to the system
     starts = [int(f[c].min()) for f, c in ((ev, "t0"), (peb, "t_store"), (mem, "t"))
               if len(f["rank"])]
     origin = int(ev["t0"].min()) if len(ev["rank"]) else (min(starts) if starts else 0)
     kind = ev["kind"]
     lanes = [LANE.get(k, "other") for k in kind.categories]
-    lane = pd.Categorical.from_codes(
+    ev["lane"] = pd.Categorical.from_codes(
         np.asarray(pd.Categorical(lanes, categories=sorted(set(lanes))).codes)[kind.codes]
         if len(lanes) else np.zeros(len(kind), int), categories=sorted(set(lanes)) or ["other"])
-    start = _secs(ev["t0"], origin)
+    del kind
+    for c, name in (("t0", "start"), ("t1", "end"), ("tb", "tb")):
+        ev[name] = _secs(ev.pop(c), origin)
     # rows sorted by (rank, start), stable: one argsort, and each column taken once
-    events = _frame({
-        "rank": ev["rank"], "step": ev["step"], "mb": ev["mb"], "layer": ev["layer"],
-        "kind": kind, "lane": lane, "start": start, "end": _secs(ev["t1"], origin),
-        "tb": _secs(ev["tb"], origin), "peer": ev["peer"], "tag": ev["tag"],
-        "bytes": ev["bytes"], "pair": ev["pair"]},
-        np.lexsort((start, ev["rank"])))
-    del ev, kind, lane, start
-    stored = _secs(peb["t_store"], origin)
-    pebbles = _frame({
-        "rank": peb["rank"], "step": peb["step"], "mb": peb["mb"], "layer": peb["layer"],
-        "kind": peb["kind"], "bytes": peb["bytes"],
-        "stored": stored, "freed": _secs(peb["t_free"], origin),
-        # labels repeated per layer and microbatch: as Python strings ~110 MB per million
-        # pebbles, as categoricals a byte or two a row; empty labels read as ""
-        "module": _filled(peb["module"], ""),
-        "shape": _filled(peb["shape"], ""),
-        "dtype": _filled(peb["dtype"], "")}, np.lexsort((stored, peb["rank"])))
-    del peb, stored
-    time = _secs(mem["t"], origin)
-    source = mem["source"]
+    events = _frame(ev, np.lexsort((ev["start"], ev["rank"])), EVENT_FRAME)
+    peb["stored"], peb["freed"] = (_secs(peb.pop(c), origin) for c in ("t_store", "t_free"))
+    # labels repeated per layer and microbatch: as Python strings ~110 MB per million pebbles,
+    # as categoricals a byte or two a row; empty labels read as ""
+    for c in ("module", "shape", "dtype"):
+        peb[c] = _filled(peb[c], "")
+    pebbles = _frame(peb, np.lexsort((peb["stored"], peb["rank"])), PEBBLE_FRAME)
+    mem["time"] = _secs(mem.pop("t"), origin)
     # sorted by (rank, source, time); sorted categories order as their text, NA last
+    source = mem["source"]
     key = np.where(source.codes < 0, len(source.categories), source.codes)
-    memory = _frame({"rank": mem["rank"], "time": time, "source": source, "bytes": mem["bytes"]},
-                    np.lexsort((time, key, mem["rank"])))
-    del mem, time, source, key
+    memory = _frame(mem, np.lexsort((mem["time"], key, mem["rank"])), MEMORY_FRAME)
+    del source, key
     schedule = None
     if (d / "schedule.json").exists():
         try:
@@ -425,10 +425,12 @@ def _cat(parts: dict, kind: str, meta: dict) -> dict:
     ranks}, with the rank first. Times are aligned to rank 0's clock per rank (each rank has its
     own line), still int ns (int64, or IntegerArray where the column may be empty); text columns
     are categoricals with sorted categories, one set for all ranks."""
-    tables = list(parts.values())
-    out = {"rank": np.repeat(np.array(list(parts), dtype=np.int64), [len(t) for t in tables])}
+    ranks, tables = list(parts), list(parts.values())
+    parts.clear()
+    out = {"rank": np.repeat(np.array(ranks, dtype=np.int64), [len(t) for t in tables])}
     for c, t in _DTYPES[kind].items():
         cols = [tab.column(c) for tab in tables]
+        tables = [tab.drop_columns([c]) for tab in tables]   # the column goes with `cols`
         if t is str:
             out[c] = _text(cols)
             continue
@@ -437,7 +439,7 @@ def _cat(parts: dict, kind: str, meta: dict) -> dict:
         else:
             cols = [x.to_numpy() for x in cols]
         if c in _TIMES:
-            cols = [_align(meta, r, x) for r, x in zip(parts, cols)]
+            cols = [_align(meta, r, x) for r, x in zip(ranks, cols)]
         v = np.concatenate(cols) if cols else np.zeros(0, np.int64)
         out[c] = pd.arrays.IntegerArray(v, np.concatenate(na) if na else np.zeros(0, bool)) \
             if t == "Int64" else v
@@ -469,11 +471,16 @@ def _text(cols: list) -> pd.Categorical:
         pd.Index(words.take(order).to_pandas())))
 
 
-def _frame(cols: dict, order: np.ndarray) -> pd.DataFrame:
-    """A frame of `cols` (arrays) with its rows in `order`: each column taken once, and the
-    frame built without copying them again into one block per dtype."""
-    return pd.DataFrame({c: v[order] if isinstance(v, np.ndarray) else v.take(order)
-                         for c, v in cols.items()}, copy=False)
+def _frame(cols: dict, order: np.ndarray, names: tuple) -> pd.DataFrame:
+    """A frame of the arrays `names` popped from `cols`, its rows in `order`: each column taken
+    once and then released, and the frame built without copying them again into one block per
+    dtype."""
+    out = {}
+    for c in names:
+        v = cols.pop(c)
+        out[c] = v[order] if isinstance(v, np.ndarray) else v.take(order)
+        del v
+    return pd.DataFrame(out, copy=False)
 
 
 def _complete_steps(events: pd.DataFrame, world: int, warnings: list) -> list:
