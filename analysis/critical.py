@@ -56,6 +56,7 @@ def paused_gc():
 _LISTED = frozenset(("s", "e", "what", "prank", "ptime"))
 _COMP, _SEND, _RECV = 0, 1, 2   # RankTimes.g["code"]: what a span is, for the lockstep walk
 _GAP = -1                       # "what" of a gap segment, among the kinds' codes
+_COMPUTE_AT, _TRANSFER_AT, _WAIT_AT, _OTHER_AT = range(len(KINDS))   # a segment's kind in KINDS
 VECTOR_MIN = 48   # fewer walks than this go one by one (one numpy pass costs ~50 segments)
 
 
@@ -267,7 +268,8 @@ def _walk_lockstep(rt: RankTimes, step, rank, lo, t) -> tuple:
         x0 = np.maximum(np.maximum(s, pt), lo)
         g0 = np.where(has, np.maximum(R[ic], lo), lo)
         # the segment each walk adds (none for a jump) and where it goes on from
-        kind = np.where(gap, 3, np.where(xfer, 1, np.where(on & (c == _COMP), 0, 2)))
+        kind = np.select([gap, xfer, c == _COMP], [_OTHER_AT, _TRANSFER_AT, _COMPUTE_AT],
+                         _WAIT_AT)
         seg0 = np.where(gap, g0, np.where(xfer, x0, lo_s))
         t_new = np.where(gap, g0, np.where(xfer, x0, np.where(jump, t, s)))
         add = ~jump
@@ -287,12 +289,10 @@ def critical_path(events: pd.DataFrame, steps=None, rt: RankTimes | None = None)
     """Segments of each step's critical path: step, rank, kind (compute|transfer|wait|other),
     what (event kind, or "gap"), start, end (s), event (row index in events, -1 for gaps).
     rt: RankTimes(events), when the caller has it already (blame uses the same)."""
-    kind = events["kind"]
     use = (events["lane"] != "step").to_numpy()
     # only the columns used: a copy of every column is ~1 GB at 10 M events
     ev = pd.DataFrame({c: events[c].to_numpy()[use] for c in ("rank", "step", "start", "end")})
-    ev["kind"] = kind[use].to_numpy() if not isinstance(kind.dtype, pd.CategoricalDtype) else \
-        pd.Categorical.from_codes(kind.cat.codes.to_numpy()[use], dtype=kind.dtype)
+    ev["kind"] = events["kind"].array[use]
     ev_steps = set(steps) if steps is not None else set(ev["step"].unique())
     rt = rt or RankTimes(events)
     win = step_windows(ev)
@@ -313,7 +313,6 @@ def critical_path(events: pd.DataFrame, steps=None, rt: RankTimes | None = None)
             parts, walks = _walk_lockstep(rt, st.astype(np.int64), rk.astype(np.int64),
                                           lo.astype(float), hi.astype(float))
             tables = rt.r        # a few walks left: not worth building the lists
-            walks = [(w[0], w[1], w[2], w[3], w[4], w[5]) for w in walks]
         else:
             tables = rt.lists
             walks = [(st, rk, lo, hi, 0, 0) for st, rk, lo, hi in walks]
