@@ -27,13 +27,14 @@ from __future__ import annotations
 import gc
 from bisect import bisect_left
 from contextlib import contextmanager
+from functools import cached_property
 from math import isnan
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
-from analysis.metrics import COMPUTE, recv_split, step_windows
-from analysis.waits import _lookup, send_split
+from analysis.metrics import COMPUTE, step_windows
 
 KINDS = ("compute", "transfer", "wait", "other")
 
@@ -53,61 +54,97 @@ def paused_gc():
 
 
 _LISTED = frozenset(("s", "e", "what", "prank", "ptime"))
+_COMP, _SEND, _RECV = 0, 1, 2   # RankTimes.g["code"]: what a span is, for the lockstep walk
+_GAP = -1                       # "what" of a gap segment, among the kinds' codes
+_COMPUTE_AT, _TRANSFER_AT, _WAIT_AT, _OTHER_AT = range(len(KINDS))   # a segment's kind in KINDS
+VECTOR_MIN = 48   # fewer walks than this go one by one (one numpy pass costs ~50 segments)
+
+
+def _codes(col: pd.Series) -> tuple:
+    """(integer code per row, -1 for NA; the values the codes name): the loader's categoricals
+    as they are, any other column factorised."""
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        return col.cat.codes.to_numpy(), col.cat.categories
+    return pd.factorize(col)
+
+
+def _first(codes: np.ndarray, mask: np.ndarray, n: int) -> np.ndarray:
+    """Per code 0..n-1, the position of the first row with `mask` and that code; -1 if none."""
+    pos = np.flatnonzero(mask & (codes >= 0))
+    first = np.full(n, -1, dtype=np.int64)
+    code, at = np.unique(codes[pos], return_index=True)
+    first[code] = pos[at]
+    return first
 
 
 class RankTimes:
     """Per rank, the spans during which it was busy or blocked, sorted, for lookups by time.
 
     Each span: start s (tb for send/recv), end e, what (event kind), partner rank and partner
-    time (send start for a receive, receive post for a send; NaN if none), event index."""
+    time (send start for a receive, receive post for a send; NaN if none), event index.
+    `g`: one table of numpy arrays over all ranks, sorted by (rank, s), with `code` (_COMP,
+    _SEND, _RECV) and `kind` (code among `kinds`) besides; `span[rank]`: the rank's rows of it
+    (start, stop); `r[rank]`: the rank's arrays (s, e, reach = running max of e, what, prank,
+    ptime, pend = when a send's receive completed, event), views into `g`; `lists`: the same
+    as Python lists where the one-at-a-time walks read them. `r` and `lists` are built on
+    first use (the lockstep walk needs neither; a float in a list costs 32 bytes: GBs at 10 M
+    events)."""
 
     def __init__(self, events: pd.DataFrame):
-        ev = events.loc[events["kind"].isin(COMPUTE + ("send", "recv")).to_numpy(),
-                        ["rank", "kind", "tb", "start", "end", "pair"]]
-        rs = recv_split(events).drop_duplicates("pair")
-        ss = send_split(events).drop_duplicates("pair")
-        kind = ev["kind"]
-        s = ev["tb"].where(kind.isin(("send", "recv")), ev["start"]).fillna(ev["start"])
-        prank = np.full(len(ev), -1)
-        ptime = np.full(len(ev), np.nan)
-        pend = np.full(len(ev), np.nan)   # sends: when their receive completed
-        for kd, tab, rc, tc in (("recv", rs, "send_rank", "send_start"),
-                                ("send", ss, "recv_rank", "recv_start")):
-            k = (kind == kd).to_numpy() & ev["pair"].notna().to_numpy()
-            tab = tab[tab["pair"].notna()]
-            if k.any() and len(tab):
-                j = _lookup(tab["pair"], ev.loc[k, "pair"])   # the first row of each pair
-                hit = j >= 0
-                pr = np.full(len(j), -1)
-                pr[hit] = np.nan_to_num(tab[rc].to_numpy(float)[j[hit]], nan=-1)
-                prank[k] = pr
-                pt = np.full(len(j), np.nan)
-                pt[hit] = tab[tc].to_numpy(float)[j[hit]]
-                ptime[k] = pt
-                if kd == "send":
-                    pe = np.full(len(j), np.nan)
-                    pe[hit] = tab["recv_end"].to_numpy(float)[j[hit]]
-                    pend[k] = pe
-        del rs, ss, tab   # GBs at 10 M events: gone before the per-rank tables are built
-        df = pd.DataFrame({"rank": ev["rank"].to_numpy(), "s": s.to_numpy(float),
-                           "e": ev["end"].to_numpy(float), "what": ev["kind"].to_numpy(),
-                           "prank": prank, "ptime": ptime, "pend": pend,
-                           "event": ev.index.to_numpy()})
-        del ev, s, prank, ptime, pend
-        df = df[df["e"] > df["s"]].sort_values(["rank", "s"], kind="stable")
-        self.r, self.lists = {}, {}
-        for r, d in df.groupby("rank"):
-            e = d["e"].to_numpy()
-            self.r[int(r)] = {"s": d["s"].to_numpy(), "e": e, "reach": np.maximum.accumulate(e),
-                              "what": d["what"].to_numpy(), "prank": d["prank"].to_numpy(),
-                              "ptime": d["ptime"].to_numpy(), "pend": d["pend"].to_numpy(),
-                              "event": d["event"].to_numpy()}
-            # the walks look spans up one at a time: Python lists and bisect do that ~10x
-            # faster than numpy scalars. Only what every step of a walk reads becomes a list
-            # (a float in a list costs 32 bytes: 1 GB more at 10 M events for the other three,
-            # read once a segment or less); reach, pend and event stay arrays
-            self.lists[int(r)] = {k: (v.tolist() if k in _LISTED else v)
-                                  for k, v in self.r[int(r)].items()}
+        kind, kinds = _codes(events["kind"])
+        self.kinds = list(kinds)
+        self._names = np.array(self.kinds + [None], dtype=object)   # [-1]: an NA kind
+        code = np.where(np.isin(self._names, COMPUTE)[kind], _COMP, -1).astype(np.int8)
+        for kd, c in (("send", _SEND), ("recv", _RECV)):
+            if kd in self.kinds:
+                code[kind == self.kinds.index(kd)] = c
+        start = events["start"].to_numpy(float)
+        end = events["end"].to_numpy(float)
+        rank = events["rank"].to_numpy()
+        tb = events["tb"].to_numpy(float)
+        s = np.where((code > _COMP) & ~np.isnan(tb), tb, start)
+        del tb
+        keep = np.flatnonzero((code >= 0) & (end > s))
+        # stable sort by (rank, s): ties keep the frame's order
+        keep = keep[np.lexsort((s[keep], rank[keep]))]
+        g = {"rank": rank[keep], "s": s[keep], "e": end[keep], "code": code[keep],
+             "kind": kind[keep], "event": events.index.take(keep).to_numpy()}
+        del s, kind
+        # partners: a receive's is the first send with its pair id, a send's the first receive
+        pair, ids = _codes(events["pair"])
+        mine_pair = pair[keep]
+        g["prank"] = np.full(len(keep), -1, dtype=np.int64)
+        g["ptime"] = np.full(len(keep), np.nan)
+        g["pend"] = np.full(len(keep), np.nan)   # sends: when their receive completed
+        for mine, other in ((_RECV, _SEND), (_SEND, _RECV)):
+            k = np.flatnonzero((g["code"] == mine) & (mine_pair >= 0))
+            q = _first(pair, code == other, len(ids))[mine_pair[k]]
+            k, q = k[q >= 0], q[q >= 0]
+            g["prank"][k], g["ptime"][k] = rank[q], start[q]
+            if mine == _SEND:
+                g["pend"][k] = end[q]
+        del pair, mine_pair, code
+        ranks, first = np.unique(g["rank"], return_index=True)
+        g["reach"] = np.empty(len(keep))
+        self.g, self.span = g, {}
+        for r, a, b in zip(ranks.tolist(), first.tolist(), np.r_[first[1:], len(keep)].tolist()):
+            g["reach"][a:b] = np.maximum.accumulate(g["e"][a:b])
+            self.span[r] = (a, b)
+
+    @cached_property
+    def r(self) -> dict:
+        what = self._names[self.g["kind"]]
+        return {r: {k: (what if k == "what" else self.g[k])[a:b]
+                    for k in ("s", "e", "reach", "what", "prank", "ptime", "pend", "event")}
+                for r, (a, b) in self.span.items()}
+
+    @cached_property
+    def lists(self) -> dict:
+        # the walks look spans up one at a time: Python lists and bisect do that ~10x faster
+        # than numpy scalars. Only what every step of a walk reads becomes a list; reach, pend
+        # and event stay arrays (read once a segment or less)
+        return {r: {k: (v.tolist() if k in _LISTED else v) for k, v in d.items()}
+                for r, d in self.r.items()}
 
     def active(self, rank: int, t: float):
         """(index of the span running on `rank` just before t, or None; end of the last span
@@ -128,22 +165,23 @@ class RankTimes:
         return None, float(d["reach"][i])
 
 
-def _walk(rt: RankTimes, rank: int, lo: float, hi: float, step: int, segs: list) -> None:
-    """Append the segments of one step's path to `segs` (walked back from hi to lo).
+def _walk(tables: dict, rank: int, lo: float, t: float, step: int, segs: list, stuck: int = 0,
+          n: int = 0) -> None:
+    """Append the segments of one step's path to `segs` (walked back from t to lo).
 
-    RankTimes.active inlined, with the rank's lists in locals: the walk visits every segment
-    of every step, and a call plus dict lookups per segment cost more than the work."""
-    t, stuck, n = hi, 0, 0
+    tables: RankTimes.lists (fast) or RankTimes.r (numpy arrays, bisect reads them too);
+    stuck, n: the state of a walk continued from _walk_lockstep. RankTimes.active inlined, with
+    the rank's lists in locals: the walk visits every segment of every step, and a call plus
+    dict lookups per segment cost more than the work."""
     compute = frozenset(COMPUTE)
-    lists = rt.lists
-    d = lists.get(rank)
+    d = tables.get(rank)
     if d is not None:
         S, E, R, W, PR, PT, PE, EV = (d["s"], d["e"], d["reach"], d["what"], d["prank"],
                                       d["ptime"], d["pend"], d["event"])
     cur = rank
     while t > lo and n < 1_000_000:
         if rank != cur:
-            d, cur = lists.get(rank), rank
+            d, cur = tables.get(rank), rank
             if d is not None:
                 S, E, R, W, PR, PT, PE, EV = (d["s"], d["e"], d["reach"], d["what"],
                                               d["prank"], d["ptime"], d["pend"], d["event"])
@@ -188,43 +226,130 @@ def _walk(rt: RankTimes, rank: int, lo: float, hi: float, step: int, segs: list)
                 rank = pr
 
 
+def _walk_lockstep(rt: RankTimes, step, rank, lo, t) -> tuple:
+    """_walk for many steps at once: each numpy pass takes one move of every walk still going,
+    so the Python work is per move of the longest walk, not per segment of all of them.
+    Same rules, same floats (only comparisons and max, as there). Returns the segments as
+    arrays (step, rank, kind code in KINDS, what: code among rt.kinds or _GAP, start, end,
+    event) and the walks left for _walk (fewer than VECTOR_MIN): (step, rank, lo, t, stuck, n)."""
+    g = rt.g
+    S, E, R, C, K, PR, PT, PE, EV = (g["s"], g["e"], g["reach"], g["code"], g["kind"],
+                                     g["prank"], g["ptime"], g["pend"], g["event"])
+    stuck = np.zeros(len(step), np.int64)
+    n = np.zeros(len(step), np.int64)
+    out = []
+    while len(step) >= VECTOR_MIN:
+        # RankTimes.active: the last span of the walk's rank starting before t (-1: none)
+        i = np.full(len(step), -1, np.int64)
+        for r, (a, b) in rt.span.items():
+            m = np.flatnonzero(rank == r)
+            if len(m):
+                j = np.searchsorted(S[a:b], t[m]) - 1
+                i[m] = np.where(j >= 0, a + j, -1)
+        has = i >= 0
+        ic = np.maximum(i, 0)
+        on = has & (E[ic] >= t)
+        cover = np.flatnonzero(has & ~on & (R[ic] >= t))
+        for w in cover.tolist():   # an earlier, longer span covers t (clock noise): rare
+            j = int(i[w])
+            while not (E[j] >= t[w]):
+                j -= 1
+            i[w] = j
+        if len(cover):
+            on[cover] = True
+            ic = np.maximum(i, 0)
+        s, c, pr, pt = S[ic], C[ic], PR[ic], PT[ic]
+        lo_s = np.maximum(s, lo)
+        part = on & (c != _COMP) & (pr >= 0) & ~np.isnan(pt)
+        hold = part & ((pt >= t) | ((c == _SEND) & (PE[ic] < t)))
+        jump = hold & (stuck <= 2)
+        xfer = part & ~hold
+        gap = ~on
+        x0 = np.maximum(np.maximum(s, pt), lo)
+        g0 = np.where(has, np.maximum(R[ic], lo), lo)
+        # the segment each walk adds (none for a jump) and where it goes on from
+        kind = np.select([gap, xfer, c == _COMP], [_OTHER_AT, _TRANSFER_AT, _COMPUTE_AT],
+                         _WAIT_AT)
+        seg0 = np.where(gap, g0, np.where(xfer, x0, lo_s))
+        t_new = np.where(gap, g0, np.where(xfer, x0, np.where(jump, t, s)))
+        add = ~jump
+        out.append((step[add], rank[add], kind[add], np.where(gap, _GAP, K[ic])[add],
+                    seg0[add], t[add], np.where(gap, -1, EV[ic])[add]))
+        n += add
+        stuck = np.where(jump, stuck + 1, np.where(xfer | (hold & ~jump), 0, stuck))
+        rank = np.where(jump | (xfer & (pt > s)), pr, rank)
+        t = t_new
+        go = (t > lo) & (n < 1_000_000)
+        step, rank, lo, t, stuck, n = step[go], rank[go], lo[go], t[go], stuck[go], n[go]
+    return out, list(zip(step.tolist(), rank.tolist(), lo.tolist(), t.tolist(), stuck.tolist(),
+                         n.tolist()))
+
+
 def critical_path(events: pd.DataFrame, steps=None, rt: RankTimes | None = None) -> pd.DataFrame:
     """Segments of each step's critical path: step, rank, kind (compute|transfer|wait|other),
     what (event kind, or "gap"), start, end (s), event (row index in events, -1 for gaps).
     rt: RankTimes(events), when the caller has it already (blame uses the same)."""
+    use = (events["lane"] != "step").to_numpy()
     # only the columns used: a copy of every column is ~1 GB at 10 M events
-    ev = events.loc[(events["lane"] != "step").to_numpy(), ["rank", "step", "kind", "start", "end"]]
-    if steps is not None:
-        ev_steps = set(steps)
-    else:
-        ev_steps = set(ev["step"].unique())
+    ev = pd.DataFrame({c: events[c].to_numpy()[use] for c in ("rank", "step", "start", "end")})
+    ev["kind"] = events["kind"].array[use]
+    ev_steps = set(steps) if steps is not None else set(ev["step"].unique())
     rt = rt or RankTimes(events)
     win = step_windows(ev)
-    comp = ev[ev["kind"].isin(COMPUTE)]
-    last = comp.loc[comp.groupby("step")["end"].idxmax(), ["step", "rank"]].set_index("step")
-    last_rank = dict(zip(last.index.tolist(), last["rank"].tolist()))
+    comp = ev["kind"].isin(COMPUTE).to_numpy()
+    # the rank whose compute ends last (the first such row)
+    at = pd.Series(ev["end"].to_numpy()[comp]).groupby(ev["step"].to_numpy()[comp]).idxmax()
+    last_rank = dict(zip(at.index.tolist(), ev["rank"].to_numpy()[comp][at.to_numpy()].tolist()))
+    del ev, comp
     w0 = dict(zip(win.index.tolist(), win["start"].tolist()))
     w1 = dict(zip(win.index.tolist(), win["end"].tolist()))
+    walks = [(int(st), int(last_rank[st]), w0[st], w1[st]) for st in sorted(ev_steps)
+             if st in last_rank]
     segs: list = []
+    parts: list = []
     with paused_gc():
-        for st in sorted(ev_steps):
-            if st not in last_rank:
-                continue
-            _walk(rt, int(last_rank[st]), w0[st], w1[st], int(st), segs)
-        df = _frame(segs)
-    return df.sort_values(["step", "start"], kind="stable", ignore_index=True)
+        if len(walks) >= VECTOR_MIN:
+            st, rk, lo, hi = (np.array(c) for c in zip(*walks))
+            parts, walks = _walk_lockstep(rt, st.astype(np.int64), rk.astype(np.int64),
+                                          lo.astype(float), hi.astype(float))
+            tables = rt.r        # a few walks left: not worth building the lists
+        else:
+            tables = rt.lists
+            walks = [(st, rk, lo, hi, 0, 0) for st, rk, lo, hi in walks]
+        for st, rk, lo, t, stuck, n in walks:
+            _walk(tables, rk, lo, t, st, segs, stuck, n)
+        return _frame(segs, parts, rt.kinds)
 
 
-def _frame(segs: list) -> pd.DataFrame:
-    """Segment tuples -> frame; column by column (a frame from 10^5 tuples infers each cell)."""
+def _frame(segs: list, parts: list, kinds: list) -> pd.DataFrame:
+    """Segments (tuples from _walk, arrays from _walk_lockstep) -> frame sorted by (step,
+    start); column by column (a frame from 10^5 tuples infers each cell)."""
     names = ["step", "rank", "kind", "what", "start", "end", "event"]
-    if not segs:
+    if not segs and not parts:
         return pd.DataFrame(segs, columns=names)
-    c = list(zip(*segs))
-    return pd.DataFrame({"step": np.array(c[0], np.int64), "rank": np.array(c[1], np.int64),
-                         "kind": list(c[2]), "what": list(c[3]),
-                         "start": np.array(c[4], np.float64), "end": np.array(c[5], np.float64),
-                         "event": np.array(c[6], np.int64)})
+    cols = [list(c) for c in zip(*parts)] or [[] for _ in names]
+    if segs:
+        c = list(zip(*segs))
+        kind_code = {k: i for i, k in enumerate(KINDS)}
+        what_code = {k: i for i, k in enumerate(kinds)}
+        what_code["gap"] = _GAP
+        for j, x in enumerate(c):
+            if j == 2:
+                x = [kind_code[k] for k in x]
+            elif j == 3:
+                x = [what_code[k] for k in x]
+            cols[j].append(np.array(x))
+    step, rank, kind, what, start, end, event = (np.concatenate(c) for c in cols)
+    # a walk's segments tile its step back in time: (step, start) is unique, so this order is
+    # the same whichever walk made which segment
+    order = np.lexsort((start, step))
+    return pd.DataFrame({
+        "step": step[order].astype(np.int64), "rank": rank[order].astype(np.int64),
+        # text as pandas takes it from pyarrow: str (pandas 3) or object, as from a list
+        "kind": pa.array(KINDS).take(kind[order]).to_pandas(),
+        "what": pa.array(list(kinds) + ["gap"]).take(what[order] % (len(kinds) + 1)).to_pandas(),
+        "start": start[order].astype(np.float64), "end": end[order].astype(np.float64),
+        "event": event[order].astype(np.int64)})
 
 
 def composition(path: pd.DataFrame, steps=None) -> pd.DataFrame:

@@ -141,6 +141,7 @@ def test_step_out_of_range_writes_nothing(run_dir, capsys):
     (lambda ln: ln + ",extra", 5),                                  # one field too many
     (lambda ln: ln.rsplit(",", 2)[0], 5),                           # fields missing
     (lambda ln: "x" + ln, 5),                                       # not a number
+    (lambda ln: "," + ln.split(",", 1)[1], 5),                      # a required number empty
 ])
 def test_damaged_rows_are_dropped_and_counted_naming_the_file(run_dir, damage, line):
     p = run_dir / "trace" / "events.r0.csv"
@@ -211,3 +212,29 @@ def test_trace_that_cannot_be_written_is_one_error_line(run_dir, capsys, serial)
     assert len(lines) == 1 and "cannot write" in lines[0] and "trace.json" in lines[0], err
     assert "Traceback" not in err
     assert (out / "trace.json").is_dir() and (out / "memory.png").stat().st_size > 0
+
+
+def test_fast_reader_reads_what_pandas_reads(run_dir):
+    """pyarrow's reader (clean files) and pandas' (anything else) give the same frames: one
+    rank's files with a comment line in the middle, which only pandas reads (as it always did),
+    load as the clean ones do, text unified into one set of sorted categories; and the fast
+    path reads NA strings as pandas does."""
+    import pandas as pd
+    from pandas._libs.parsers import STR_NA_VALUES
+
+    from analysis.load import _NA_VALUES
+    assert sorted(_NA_VALUES) == sorted(STR_NA_VALUES)
+    clean = load_run(run_dir)
+    for kind in ("events", "pebbles", "memory"):
+        p = run_dir / "trace" / f"{kind}.r1.csv"
+        lines = p.read_text().splitlines()
+        p.write_text("\n".join(lines[:3] + ["# a comment"] + lines[3:]) + "\n")
+    mixed = load_run(run_dir)
+    assert mixed.warnings == clean.warnings == []
+    for name in ("events", "pebbles", "memory", "stats"):
+        pd.testing.assert_frame_equal(getattr(mixed, name), getattr(clean, name), check_exact=True)
+    for col in ("kind", "pair"):
+        cats = list(clean.events[col].cat.categories)
+        assert cats == sorted(cats)
+    assert isinstance(clean.memory["source"].dtype, pd.CategoricalDtype)
+    assert clean.events["tb"].dtype == "float64" and clean.pebbles["module"].notna().all()
