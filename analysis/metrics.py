@@ -275,10 +275,11 @@ def clock_check(meta: dict, rs: pd.DataFrame) -> dict:
 
 
 def summarize(events, pebbles, memory, meta: dict, steps: list | None = None,
-              critical_path=None) -> dict:
+              critical_path=None, rank_times=None) -> dict:
     """Everything metrics.json holds. `steps`: the complete steps (Run.steps); default all.
     critical_path: analysis.critical.critical_path(events) when the caller has it already
-    (it covers every step; the summary takes the steady ones)."""
+    (it covers every step; the summary takes the steady ones); rank_times: the
+    critical.RankTimes(events) it was walked on, if so (the blame reads the same)."""
     rs = recv_split(events)
     table = _step_table(events, pebbles, rs, waits.send_split(events))
     steps = sorted(steps if steps is not None else table["step"].unique())
@@ -286,7 +287,7 @@ def summarize(events, pebbles, memory, meta: dict, steps: list | None = None,
     from analysis import blame as bl_mod
     from analysis import critical
     ranks = sorted(int(r) for r in table["rank"].unique())
-    rt = critical.RankTimes(events)        # one lookup table for the path and the blame
+    rt = rank_times or critical.RankTimes(events)   # one lookup table: path and blame
     bl = bl_mod.blame(events, rt)
     caused = bl_mod.caused_per_step(bl, sorted(table["step"].unique()), ranks)
     table["caused_idle"] = caused.stack().reindex(

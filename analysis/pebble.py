@@ -79,8 +79,8 @@ def main(argv=None) -> int:
     ap.add_argument("--format", default="png,pdf", help="figure formats, comma-separated "
                     "(default: png,pdf)")
     ap.add_argument("--no-trace", action="store_true", help="skip trace.json")
-    ap.add_argument("--serial", action="store_true", help="write trace.json in this process "
-                    "after the figures (default: a forked process writes it beside them)")
+    ap.add_argument("--serial", action="store_true", help="every output in this process, one "
+                    "after another (default: three processes side by side)")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     a = ap.parse_args(argv)
     log = _Progress(a.quiet)
@@ -120,21 +120,39 @@ def main(argv=None) -> int:
 
 def _write(a, run, out, ident, steps, step, log, writing) -> int:
     """Every output of main; `writing[0]` names the file being written (for the error).
-    trace.json is written by a forked process while this one computes the metrics and draws
-    the figures (two cores: the two halves take similar time)."""
+
+    Three parts run side by side on the machine's cores, in forked processes that share the
+    loaded frames: the pebble and memory figures (they need only the frames), the timeline and
+    trace.json (they need the critical path), and here the metrics."""
     out.mkdir(parents=True, exist_ok=True)
-    path = critical.critical_path(run.events)     # every step: the summary, timeline and trace
-    trace = (lambda: (0, [])) if a.no_trace else _start(
-        lambda: _write_trace(run, out / "trace.json", path, log), a.serial)
+    formats = [f.strip() for f in a.format.split(",") if f.strip()]
+    figures = _start(lambda: _guarded(lambda: _draw(out, formats, log, (
+        ("pebble", lambda: pebble_graph(run.events, run.pebbles, run.meta, step)),
+        ("memory", lambda: memory_plot(run.pebbles, run.memory))))), a.serial)
+    rt = critical.RankTimes(run.events)      # one lookup table for the path and the blame
+    path = critical.critical_path(run.events, rt=rt)   # every step: summary, timeline, trace
+    shown = [s for s in steps if s <= step][-3:] or [step]
+    steady = run.events[run.events["step"].isin(metrics.steady(steps)[1])]  # as the summary's
+
+    def timeline_and_trace():
+        note = waits.warning_line(waits.clock_quality(run.meta, metrics.recv_split(run.events)))
+        _draw(out, formats, log, (("timeline", lambda: timeline(
+            run.events, shown, planned_frame(run.schedule, steady), critical=path,
+            note=note)),))
+        return [] if a.no_trace else _write_trace(run, out / "trace.json", path, log)
+    rest = _start(lambda: _guarded(timeline_and_trace), a.serial)
     failed = True
     try:
-        _write_metrics_figures(a, run, out, ident, steps, step, log, writing, path)
+        _write_metrics(a, run, out, ident, steps, log, writing, path, rt)
         failed = False
     finally:
-        rc, lines = trace()
-        for line in lines:  # one error line in all: ours, if we failed too
-            if not (failed and line.startswith("error:")):
-                print(line, file=sys.stderr)
+        rc = 0
+        for wait in (figures, rest):
+            r, lines = wait()
+            rc = rc or r
+            for line in lines:  # one error line in all: ours, if we failed too
+                if not (failed and line.startswith("error:")):
+                    print(line, file=sys.stderr)
     log(f"outputs in {out}")
     return rc
 
@@ -150,7 +168,7 @@ def _start(job, serial: bool):
     recv, send = ctx.Pipe(duplex=False)
     sys.stdout.flush()
     sys.stderr.flush()  # or the child would write the parent's buffered lines a second time
-    child = ctx.Process(target=lambda: send.send(job()), name="trace.json")
+    child = ctx.Process(target=lambda: send.send(job()))
     child.start()
     send.close()
 
@@ -159,16 +177,46 @@ def _start(job, serial: bool):
             result = recv.recv()
         except EOFError:  # it died before answering (its traceback is on stderr)
             child.join()
-            return 1, [f"error: the process writing trace.json died "
-                       f"(exit code {child.exitcode})"]
+            return 1, [f"error: a process writing the analysis died (exit code "
+                       f"{child.exitcode})"]
         child.join()
         return result
     return wait
 
 
-def _write_trace(run, target: Path, path, log) -> tuple[int, list[str]]:
-    """trace.json, with the run's torch.profiler events merged in; -> (exit status, lines for
-    stderr). An error is one line naming the file, and no half-written file stays behind."""
+def _guarded(job) -> tuple[int, list[str]]:
+    """job() -> lines for stderr; -> (exit status, lines): a write that fails is one error line
+    naming the file (the writers remove what they half wrote)."""
+    try:
+        return 0, job()
+    except OSError as e:
+        return 1, [f"error: cannot write {e.filename}: {e.strerror or e}"]
+
+
+def _draw(out: Path, formats, log, figures) -> list[str]:
+    """Draw each (name, draw) and save it in every format; a save that fails removes its half
+    file and raises OSError naming it."""
+    with plt.rc_context(style.RC):
+        for name, draw in figures:
+            fig, _ = draw()
+            try:
+                for fmt in formats:
+                    target = out / f"{name}.{fmt}"
+                    try:
+                        fig.savefig(target)
+                    except OSError as e:
+                        if target.is_file():
+                            target.unlink()
+                        raise OSError(e.errno, e.strerror, str(target)) from e
+            finally:
+                plt.close(fig)
+            log(f"drew {name}.{{{','.join(formats)}}}")
+    return []
+
+
+def _write_trace(run, target: Path, path, log) -> list[str]:
+    """trace.json, with the run's torch.profiler events merged in; -> warning lines. A failed
+    write raises OSError naming the file, and no half-written file stays behind."""
     seen = len(run.warnings)
     try:
         with open(target, "w", encoding="utf-8") as f:
@@ -178,15 +226,16 @@ def _write_trace(run, target: Path, path, log) -> tuple[int, list[str]]:
     except OSError as e:
         if target.is_file():
             target.unlink()
-        return 1, [f"error: cannot write {e.filename or target}: {e.strerror or e}"]
+        raise OSError(e.errno, e.strerror, e.filename or str(target)) from e
     if k:
         log(f"merged {k:,} torch.profiler (Kineto) events into trace.json")
     # the merge's own warnings (metrics.json was written before it)
-    return 0, [f"warning: {w}" for w in run.warnings[seen:]]
+    return [f"warning: {w}" for w in run.warnings[seen:]]
 
 
-def _write_metrics_figures(a, run, out, ident, steps, step, log, writing, path) -> None:
-    summary = metrics.summarize(run.events, run.pebbles, run.memory, run.meta, steps, path)
+def _write_metrics(a, run, out, ident, steps, log, writing, path, rt) -> dict:
+    """metrics.json, steps.csv and the table on stdout; -> the summary."""
+    summary = metrics.summarize(run.events, run.pebbles, run.memory, run.meta, steps, path, rt)
     summary = {"run": ident | {"status": run.meta.get("status")}, **summary,
                "warnings": list(run.warnings)}
     per_step = summary.pop("per_step")
@@ -194,30 +243,10 @@ def _write_metrics_figures(a, run, out, ident, steps, step, log, writing, path) 
     pd.DataFrame(per_step).to_csv(writing[0], index=False)
     writing[0] = out / "metrics.json"
     writing[0].write_text(json.dumps(summary, indent=1))
+    writing[0] = out          # written whole: nothing of it to remove if a later write fails
     log("metrics computed")
     print(report.table(summary, title=str(a.run)), flush=True)
-
-    formats = [f.strip() for f in a.format.split(",") if f.strip()]
-    shown = [s for s in steps if s <= step][-3:] or [step]
-    steady = run.events[run.events["step"].isin(summary["steps"]["steady"])]
-    note = waits.warning_line(summary["clock"])
-    with plt.rc_context(style.RC):
-        for name, draw in (
-                ("pebble", lambda: pebble_graph(run.events, run.pebbles, run.meta, step)),
-                ("timeline", lambda: timeline(run.events, shown,
-                                              planned_frame(run.schedule, steady),
-                                              critical=path, note=note)),
-                ("memory", lambda: memory_plot(run.pebbles, run.memory))):
-            fig, _ = draw()
-            for fmt in formats:
-                writing[0] = out / f"{name}.{fmt}"
-                try:
-                    fig.savefig(writing[0])
-                except OSError:
-                    plt.close(fig)
-                    raise
-            plt.close(fig)
-            log(f"drew {name}.{{{','.join(formats)}}}")
+    return summary
 
 
 if __name__ == "__main__":
