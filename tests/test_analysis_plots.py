@@ -204,7 +204,8 @@ def test_envelope_keeps_each_columns_first_extremes_and_last():
 
 def test_memory_plot_draws_a_dense_run_as_bands(run):
     """More samples than the image has columns: solid curves become one band polygon each,
-    which holds every sample; dashed ones stay lines (their dashes must show)."""
+    which holds every sample, under a line along its top (the peaks); dashed ones stay lines
+    (their dashes must show)."""
     import pandas as pd
     from matplotlib.collections import PolyCollection
     t = np.linspace(0, 50, 20000)
@@ -214,11 +215,17 @@ def test_memory_plot_draws_a_dense_run_as_bands(run):
     with plt.rc_context(style.RC):
         fig, (aax, dax) = memory_plot(run.pebbles, mem)
         bands = [c for c in dax.collections if isinstance(c, PolyCollection)]
-        assert len(bands) == 2 and len(dax.lines) == 2      # rss: bands; cuda_allocated: lines
+        dashed = [ln for ln in dax.lines if ln.get_linestyle() != "-"]
+        tops = [ln for ln in dax.lines if ln.get_linestyle() == "-"]
+        assert len(bands) == 2 and len(dashed) == 2 and len(tops) == 2  # rss: band + its top
         scale = 1 / 2**20
-        for pc in bands:
+        for pc, top in zip(bands, tops):
             v = pc.get_paths()[0].vertices
             assert v[:, 1].min() == pytest.approx(100) and v[:, 1].max() <= 105
             assert v[:, 1].max() == pytest.approx(mem["bytes"].max() * scale)
+            half = len(top.get_ydata())             # the band's upper edge is the line
+            assert len(v) in (2 * half, 2 * half + 1)  # (+1: the path closed)
+            assert np.allclose(top.get_ydata(), v[:half, 1])
+            assert np.all(top.get_ydata() >= v[half:2 * half, 1][::-1])
         assert all(len(ln.get_xdata()) <= 4 * 2 * 1020 for ln in dax.lines)
         _png(fig)

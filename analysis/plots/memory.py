@@ -18,9 +18,10 @@ DASHES = {"rss": "-", "cuda_allocated": "--", "cuda_reserved": ":", "nvml_used":
 def memory_plot(pebbles, memory, fig=None):
     """Returns (fig, [activations axes, device axes]). A curve of more than 4 points per
     2-pixel column of the saved image is cut to what the columns show, each its lowest to
-    highest value, so it draws as its raw line would, peaks and troughs included: a solid one
-    as the band it covers (common.band, a polygon ~100x cheaper to rasterise than the line), a
-    dashed one through its M4 envelope (common.envelope)."""
+    highest value, so no peak or trough is lost: a solid one as the band it sweeps (common.band,
+    a polygon ~100x cheaper to rasterise than the line), shaded light so that the ranks' bands
+    show through each other, under its upper edge (the peaks) drawn as a line; a dashed one
+    through its M4 envelope (common.envelope)."""
     if fig is None:
         fig = plt.figure(figsize=(style.COLUMN, 2.8))
     aax, dax = fig.subplots(2, 1, sharex=True)
@@ -60,14 +61,16 @@ def memory_plot(pebbles, memory, fig=None):
 
 def _curve(ax, t, y, lo, hi, n, scale, step=False, ls="-", **kw):
     """A line through (t, y) on times scaled by `scale`, drawn as it would look in n columns:
-    solid, as the band it covers (common.band) in the line's colour and width; dashed (its
-    dashes show where it is smooth), through its M4 envelope (common.envelope)."""
+    solid, as the band it sweeps per column (common.band), shaded in the line's colour, with
+    its upper edge, the per-column peak, as the line; dashed (its dashes show where it is
+    smooth), through its M4 envelope (common.envelope)."""
     if ls == "-" and len(t) > 4 * n:
         x, yy = band(t, y, lo, hi, n, step)
-        pc = PolyCollection([np.c_[x * scale, yy]], facecolor=kw["color"],
-                            edgecolor=kw.pop("color"), linewidth=plt.rcParams["lines.linewidth"],
-                            joinstyle="round", zorder=2, **kw)
-        return ax.add_collection(pc)   # (a Polygon patch's data limits take ~0.1 s to find)
+        half = len(x) // 2         # band(): the upper edge left to right, then the lower back
+        pc = PolyCollection([np.c_[x * scale, yy]], facecolor=kw["color"], alpha=0.25,
+                            edgecolor="none", zorder=2, gid="band")
+        ax.add_collection(pc)      # (a Polygon patch's data limits take ~0.1 s to find)
+        return ax.plot(x[:half] * scale, yy[:half], zorder=3, **kw)
     t, y = envelope(t, y, lo, hi, n)
     if step:
         return ax.step(t * scale, y, where="post", ls=ls, **kw)
