@@ -20,6 +20,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no screen
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+import psutil  # noqa: E402
 
 from analysis import chrome, critical, kineto, metrics, report, style, waits  # noqa: E402
 from analysis.load import RunFormatError, load_run  # noqa: E402
@@ -126,9 +127,10 @@ def _write(a, run, out, ident, steps, step, log, writing) -> int:
     trace.json (they need the critical path), and here the metrics."""
     out.mkdir(parents=True, exist_ok=True)
     formats = [f.strip() for f in a.format.split(",") if f.strip()]
+    serial = a.serial or not _room_for_forks(run, log)
     figures = _start(lambda: _guarded(lambda: _draw(out, formats, log, (
         ("pebble", lambda: pebble_graph(run.events, run.pebbles, run.meta, step)),
-        ("memory", lambda: memory_plot(run.pebbles, run.memory))))), a.serial)
+        ("memory", lambda: memory_plot(run.pebbles, run.memory))))), serial)
     rt = critical.RankTimes(run.events)      # one lookup table for the path and the blame
     path = critical.critical_path(run.events, rt=rt)   # every step: summary, timeline, trace
     shown = [s for s in steps if s <= step][-3:] or [step]
@@ -140,7 +142,7 @@ def _write(a, run, out, ident, steps, step, log, writing) -> int:
             run.events, shown, planned_frame(run.schedule, steady), critical=path,
             note=note)),))
         return [] if a.no_trace else _write_trace(run, out / "trace.json", path, log)
-    rest = _start(lambda: _guarded(timeline_and_trace), a.serial)
+    rest = _start(lambda: _guarded(timeline_and_trace), serial)
     failed = True
     try:
         _write_metrics(a, run, out, ident, steps, log, writing, path, rt)
@@ -155,6 +157,21 @@ def _write(a, run, out, ident, steps, step, log, writing) -> int:
                     print(line, file=sys.stderr)
     log(f"outputs in {out}")
     return rc
+
+
+def _room_for_forks(run, log) -> bool:
+    """Whether the machine has memory for the two forked parts: each shares the loaded frames
+    but builds its own tables (at 10 M events the three processes together peaked at ~5x the
+    frames' bytes, one process alone at ~3x); -> False, and one process, where available
+    memory is under 4x the frames'."""
+    frames = sum(int(df.memory_usage(index=True).sum())
+                 for df in (run.events, run.pebbles, run.memory))
+    free = psutil.virtual_memory().available
+    if free >= 4 * frames:
+        return True
+    log(f"one process: {free / 2**30:.1f} GiB of memory available, under 4x the run's frames "
+        f"({frames / 2**30:.1f} GiB)")
+    return False
 
 
 def _start(job, serial: bool):

@@ -5,8 +5,8 @@ Writes synthetic run directories in the documented format (docs/run-format.md; o
 of `python -m analysis.pebble` separately and prints seconds per million events. --rss adds the
 process's peak resident memory during each phase (psutil, sampled every 5 ms; the run's frames
 stay loaded across the phases, so each phase's peak includes them). Last, "end to end" runs
-`python -m analysis.pebble RUN --format png` itself, as a user would (imports included, trace.json
-written by its forked process beside the figures): the issue's goal is measured on that line.
+`python -m analysis.pebble RUN --format png` itself, as a user would (imports included, its three
+parts in forked processes side by side): the issue's goal is measured on that line.
 """
 from __future__ import annotations
 
@@ -107,18 +107,19 @@ def bench(path: Path, n: int, rss: bool = False) -> dict:
     phase's peak resident bytes."""
     out, cpu, mem = {}, {}, {}
 
-    def timed(name, fn):
+    def timed(name, fn, add=False):
         with PeakRSS() if rss else _Nothing() as pk:
             t, c = time.perf_counter(), time.process_time()
             r = fn()
-            out[name] = time.perf_counter() - t
-            cpu[name] = time.process_time() - c
-        mem[name] = pk.peak
+            out[name] = time.perf_counter() - t + (out[name] if add else 0)
+            cpu[name] = time.process_time() - c + (cpu[name] if add else 0)
+        mem[name] = max(pk.peak or 0, mem[name] if add else 0) or None
         return r
     run = timed("load", lambda: load_run(path))
-    path_ = timed("critical path", lambda: critical.critical_path(run.events))
+    rt = timed("critical path", lambda: critical.RankTimes(run.events))   # as analysis.pebble:
+    path_ = timed("critical path", lambda: critical.critical_path(run.events, rt=rt), add=True)
     timed("metrics", lambda: metrics.summarize(run.events, run.pebbles, run.memory, run.meta,
-                                               run.steps, path_))
+                                               run.steps, path_, rt))  # one RankTimes for both
     step = run.steps[-1]
     shown = run.steps[-3:]
     with plt.rc_context(style.RC):
@@ -143,10 +144,10 @@ def bench(path: Path, n: int, rss: bool = False) -> dict:
 
 
 def end_to_end(path: Path) -> tuple[float, float, int]:
-    """`python -m analysis.pebble RUN --format png` as a user runs it (imports included, trace.json
-    written by its forked process beside the figures): -> (wall s, CPU s of it and its child,
-    peak memory of the two together). Memory is the sum of their proportional set sizes (PSS:
-    pages the fork shares are counted once), sampled every 50 ms."""
+    """`python -m analysis.pebble RUN --format png` as a user runs it (imports included, its three
+    forked parts side by side): -> (wall s, CPU s of it and its children, peak memory of them
+    together). Memory is the sum of their proportional set sizes (PSS: pages the forks share
+    are counted once), sampled every 50 ms."""
     import psutil
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
@@ -212,7 +213,7 @@ def main(argv=None):
                 wall, c, peak = end_to_end(d)
                 print(f"  {'end to end':<13} {wall:7.2f} s   {wall / n * 1e6:7.2f} s per million "
                       f"events   (cpu {c:6.2f} s)   peak {peak / 2**20:7.0f} MiB   "
-                      f"[python -m analysis.pebble --format png, 2 processes]", flush=True)
+                      f"[python -m analysis.pebble --format png: 3 processes]", flush=True)
             shutil.rmtree(d)   # a 10 M run is ~1 GB on disk
 
 

@@ -238,3 +238,19 @@ def test_fast_reader_reads_what_pandas_reads(run_dir):
         assert cats == sorted(cats)
     assert isinstance(clean.memory["source"].dtype, pd.CategoricalDtype)
     assert clean.events["tb"].dtype == "float64" and clean.pebbles["module"].notna().all()
+
+
+def test_too_little_memory_for_the_forks_runs_in_one_process(run_dir, tmp_path, capsys,
+                                                              monkeypatch):
+    import types
+
+    import analysis.pebble as pebble
+    forks = []
+    monkeypatch.setattr(pebble.psutil, "virtual_memory", lambda: types.SimpleNamespace(
+        available=1000))
+    monkeypatch.setattr(pebble.multiprocessing, "get_context",
+                        lambda *a: forks.append(a) or pytest.fail("forked"))
+    assert main([str(run_dir), "--out", str(tmp_path / "a"), "--format", "png"]) == 0
+    assert not forks and "one process: 0.0 GiB of memory available" in capsys.readouterr().err
+    assert (tmp_path / "a" / "trace.json").stat().st_size and \
+        (tmp_path / "a" / "memory.png").stat().st_size
