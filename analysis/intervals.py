@@ -69,15 +69,6 @@ def length(segments, n_groups: int) -> np.ndarray:
     return np.bincount(g, weights=e - s, minlength=n_groups)[:n_groups]
 
 
-def intersection(ga, sa, ea, gb, sb, eb, n_groups: int) -> np.ndarray:
-    """|A ∩ B| per group, by inclusion-exclusion: |A| + |B| - |A ∪ B| (unions taken per set)."""
-    a = measure(ga, sa, ea, n_groups)
-    b = measure(gb, sb, eb, n_groups)
-    ab = measure(np.r_[np.asarray(ga), np.asarray(gb)], np.r_[np.asarray(sa), np.asarray(sb)],
-                 np.r_[np.asarray(ea), np.asarray(eb)], n_groups)
-    return np.maximum(a + b - ab, 0.0)
-
-
 def gaps(group, start, end, lo, hi):
     """Complement of each group's union inside [lo[g], hi[g]] -> (group, gap_start, gap_end).
 

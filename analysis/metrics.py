@@ -163,7 +163,7 @@ def _step_table(events, pebbles, rs, ss) -> pd.DataFrame:
     out["idle"] = out["span"] - out["compute"]
     out["utilisation"] = out["compute"] / out["span"]
     commt = iv.measure(*comm, n)
-    # |compute ∩ comm| by inclusion-exclusion, as intervals.intersection, with the union of
+    # |compute ∩ comm| by inclusion-exclusion (|A| + |B| - |A ∪ B|), with the union of
     # both taken in event order: already sorted, where concatenating the two is not
     both = iv.measure(*sel(is_comp | is_comm, start), n)
     with np.errstate(invalid="ignore", divide="ignore"):
