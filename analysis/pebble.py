@@ -176,10 +176,10 @@ def _room_for_forks(run, log) -> bool:
 
 def _start(job, serial: bool):
     """Run job() (-> exit status, lines for stderr) in a forked child; -> a function that waits
-    for it and gives its result. Serially (--serial, or where the OS cannot fork) job runs
-    when waited for. The lines travel back by pipe, so that they are printed by this process
+    for it and gives its result. Serially (--serial, or off Linux) job runs when waited
+    for. The lines travel back by pipe, so that they are printed by this process
     (after its own, and where a test captures them)."""
-    if serial or "fork" not in multiprocessing.get_all_start_methods():
+    if serial or not sys.platform.startswith("linux"):  # macOS: fork unsafe; Windows: none
         return job
     ctx = multiprocessing.get_context("fork")
     recv, send = ctx.Pipe(duplex=False)
