@@ -9,6 +9,7 @@ analysis that reads or writes files. Progress goes to stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import sys
@@ -108,19 +109,15 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     _check_out(out, ident, out.resolve() == (run.path / "analysis").resolve())
-    writing = [out]
     try:
-        return _write(a, run, out, ident, steps, step, log, writing)
+        return _write(a, run, out, ident, steps, step, log)
     except OSError as e:  # a full disk, no permission: one line naming the path, no half file
-        where = e.filename or writing[0]
-        if writing[0] != out and Path(writing[0]).is_file():
-            Path(writing[0]).unlink(missing_ok=True)
-        print(f"error: cannot write {where}: {e.strerror or e}", file=sys.stderr)
+        print(f"error: cannot write {e.filename or out}: {e.strerror or e}", file=sys.stderr)
         return 1
 
 
-def _write(a, run, out, ident, steps, step, log, writing) -> int:
-    """Every output of main; `writing[0]` names the file being written (for the error).
+def _write(a, run, out, ident, steps, step, log) -> int:
+    """Every output of main; a write that fails raises OSError naming its file (_writing).
 
     Three parts run side by side on the machine's cores, in forked processes that share the
     loaded frames: the pebble and memory figures (they need only the frames), the timeline and
@@ -134,9 +131,9 @@ def _write(a, run, out, ident, steps, step, log, writing) -> int:
     rt = critical.RankTimes(run.events)      # one lookup table for the path and the blame
     path = critical.critical_path(run.events, rt=rt)   # every step: summary, timeline, trace
     shown = [s for s in steps if s <= step][-3:] or [step]
-    steady = run.events[run.events["step"].isin(metrics.steady(steps)[1])]  # as the summary's
 
     def timeline_and_trace():
+        steady = run.events[run.events["step"].isin(metrics.steady(steps)[1])]  # as summary's
         note = waits.warning_line(waits.clock_quality(run.meta, metrics.recv_split(run.events)))
         _draw(out, formats, log, (("timeline", lambda: timeline(
             run.events, shown, planned_frame(run.schedule, steady), critical=path,
@@ -145,7 +142,7 @@ def _write(a, run, out, ident, steps, step, log, writing) -> int:
     rest = _start(lambda: _guarded(timeline_and_trace), serial)
     failed = True
     try:
-        _write_metrics(a, run, out, ident, steps, log, writing, path, rt)
+        _write_metrics(a, run, out, ident, steps, log, path, rt)
         failed = False
     finally:
         rc = 0
@@ -201,9 +198,21 @@ def _start(job, serial: bool):
     return wait
 
 
+@contextlib.contextmanager
+def _writing(target: Path):
+    """The write of `target`: if it fails, what it left of the file is removed and the OSError
+    raised names the file."""
+    try:
+        yield target
+    except OSError as e:
+        if target.is_file():
+            target.unlink()
+        raise OSError(e.errno, e.strerror, e.filename or str(target)) from e
+
+
 def _guarded(job) -> tuple[int, list[str]]:
     """job() -> lines for stderr; -> (exit status, lines): a write that fails is one error line
-    naming the file (the writers remove what they half wrote)."""
+    naming the file (_writing)."""
     try:
         return 0, job()
     except OSError as e:
@@ -211,20 +220,14 @@ def _guarded(job) -> tuple[int, list[str]]:
 
 
 def _draw(out: Path, formats, log, figures) -> list[str]:
-    """Draw each (name, draw) and save it in every format; a save that fails removes its half
-    file and raises OSError naming it."""
+    """Draw each (name, draw) and save it in every format (_writing each file)."""
     with plt.rc_context(style.RC):
         for name, draw in figures:
             fig, _ = draw()
             try:
                 for fmt in formats:
-                    target = out / f"{name}.{fmt}"
-                    try:
+                    with _writing(out / f"{name}.{fmt}") as target:
                         fig.savefig(target)
-                    except OSError as e:
-                        if target.is_file():
-                            target.unlink()
-                        raise OSError(e.errno, e.strerror, str(target)) from e
             finally:
                 plt.close(fig)
             log(f"drew {name}.{{{','.join(formats)}}}")
@@ -232,35 +235,30 @@ def _draw(out: Path, formats, log, figures) -> list[str]:
 
 
 def _write_trace(run, target: Path, path, log) -> list[str]:
-    """trace.json, with the run's torch.profiler events merged in; -> warning lines. A failed
-    write raises OSError naming the file, and no half-written file stays behind."""
+    """trace.json, with the run's torch.profiler events merged in (_writing it); -> warning
+    lines."""
     seen = len(run.warnings)
-    try:
+    with _writing(target):
         with open(target, "w", encoding="utf-8") as f:
             n = chrome.write_chrome(f, run.events, run.pebbles, run.memory, run.meta, path)
         log(f"wrote trace.json ({n:,} trace events)")
         k = kineto.merge_into(target, run, run.warnings)
-    except OSError as e:
-        if target.is_file():
-            target.unlink()
-        raise OSError(e.errno, e.strerror, e.filename or str(target)) from e
     if k:
         log(f"merged {k:,} torch.profiler (Kineto) events into trace.json")
     # the merge's own warnings (metrics.json was written before it)
     return [f"warning: {w}" for w in run.warnings[seen:]]
 
 
-def _write_metrics(a, run, out, ident, steps, log, writing, path, rt) -> dict:
+def _write_metrics(a, run, out, ident, steps, log, path, rt) -> dict:
     """metrics.json, steps.csv and the table on stdout; -> the summary."""
     summary = metrics.summarize(run.events, run.pebbles, run.memory, run.meta, steps, path, rt)
     summary = {"run": ident | {"status": run.meta.get("status")}, **summary,
                "warnings": list(run.warnings)}
     per_step = summary.pop("per_step")
-    writing[0] = out / "steps.csv"
-    pd.DataFrame(per_step).to_csv(writing[0], index=False)
-    writing[0] = out / "metrics.json"
-    writing[0].write_text(json.dumps(summary, indent=1))
-    writing[0] = out          # written whole: nothing of it to remove if a later write fails
+    with _writing(out / "steps.csv") as target:
+        pd.DataFrame(per_step).to_csv(target, index=False)
+    with _writing(out / "metrics.json") as target:
+        target.write_text(json.dumps(summary, indent=1))
     log("metrics computed")
     print(report.table(summary, title=str(a.run)), flush=True)
     return summary
