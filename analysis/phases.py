@@ -26,18 +26,6 @@ COMPUTE = runformat.COMPUTE
 PHASES = ("warmup", "steady", "cooldown")
 
 
-def phase_bounds(events: pd.DataFrame, windows: pd.DataFrame) -> pd.DataFrame:
-    """One row per (step, rank) with compute: W0, a, b, W1 and the three phase intervals."""
-    keys, code, (start, end, bwd, fwd) = _compute_arrays(events)
-    w = windows.reindex(keys["step"])
-    out = keys.assign(W0=w["start"].to_numpy(), W1=w["end"].to_numpy())
-    out["a"], out["b"] = first_last(code, len(out), start, end, bwd, fwd,
-                                    out["W0"].to_numpy(), out["W1"].to_numpy())
-    for ph, (lo, hi) in bounds(out["W0"], out["W1"], out["a"], out["b"]).items():
-        out[f"{ph}_lo"], out[f"{ph}_hi"] = lo, hi
-    return out
-
-
 def phase_idle(events: pd.DataFrame, windows: pd.DataFrame) -> pd.DataFrame:
     """Per (step, rank): idle_warmup, idle_steady, idle_cooldown (seconds)."""
     keys, code, (start, end, bwd, fwd) = _compute_arrays(events)
