@@ -29,6 +29,7 @@ matplotlib.use("Agg")  # files only, no screen
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+import psutil  # noqa: E402
 
 from analysis import critical, load_run, metrics, style  # noqa: E402
 from analysis.chrome import write_chrome  # noqa: E402
@@ -70,19 +71,14 @@ def synth_run(path: Path, n_events: float, p=4, m=8, lps=8) -> int:
 
 class PeakRSS:
     """Peak resident set size of this process while the block runs (bytes), sampled by a
-    thread every `every` seconds (psutil; without it, ru_maxrss: the whole process's peak)."""
+    thread every `every` seconds (psutil)."""
 
     def __init__(self, every: float = 0.005):
         self.every, self.peak = every, 0
 
     def __enter__(self):
-        try:
-            import psutil
-            proc = psutil.Process()
-            self._read = lambda: proc.memory_info().rss
-        except ImportError:  # pragma: no cover - psutil is in the environment
-            import resource
-            self._read = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        proc = psutil.Process()
+        self._read = lambda: proc.memory_info().rss
         self.peak = self._read()
         self._stop = threading.Event()
 
@@ -107,19 +103,22 @@ def bench(path: Path, n: int, rss: bool = False) -> dict:
     phase's peak resident bytes."""
     out, cpu, mem = {}, {}, {}
 
-    def timed(name, fn, add=False):
+    def timed(name, fn):
         with PeakRSS() if rss else _Nothing() as pk:
             t, c = time.perf_counter(), time.process_time()
             r = fn()
-            out[name] = time.perf_counter() - t + (out[name] if add else 0)
-            cpu[name] = time.process_time() - c + (cpu[name] if add else 0)
-        mem[name] = max(pk.peak or 0, mem[name] if add else 0) or None
+            out[name] = time.perf_counter() - t
+            cpu[name] = time.process_time() - c
+        mem[name] = pk.peak
         return r
+
+    def rank_times_and_path():   # as analysis.pebble: one RankTimes for the path and metrics
+        rt = critical.RankTimes(run.events)
+        return rt, critical.critical_path(run.events, rt=rt)
     run = timed("load", lambda: load_run(path))
-    rt = timed("critical path", lambda: critical.RankTimes(run.events))   # as analysis.pebble:
-    path_ = timed("critical path", lambda: critical.critical_path(run.events, rt=rt), add=True)
+    rt, path_ = timed("critical path", rank_times_and_path)
     timed("metrics", lambda: metrics.summarize(run.events, run.pebbles, run.memory, run.meta,
-                                               run.steps, path_, rt))  # one RankTimes for both
+                                               run.steps, path_, rt))
     step = run.steps[-1]
     shown = run.steps[-3:]
     with plt.rc_context(style.RC):
@@ -148,7 +147,6 @@ def end_to_end(path: Path) -> tuple[float, float, int]:
     forked parts side by side): -> (wall s, CPU s of it and its children, peak memory of them
     together). Memory is the sum of their proportional set sizes (PSS: pages the forks share
     are counted once), sampled every 50 ms."""
-    import psutil
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "analysis.pebble", str(path), "--out",
