@@ -101,11 +101,17 @@ def spread(df: pd.DataFrame, by: list, cols: list) -> pd.DataFrame:
 
 
 def measurements(runs: pd.DataFrame) -> pd.DataFrame:
-    """Runs that measure schedules (not the lessons' ablations), with the CONFIG columns (None
-    in records of an older analysis)."""
+    """Runs that measure schedules (not the lessons' ablations), with the CONFIG columns and v
+    (None and 1 in records of an older analysis)."""
     d = runs[runs["tag"] != "lessons"]
-    missing = {c: None for c in CONFIG if c not in d}
+    missing = {c: None for c in CONFIG if c not in d} | ({} if "v" in d else {"v": 1})
     return d.assign(**missing) if missing else d
+
+
+def blocking(runs: pd.DataFrame) -> pd.DataFrame:
+    """measurements() of the runs with blocking communication (pipeline.overlap off)."""
+    d = measurements(runs)
+    return d[~d["overlap"].astype(bool)]
 
 
 def configs(runs: pd.DataFrame) -> list[dict]:
@@ -118,9 +124,8 @@ def bubble_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Figures 2 and 8's data: per (CONFIG, p, schedule, v, m), blocking communication only: bubble,
     span, compute, the simulator's bubble and the F/B/W-time theory (medians/IQR over
     repeats), and the closed-form theory with v."""
-    d = measurements(runs)
-    d = d[~d["overlap"].astype(bool)]
-    for c, dflt in (("v", 1), ("bubble_sim", np.nan), ("bubble_theory_times", np.nan)):
+    d = blocking(runs)
+    for c, dflt in (("bubble_sim", np.nan), ("bubble_theory_times", np.nan)):
         if c not in d:            # records of an older analysis
             d = d.assign(**{c: dflt})
     t = spread(d, CONFIG + ["p", "schedule", "v", "m"],
@@ -133,9 +138,7 @@ def bubble_table(runs: pd.DataFrame) -> pd.DataFrame:
 def memory_table(ranks: pd.DataFrame) -> pd.DataFrame:
     """Figures 3 and 9's data: per (CONFIG, p, schedule, v, m, rank), blocking runs: peak activation
     bytes (median/IQR over repeats) and the theory (meta.pebbles_theory.peak_bytes)."""
-    d = measurements(ranks)
-    d = d[~d["overlap"].astype(bool)]
-    d = d if "v" in d else d.assign(v=1)
+    d = blocking(ranks)
     by = CONFIG + ["p", "schedule", "v", "m", "rank"]
     t = spread(d, by, ["peak_act"])
     # the same groups in the same (sorted) order as spread's
@@ -146,8 +149,7 @@ def memory_table(ranks: pd.DataFrame) -> pd.DataFrame:
 def stage_table(ranks: pd.DataFrame) -> pd.DataFrame:
     """Compute time per stage and step, per (CONFIG, p, schedule, m, rank), blocking runs
     (medians)."""
-    d = measurements(ranks)
-    return spread(d[~d["overlap"].astype(bool)], CONFIG + ["p", "schedule", "m", "rank"],
+    return spread(blocking(ranks), CONFIG + ["p", "schedule", "m", "rank"],
                   ["compute"])
 
 
