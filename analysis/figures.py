@@ -70,11 +70,10 @@ CLASSIC = ("naive", "gpipe", "1f1b")                 # figures 1-3
 ZB_PANELS = ("1f1b", "interleaved", "zb_h1", "zbv")  # figure 7 (1F1B as the reference)
 
 
-def _pick(sw, p, schedule, m, tag_not="lessons"):
-    """The representative (median-span) run of a point, or None."""
-    r = sw["runs"]
-    r = r[(r["p"] == p) & (r["schedule"] == schedule) & (r["m"] == m) & ~r["overlap"]
-          & (r["tag"] != tag_not)]
+def _pick(sw, p, schedule, m):
+    """The representative (median-span) blocking run of a point, or None."""
+    r = sweep_stats.blocking(sw["runs"])
+    r = r[(r["p"] == p) & (r["schedule"] == schedule) & (r["m"] == m)]
     if r.empty:
         return None
     rep = sweep_stats.representative(r).iloc[0]
@@ -205,10 +204,10 @@ def _panel(path, title, **extra) -> dict:
 def _zb_panels(sw, p) -> list:
     """Figure 7: 1F1B, interleaved, ZB-H1 and ZB-V at one p and m (m=4 if every one ran
     there, else the largest m they share), the median-span repeat of each."""
-    r = sweep_stats.measurements(sw["runs"]) if len(sw["runs"]) else sw["runs"]
+    r = sweep_stats.blocking(sw["runs"]) if len(sw["runs"]) else sw["runs"]
     if p is None or r.empty:
         return []
-    r = r[(r["p"] == p) & ~r["overlap"]]
+    r = r[r["p"] == p]
     common = None
     for s in ZB_PANELS:
         ms = set(int(m) for m in r.loc[r["schedule"] == s, "m"])
@@ -219,7 +218,7 @@ def _zb_panels(sw, p) -> list:
     out = []
     for s in ZB_PANELS:
         path = _pick(sw, p, s, m)
-        v = int(r.loc[(r["schedule"] == s) & (r["m"] == m), "v"].max()) if "v" in r else 1
+        v = int(r.loc[(r["schedule"] == s) & (r["m"] == m), "v"].max())
         out.append(_panel(path, f"{sched_label(s, v)}, m={m}", schedule=s, p=int(p), m=m, v=v))
     return out
 
