@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import dir_bytes, launch, median_step_time
-from harness import config, stage
+from harness import config, malloc, stage
 from harness import schedule as S
 from harness.executor import StageExecutor
 from harness.trace import clock, open_trace
@@ -35,6 +35,7 @@ def interleaved(steps: int, overrides: list[str], ranks: int) -> tuple[float, fl
     cfg = config.load(overrides, world_size=1)
     # the threads one rank of a `ranks`-rank run gets on this host
     torch.set_num_threads(cfg.threads or max(1, config.cores_available() // ranks))
+    malloc.apply(cfg.malloc)   # as harness.run does
     rows = cfg.data.batch_size // cfg.pipeline.microbatches
     # the whole model (any model.name / factory) as a one-rank pipeline: forward, loss,
     # backward, SGD step, with every hook the harness installs; no MPI

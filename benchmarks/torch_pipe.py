@@ -23,7 +23,7 @@ from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleG
                                            ScheduleDualPipeV, ScheduleInterleaved1F1B,
                                            ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble)
 
-from harness import config
+from harness import config, malloc
 from harness.executor import step_norms
 from harness.stage import build as build_stage
 from harness.stage import placement
@@ -44,6 +44,7 @@ def main(schedule: str, m: int, steps: int, out: str, overrides: list[str]):
     cfg = config.load([*overrides, f"schedule={schedule}", f"pipeline.microbatches={m}"],
                       world_size=size)
     torch.set_num_threads(cfg.threads or max(1, config.cores_available() // size))
+    malloc.apply(cfg.malloc)   # the allocator policy ours runs under (harness/malloc.py)
     # the same stage as ours (harness.stage: any model, same split, init and data)
     st = build_stage(cfg, rank, size, cfg.data.batch_size // m)
     pl = placement(cfg, size)

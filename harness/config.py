@@ -161,6 +161,9 @@ class Config:
                                            "default any from 1 to model.layers", None)
     device: str = doc("auto|cpu|cuda; auto = cuda:<local rank> when CUDA is available", "auto")
     threads: int = doc("torch threads per rank; 0 = cores / ranks on this host (at least 1)", 0)
+    malloc: str = doc("keep: glibc keeps freed blocks under 32 MiB for the next tensor; "
+                      "system: glibc's default, which returns them to the kernel, and each reuse "
+                      "pays a page fault per 4 KiB (harness/malloc.py)", "keep")
     quiet: bool = doc("no per-step progress line", False)
     schedule: str = doc("pipeline schedule: naive (m=1), gpipe, 1f1b, interleaved, zb_h1, zbv, dualpipev",
                         "naive")
@@ -345,6 +348,7 @@ def validate(cfg: Config, world_size: int) -> None:
         _check(torch.cuda.is_available(), "device=cuda: CUDA is not available here (no GPU, or a "
                "CPU build of torch); use device=auto or device=cpu")
     _check(cfg.threads >= 0, f"threads={cfg.threads}: must be >= 0 (0 = automatic)")
+    _check(cfg.malloc in ("keep", "system"), f"malloc={cfg.malloc!r}: allowed keep, system")
     _check(cfg.comm.cuda_aware in ("auto", "true", "false"),
            f"comm.cuda_aware={cfg.comm.cuda_aware!r}: allowed auto, true, false")
     _check(cfg.comm.wait in ("spin", "sleep", "backoff"),

@@ -125,6 +125,8 @@ class Run(Failures):
 
         cfg, rank, size = self.cfg, self.rank, self.size
         self.start_time = rundir.now_iso()
+        from .malloc import apply as malloc_policy
+        self.malloc = malloc_policy(cfg.malloc)   # before the model's tensors come and go
         local_rank, local_size = comm.local_rank_size()
         threads = cfg.threads or max(1, config.cores_available() // local_size)
         torch.set_num_threads(threads)
@@ -168,7 +170,7 @@ class Run(Failures):
 
         info = {"rank": rank, "host": socket.gethostname(), "pid": os.getpid(),
                 "device": str(device), "local_rank": local_rank, "local_size": local_size,
-                "cores": config.cores_available(), "threads": threads,
+                "cores": config.cores_available(), "threads": threads, "malloc": self.malloc,
                 "timer": timer.kind if cfg.trace.enabled else None, "memory_sources": mem_status,
                 # where this rank wrote its files, when not in the run directory (run.local_dir)
                 "local_dir": str(self.base) if cfg.run.local_dir else None,

@@ -27,6 +27,7 @@ def test_defaults_come_from_the_experiment_and_overrides_win():
     (["train.steps=0"], 1, ["train.steps=0"]),
     (["train.lr=-1"], 1, ["train.lr"]),
     (["threads=-2"], 1, ["threads"]),
+    (["malloc=jemalloc"], 1, ["malloc='jemalloc'", "keep, system"]),
     (["debug.fail_rank=5"], 2, ["debug.fail_rank=5"]),
     (["debug.slow_rank=2"], 2, ["debug.slow_rank=2"]),
     (["debug.slow_ms=-1"], 2, ["debug.slow_ms=-1"]),

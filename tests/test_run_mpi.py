@@ -1,6 +1,7 @@
 """The runnable core, end to end: real `mpirun -n P python -m harness.run` on CPU."""
 import csv
 import json
+import platform
 
 import pytest
 import torch
@@ -50,6 +51,10 @@ def test_run_directory_is_complete_and_described(runs):
     assert m["world_size"] == 3 and [r["rank"] for r in m["ranks"]] == [0, 1, 2]
     assert all(r["pid"] and r["host"] and r["device"] == "cpu" and r["threads"] == 1
                for r in m["ranks"])
+    # the allocator policy each rank ran under (harness/malloc.py; glibc on Linux)
+    glibc = platform.libc_ver()[0] == "glibc"
+    assert {r["malloc"] for r in m["ranks"]} == {"keep" if glibc else
+                                                 "system (keep needs glibc; this C library is not)"}
     # the split covers all layers contiguously and is recorded
     assert m["split"][0][0] == 0 and m["split"][-1][1] == 6
     assert all(a[1] == b[0] for a, b in zip(m["split"], m["split"][1:]))
