@@ -110,7 +110,8 @@ def timeline(events, steps=None, planned: pd.DataFrame | None = None, fig=None,
     ax.set_xlim(0, X(lo + span) if span else X(hi))
     ax.set_xlabel(f"time ({unit})")
     ax.set_title(title + (f"\n{note}" if note else ""), loc="left",
-                 color="black" if not note else "#B00000")
+                 color="black" if not note else "#B00000",
+                 pad=9 if starts else None)   # above the "step N" labels over the top lane
     if planned is not None:
         ax.tick_params(axis="x", labelbottom=True)
     handles = [Patch(facecolor=style.KIND[k], label=k)
