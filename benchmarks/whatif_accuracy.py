@@ -6,7 +6,10 @@ sleeps debug.slow_ms in every block's forward and backward). One of them (--cali
 GPipe m=2) calibrates analysis.whatif, which then predicts every other configuration; each is
 compared with what the run measured (analysis.metrics: median over steady steps of the step
 span, the bubble, and the per-rank peak activation bytes). The straggler is predicted with
---scale: the sleep per block (slow_ms), converted to a factor on rank 1's fwd and bwd.
+--scale: the sleep per block, converted to a factor on rank 1's fwd and bwd. The sleep is
+taken at the length a slow_ms sleep really lasts on this host (the mean of 200, measured
+before the runs: the OS wakes a sleeper late, by ~0.2-0.4 ms on the development VM, and a step
+pays the sum), not at its nominal slow_ms.
 Prints one row per configuration and the median absolute step-time error. With --repeats R
 each configuration runs R times, round-robin, and the table shows medians over the repeats.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 from analysis import load_run
@@ -46,12 +50,22 @@ def run_all(d: Path, steps: int, reuse: bool, repeats: int = 1) -> dict:
     return out
 
 
-def slow_factor(cal, rank: int, slow_ms: float, kind: str, rows: int) -> float:
-    """The straggler knob as a --scale factor: each of the rank's blocks sleeps slow_ms per
-    action, so (wall + blocks * slow_ms) / wall at the predicted microbatch size."""
+def sleep_length(seconds: float, n: int = 200) -> float:
+    """How long time.sleep(seconds) really lasts here: the mean of n (seconds)."""
+    took = []
+    for _ in range(n):
+        t = time.perf_counter()
+        time.sleep(seconds)
+        took.append(time.perf_counter() - t)
+    return statistics.mean(took)
+
+
+def slow_factor(cal, rank: int, sleep_s: float, kind: str, rows: int) -> float:
+    """The straggler knob as a --scale factor: each of the rank's blocks sleeps sleep_s per
+    action, so (wall + blocks * sleep_s) / wall at the predicted microbatch size."""
     blocks = cal.blocks.get(rank, 0)
     w = cal.cost("wall", rank, kind, rows)
-    return (w + blocks * slow_ms / 1e3) / w if w else 1.0
+    return (w + blocks * sleep_s) / w if w else 1.0
 
 
 def main(argv=None) -> int:
@@ -69,6 +83,9 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(a.dir or tmp)
         d.mkdir(parents=True, exist_ok=True)
+        slept = sleep_length(SLOW[3] / 1e3)
+        print(f"a {SLOW[3]:g} ms sleep lasts {slept * 1e3:.3f} ms here (mean of 200"
+              + ("; measured now, not when reused runs ran)" if a.reuse else ")"), flush=True)
         dirs = run_all(d, a.steps, a.reuse, a.repeats)
         cals = a.calibrate.split(",")
         unknown = [c for c in cals if c not in dirs]
@@ -87,7 +104,7 @@ def main(argv=None) -> int:
             scales = []
             if name == "slow":
                 rows = cal.batch // SLOW[1]
-                scales = [Scale(SLOW[2], k, slow_factor(cal, SLOW[2], SLOW[3], k, rows))
+                scales = [Scale(SLOW[2], k, slow_factor(cal, SLOW[2], slept, k, rows))
                           for k in ("fwd", "bwd")]
             p = predict(cal, sch["name"], int(sch["microbatches"]), scales=scales)
             each = [measured(run) for run in runs]
