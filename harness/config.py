@@ -17,6 +17,8 @@ from typing import List, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from . import malloc
+
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 DEFAULT_EXPERIMENT = "deep_mlp"
 QUOTED = ("trace.kineto",)  # string keys whose values YAML would misread unquoted (1:2 -> 62)
@@ -348,7 +350,8 @@ def validate(cfg: Config, world_size: int) -> None:
         _check(torch.cuda.is_available(), "device=cuda: CUDA is not available here (no GPU, or a "
                "CPU build of torch); use device=auto or device=cpu")
     _check(cfg.threads >= 0, f"threads={cfg.threads}: must be >= 0 (0 = automatic)")
-    _check(cfg.malloc in ("keep", "system"), f"malloc={cfg.malloc!r}: allowed keep, system")
+    _check(cfg.malloc in malloc.POLICIES,
+           f"malloc={cfg.malloc!r}: allowed {', '.join(malloc.POLICIES)}")
     _check(cfg.comm.cuda_aware in ("auto", "true", "false"),
            f"comm.cuda_aware={cfg.comm.cuda_aware!r}: allowed auto, true, false")
     _check(cfg.comm.wait in ("spin", "sleep", "backoff"),
