@@ -14,8 +14,9 @@ from harness import malloc
 
 # Plain PyTorch, in a fresh interpreter (mallopt is per process): an 8 x 1024 MLP trained on one
 # thread. Each step frees its 4 MiB weight gradients (zero_grad) and activations, and makes
-# them again; glibc's own policy hands them back to the kernel, so every step faults them in
-# again (~8,700 pages per step on Debian's glibc 2.36); `keep` keeps them.
+# them again; glibc's own policy hands (part of) them back to the kernel, so every step faults
+# them in again: 3,800-9,400 pages per step on Debian's glibc 2.36, varying from run to run
+# with glibc's sliding mmap threshold (CI saw a median of 4,064); `keep` keeps them (0-1).
 PROBE = r"""
 import json, resource, sys, torch
 from harness import malloc
@@ -50,8 +51,9 @@ def test_keep_stops_the_refaulting_that_glibc_default_pays():
     (s_state, system), (k_state, keep) = steady_faults("system"), steady_faults("keep")
     assert (s_state, k_state) == ("system", "keep")
     grads = 8 * 1024 * 1024 * 4 // 4096               # pages of the weight gradients: 8,192
-    assert system > grads // 2, system                  # glibc's own policy faults them again
+    assert system > grads // 8, system                  # glibc's own policy faults many again
     assert keep < grads // 50, keep                     # kept: (almost) nothing to fault
+    assert keep * 20 < system, (keep, system)
 
 
 def test_unknown_policy_is_refused_by_name():
