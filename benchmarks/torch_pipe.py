@@ -28,9 +28,9 @@ from harness.executor import step_norms
 from harness.stage import build as build_stage
 from harness.stage import placement
 
-# our schedule -> PyTorch's class. zb_h1 is the zero-bubble paper's ZB-H1; PyTorch's nearest is
-# ScheduleInterleavedZeroBubble (the paper's ZB1P: 1F1B's memory, W fills the bubble) with one
-# stage per rank — the same F/B/W counts and peak in-flight, its own order of the W's.
+# our schedule -> PyTorch's class. zb_h1 is the zero-bubble paper's ZB-H1, which PyTorch runs as
+# ScheduleInterleavedZeroBubble (the paper's ZB1P) with one stage per rank: the same F, B and W
+# in the same order on every rank (tests/test_schedule_peer.py), as for the other MULTI classes.
 PEER = {"gpipe": ScheduleGPipe, "naive": ScheduleGPipe, "1f1b": Schedule1F1B,
         "interleaved": ScheduleInterleaved1F1B, "zb_h1": ScheduleInterleavedZeroBubble,
         "zbv": ScheduleZBVZeroBubble, "dualpipev": ScheduleDualPipeV}
