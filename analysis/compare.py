@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from analysis.pages import small_pages
+
 # per-rank medians compared (seconds unless the name says otherwise)
 COLUMNS = ["span", "compute", "idle", "idle_warmup", "idle_steady", "idle_cooldown",
            "send_wait", "send_transfer", "recv_wait", "recv_transfer", "caused_idle",
@@ -94,6 +96,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="output folder (default RUN_B/analysis/compare-<RUN_A>)")
     ap.add_argument("--format", default="png", help="figure formats, comma-separated")
     a = ap.parse_args(argv)
+    small_pages()
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

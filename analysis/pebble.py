@@ -25,6 +25,7 @@ import psutil  # noqa: E402
 
 from analysis import chrome, critical, kineto, metrics, report, style, waits  # noqa: E402
 from analysis.load import RunFormatError, load_run  # noqa: E402
+from analysis.pages import small_pages  # noqa: E402
 from analysis.plots import memory_plot, pebble_graph, planned_frame, timeline  # noqa: E402
 
 OUTPUTS = ["metrics.json", "steps.csv", "trace.json", "pebble", "timeline", "memory"]
@@ -85,6 +86,7 @@ def main(argv=None) -> int:
                     "after another (default: three processes side by side)")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     a = ap.parse_args(argv)
+    small_pages()     # before the first large array: huge pages cost more than they give here
     log = _Progress(a.quiet)
 
     try:

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.calibrate import KINDS, Calibration, calibrate
+from analysis.pages import small_pages
 from harness import schedule as S
 from harness.simulate import simulate
 
@@ -217,6 +218,7 @@ def main(argv=None) -> int:
     ap.add_argument("--format", default="png", help="figure formats, comma-separated")
     ap.add_argument("--json", action="store_true", help="print the prediction as JSON")
     a = ap.parse_args(argv)
+    small_pages()
     from analysis.load import RunFormatError, load_run
 
     def fail(msg):

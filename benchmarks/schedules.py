@@ -3,7 +3,7 @@ DualPipeV) on the default MLP, beside theory and beside torch.distributed.pipeli
 same model, split, data and thread count.
 
     python -m benchmarks.schedules [--ranks 2] [--steps 12] [--ms 1,2,4,8]
-                                   [--schedules naive,...,dualpipev] [key=value ...]
+                                   [--schedules naive,...,dualpipev] [--each] [key=value ...]
 
 For each (schedule, m) it runs ours (`mpirun -n P python -m harness.run`) and PyTorch's
 (`torchrun --nproc-per-node P -m benchmarks.torch_pipe`, gloo) back to back, so both see the
@@ -83,6 +83,8 @@ def main(argv=None):
     ap.add_argument("--ms", default="1,2,4,8", help="microbatch counts for GPipe and 1F1B")
     ap.add_argument("--schedules", default=",".join(ALL), help=f"default {','.join(ALL)}")
     ap.add_argument("--no-peer", action="store_true", help="skip torch.distributed.pipelining")
+    ap.add_argument("--each", action="store_true", help="also print every pair's ours/PyTorch "
+                    "ratio, in the order run, and the ratio of each side's fastest run")
     ap.add_argument("overrides", nargs="*", help="harness key=value for both (model, batch...)")
     a = ap.parse_args(argv)
     ms = [int(x) for x in a.ms.split(",")]
@@ -130,6 +132,10 @@ def main(argv=None):
                   f"{theory(name, a.ranks, m, V.get(name, 1))['bubble']:6.1%} | {ph[0]:5.1%} {ph[1]:6.1%} "
                   f"{ph[2]:5.1%} | {'-' if a.no_peer else 'equal' if same else 'DIFFER'}",
                   flush=True)
+            if a.each and ratios:   # noise on a shared host only adds time: also the fastest
+                print(f"{'':>14}| pairs: {' '.join(f'{x:.3f}' for x in ratios)}; fastest run "
+                      f"of each side: {min(t_o) * 1e3:.1f} / {min(t_t) * 1e3:.1f} ms = "
+                      f"{min(t_o) / min(t_t):.3f}", flush=True)
 
 
 if __name__ == "__main__":
