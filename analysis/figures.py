@@ -37,6 +37,7 @@ from PIL import Image  # noqa: E402
 
 from analysis import lessons, load_run, metrics, style, sweep_stats  # noqa: E402
 from analysis.metrics import steady, step_windows  # noqa: E402
+from analysis.pages import small_pages  # noqa: E402
 from analysis.plots import (breakdown_plot, bubble_plot, peak_memory_plot,  # noqa: E402
                             schedules_side_by_side)
 from analysis.plots.animate import durations, frame_states, pebble_animation  # noqa: E402
@@ -89,6 +90,7 @@ def main(argv=None) -> int:
     ap.add_argument("--format", default="png,pdf", help="static figure formats (png,pdf)")
     ap.add_argument("--no-gif", action="store_true", help="skip the animation (figure 6)")
     a = ap.parse_args(argv)
+    small_pages()
     out = Path(a.out) if a.out else Path(a.sweep) / "figures"
     try:
         make(a.sweep, out, [f for f in a.format.split(",") if f], gif=not a.no_gif)

@@ -4,14 +4,15 @@ numpy asks the kernel for 2 MiB pages (madvise MADV_HUGEPAGE) for every array of
 The analysis makes thousands of such arrays and drops them soon after; each huge page is zeroed
 whole at its first touch, however little of it is used, and after `analysis.pebble` forks its
 side-by-side parts, the first write to a huge page the processes share copies all 2 MiB. At
-1 M events, perf put 36 % of `analysis.pebble`'s CPU time in the kernel's zeroing of huge pages;
-with them off the run's system time fell from 3.9-4.5 s to 1.4 s and its wall time by ~2.5 s
-(README, "Analysis speed"). pyarrow's default memory pool (mimalloc) takes huge pages for its
-arenas too: the load of that run spent 0.6-1.5 s in the kernel with it, 0.3 s with the system
-allocator, and took 1.0-1.7 s against 0.7-0.8 s.
+1 M events, perf put 36 % of `analysis.pebble`'s CPU time in the kernel's zeroing of huge pages.
+pyarrow's default memory pool (mimalloc) takes huge pages for its arenas too: the load of that
+run spent 0.6-1.5 s in the kernel with it, 0.3 s with the system allocator. With both off, the
+run took 4.76 s instead of 6.81 s, its system time 1.25 s instead of 3.5 s (README, "Analysis
+speed").
 
-The command-line tools call `small_pages()` first; the library itself leaves numpy's and
-pyarrow's settings alone, so importing `analysis` changes nothing in a notebook.
+The command-line tools (`analysis.pebble`, `.whatif`, `.compare`, `.figures`) call
+`small_pages()` first; the library itself leaves numpy's and pyarrow's settings alone, so
+importing `analysis` changes nothing in a notebook.
 """
 from __future__ import annotations
 
