@@ -29,8 +29,14 @@ def small_pages() -> bool:
         pyarrow.set_memory_pool(pyarrow.system_memory_pool())
     if os.environ.get("NUMPY_MADVISE_HUGEPAGE", "") == "1":
         return True
+    return bool(numpy_multiarray()._set_madvise_hugepage(False))
+
+
+def numpy_multiarray():
+    """numpy's C core module, which holds its huge-page switch (`_set_madvise_hugepage(on)` ->
+    the previous setting)."""
     try:
         from numpy._core import multiarray            # numpy >= 2
     except ImportError:                                 # pragma: no cover (numpy 1.x)
         from numpy.core import multiarray
-    return bool(multiarray._set_madvise_hugepage(False))
+    return multiarray
