@@ -30,9 +30,9 @@ print(json.dumps({"before": before, "after": after, "was": was}))
 """
 
 
-def probe(env=None) -> dict:
+def probe() -> dict:
     out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
-                         check=True, timeout=120, env=env)
+                         check=True, timeout=120)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -19,11 +19,13 @@ import pytest
 from harness import schedule as S
 
 T = pytest.importorskip("torch.distributed.pipelining.schedules")
+from benchmarks import torch_pipe  # noqa: E402  (after the skip: it imports the pipelining API)
+from benchmarks.schedules import V, usable  # noqa: E402
 
 KIND = {"FORWARD": S.FWD, "FULL_BACKWARD": S.BWD, "BACKWARD_INPUT": S.BWD_IN,
         "BACKWARD_WEIGHT": S.BWD_W}
-PEER = {"interleaved": (T.ScheduleInterleaved1F1B, 2), "zb_h1": (T.ScheduleInterleavedZeroBubble, 1),
-        "zbv": (T.ScheduleZBVZeroBubble, 2), "dualpipev": (T.ScheduleDualPipeV, 2)}
+# the classes benchmarks.schedules runs as our peers, with the chunks per rank it gives them
+PEER = {name: (torch_pipe.PEER[name], V.get(name, 1)) for name in sorted(torch_pipe.MULTI)}
 
 
 def theirs(cls, p: int, m: int, v: int) -> list[list[tuple]]:
@@ -52,7 +54,7 @@ def ours(name: str, p: int, m: int, v: int) -> list[list[tuple]]:
 
 
 GRID = [(name, p, m) for name in PEER for p in (2, 3, 4) for m in sorted({p, 2 * p, 8, 4 * p})
-        if not (name == "interleaved" and m % p) and not (name == "dualpipev" and m < 2 * p)]
+        if usable(name, p, m)]
 
 
 @pytest.mark.parametrize("name,p,m", GRID, ids=[f"{n}-p{p}-m{m}" for n, p, m in GRID])
