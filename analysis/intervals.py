@@ -41,8 +41,7 @@ def union(group, start, end):
     if not _in_order(g, s):   # callers often pass them sorted already: a check is ~10x cheaper
         order = np.lexsort((s, g))
         g, s, e = g[order], s[order], e[order]
-    # running max of ends within each group (groupby-cummax is one cython pass)
-    reach = pd.Series(e).groupby(g).cummax().to_numpy()
+    reach = _reach(g, s, e)
     prev = np.empty_like(reach)
     prev[0] = -np.inf
     prev[1:] = reach[:-1]
@@ -50,6 +49,28 @@ def union(group, start, end):
     idx = np.flatnonzero(new)
     seg_end = np.maximum.reduceat(e, idx)  # segment end = max end over its intervals
     return g[idx], s[idx], seg_end
+
+
+def _reach(g, s, e) -> np.ndarray:
+    """For intervals sorted by (group, start): a running maximum of ends that gives union()'s
+    test (does an interval start after the reach of the ones before it in its group?) the
+    same answer as a running maximum within each group, at every interval but a group's
+    first (where union() starts a segment regardless).
+
+    One np.maximum.accumulate over the whole array. The value carried into a group from the
+    groups before it is harmless where it is at most the end of the group's first interval:
+    from the second interval on, the group's own reach is at least that end. The accumulation
+    restarts only at the groups it passes (in a rank-major code, each new rank); where those
+    are many (groups overlapping in time), pandas' exact per-group maximum."""
+    n = len(e)
+    first = np.flatnonzero(g[1:] != g[:-1]) + 1           # each group's first interval
+    run = np.maximum.accumulate(e)
+    reset = first[run[first - 1] > e[first]]             # carried past the first end
+    if len(reset) > 64:
+        return pd.Series(e).groupby(g).cummax().to_numpy()
+    for a, b in zip(reset, np.r_[reset[1:], n]):
+        run[a:b] = np.maximum.accumulate(e[a:b])
+    return run
 
 
 def _in_order(g, s) -> bool:

@@ -150,3 +150,54 @@ def test_factorize_and_union_order():
     o = np.lexsort((s, g))
     for a, b in zip(iv.union(g, s, e), iv.union(g[o], s[o], e[o])):   # unsorted == sorted
         assert a.tolist() == b.tolist()
+
+
+def _union_per_group(g, s, e):
+    """union() the slow way: each group's sorted intervals merged one at a time."""
+    out = []
+    for k in np.unique(g):
+        cur = None
+        for a, b in sorted(zip(s[g == k].tolist(), e[g == k].tolist())):
+            if b <= a:
+                continue
+            if cur is None or a > cur[1]:
+                if cur is not None:
+                    out.append((k, *cur))
+                cur = [a, b]
+            else:
+                cur[1] = max(cur[1], b)
+        if cur is not None:
+            out.append((k, *cur))
+    return out
+
+
+@pytest.mark.parametrize("layout,n_groups", [("disjoint", 200), ("ranks", 200),
+                                             ("reaching", 200), ("overlapping", 40),
+                                             ("overlapping", 200)])
+def test_union_equals_a_per_group_merge(layout, n_groups):
+    """union()'s one running maximum over all groups, restarted where the value carried in
+    passes a group's first end, merges exactly as each group merged on its own: groups that
+    follow in time (a rank's steps), groups that start over (each rank's steps after the last
+    rank's), groups whose predecessor reaches into their first interval (no restart needed),
+    groups that overlap (a restart at most groups; pandas' per-group maximum past 64)."""
+    rng = np.random.default_rng(n_groups + len(layout))
+    per = 12
+    k = np.repeat(np.arange(n_groups), per)
+    s = rng.random(len(k)) * 2
+    e = s + rng.random(len(k)) * 0.6
+    if layout == "disjoint":
+        s, e = s + k * 10.0, e + k * 10.0
+    elif layout == "ranks":       # 4 "ranks" of n/4 steps each, each rank's clock from 0
+        off = (k % (n_groups // 4)) * 10.0
+        s, e = s + off, e + off
+    elif layout == "reaching":    # first interval [10k, 10k+5]; the last of the group before
+        s, e = s + 10.0 * k + 0.1, e + 10.0 * k + 0.1   # ends at 10k+0.5, inside it
+        first = np.arange(0, len(k), per)
+        s[first], e[first] = 10.0 * k[first], 10.0 * k[first] + 5
+        e[first[1:] - 1] = 10.0 * k[first[1:]] + 0.5
+    else:                         # each group starts 0.5 after the one before
+        s, e = s + k * 0.5, e + k * 0.5
+    o = np.lexsort((s, k))
+    g, s, e = k[o], s[o], e[o]
+    got = list(zip(*(x.tolist() for x in iv.union(g, s, e))))
+    assert got == _union_per_group(g, s, e)
