@@ -29,6 +29,10 @@ from analysis.pages import small_pages  # noqa: E402
 from analysis.plots import memory_plot, pebble_graph, planned_frame, timeline  # noqa: E402
 
 OUTPUTS = ["metrics.json", "steps.csv", "trace.json", "pebble", "timeline", "memory"]
+# a trace.json above this many bytes gets a note: Perfetto's in-browser UI holds ~2 GB of
+# memory in all (perfetto.dev/docs/visualization/large-traces), and a trace takes 2-4x its
+# size there; 10 M events make a 3.3 GB trace.json
+BIG_TRACE = 2**30
 
 
 class _Progress:
@@ -248,7 +252,14 @@ def _write_trace(run, target: Path, path, log) -> list[str]:
     if k:
         log(f"merged {k:,} torch.profiler (Kineto) events into trace.json")
     # the merge's own warnings (metrics.json was written before it)
-    return [f"warning: {w}" for w in run.warnings[seen:]]
+    lines = [f"warning: {w}" for w in run.warnings[seen:]]
+    size = target.stat().st_size
+    if size > BIG_TRACE:
+        lines.append(f"note: {target} is {size / 1e9:.1f} GB, more than ui.perfetto.dev can "
+                     f"hold in a browser: open it through Perfetto's native trace processor "
+                     f"(trace_processor --httpd {target.name}, then ui.perfetto.dev); --no-trace "
+                     f"skips it")
+    return lines
 
 
 def _write_metrics(a, run, out, ident, steps, log, path, rt) -> dict:

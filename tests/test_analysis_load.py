@@ -254,3 +254,21 @@ def test_too_little_memory_for_the_forks_runs_in_one_process(run_dir, tmp_path, 
     assert not forks and "one process: 0.0 GiB of memory available" in capsys.readouterr().err
     assert (tmp_path / "a" / "trace.json").stat().st_size and \
         (tmp_path / "a" / "memory.png").stat().st_size
+
+
+@pytest.mark.parametrize("serial", [False, True])
+def test_a_trace_too_big_for_the_browser_gets_a_note(run_dir, capsys, monkeypatch, serial):
+    # past BIG_TRACE bytes (1 GiB; here lowered to this run's size less one) stderr says how
+    # to open trace.json; at or under it, nothing
+    import analysis.pebble as P
+    extra = ["--serial"] if serial else []
+    assert main([str(run_dir), "--format", "png", "-q", *extra]) == 0
+    assert "note:" not in capsys.readouterr().err
+    size = (run_dir / "analysis" / "trace.json").stat().st_size
+    monkeypatch.setattr(P, "BIG_TRACE", size)
+    assert main([str(run_dir), "--format", "png", "-q", *extra]) == 0
+    assert "note:" not in capsys.readouterr().err        # exactly at the limit: no note
+    monkeypatch.setattr(P, "BIG_TRACE", size - 1)
+    assert main([str(run_dir), "--format", "png", "-q", *extra]) == 0
+    notes = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("note:")]
+    assert len(notes) == 1 and "trace.json" in notes[0] and "trace_processor" in notes[0]
