@@ -104,3 +104,18 @@ def test_cli_not_a_run(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "not a run directory" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_straggler_factor_read_from_traces(tmp_path, rank):
+    # benchmarks.whatif_accuracy --straggler trace: the added wall per action, slowed run less
+    # the same configuration without the slowdown. Every layer 0.5 ms slower in forward and
+    # 1 ms in backward, 3 layers per stage: 1.5 and 3 ms per action, the loss (rank 1's, the
+    # same in both runs) adding nothing
+    from benchmarks.whatif_accuracy import added_per_action
+    kw = dict(schedule="gpipe", m=4, p=2, layers_per_stage=3)
+    base = _run(tmp_path, "base", t_fwd=MS, t_bwd=2 * MS, **kw)
+    slow = _run(tmp_path, "slow", t_fwd=3 * MS // 2, t_bwd=3 * MS, **kw)
+    assert added_per_action([slow], [base], rank, "fwd") == pytest.approx(1.5e-3, rel=1e-9)
+    assert added_per_action([slow], [base], rank, "bwd") == pytest.approx(3e-3, rel=1e-9)
+    assert added_per_action([base], [base], rank, "bwd") == 0.0
