@@ -85,6 +85,30 @@ def added_per_action(slow_runs, base_runs, rank: int, kind: str) -> float:
     return mean_wall(slow_runs) - mean_wall(base_runs)
 
 
+def noise(steps: dict) -> list[str]:
+    """How well this host can judge a prediction at all, from the measured step times alone:
+    steps = {config: [step seconds of each repeat]}. -> lines: the repeats' spread per
+    configuration ((max - min) / median; the median and range of it over configurations), and
+    the one-microbatch configurations, which are one pipeline under three names (one
+    microbatch: no schedule differs), as their medians and their largest distance from their
+    mean. An error below these cannot be told from the machine's own variation."""
+    out = []
+    spread = [(max(v) - min(v)) / statistics.median(v) for v in steps.values() if len(v) > 1]
+    if spread:
+        out.append(f"noise: repeats of one configuration spread by a median of "
+                   f"{statistics.median(spread) * 100:.1f} % (max - min over median; "
+                   f"{min(spread) * 100:.1f}-{max(spread) * 100:.1f} % over "
+                   f"{len(spread)} configurations)")
+    same = {k: statistics.median(v) for k, v in steps.items() if k.endswith("-1")}
+    if len(same) > 1:
+        mean = statistics.mean(same.values())
+        dev = max(abs(x - mean) for x in same.values()) / mean
+        out.append("noise: one pipeline under " + str(len(same)) + " names ("
+                   + ", ".join(f"{k} {x * 1e3:.1f} ms" for k, x in same.items())
+                   + f"): within ±{dev * 100:.1f} % of their mean")
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dir", help="where the runs go (default: a temporary folder)")
@@ -118,7 +142,7 @@ def main(argv=None) -> int:
         head = (f"{'config':<14}{'step meas':>10}{'pred':>9}{'err':>8}{'bubble meas':>13}"
                 f"{'pred':>7}{'peak act r0 meas/pred (B)':>28}{'r1':>22}  exact")
         print(head)
-        errs, exact, notes = [], True, []
+        errs, exact, notes, steps = [], True, [], {}
         for name, rds in dirs.items():
             runs = [load_run(x) for x in rds]
             sch = runs[0].meta["schedule"]
@@ -141,6 +165,7 @@ def main(argv=None) -> int:
                                      f"per block) -> --scale factor {scales[-1].factor:.3f}")
             p = predict(cal, sch["name"], int(sch["microbatches"]), scales=scales)
             each = [measured(run) for run in runs]
+            steps[name] = [x["step_s"] for x in each]
             me = {"step_s": statistics.median(x["step_s"] for x in each),
                   "bubble": statistics.median(x["bubble"] for x in each),
                   "peak_act_bytes": each[0]["peak_act_bytes"]}
@@ -162,7 +187,7 @@ def main(argv=None) -> int:
         print(f"median |step-time error| over {len(errs)} predicted runs: {med * 100:.1f} % "
               f"(goal <= 3 %: {'met' if med <= 0.03 else 'NOT met'}); max "
               f"{max(errs) * 100:.1f} %; peak activations exact: {'yes' if exact else 'NO'}")
-        for line in notes:
+        for line in notes + noise(steps):
             print(line)
     return 0
 

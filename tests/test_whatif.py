@@ -119,3 +119,15 @@ def test_straggler_factor_read_from_traces(tmp_path, rank):
     assert added_per_action([slow], [base], rank, "fwd") == pytest.approx(1.5e-3, rel=1e-9)
     assert added_per_action([slow], [base], rank, "bwd") == pytest.approx(3e-3, rel=1e-9)
     assert added_per_action([base], [base], rank, "bwd") == 0.0
+
+
+def test_accuracy_noise_lines_from_plain_numbers():
+    from benchmarks.whatif_accuracy import noise
+    steps = {"naive-1": [0.040, 0.044, 0.036], "gpipe-1": [0.038, 0.038, 0.038],
+             "gpipe-4": [0.030, 0.033, 0.027], "slow": [0.1]}
+    spread, same = noise(steps)
+    # spreads: 0.008/0.040 = 20 %, 0, 0.006/0.030 = 20 % -> median 20.0 %, range 0.0-20.0 %
+    assert "median of 20.0 %" in spread and "0.0-20.0 % over 3 configurations" in spread
+    # one-microbatch medians 40 and 38 ms: mean 39, farthest 1 ms away = 2.6 %
+    assert "naive-1 40.0 ms" in same and "gpipe-1 38.0 ms" in same and "±2.6 %" in same
+    assert noise({"slow": [0.1]}) == []
