@@ -12,6 +12,10 @@ before the runs: the OS wakes a sleeper late, by ~0.2-0.4 ms on the development 
 pays the sum), not at its nominal slow_ms.
 Prints one row per configuration and the median absolute step-time error. With --repeats R
 each configuration runs R times, round-robin, and the table shows medians over the repeats.
+Then the host's own noise, which bounds what the table can show: how far the repeats of one
+configuration spread, and how far apart the one-microbatch configurations (naive-1, gpipe-1,
+1f1b-1: one pipeline under three names) measured. --straggler trace takes the slowed rank's
+factor from the slowed runs' traces instead (its actions' added wall time against gpipe-4).
 """
 from __future__ import annotations
 
