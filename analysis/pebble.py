@@ -162,18 +162,21 @@ def _write(a, run, out, ident, steps, step, log) -> int:
     return rc
 
 
+FORK_ROOM = 6   # x the frames' bytes, available, for the three processes (measured ~5.5x)
+
+
 def _room_for_forks(run, log) -> bool:
     """Whether the machine has memory for the two forked parts: each shares the loaded frames
-    but builds its own tables (at 10 M events the three processes together peaked at ~5x the
-    frames' bytes, one process alone at ~3x); -> False, and one process, where available
-    memory is under 4x the frames'."""
+    but builds its own tables. At 10 M events (1.11 GiB of frames) the three processes together
+    peaked at 5.9-6.4 GiB (PSS, 4 runs: 5.3-5.8x the frames), one process at 4.5 GiB (4.0x);
+    -> False, and one process, where available memory is under FORK_ROOM x the frames'."""
     frames = sum(int(df.memory_usage(index=True).sum())
                  for df in (run.events, run.pebbles, run.memory))
     free = psutil.virtual_memory().available
-    if free >= 4 * frames:
+    if free >= FORK_ROOM * frames:
         return True
-    log(f"one process: {free / 2**30:.1f} GiB of memory available, under 4x the run's frames "
-        f"({frames / 2**30:.1f} GiB)")
+    log(f"one process: {free / 2**30:.1f} GiB of memory available, under {FORK_ROOM}x the "
+        f"run's frames ({frames / 2**30:.1f} GiB)")
     return False
 
 
