@@ -165,13 +165,18 @@ def _write(a, run, out, ident, steps, step, log) -> int:
 FORK_ROOM = 6   # x the frames' bytes, available, for the three processes (measured ~5.5x)
 
 
+def frames_bytes(run) -> int:
+    """Bytes of the run's loaded frames (events, pebbles, memory), as pandas counts them."""
+    return sum(int(df.memory_usage(index=True).sum())
+               for df in (run.events, run.pebbles, run.memory))
+
+
 def _room_for_forks(run, log) -> bool:
     """Whether the machine has memory for the two forked parts: each shares the loaded frames
     but builds its own tables. At 10 M events (1.11 GiB of frames) the three processes together
     peaked at 5.9-6.4 GiB (PSS, 4 runs: 5.3-5.8x the frames), one process at 4.5 GiB (4.0x);
     -> False, and one process, where available memory is under FORK_ROOM x the frames'."""
-    frames = sum(int(df.memory_usage(index=True).sum())
-                 for df in (run.events, run.pebbles, run.memory))
+    frames = frames_bytes(run)
     free = psutil.virtual_memory().available
     if free >= FORK_ROOM * frames:
         return True

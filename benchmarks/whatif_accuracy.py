@@ -67,26 +67,25 @@ def sleep_length(seconds: float, n: int = 200) -> float:
     return statistics.mean(took)
 
 
-def slow_factor(cal, rank: int, sleep_s: float, kind: str, rows: int) -> float:
-    """The straggler knob as a --scale factor: each of the rank's blocks sleeps sleep_s per
-    action, so (wall + blocks * sleep_s) / wall at the predicted microbatch size."""
-    blocks = cal.blocks.get(rank, 0)
+def slow_factor(cal, rank: int, added_s: float, kind: str, rows: int) -> float:
+    """The straggler knob as a --scale factor: the rank's `kind` action takes added_s longer,
+    so (wall + added_s) / wall at the predicted microbatch size."""
     w = cal.cost("wall", rank, kind, rows)
-    return (w + blocks * sleep_s) / w if w else 1.0
+    return (w + added_s) / w if w else 1.0
 
 
-def added_per_action(slow_runs, base_runs, rank: int, kind: str) -> float:
-    """Seconds the straggler knob added to one `kind` action of `rank`, as the traces show it:
-    the mean action wall (first layer start to last layer end, steady steps) of the slowed runs
-    less that of the same configuration without the knob. The cause, read from the slowed
-    rank's own compute; what the pipeline makes of it (the step time) stays predicted."""
+def added_per_action(slow_runs, base_runs, rank: int, kinds=("fwd", "bwd")) -> dict:
+    """Seconds the straggler knob added to one action of `rank`, per kind, as the traces show
+    it: the mean action wall (first layer start to last layer end, steady steps) of the slowed
+    runs less that of the same configuration without the knob. The cause, read from the
+    slowed rank's own compute; what the pipeline makes of it (the step time) stays predicted."""
     def mean_wall(runs):
-        walls = []
-        for run in runs:
-            acts = action_times(run.events, steady(run.steps)[1], run.meta)
-            walls.append(acts.loc[(acts["rank"] == rank) & (acts["kind"] == kind), "wall"])
-        return float(pd.concat(walls).mean())
-    return mean_wall(slow_runs) - mean_wall(base_runs)
+        acts = pd.concat([action_times(run.events, steady(run.steps)[1], run.meta)
+                          for run in runs])
+        acts = acts[acts["rank"] == rank]
+        return {k: float(acts.loc[acts["kind"] == k, "wall"].mean()) for k in kinds}
+    slow, base = mean_wall(slow_runs), mean_wall(base_runs)
+    return {k: slow[k] - base[k] for k in kinds}
 
 
 def noise(steps: dict) -> list[str]:
@@ -153,20 +152,19 @@ def main(argv=None) -> int:
             scales = []
             if name == "slow":
                 rows = cal.batch // SLOW[1]
-                if a.straggler == "sleep":
-                    scales = [Scale(SLOW[2], k, slow_factor(cal, SLOW[2], slept, k, rows))
-                              for k in ("fwd", "bwd")]
+                blocks = cal.blocks.get(SLOW[2], 0)
+                if a.straggler == "sleep":     # each of the rank's blocks sleeps once per action
+                    added = {k: blocks * slept for k in ("fwd", "bwd")}
                 else:
-                    base = [load_run(x) for x in dirs[f"{SLOW[0]}-{SLOW[1]}"]]
-                    scales = []
-                    for k in ("fwd", "bwd"):
-                        w = cal.cost("wall", SLOW[2], k, rows)
-                        add = added_per_action(runs, base, SLOW[2], k)
-                        scales.append(Scale(SLOW[2], k, (w + add) / w if w else 1.0))
-                        notes.append(f"straggler from the traces: rank {SLOW[2]}'s {k} took "
-                                     f"{add * 1e3:+.3f} ms more per action ("
-                                     f"{add / max(cal.blocks.get(SLOW[2], 1), 1) * 1e3:.3f} ms "
-                                     f"per block) -> --scale factor {scales[-1].factor:.3f}")
+                    added = added_per_action(runs, [load_run(x) for x in
+                                                    dirs[f"{SLOW[0]}-{SLOW[1]}"]], SLOW[2])
+                scales = [Scale(SLOW[2], k, slow_factor(cal, SLOW[2], add, k, rows))
+                          for k, add in added.items()]
+                if a.straggler == "trace":
+                    notes += [f"straggler from the traces: rank {SLOW[2]}'s {sc.kind} took "
+                              f"{added[sc.kind] * 1e3:+.3f} ms more per action "
+                              f"({added[sc.kind] / max(blocks, 1) * 1e3:.3f} ms per block) -> "
+                              f"--scale factor {sc.factor:.3f}" for sc in scales]
             p = predict(cal, sch["name"], int(sch["microbatches"]), scales=scales)
             each = [measured(run) for run in runs]
             steps[name] = [x["step_s"] for x in each]

@@ -280,9 +280,7 @@ def test_forks_only_with_six_times_the_frames_available(run_dir, tmp_path, capsy
     import types
 
     import analysis.pebble as pebble
-    run = load_run(run_dir)
-    frames = sum(int(df.memory_usage(index=True).sum())
-                 for df in (run.events, run.pebbles, run.memory))
+    frames = pebble.frames_bytes(load_run(run_dir))
     real, forks = pebble.multiprocessing.get_context, []
     monkeypatch.setattr(pebble.multiprocessing, "get_context",
                         lambda *a: forks.append(a) or real(*a))

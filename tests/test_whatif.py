@@ -116,9 +116,10 @@ def test_straggler_factor_read_from_traces(tmp_path, rank):
     kw = dict(schedule="gpipe", m=4, p=2, layers_per_stage=3)
     base = _run(tmp_path, "base", t_fwd=MS, t_bwd=2 * MS, **kw)
     slow = _run(tmp_path, "slow", t_fwd=3 * MS // 2, t_bwd=3 * MS, **kw)
-    assert added_per_action([slow], [base], rank, "fwd") == pytest.approx(1.5e-3, rel=1e-9)
-    assert added_per_action([slow], [base], rank, "bwd") == pytest.approx(3e-3, rel=1e-9)
-    assert added_per_action([base], [base], rank, "bwd") == 0.0
+    added = added_per_action([slow], [base], rank)
+    assert added["fwd"] == pytest.approx(1.5e-3, rel=1e-9)
+    assert added["bwd"] == pytest.approx(3e-3, rel=1e-9)
+    assert added_per_action([base], [base], rank)["bwd"] == 0.0
 
 
 def test_accuracy_noise_lines_from_plain_numbers():
