@@ -9,14 +9,30 @@ from __future__ import annotations
 
 import re
 
-FORMAT = 1  # the run-directory and trace format version (meta.json "format", trace headers)
+FORMAT = 2  # the run-directory and trace format version this harness writes (meta.json "format")
+FORMATS = (1, 2)  # the versions a reader knows: 1 = CSV trace files, 2 = Arrow IPC streams
 
-# per-rank trace files: trace/<kind>.r<R>.csv, one header line, then CSV with these columns
+# per-rank trace files, with these columns: format 2 writes trace/<kind>.r<R>.arrows (an Arrow
+# IPC stream, one record batch per write); format 1 wrote trace/<kind>.r<R>.csv (one header
+# line, then CSV)
 EVENT_COLS = ("step", "mb", "layer", "kind", "t0", "t1", "tb", "peer", "tag", "bytes", "pair")
 PEBBLE_COLS = ("step", "mb", "layer", "kind", "bytes", "t_store", "t_free",
                "module", "shape", "dtype")  # module: the innermost module that saved it
 MEMORY_COLS = ("t", "source", "bytes")
 TRACE_COLS = {"events": EVENT_COLS, "pebbles": PEBBLE_COLS, "memory": MEMORY_COLS}
+# format 2's column types, as the writer (harness.trace.writer) declares them to Arrow: "?" marks
+# a column that may be empty (null); "dict" is text, dictionary-encoded (a value is written once,
+# in a dictionary delta, the first time it appears; the columns whose values repeat: kinds,
+# module names, shapes); "string" is text that does not repeat (a message's pair id)
+TRACE_TYPES = {
+    "events": {"step": "int32", "mb": "int32", "layer": "int32", "kind": "dict", "t0": "int64",
+               "t1": "int64", "tb": "int64?", "peer": "int32", "tag": "int32", "bytes": "int64",
+               "pair": "string?"},
+    "pebbles": {"step": "int32", "mb": "int32", "layer": "int32", "kind": "dict",
+                "bytes": "int64", "t_store": "int64", "t_free": "int64?", "module": "dict",
+                "shape": "dict", "dtype": "dict"},
+    "memory": {"t": "int64", "source": "dict", "bytes": "int64"},
+}
 # per-rank stats (ranks/stats.r<R>.csv) and their merge (stats.csv)
 STATS_COLS = ("step", "rank", "loss", "grad_norm", "update_norm", "step_time")
 
@@ -33,9 +49,13 @@ COMPUTE = tuple(k for k, lane in LANE.items() if lane == "compute")
 MAGIC = re.compile(r"#\s*harness-trace\s+(.*)")
 
 
-def trace_header(kind: str, rank: int) -> str:
-    """The first line of a trace file (without newline)."""
-    return f"# harness-trace format={FORMAT} kind={kind} rank={rank}"
+HEADER_KEY = "harness-trace"   # format 2: the header is this key of the Arrow schema's metadata
+
+
+def trace_header(kind: str, rank: int, fmt: int = FORMAT) -> str:
+    """The first line of a format 1 (CSV) trace file, without newline; for format 2, with the
+    leading "# harness-trace " cut off, the value of the schema metadata key HEADER_KEY."""
+    return f"# harness-trace format={fmt} kind={kind} rank={rank}"
 
 
 def parse_header(line: str) -> dict | None:
@@ -48,11 +68,12 @@ def parse_header(line: str) -> dict | None:
 
 # -- paths, relative to the run directory ------------------------------------------------------
 TRACE_DIR, RANKS_DIR = "trace", "ranks"
-TRACE_FILE = re.compile(r"^(events|pebbles|memory)\.r(\d+)\.csv$")
+TRACE_FILE = re.compile(r"^(events|pebbles|memory)\.r(\d+)\.(csv|arrows)$")
+TRACE_EXT = {1: "csv", 2: "arrows"}
 
 
-def trace_file(kind: str, rank: int) -> str:
-    return f"{TRACE_DIR}/{kind}.r{rank}.csv"
+def trace_file(kind: str, rank: int, fmt: int = FORMAT) -> str:
+    return f"{TRACE_DIR}/{kind}.r{rank}.{TRACE_EXT[fmt]}"
 
 
 def kineto_file(rank: int) -> str:

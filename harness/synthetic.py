@@ -30,9 +30,10 @@ import pandas as pd
 
 from . import runformat as F
 from . import schedule as S
-from .schedule import (BWD, BWD_IN, BWD_W, COMM, FWD, OPT, build, message,
+from .schedule import (BWD, BWD_IN, BWD_W, COMM, FWD, OPT, Action, build, message,
                        placement_of, sending, to_json)
 from .simulate import simulate
+from .trace.writer import write_frame
 
 EVENT_COLS, PEBBLE_COLS = list(F.EVENT_COLS), list(F.PEBBLE_COLS)
 MEMORY_COLS, STATS_COLS = list(F.MEMORY_COLS), list(F.STATS_COLS)
@@ -56,8 +57,13 @@ def _atomic(path: Path, text: str) -> None:
 
 def write_run(path, meta: dict, events=None, pebbles=None, memory=None, stats=None,
               schedule: dict | None = None, *, stats_csv: bool = True, fmt: int = F.FORMAT) -> Path:
-    """Write a run directory. Frames need a `rank` column; times are local int ns."""
+    """Write a run directory. Frames need a `rank` column; times are local int ns. fmt 2 (what
+    the harness writes): Arrow trace files, a batch per run of rows of one step (memory samples:
+    a batch per 25 rows), as the harness flushes them; fmt 1: CSV trace files, as runs written
+    before format 2."""
     d = Path(path)
+    if fmt != F.FORMAT:   # the run as a harness of that format version wrote it
+        meta = dict(meta, format=fmt, trace=dict(meta.get("trace") or {}, format=fmt))
     (d / F.RANKS_DIR).mkdir(parents=True, exist_ok=True)
     (d / F.TRACE_DIR).mkdir(exist_ok=True)
     _atomic(d / "meta.json", json.dumps(meta, indent=1))
@@ -69,14 +75,27 @@ def write_run(path, meta: dict, events=None, pebbles=None, memory=None, stats=No
     for r in range(meta["world_size"]):
         for kind, (df, cols) in frames.items():
             part = df[df["rank"] == r] if df is not None else pd.DataFrame(columns=cols)
-            head = F.trace_header(kind, r).replace(f"format={F.FORMAT}", f"format={fmt}")
-            (d / F.trace_file(kind, r)).write_text(head + "\n" + _csv(part, cols))
+            if fmt == 2:
+                write_frame(d / F.trace_file(kind, r), kind, r, part, flushes(part))
+                continue
+            head = F.trace_header(kind, r, fmt)
+            (d / F.trace_file(kind, r, 1)).write_text(head + "\n" + _csv(part, cols))
         (d / F.log_file(r)).write_text(f"rank {r}: synthetic run\n")
         if stats is not None:
             (d / F.stats_file(r)).write_text(_csv(stats[stats["rank"] == r], STATS_COLS))
     if stats is not None and stats_csv:
         _atomic(d / "stats.csv", _csv(stats.sort_values(["step", "rank"]), STATS_COLS))
     return d
+
+
+def flushes(part: pd.DataFrame) -> np.ndarray:
+    """Where the harness would have cut a rank's rows into batches: at each change of step
+    (memory samples: every 25 rows) -> the batches' end positions."""
+    n = len(part)
+    if "step" not in part or not n:
+        return np.r_[np.arange(25, n, 25), n].astype(np.int64)
+    s = part["step"].to_numpy()
+    return np.r_[np.flatnonzero(s[1:] != s[:-1]) + 1, n].astype(np.int64)
 
 
 def make_meta(p: int, layers_per_stage: int, schedule: str = "naive", m: int = 1,
@@ -111,7 +130,7 @@ def pipeline_frames(p=2, m=1, schedule="naive", steps=3, layers_per_stage=2, *,
                     t_fwd=1 * MS, t_bwd=2 * MS, t_loss=MS // 2, t_opt=MS // 2, xfer=MS // 10,
                     act_bytes=4096, step_gap=MS, sample_ns=MS, rss_base=100 << 20,
                     overlap=False, scale_rows=False, batch=32, virtual=1,
-                    t_bwd_in=None, t_bwd_w=None) -> dict:
+                    t_bwd_in=None, t_bwd_w=None, continuous=False, slow=None) -> dict:
     """Play `schedule` for `steps` steps; return frames in true time (ns) plus meta and schedule.
 
     Each step is one `harness.simulate` run (eager messages, latency `xfer`, communication calls
@@ -120,7 +139,13 @@ def pipeline_frames(p=2, m=1, schedule="naive", steps=3, layers_per_stage=2, *,
     a microbatch of batch/m rows costs 1/m of each (time and memory proportional to rows); the
     pebbles' shapes then lead with the rows. Otherwise every microbatch costs the same.
     virtual: chunks per rank (interleaved, zbv); `layers_per_stage` layers per global stage.
-    t_bwd_in, t_bwd_w: a layer's B and W under split backward (default t_bwd / 2 each)."""
+    t_bwd_in, t_bwd_w: a layer's B and W under split backward (default t_bwd / 2 each).
+    t_opt: one time for every rank, or one per rank. slow: {step: factor}: that step's actions
+    start and end `factor` times later after its start (its spans longer; not continuous).
+    continuous: the steps are one simulation, each rank starting its next step as soon as it
+    finished its last (no barrier, as the harness runs): the first rank starts step k+1 while
+    the last is still in step k, and a receive of step k+1 is posted while the rank it waits
+    for is still in step k (step_gap is then not used)."""
     sched = build(schedule, p, m, overlap, virtual=virtual)
     pl = placement_of(sched)
     L = pl.stages * layers_per_stage
@@ -138,21 +163,28 @@ def pipeline_frames(p=2, m=1, schedule="naive", steps=3, layers_per_stage=2, *,
 
     def cost(r, a):  # ns of one action: its layers (+ the loss forward and backward)
         if a.kind == OPT:
-            return t_opt
+            return t_opt[r] if isinstance(t_opt, (list, tuple)) else t_opt
         if a.kind not in per_layer:
             return 0
         loss = t_loss if last(r, a) and a.kind in (FWD, BWD, BWD_IN) else 0
         return layers_per_stage * per_layer[a.kind] + loss
 
     ops = simulate(sched, cost, latency=xfer, protocol="eager")
+    if continuous:
+        per_step = _continuous(sched, pl, steps, m, cost, xfer)
     ev, peb = [], []
     clock = [BASE_NS] * p
     for step in range(steps):
         t_step = max(clock)                  # ranks start the step together
         posted = {}                          # (rank, stream, side, mb, chunk) -> post time
         live = {}                            # (rank, layer, mb, kind) -> pebble row index
-        for o in ops:
-            r, c, end = o.rank, t_step + int(o.start), t_step + int(o.end)
+        first = {}                           # rank -> its first action's start (continuous)
+        f = (slow or {}).get(step, 1.0)      # this step slower (or faster) by this factor
+        for o in (per_step[step] if continuous else ops):
+            if continuous:                   # times since the run's start, ranks drifting
+                t_step = BASE_NS
+                first.setdefault(o.rank, BASE_NS + int(o.start))
+            r, c, end = o.rank, t_step + int(o.start * f), t_step + int(o.end * f)
             g = pl.stage(r, o.chunk)
             lo, hi = g * layers_per_stage, (g + 1) * layers_per_stage
             if o.kind in COMM:
@@ -198,7 +230,8 @@ def pipeline_frames(p=2, m=1, schedule="naive", steps=3, layers_per_stage=2, *,
                 ev.append((r, step, -1, -1, "opt", c, end, None, -1, -1, 0, None))
             clock[r] = end
         for r in range(p):
-            ev.append((r, step, -1, -1, "step", t_step, clock[r], None, -1, -1, 0, None))
+            ev.append((r, step, -1, -1, "step", first.get(r, t_step), clock[r], None, -1, -1, 0,
+                       None))
         clock = [max(clock) + step_gap] * p
     events = pd.DataFrame(ev, columns=["rank"] + EVENT_COLS)
     events = events.sort_values(["rank", "t1"], kind="stable", ignore_index=True)
@@ -214,7 +247,8 @@ def pipeline_frames(p=2, m=1, schedule="naive", steps=3, layers_per_stage=2, *,
         live_n = np.searchsorted(stored, t, "right") - np.searchsorted(freed, t, "right")
         mem.append(pd.DataFrame({"rank": r, "t": t, "source": "rss",
                                  "bytes": rss_base + (10 << 20) * r + live_n * act_bytes}))
-    stats = pd.DataFrame([(s, r, (2.0 / (s + 1)) if r == p - 1 else np.nan, 1.0 / (s + 1),
+    loss_rank = pl.where(pl.stages - 1)[0]     # the rank holding the last stage
+    stats = pd.DataFrame([(s, r, (2.0 / (s + 1)) if r == loss_rank else np.nan, 1.0 / (s + 1),
                            0.01 / (s + 1), 0.0) for s in range(steps) for r in range(p)],
                          columns=STATS_COLS)
     st = events[events["kind"] == "step"].set_index(["step", "rank"])
@@ -230,6 +264,28 @@ def pipeline_frames(p=2, m=1, schedule="naive", steps=3, layers_per_stage=2, *,
     meta["schedule"]["overlap"] = overlap
     return {"events": events, "pebbles": pebbles, "memory": pd.concat(mem, ignore_index=True),
             "stats": stats, "meta": meta, "schedule": to_json(sched, schedule, m, overlap)}
+
+
+def _continuous(sched, pl, steps: int, m: int, cost, xfer) -> list:
+    """`steps` copies of the schedule run back to back on each rank (microbatch k of step s
+    simulated as s*m + k), as one harness.simulate run -> per step, its actions (PlannedOp,
+    times since the first step's start) with their microbatches of the step."""
+    from dataclasses import replace
+
+    from .simulate import _cost, _run, _static
+    _static(sched)
+    multi = S.Schedule([[Action(a.kind, a.mb + k * m if a.mb >= 0 else -1, a.chunk)
+                         for k in range(steps) for a in acts] for acts in sched], pl)
+    out = [[] for _ in range(steps)]
+    opts = {}
+    for o in _run(multi, _cost(cost), float(xfer), True):
+        if o.mb >= 0:
+            k, mb = divmod(o.mb, m)
+        else:                                  # a rank's k-th opt ends its step k
+            k = opts[o.rank] = opts.get(o.rank, -1) + 1
+            mb = -1
+        out[k].append(replace(o, mb=mb))
+    return out
 
 
 def skew(frames: dict, clocks: dict) -> dict:
@@ -264,8 +320,9 @@ def skew(frames: dict, clocks: dict) -> dict:
 
 
 def make_run(path, *, clocks: dict | None = None, status: str = "complete",
-             stats_csv: bool = True, **kw) -> Path:
-    """pipeline_frames(**kw) (+ skew(clocks)) written to `path`; returns the path."""
+             stats_csv: bool = True, fmt: int = F.FORMAT, **kw) -> Path:
+    """pipeline_frames(**kw) (+ skew(clocks)) written to `path` in format `fmt`; returns the
+    path."""
     fr = pipeline_frames(**kw)
     if clocks:
         fr = skew(fr, clocks)
@@ -273,4 +330,4 @@ def make_run(path, *, clocks: dict | None = None, status: str = "complete",
     if status == "failed":
         fr["meta"]["error"] = {"rank": 1, "type": "RuntimeError", "message": "synthetic failure"}
     return write_run(path, fr["meta"], fr["events"], fr["pebbles"], fr["memory"], fr["stats"],
-                     fr["schedule"], stats_csv=stats_csv)
+                     fr["schedule"], stats_csv=stats_csv, fmt=fmt)

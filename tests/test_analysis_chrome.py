@@ -136,7 +136,7 @@ def test_trace_text_equals_dict_per_event_construction(tmp_path, how):
           "a rank's events missing": dict(p=3, m=2, schedule="1f1b")}[how]
     d = make_run(tmp_path / "r", steps=3, **kw)
     if how == "a rank's events missing":   # its partners' sends and receives go unmatched
-        (d / "trace" / "events.r2.csv").unlink()
+        (d / "trace" / "events.r2.arrows").unlink()
     run = load_run(d)
     path = critical_path(run.events)
     got = json.loads(chrome_json(run.events, run.pebbles, run.memory, run.meta, path))

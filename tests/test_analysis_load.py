@@ -26,6 +26,28 @@ def run_dir(base, tmp_path):
     return d
 
 
+@pytest.fixture(scope="module")
+def base_csv(tmp_path_factory):
+    """The same run as a harness before format 2 wrote it: CSV trace files."""
+    return make_run(tmp_path_factory.mktemp("runs") / "base", p=2, m=2, schedule="gpipe",
+                    steps=3, fmt=1)
+
+
+@pytest.fixture
+def csv_dir(base_csv, tmp_path):
+    d = tmp_path / "csv"
+    shutil.copytree(base_csv, d)
+    return d
+
+
+def test_both_formats_load_to_the_same_frames(base, base_csv):
+    a, b = load_run(base), load_run(base_csv)
+    import pandas as pd
+    for name in ("events", "pebbles", "memory", "stats"):
+        pd.testing.assert_frame_equal(getattr(a, name), getattr(b, name), check_exact=True)
+    assert (a.steps, a.origin_ns, a.warnings) == (b.steps, b.origin_ns, b.warnings)
+
+
 def test_complete_run_frames(run_dir):
     run = load_run(run_dir)
     assert run.warnings == [] and run.steps == [0, 1, 2]
@@ -41,28 +63,43 @@ def test_complete_run_frames(run_dir):
 
 
 def test_missing_rank_file(run_dir):
-    (run_dir / "trace" / "events.r1.csv").unlink()
+    (run_dir / "trace" / "events.r1.arrows").unlink()
     run = load_run(run_dir)
     assert set(run.events["rank"]) == {0}
-    assert any("events.r1.csv missing" in w for w in run.warnings)
+    assert any("events.r1.arrows missing" in w for w in run.warnings)
     assert any("rank 1" in w and "no complete step" in w for w in run.warnings)
 
 
-def test_truncated_last_line_is_dropped(run_dir):
-    p = run_dir / "trace" / "events.r0.csv"
-    n = len(load_run(run_dir).events)
+def test_truncated_last_line_is_dropped(csv_dir):
+    p = csv_dir / "trace" / "events.r0.csv"
+    n = len(load_run(csv_dir).events)
     data = p.read_bytes()
     p.write_bytes(data[:-7])                 # cut mid-row, as a crash would
-    (run_dir / "trace" / "pebbles.r1.csv").write_bytes(
-        (run_dir / "trace" / "pebbles.r1.csv").read_bytes()[:-3])
-    run = load_run(run_dir)
+    (csv_dir / "trace" / "pebbles.r1.csv").write_bytes(
+        (csv_dir / "trace" / "pebbles.r1.csv").read_bytes()[:-3])
+    run = load_run(csv_dir)
     assert len(run.events) == n - 1
     assert sum("truncated last line" in w for w in run.warnings) == 2
     assert run.events["end"].notna().all()
 
 
+@pytest.mark.parametrize("cut", [7, 200])
+def test_torn_last_batch_is_dropped_and_the_rest_read(run_dir, cut):
+    """A crash mid-write tears the last record batch of an Arrow stream (format 2): every
+    complete batch (step) before it is read, the torn one dropped and said so, once."""
+    p = run_dir / "trace" / "events.r0.arrows"
+    whole = load_run(run_dir).events
+    last = whole[(whole["rank"] == 0) & (whole["step"] == 2)]
+    p.write_bytes(p.read_bytes()[:-(8 + cut)])   # the end-of-stream marker, and into the batch
+    run = load_run(run_dir)
+    assert len(run.events) == len(whole) - len(last)
+    assert sum("truncated last batch" in w for w in run.warnings) == 1
+    assert run.steps == [0, 1]
+
+
 @pytest.mark.parametrize("status", ["running", "failed"])
-def test_partial_run_status_and_missing_stats(run_dir, status):
+def test_partial_run_status_and_missing_stats(csv_dir, status):
+    run_dir = csv_dir
     meta = json.loads((run_dir / "meta.json").read_text())
     meta["status"] = status
     meta["error"] = {"rank": 1, "type": "RuntimeError", "message": "boom"} \
@@ -90,18 +127,24 @@ def test_not_a_run_names_the_file(tmp_path):
         load_run(tmp_path)
 
 
-def test_unknown_trace_version_names_the_file(run_dir):
-    p = run_dir / "trace" / "pebbles.r0.csv"
+def test_unknown_trace_version_names_the_file(run_dir, csv_dir):
+    p = csv_dir / "trace" / "pebbles.r0.csv"
     p.write_text(p.read_text().replace("format=1", "format=7", 1))
     with pytest.raises(RunFormatError, match=r"pebbles\.r0\.csv: unknown trace format version"):
+        load_run(csv_dir)
+    p = run_dir / "trace" / "pebbles.r0.arrows"    # format 2: the header in the schema
+    data = p.read_bytes()
+    assert data.count(b"format=2 kind=pebbles") == 1
+    p.write_bytes(data.replace(b"format=2 kind=pebbles", b"format=7 kind=pebbles"))
+    with pytest.raises(RunFormatError, match=r"pebbles\.r0\.arrows: unknown trace format"):
         load_run(run_dir)
 
 
 def test_cli_partial_run_and_errors(run_dir, tmp_path, capsys):
-    (run_dir / "trace" / "memory.r1.csv").unlink()
+    (run_dir / "trace" / "memory.r1.arrows").unlink()
     assert main([str(run_dir), "--format", "png", "-q"]) == 0
     out = capsys.readouterr()
-    assert "warning: rank 1: trace/memory.r1.csv missing" in out.err
+    assert "warning: rank 1: trace/memory.r1.arrows missing" in out.err
     assert "bubble measured" in out.out
     got = {p.name for p in (run_dir / "analysis").iterdir()}
     assert {"metrics.json", "steps.csv", "trace.json", "pebble.png", "timeline.png",
@@ -143,7 +186,8 @@ def test_step_out_of_range_writes_nothing(run_dir, capsys):
     (lambda ln: "x" + ln, 5),                                       # not a number
     (lambda ln: "," + ln.split(",", 1)[1], 5),                      # a required number empty
 ])
-def test_damaged_rows_are_dropped_and_counted_naming_the_file(run_dir, damage, line):
+def test_damaged_rows_are_dropped_and_counted_naming_the_file(csv_dir, damage, line):
+    run_dir = csv_dir
     p = run_dir / "trace" / "events.r0.csv"
     n = len(load_run(run_dir).events)
     lines = p.read_text().splitlines()
@@ -214,7 +258,7 @@ def test_trace_that_cannot_be_written_is_one_error_line(run_dir, capsys, serial)
     assert (out / "trace.json").is_dir() and (out / "memory.png").stat().st_size > 0
 
 
-def test_fast_reader_reads_what_pandas_reads(run_dir):
+def test_fast_reader_reads_what_pandas_reads(csv_dir):
     """pyarrow's reader (clean files) and pandas' (anything else) give the same frames: one
     rank's files with a comment line in the middle, which only pandas reads (as it always did),
     load as the clean ones do, text unified into one set of sorted categories; and the fast
@@ -224,6 +268,7 @@ def test_fast_reader_reads_what_pandas_reads(run_dir):
 
     from analysis.load import _NA_VALUES
     assert sorted(_NA_VALUES) == sorted(STR_NA_VALUES)
+    run_dir = csv_dir
     clean = load_run(run_dir)
     for kind in ("events", "pebbles", "memory"):
         p = run_dir / "trace" / f"{kind}.r1.csv"

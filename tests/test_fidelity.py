@@ -14,13 +14,13 @@ from harness import schedule as S
 from harness.executor import StageExecutor
 from harness.trace import clock as C
 from harness.trace import open_trace
-from helpers import SMALL, meta, ok, run_harness
+from helpers import SMALL, meta, ok, run_harness, trace_frame
 
 STEPS = 3
 
 
 def raw(run_dir, kind, rank):
-    return pd.read_csv(run_dir / "trace" / f"{kind}.r{rank}.csv", comment="#")
+    return trace_frame(run_dir, kind, rank)
 
 
 @pytest.fixture(scope="module", params=[1, 2, 4])

@@ -4,12 +4,11 @@ the bytes derived by hand from the code (harness/models/gpt_memory.py); recomput
 losses and holds less."""
 import json
 
-import pandas as pd
 import pytest
 import torch
 
 from harness import config, stage
-from helpers import losses, meta, ok, run_harness, weights
+from helpers import losses, meta, ok, run_harness, trace_frame, weights
 
 # 4 blocks (embedding, 2 transformer blocks, head): small enough for ~import-time runs
 GPT = ["model.name=gpt", "gpt.layers=2", "gpt.d=32", "gpt.heads=2", "gpt.seq=16", "gpt.vocab=64",
@@ -35,7 +34,7 @@ def _peak_pebbles_equal_theory(d, world):
     mt = meta(d)
     th = mt["pebbles_theory"]
     for r in range(world):
-        p = pd.read_csv(d / "trace" / f"pebbles.r{r}.csv", comment="#")
+        p = trace_frame(d, "pebbles", r)
         p = p[p["step"] == 1]
         per_mb = p.groupby("mb")["bytes"].sum()
         assert (per_mb == th["bytes_per_microbatch"][r]).all(), (r, per_mb.tolist(), th)
@@ -75,7 +74,7 @@ def test_recomputation_keeps_the_losses_and_holds_less(reference, tmp_path, mode
     # every transformer block's recomputation is a span of its own, inside that microbatch's
     # backward call (the embedding and head are not checkpointed)
     for r, (first, end) in enumerate(meta(d)["split"]):
-        ev = pd.read_csv(d / "trace" / f"events.r{r}.csv", comment="#")
+        ev = trace_frame(d, "events", r)
         rc, bwd = ev[ev["kind"] == "recompute"], ev[ev["kind"] == "bwd"]
         blocks = [i for i in range(first, end) if 1 <= i <= 2]
         assert sorted(rc.groupby(["step", "layer"]).size().index.get_level_values(1).unique()) \
@@ -115,7 +114,7 @@ def test_pebbles_name_the_sub_module_that_saved_them(reference):
             "attn": it["qkv.heads"] + it["mask"] + it["softmax.out"],
             "attn.proj": it["proj.input"], "ln2": it["ln2.input"] + it["ln2.mean"] + it["ln2.rstd"],
             "mlp.fc": it["fc.input"], "mlp.act": it["gelu.input"], "mlp.proj": it["fc2.input"]}
-    p = pd.read_csv(reference / "trace" / "pebbles.r0.csv", comment="#")
+    p = trace_frame(reference, "pebbles", 0)
     p = p[(p["step"] == 1) & (p["kind"] == "saved")]
     for k in (1, 2):                                   # blocks.0 and blocks.1 are blocks 1, 2
         b = p[p["layer"] == k]

@@ -11,6 +11,7 @@ from helpers import meta
 from test_faults_mpi import job  # noqa: F401 - the fixture
 
 from analysis import load_run
+from harness import runformat as F
 
 pytestmark = pytest.mark.mpi
 HANG = ["train.steps=6", "comm.timeout_s=3"]
@@ -81,7 +82,7 @@ def test_local_dirs_travel_to_rank_0_checked_and_kineto_is_merged(job, tmp_path)
     # rank 1 was never told the run directory (debug.no_shared_fs): everything of it there
     # came over MPI, and the scratch directories are empty now
     for r in (0, 1):
-        for rel in (f"trace/events.r{r}.csv", f"trace/kineto.r{r}.json", f"ranks/rank{r}.log",
+        for rel in (F.trace_file("events", r), f"trace/kineto.r{r}.json", f"ranks/rank{r}.log",
                     f"ranks/stats.r{r}.csv", f"ranks/heartbeat.r{r}.json",
                     f"ranks/weights.r{r}.pt"):
             assert (d / rel).stat().st_size > 0, rel
@@ -127,11 +128,11 @@ def test_on_a_failure_local_files_reach_the_run_directory_as_far_as_they_can(job
     m = meta(d)
     assert m["status"] == "failed" and m["error"]["rank"] == 1, m
     # the failing rank reaches the run directory through the file system: its files are there
-    assert (d / "trace" / "events.r1.csv").stat().st_size > 0
+    assert (d / F.trace_file("events", 1)).stat().st_size > 0
     assert "FAILED: injected failure" in (d / "ranks" / "rank1.log").read_text()
     # rank 0 was brought down by the abort: its files are either there or, where they stay, named
     run = load_run(d)
-    here = (d / "trace" / "events.r0.csv").exists()
+    here = (d / F.trace_file("events", 0)).exists()
     notes = [w for w in run.warnings if w.startswith("rank 0: its files were not moved")]
-    assert here or (notes and (loc / "0" / d.name / "trace" / "events.r0.csv").exists()), \
+    assert here or (notes and (loc / "0" / d.name / F.trace_file("events", 0)).exists()), \
         run.warnings

@@ -1,10 +1,9 @@
 """precision=bf16 (CPU autocast): the split run equals one process bit for bit, bf16 boundary
 tensors travel at half the bytes, and the pebbles each stage holds equal the bytes derived from
 the code (harness/model.py activation_bytes, harness/models/gpt_memory.py with dtype_bytes=2)."""
-import pandas as pd
 import pytest
 
-from helpers import SMALL, losses, meta, ok, run_harness
+from helpers import SMALL, losses, meta, ok, run_harness, trace_frame
 
 GPT = ["model.name=gpt", "gpt.layers=2", "gpt.d=32", "gpt.heads=2", "gpt.seq=16", "gpt.vocab=64",
        "data.batch_size=8", "train.lr=0.05", "threads=1", "quiet=true"]
@@ -14,7 +13,7 @@ MODELS = {"mlp": SMALL, "gpt": GPT}
 def _pebbles_equal_theory(d, world):
     th = meta(d)["pebbles_theory"]["bytes_per_microbatch"]
     for r in range(world):
-        p = pd.read_csv(d / "trace" / f"pebbles.r{r}.csv", comment="#")
+        p = trace_frame(d, "pebbles", r)
         assert (p[p["step"] == 1].groupby("mb")["bytes"].sum() == th[r]).all(), (r, th)
         assert "bfloat16" in set(p["dtype"])
 
@@ -30,7 +29,7 @@ def test_bf16_split_equals_one_process_and_follows_theory(tmp_path, name):
     mt = meta(two)
     assert mt["model"]["dtype"] == "bf16"
     shape, dtype = mt["model"]["boundary"][mt["split"][0][1] - 1]
-    ev = pd.read_csv(two / "trace" / "events.r0.csv", comment="#")
+    ev = trace_frame(two, "events", 0)
     sent = ev[ev["kind"] == "send"]["bytes"]
     elem = 2 if dtype == "bfloat16" else 4           # the MLP's boundary is bf16, the GPT's fp32
     n = 1
@@ -50,7 +49,7 @@ def test_autocast_weight_copies_are_pebbles(tmp_path):
                        "pipeline.microbatches=2", f"run.dir={tmp_path / 'b'}"))
     widths = meta(d)["model"]["widths"]
     for r, (first, end) in enumerate(meta(d)["split"]):
-        p = pd.read_csv(d / "trace" / f"pebbles.r{r}.csv", comment="#")
+        p = trace_frame(d, "pebbles", r)
         p = p[(p["step"] == 1) & (p["dtype"] == "bfloat16")]
         for i in range(max(first, 1), end):
             w = p[(p["module"] == f"{i}.linear") & (p["shape"] == f"{widths[i]}x{widths[i + 1]}")]

@@ -8,7 +8,7 @@ import torch
 
 from analysis import load_run
 from analysis.metrics import live_bytes
-from helpers import SMALL, losses, meta, ok, run_harness, weights
+from helpers import SMALL, losses, meta, ok, run_harness, trace_frame, weights
 
 STEPS = ["train.steps=3", "run.save_weights=true"]
 CASES = [(p, "naive", 1, False) for p in (2, 3)]
@@ -62,7 +62,7 @@ def check_overlap_trace(d, overlap):
                    for acts in sched["actions"] for k, _ in acts)
     if overlap:
         assert blocking == 0
-    ev = pd.concat(pd.read_csv(f, comment="#") for f in sorted((d / "trace").glob("events.r*.csv")))
+    ev = pd.concat(trace_frame(d, "events", r) for r in range(meta(d)["world_size"]))
     comm = ev[ev["kind"].isin(["send", "recv"])]
     steps = ev["step"].nunique()
     assert (comm["tb"] > comm["t0"]).sum() == posts * steps

@@ -3,11 +3,10 @@ overlap, sends pair with receives, pebbles add up to the layer shapes, clocks al
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from analysis import load_run
-from helpers import SMALL, meta, ok, run_harness
+from helpers import SMALL, meta, ok, run_harness, trace_frame
 
 STEPS = 3
 LAYERS, WIDTH, IN, CLASSES, BATCH = 6, 64, 32, 10, 32  # must match helpers.SMALL
@@ -20,7 +19,7 @@ def run(request, tmp_path_factory):
 
 
 def raw(run_dir, kind, rank):
-    return pd.read_csv(run_dir / "trace" / f"{kind}.r{rank}.csv", comment="#")
+    return trace_frame(run_dir, kind, rank)
 
 
 def test_every_step_has_the_expected_spans_on_every_rank(run):

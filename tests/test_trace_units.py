@@ -143,16 +143,25 @@ def test_sampler_drops_a_source_that_fails_mid_run_and_keeps_sampling():
     assert not s.is_alive()
 
 
-def test_trace_file_has_versioned_first_line_and_pandas_reads_it(tmp_path):
-    f = writer.TraceFile(tmp_path / "events.r3.csv", "events", 3, writer.EVENT_COLS)
+def test_trace_file_is_a_versioned_arrow_stream_any_reader_reads(tmp_path):
+    """A trace file is a plain Arrow IPC stream: pyarrow's own reader (not ours) reads its
+    header (schema metadata) and rows, a batch per write, and empty cells as nulls."""
+    import pyarrow.ipc as ipc
+    f = writer.TraceFile(tmp_path / "events.r3.arrows", "events", 3, writer.EVENT_COLS)
     f.write_rows([(0, 0, 5, "fwd", 10, 20, None, -1, -1, 0, ""),
                   (0, 0, -1, "send", 21, 30, 21, 4, 0, 64, "A0.0.3>4")])
+    f.write_rows([(1, 0, 5, "fwd", 40, 50, None, -1, -1, 0, "")])
     f.close()
-    first = (tmp_path / "events.r3.csv").read_text().splitlines()[0]
-    assert first == "# harness-trace format=1 kind=events rank=3"
-    df = pd.read_csv(tmp_path / "events.r3.csv", comment="#")
+    r = ipc.open_stream(tmp_path / "events.r3.arrows")
+    assert r.schema.metadata[b"harness-trace"] == b"format=2 kind=events rank=3"
+    batches = list(r)
+    assert [b.num_rows for b in batches] == [2, 1]
+    df = pd.concat(b.to_pandas() for b in batches)
     assert list(df.columns) == list(writer.EVENT_COLS)
-    assert df["pair"].tolist()[1] == "A0.0.3>4" and df["bytes"].tolist() == [0, 64]
+    assert df["pair"].isna().tolist() == [True, False, True] and df["pair"].iloc[1] == "A0.0.3>4"
+    assert df["bytes"].tolist() == [0, 64, 0]
+    assert df["kind"].astype(str).tolist() == ["fwd", "send", "fwd"]
+    assert df["tb"].isna().tolist() == [True, False, True]
 
 
 def test_writer_and_reader_agree_on_the_run_format(tmp_path):
@@ -174,7 +183,9 @@ def test_writer_and_reader_agree_on_the_run_format(tmp_path):
     warnings = []
     for kind, cols in F.TRACE_COLS.items():
         path = tmp_path / F.trace_file(kind, 2)
-        assert path.read_text().splitlines()[0] == F.trace_header(kind, 2)
+        import pyarrow.ipc as ipc
+        head = ipc.open_stream(path).schema.metadata[F.HEADER_KEY.encode()].decode()
+        assert "# harness-trace " + head == F.trace_header(kind, 2)
         df = read_trace(path, kind, warnings)
         assert list(df.columns) == list(cols), kind
         assert len(df) == {"events": 2, "pebbles": 1, "memory": 1}[kind]

@@ -1,36 +1,137 @@
 """Per-rank, append-only trace files (format: docs/run-format.md) and the Tracer that fills them.
 
 Spans are kept in a list during the step (a tuple append each) and written once per step, after
-the step's CUDA events (if any) are resolved; the file is flushed then, so a crash keeps every
-completed step. No two ranks write the same file.
+the step's CUDA events (if any) are resolved: one Arrow record batch per step, flushed, so a
+crash keeps every completed step (a reader drops a torn last batch). No two ranks write the
+same file.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..runformat import EVENT_COLS, FORMAT, MEMORY_COLS, PEBBLE_COLS, trace_file, trace_header
+import pyarrow as pa
+import pyarrow.ipc as ipc
 
-__all__ = ["EVENT_COLS", "FORMAT", "MEMORY_COLS", "PEBBLE_COLS", "Tracer", "NullTracer", "TraceFile"]
+from ..runformat import (EVENT_COLS, FORMAT, HEADER_KEY, MEMORY_COLS, PEBBLE_COLS, TRACE_TYPES,
+                         trace_file, trace_header)
+
+__all__ = ["EVENT_COLS", "FORMAT", "MEMORY_COLS", "PEBBLE_COLS", "Tracer", "NullTracer",
+           "TraceFile", "arrow_schema"]
+
+_TYPES = {"int32": pa.int32(), "int64": pa.int64(), "string": pa.string(),
+          "dict": pa.dictionary(pa.int32(), pa.string())}
 
 
-def _cell(v) -> str:
-    return "" if v is None else str(v)
+def arrow_schema(kind: str, rank: int) -> pa.Schema:
+    """The Arrow schema of a format 2 trace file (runformat.TRACE_TYPES), its header in the
+    schema's metadata."""
+    return pa.schema([pa.field(c, _TYPES[t.rstrip("?")], nullable=t.endswith("?"))
+                      for c, t in TRACE_TYPES[kind].items()],
+                     metadata={HEADER_KEY: trace_header(kind, rank)[len("# harness-trace "):]})
+
+
+class _Dictionary:
+    """A text column's dictionary, grown as values appear and never reordered, so the stream
+    writes each value once (a dictionary delta) however many batches use it."""
+
+    def __init__(self):
+        self.code: dict = {}
+        self.values = pa.array([], pa.string())
+
+    def encode(self, col) -> pa.DictionaryArray:
+        code = self.code
+        new = [v for v in dict.fromkeys(col) if v not in code]
+        if new:
+            for v in new:
+                code[v] = len(code)
+            self.values = pa.array(list(code), pa.string())
+        return pa.DictionaryArray.from_arrays(pa.array([code[v] for v in col], pa.int32()),
+                                              self.values)
 
 
 class TraceFile:
+    """One trace file: an Arrow IPC stream (format 2), a record batch per write_rows, flushed."""
+
     def __init__(self, path: Path, kind: str, rank: int, cols: tuple):
-        self.f = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed by close()
-        self.f.write(trace_header(kind, rank) + "\n")
-        self.f.write(",".join(cols) + "\n")
+        self.schema = arrow_schema(kind, rank)
+        assert tuple(self.schema.names) == tuple(cols), "runformat: columns and types disagree"
+        self.f = open(path, "wb")  # noqa: SIM115 - closed by close()
+        self.w = ipc.new_stream(self.f, self.schema,
+                                options=ipc.IpcWriteOptions(emit_dictionary_deltas=True))
         self.f.flush()
+        self.dicts = {f.name: _Dictionary() for f in self.schema
+                      if pa.types.is_dictionary(f.type)}
 
     def write_rows(self, rows) -> None:
+        """Rows as tuples in the columns' order; None (or "" in a text column) is empty."""
         if rows:
-            self.f.write("".join(",".join(map(_cell, r)) + "\n" for r in rows))
+            arrays = []
+            for f, col in zip(self.schema, zip(*rows)):
+                if f.name in self.dicts:
+                    arrays.append(self.dicts[f.name].encode(col))
+                elif pa.types.is_string(f.type):
+                    arrays.append(pa.array([v or None for v in col], f.type))
+                else:
+                    arrays.append(pa.array(col, f.type))
+            self.w.write_batch(pa.RecordBatch.from_arrays(arrays, schema=self.schema))
         self.f.flush()
 
     def close(self):
+        self.w.close()
         self.f.close()
+
+
+def frame_batches(kind: str, rank: int, df, ends) -> tuple:
+    """A frame with the columns of `kind` (local int ns; empty cells NaN/None/pd.NA) as format 2
+    record batches, cut at row positions `ends` (each batch's end): vectorised, for writers of
+    whole frames (harness.synthetic, benchmarks). Text columns share one dictionary, sorted.
+    -> (schema, batches)."""
+    import numpy as np
+    import pandas as pd
+    schema = arrow_schema(kind, rank)
+    cols = []
+    for f in schema:
+        v = df[f.name] if f.name in df else pd.Series([None] * len(df), dtype=object)
+        if pa.types.is_dictionary(f.type) or pa.types.is_string(f.type):
+            txt = v.astype(object).where(v.notna() & (v.astype(str) != ""), None)
+            cat = pd.Categorical(txt)
+            words = pa.array([str(x) for x in cat.categories], pa.string())
+            codes = np.asarray(cat.codes, np.int32)
+            if pa.types.is_dictionary(f.type):
+                cols.append(("dict", codes, words))
+            else:
+                cols.append(("str", codes, words))
+        else:
+            num = pd.to_numeric(v, errors="coerce")
+            na = num.isna().to_numpy()
+            val = num.fillna(0).to_numpy().astype(np.int64)
+            cols.append(("int", val, na if na.any() else None))
+    out, start = [], 0
+    for end in list(ends):
+        if end <= start:
+            continue
+        arrays = []
+        for f, (how, a, b) in zip(schema, cols):
+            x = a[start:end]
+            if how == "dict":
+                arrays.append(pa.DictionaryArray.from_arrays(
+                    pa.array(x, pa.int32(), mask=x < 0), b))
+            elif how == "str":
+                arrays.append(b.take(pa.array(x, pa.int32(), mask=x < 0)))
+            else:
+                arrays.append(pa.array(x, f.type, mask=None if b is None else b[start:end]))
+        out.append(pa.RecordBatch.from_arrays(arrays, schema=schema))
+        start = end
+    return schema, out
+
+
+def write_frame(path: Path, kind: str, rank: int, df, ends) -> None:
+    """Write a frame as a format 2 trace file (frame_batches), one record batch per segment."""
+    schema, batches = frame_batches(kind, rank, df, ends)
+    with open(path, "wb") as f, ipc.new_stream(
+            f, schema, options=ipc.IpcWriteOptions(emit_dictionary_deltas=True)) as w:
+        for b in batches:
+            w.write_batch(b)
 
 
 class Tracer:
