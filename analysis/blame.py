@@ -26,7 +26,8 @@ import pandas as pd
 
 from analysis import intervals as iv
 from analysis.critical import RankTimes, paused_gc
-from analysis.metrics import COMPUTE, _windows
+from analysis.spill import Spill
+from analysis.windows import COMPUTE, windows
 
 _COMPUTE = frozenset(COMPUTE)
 MAX_DEPTH = 16  # wait chains longer than the pipeline is deep cannot happen; a guard only
@@ -210,7 +211,7 @@ def blame(events: pd.DataFrame, rt: RankTimes | None = None) -> pd.DataFrame:
     rt: RankTimes(events), when the caller has it already (the critical path uses the same)."""
     keep = (events["lane"] != "step").to_numpy()
     steps, sc = iv.factorize(events["step"].to_numpy()[keep])
-    w0, w1 = _windows(sc, len(steps), events["start"].to_numpy()[keep],
+    w0, w1 = windows(sc, len(steps), events["start"].to_numpy()[keep],
                       events["end"].to_numpy()[keep],
                       events["kind"].isin(COMPUTE).to_numpy()[keep])
     rt = rt or RankTimes(events)
@@ -258,17 +259,38 @@ def caused_per_step(bl: pd.DataFrame, steps, ranks) -> pd.DataFrame:
     return t.reindex(index=list(steps), columns=list(ranks), fill_value=0.0).fillna(0.0)
 
 
+def spill_steady(spill, bl: pd.DataFrame, steady, key: str = "blame") -> None:
+    """Keep, for summary(), the steady steps' idle each rank caused, per step in all and by
+    kind, where it caused any."""
+    b = bl[bl["step"].isin(list(steady))]
+    if b.empty:
+        return
+    caused = b.groupby(["step", "rank"])["seconds"].sum()
+    for r, idx in caused.groupby(level=1).indices.items():
+        spill.add(f"{key}.caused.{int(r)}", caused.to_numpy()[idx])
+    kinds = b.groupby(["step", "rank", "kind"])["seconds"].sum()
+    for (r, k), idx in kinds.groupby(level=[1, 2]).indices.items():
+        spill.add(f"{key}.kind.{int(r)}.{k}", kinds.to_numpy()[idx])
+
+
 def summary(bl: pd.DataFrame, steady: list, ranks) -> dict:
-    """metrics.json's blame: per rank the median idle it caused per steady step and by kind,
-    and the worst offender."""
-    b = bl[bl["step"].isin(steady)]
-    per = caused_per_step(b, steady, ranks)
-    med = per.median() if len(per) else pd.Series(0.0, index=list(ranks))
-    kinds = b.groupby(["step", "rank", "kind"])["seconds"].sum().unstack(["rank", "kind"],
-                                                                          fill_value=0.0)
-    kinds = kinds.reindex(list(steady), fill_value=0.0)
-    kmed = kinds.median() if len(kinds.columns) else pd.Series(dtype=float)
-    total = float(med.sum())
+    """metrics.json's blame of blame() rows: per rank the median idle it caused per steady
+    step (0 in steps where it caused none) and by kind, and the worst offender."""
+    spill = Spill()
+    spill_steady(spill, bl, steady)
+    return summary_from(spill, len(steady), ranks)
+
+
+def summary_from(spill, steady: int, ranks, key: str = "blame") -> dict:
+    """summary() from what spill_steady kept; steady: how many steady steps."""
+    med = {r: (spill.median(f"{key}.caused.{r}", steady - spill.count(f"{key}.caused.{r}"))
+               if steady else 0.0) for r in ranks}
+    head = f"{key}.kind."
+    combos = sorted((int(k[len(head):].split(".", 1)[0]), k[len(head):].split(".", 1)[1])
+                    for k in spill.keys() if k.startswith(head))
+    kmed = {(r, k): spill.median(f"{head}{r}.{k}", steady - spill.count(f"{head}{r}.{k}"))
+            for r, k in combos}
+    total = float(pd.Series([med[r] for r in ranks], dtype=float).sum())
     per_rank = []
     for r in ranks:
         by_kind = {k: float(v) for (rr, k), v in kmed.items() if rr == r and v > 0}

@@ -34,8 +34,8 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
-from analysis.metrics import live_bytes, recv_split
-from analysis.waits import _lookup
+from analysis.live import live_bytes
+from analysis.waits import _lookup, recv_split
 
 TID = {"compute": 0, "send": 1, "recv": 2, "copy": 3, "step": 4, "other": 5, "critical": 6,
        "recompute": 7}
@@ -47,23 +47,6 @@ def _name(kind, layer, mb, peer):
     """'fwd L3 mb0', 'send mb0 ->1', 'recv mb0 <-0', 'opt' (step slices: 'step 4', _slices)."""
     s = kind + (f" L{layer}" if layer >= 0 else "") + (f" mb{mb}" if mb >= 0 else "")
     return s + (f" ->{peer}" if kind == "send" else f" <-{peer}" if kind == "recv" else "")
-
-
-def _metadata(events, ranks) -> list:
-    md = []
-    for r in ranks:
-        md.append({"ph": "M", "name": "process_name", "pid": int(r), "tid": 0,
-                   "args": {"name": f"rank {r}"}})
-        md.append({"ph": "M", "name": "process_sort_index", "pid": int(r), "tid": 0,
-                   "args": {"sort_index": int(r)}})
-    _, first = _groups([events["rank"], events["lane"]])    # as they first appear
-    for r, lane in zip(events["rank"].to_numpy()[first].tolist(),
-                       events["lane"].take(first).tolist()):
-        md.append({"ph": "M", "name": "thread_name", "pid": int(r), "tid": TID.get(lane, 5),
-                   "args": {"name": lane}})
-        md.append({"ph": "M", "name": "thread_sort_index", "pid": int(r),
-                   "tid": TID.get(lane, 5), "args": {"sort_index": TID.get(lane, 5)}})
-    return [json.dumps(x) for x in md]
 
 
 def _codes(c) -> tuple[np.ndarray, int, int]:
@@ -206,6 +189,14 @@ class _Us:
         end = p + self.chars - 4
         _put(F, end, _FRAC.take(ak - q * 1000), 4)
         _number(F, q, end, self.nd, k < 0 if self.neg else None)
+
+
+class _Fix(_Us):
+    """A number written with 3 decimals (a counter's value: ms, %), right-aligned."""
+
+    @staticmethod
+    def _k(x):
+        return np.rint(np.asarray(x, float) * 1000.0)
 
 
 class _Str:
@@ -373,76 +364,126 @@ def _byte_writer(f):
     return lambda b: f.write(bytes(b).decode("ascii"))
 
 
-def write_chrome(f, events, pebbles, memory, meta: dict | None = None,
-                 critical=None) -> int:
-    """Write the trace to the open file `f` (text or binary); returns the number of trace
-    events.
+def _lines(texts: list):
+    return "".join(",\n" + s for s in texts).encode(), len(texts)
 
-    critical: analysis.critical.critical_path segments, shown as a "critical path" track
-    (tid 6) in each rank the path passes through: one slice per segment, named by what ran.
 
-    Streams in chunks of CHUNK events, so a million-event run never holds all its text."""
-    ranks = sorted(set().union(*(pd.unique(d["rank"].to_numpy()).tolist()
-                                 for d in (events, pebbles, memory))))
+def _counters(ts, ranks_, values, name: str, source=None, arg: str = "bytes", pids=None):
+    """ph:"C" rows: name (+ " " + source, per row), time, rank (the process), one value."""
+    ranks_ = np.asarray(ranks_, dtype=np.int64)
+    g, first = _groups([ranks_] if source is None else [source, ranks_])
+    names = [name] * len(first) if source is None else [
+        f"{name} {s}" for s in source.take(first).tolist()]
+    num = _Int(values) if np.asarray(values).dtype.kind in "iu" else _Fix(values)
+    return _section(g, [['{"name":%s,"ph":"C","ts":' % json.dumps(s) for s in names],
+                        [',"pid":%d,"tid":0,"args":{%s:' % (r, json.dumps(arg))
+                         for r in ranks_[first]], "}}"], [_Us(ts), num])
+
+
+def _flows(ph, ts, ranks_, tid, base: int = 0):
+    """Flow events: name p2p, the given phase, id base+1.., time, rank, lane."""
+    ranks_ = np.asarray(ranks_, dtype=np.int64)
+    g, first = _groups([ranks_])
+    return _section(g, ['{"name":"p2p","cat":"flow","ph":%s,"id":' % ph, ',"ts":',
+                        [',"pid":%d,"tid":%d}' % (r, tid) for r in ranks_[first]]],
+                    [_Int(np.arange(base + 1, base + len(ts) + 1)), _Us(ts)])
+
+
+def fragment(events, pebbles, memory, critical=None, flow_base: int = 0, t_from=None,
+             t_to=None, start_level: bool = False):
+    """The trace events of a run or of a piece of it (a chunk or a window of steps): slices,
+    the critical path's slices, flows (ids flow_base+1, ...), counters of activation bytes held
+    and of memory samples. -> chunks of (bytes: each event ",\n" + its JSON, how many).
+
+    t_from, t_to: the piece's time range, [t_from, t_to): its pebbles include those still held
+    at t_from (so the bytes held come out right), and the counters are those of the range;
+    start_level: the activation counter starts at t_from with the level held then (a window
+    in the middle of a run)."""
     rs = recv_split(events)
     m = rs[rs["matched"]]
     lb = live_bytes(pebbles)
+    lo = -np.inf if t_from is None else t_from
+    hi = np.inf if t_to is None else t_to
+    if len(lb):
+        t = lb["time"].to_numpy()
+        before = t < lo
+        held = lb[before].groupby("rank").tail(1).assign(time=lo) if start_level and \
+            before.any() else lb.iloc[:0]
+        lb = pd.concat([held, lb[~before & (t < hi)]]).sort_values(["rank", "time"],
+                                                                   kind="stable")
+    if t_from is not None or t_to is not None:
+        mt = memory["time"].to_numpy()
+        memory = memory[(mt >= lo) & (mt < hi)]
+    if critical is not None and len(critical):
+        c = critical
+        rank = c["rank"].to_numpy(np.int64)
+        g, first = _groups([c["what"], rank, c["kind"]])
+        yield from _section(
+            g, [['{"name":%s,"cat":"critical","ph":"X","ts":' % json.dumps(
+                "critical: " + str(w)) for w in c["what"].take(first).tolist()], ',"dur":',
+                [',"pid":%d,"tid":6,"args":{"step":' % r for r in rank[first].tolist()],
+                [',"kind":%s}}' % json.dumps(str(k)) for k in c["kind"].take(first).tolist()]],
+            [_Us(c["start"].to_numpy(float)), _Us((c["end"] - c["start"]).to_numpy(float)),
+             _Int(c["step"].to_numpy())])
+    yield from _slices(events, rs)
+    # flow start on the send slice at its start, end bound to the enclosing receive slice
+    yield from _flows('"s"', m["send_start"].to_numpy(float), m["send_rank"], TID["send"],
+                      flow_base)
+    yield from _flows('"f","bp":"e"', m["start"].to_numpy(float), m["rank"], TID["recv"],
+                      flow_base)
+    yield from _counters(lb["time"].to_numpy(float), lb["rank"], lb["bytes"].to_numpy(np.int64),
+                         "activations (pebbles)")
+    yield from _counters(memory["time"].to_numpy(float), memory["rank"],
+                         memory["bytes"].to_numpy(np.int64), "memory", memory["source"])
+
+
+def metadata(ranks, lanes: list, names: dict | None = None) -> list:
+    """Process and thread names: a process per rank (and per pid in `names`: processes that
+    are not ranks, such as the run's per-step tracks), a thread per (rank, lane) of `lanes`
+    (in order of first appearance)."""
+    md = []
+    for pid, name in [(int(r), f"rank {r}") for r in ranks] + list((names or {}).items()):
+        md.append({"ph": "M", "name": "process_name", "pid": int(pid), "tid": 0,
+                   "args": {"name": name}})
+        md.append({"ph": "M", "name": "process_sort_index", "pid": int(pid), "tid": 0,
+                   "args": {"sort_index": int(pid)}})
+    for r, lane in lanes:
+        md.append({"ph": "M", "name": "thread_name", "pid": int(r), "tid": TID.get(lane, 5),
+                   "args": {"name": lane}})
+        md.append({"ph": "M", "name": "thread_sort_index", "pid": int(r),
+                   "tid": TID.get(lane, 5), "args": {"sort_index": TID.get(lane, 5)}})
+    return [json.dumps(x) for x in md]
+
+
+def critical_names(ranks) -> list:
+    """The "critical path" thread of each rank the path passes through."""
+    return [json.dumps({"ph": "M", "name": "thread_name", "pid": int(r), "tid": TID["critical"],
+                        "args": {"name": "critical path"}}) for r in sorted(ranks)]
+
+
+def lanes_of(events) -> list:
+    """(rank, lane) pairs of the events, in order of first appearance."""
+    _, first = _groups([events["rank"], events["lane"]])
+    return list(zip(events["rank"].to_numpy()[first].tolist(),
+                    events["lane"].take(first).tolist()))
+
+
+def other_data(meta: dict | None, **more) -> dict:
     other = {"source": "harness analysis (python -m analysis.pebble)",
              "time": "µs since the run's first event, rank 0's clock"}
     if meta:
         other.update({k: meta.get(k) for k in ("experiment", "start_time", "world_size",
                                                 "schedule")})
+    return other | more
 
-    def lines(texts: list):
-        return "".join(",\n" + s for s in texts).encode(), len(texts)
 
-    def counters(ts, ranks_, nbytes, name: str, source=None):
-        """ph:"C" rows: name (+ " " + source, per row), time, rank, bytes."""
-        ranks_ = np.asarray(ranks_, dtype=np.int64)
-        g, first = _groups([ranks_] if source is None else [source, ranks_])
-        names = [name] * len(first) if source is None else [
-            f"{name} {s}" for s in source.take(first).tolist()]
-        return _section(g, [['{"name":%s,"ph":"C","ts":' % json.dumps(s) for s in names],
-                            [',"pid":%d,"tid":0,"args":{"bytes":' % r for r in ranks_[first]],
-                            "}}"], [_Us(ts), _Int(nbytes)])
-
-    def flows(ph, ts, ranks_, tid):
-        """Flow events: name p2p, the given phase, id 1.., time, rank, lane."""
-        ranks_ = np.asarray(ranks_, dtype=np.int64)
-        g, first = _groups([ranks_])
-        return _section(g, ['{"name":"p2p","cat":"flow","ph":%s,"id":' % ph, ',"ts":',
-                            [',"pid":%d,"tid":%d}' % (r, tid) for r in ranks_[first]]],
-                        [_Int(np.arange(1, len(ts) + 1)), _Us(ts)])
-
-    def chunks():
-        yield lines(_metadata(events, ranks))
-        if critical is not None and len(critical):
-            c = critical
-            yield lines([json.dumps({"ph": "M", "name": "thread_name", "pid": int(r),
-                                     "tid": TID["critical"], "args": {"name": "critical path"}})
-                         for r in sorted(c["rank"].unique())])
-            rank = c["rank"].to_numpy(np.int64)
-            g, first = _groups([c["what"], rank, c["kind"]])
-            yield from _section(
-                g, [['{"name":%s,"cat":"critical","ph":"X","ts":' % json.dumps(
-                    "critical: " + str(w)) for w in c["what"].take(first).tolist()], ',"dur":',
-                    [',"pid":%d,"tid":6,"args":{"step":' % r for r in rank[first].tolist()],
-                    [',"kind":%s}}' % json.dumps(str(k)) for k in c["kind"].take(first).tolist()]],
-                [_Us(c["start"].to_numpy(float)), _Us((c["end"] - c["start"]).to_numpy(float)),
-                 _Int(c["step"].to_numpy())])
-        yield from _slices(events, rs)
-        # flow start on the send slice at its start, end bound to the enclosing receive slice
-        yield from flows('"s"', m["send_start"].to_numpy(float), m["send_rank"], TID["send"])
-        yield from flows('"f","bp":"e"', m["start"].to_numpy(float), m["rank"], TID["recv"])
-        yield from counters(lb["time"].to_numpy(float), lb["rank"], lb["bytes"],
-                            "activations (pebbles)")
-        yield from counters(memory["time"].to_numpy(float), memory["rank"], memory["bytes"],
-                            "memory", memory["source"])
-
+def assemble(f, parts, other: dict) -> int:
+    """Write a trace: `parts` an iterable of (bytes, count) chunks (each event ",\n" + its
+    JSON: _lines, fragment), inside {"traceEvents": [...], ...}; -> the number of events."""
     write = _byte_writer(f)
     write(b'{"traceEvents":[')
     n = 0
-    for part, k in chunks():             # each event: ",\n" + its JSON
+    for part, k in parts:                # each event: ",\n" + its JSON
         if not k:
             continue
         if not n:                        # the first: no comma before it
@@ -452,6 +493,26 @@ def write_chrome(f, events, pebbles, memory, meta: dict | None = None,
         n += k
     write(('\n],"displayTimeUnit":"ms","otherData":' + json.dumps(other) + "}\n").encode())
     return n
+
+
+def write_chrome(f, events, pebbles, memory, meta: dict | None = None,
+                 critical=None) -> int:
+    """Write the whole run as a trace to the open file `f` (text or binary); returns the
+    number of trace events.
+
+    critical: analysis.critical.critical_path segments, shown as a "critical path" track
+    (tid 6) in each rank the path passes through: one slice per segment, named by what ran.
+
+    Streams in chunks of CHUNK events, so a million-event run never holds all its text."""
+    ranks = sorted(set().union(*(pd.unique(d["rank"].to_numpy()).tolist()
+                                 for d in (events, pebbles, memory))))
+
+    def parts():
+        yield _lines(metadata(ranks, lanes_of(events)))
+        if critical is not None and len(critical):
+            yield _lines(critical_names(critical["rank"].unique()))
+        yield from fragment(events, pebbles, memory, critical)
+    return assemble(f, parts(), other_data(meta))
 
 
 def chrome_json(events, pebbles, memory, meta: dict | None = None, critical=None) -> str:

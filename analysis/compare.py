@@ -11,9 +11,17 @@ import argparse
 import sys
 from pathlib import Path
 
-import pandas as pd
+import matplotlib
 
-from analysis.pages import small_pages
+matplotlib.use("Agg")  # files only, no screen
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from analysis import critical, metrics, style, waits  # noqa: E402
+from analysis.load import RunFormatError, load_run  # noqa: E402
+from analysis.pages import small_pages  # noqa: E402
+from analysis.plots import timeline  # noqa: E402
+from analysis.windows import step_windows  # noqa: E402
 
 # per-rank medians compared (seconds unless the name says otherwise)
 COLUMNS = ["span", "compute", "idle", "idle_warmup", "idle_steady", "idle_cooldown",
@@ -63,11 +71,6 @@ def text(d: pd.DataFrame, name_a: str, name_b: str) -> str:
 def two_timelines(runs: list, titles: list, fig=None):
     """runs: [(events, steps, critical path, note)]; both on one time axis (the longer one's
     length, the same unit). Returns (fig, axes)."""
-    import matplotlib.pyplot as plt
-
-    from analysis import style
-    from analysis.metrics import step_windows
-    from analysis.plots import timeline
     spans = []
     for ev, steps, _, _ in runs:
         e = ev[ev["step"].isin(steps) & (ev["lane"] != "step")]
@@ -97,12 +100,6 @@ def main(argv=None) -> int:
     ap.add_argument("--format", default="png", help="figure formats, comma-separated")
     a = ap.parse_args(argv)
     small_pages()
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from analysis import critical, metrics, style, waits
-    from analysis.load import RunFormatError, load_run
     try:
         runs = [load_run(p) for p in (a.run_a, a.run_b)]
     except RunFormatError as e:

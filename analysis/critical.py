@@ -34,7 +34,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from analysis.metrics import COMPUTE, step_windows
+from analysis.spill import Spill
+from analysis.windows import COMPUTE, step_windows
 
 KINDS = ("compute", "transfer", "wait", "other")
 
@@ -359,23 +360,54 @@ def composition(path: pd.DataFrame, steps=None) -> pd.DataFrame:
     return p.groupby(["step", "rank", "kind"])["d"].sum().rename("seconds").reset_index()
 
 
-def summary(path: pd.DataFrame, steady: list) -> dict:
-    """metrics.json's critical_path: median over steady steps of seconds per (rank, kind) and
-    per (rank, what), and each as a share of the step's span."""
-    p = path[path["step"].isin(steady)]
+def spill_steady(spill, path: pd.DataFrame, steady, key: str = "crit") -> tuple[int, set]:
+    """Keep, for summary(), the steady steps' per-step quantities of the path: its length, and
+    seconds (and share of the length) per (rank, kind) and per (rank, what) where they occur.
+    -> (how many steps, the ranks on the path)."""
+    p = path[path["step"].isin(list(steady))]
     if p.empty:
-        return {"per_rank_kind": [], "per_rank_what": [], "ranks_on_path": []}
+        return 0, set()
     p = p.assign(d=p["end"] - p["start"])
     span = p.groupby("step")["d"].sum()
+    spill.add(f"{key}.span", span.to_numpy())
+    for name, col in (("kind", "kind"), ("what", "what")):
+        t = p.groupby(["step", "rank", col])["d"].sum()
+        steps = t.index.get_level_values(0)
+        share = t.to_numpy() / span.reindex(steps).to_numpy()
+        for (r, k), idx in t.groupby(level=[1, 2]).indices.items():
+            spill.add(f"{key}.{name}.{int(r)}.{k}", t.to_numpy()[idx])
+            spill.add(f"{key}.{name}share.{int(r)}.{k}", share[idx])
+    return len(span), set(int(r) for r in p["rank"].unique())
+
+
+def summary(path: pd.DataFrame, steady: list) -> dict:
+    """metrics.json's critical_path: median over steady steps of seconds per (rank, kind) and
+    per (rank, what), and each as a share of the step's span (0 in the steps where a
+    combination does not occur)."""
+    spill = Spill()
+    return summary_from(spill, *spill_steady(spill, path, steady))
+
+
+def summary_from(spill, steps: int, ranks: set, key: str = "crit") -> dict:
+    """summary() from what spill_steady kept: steps, ranks as it returned them, added up."""
+    if not steps:
+        return {"per_rank_kind": [], "per_rank_what": [], "ranks_on_path": []}
     out = {}
     for name, col in (("per_rank_kind", "kind"), ("per_rank_what", "what")):
-        t = p.groupby(["step", "rank", col])["d"].sum().unstack(["rank", col], fill_value=0.0)
-        med = t.median()
-        share = t.div(span, axis=0).median()
-        out[name] = [{"rank": int(r), col: k, "seconds": float(med[(r, k)]),
-                      "share": float(share[(r, k)])} for r, k in med.index if med[(r, k)] > 0]
-    out["span_s"] = float(span.median())
-    out["ranks_on_path"] = sorted(int(r) for r in p["rank"].unique())
+        head = f"{key}.{col}."
+        combos = sorted((int(k[len(head):].split(".", 1)[0]), k[len(head):].split(".", 1)[1])
+                        for k in spill.keys() if k.startswith(head))
+        rows = []
+        for r, k in combos:
+            c = f"{head}{r}.{k}"
+            zeros = steps - spill.count(c)
+            med = spill.median(c, zeros)
+            if med > 0:
+                rows.append({"rank": r, col: k, "seconds": float(med),
+                             "share": float(spill.median(f"{key}.{col}share.{r}.{k}", zeros))})
+        out[name] = rows
+    out["span_s"] = float(spill.median(f"{key}.span"))
+    out["ranks_on_path"] = sorted(ranks)
     out["definition"] = ("per step, the chain of compute spans, in-rank order and send->receive "
                          "edges ending at the step's last compute, walked back from it; "
                          "segments tile the step's span; medians over steady steps")

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis.load import clock_offset_ns
+from analysis.align import clock_offset_ns
+from analysis.chrome import append_events
 from harness.runformat import kineto_file
 from harness.trace.kineto import ANCHOR
 
@@ -81,6 +82,5 @@ def events(run, warnings: list | None = None) -> list[dict]:
 
 def merge_into(trace_json: Path, run, warnings: list | None = None) -> int:
     """Add the run's Kineto events to an existing trace.json; -> how many were added."""
-    from analysis.chrome import append_events
     evs = events(run, warnings)
     return append_events(trace_json, [json.dumps(e) for e in evs]) if evs else 0

@@ -32,178 +32,25 @@ Definitions (FIELD.md; one line each in docs/analysis.md). All times in seconds.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 
-from analysis import intervals as iv
-from harness import runformat
+from analysis import blame as bl_mod
+from analysis import critical, waits
+from analysis.calibrate import CalStats, combine
+from analysis.live import live_bytes, memory_by_step
+from analysis.predict import predict
+from analysis.spill import Spill
+from analysis.steptable import _step_table, step_table
+from analysis.waits import clock_check, recv_split
+from analysis.windows import COMPUTE, step_windows, steady
 from harness import schedule as S
-from analysis import phases as ph
-from analysis import waits
 
-COMPUTE = runformat.COMPUTE  # fwd, bwd, loss, opt, norms (the run's gradient/update statistics)
-
-
-def recv_split(events: pd.DataFrame) -> pd.DataFrame:
-    """Each receive joined to its send on `pair`: wait (late sender) and transfer, in seconds.
-
-    Columns: rank, step, mb, pair, start, end, tb, peer, send_rank, send_start, send_end,
-    wait, transfer, matched, violation. Unmatched receives (the sender's trace is missing) get
-    NaN wait/transfer.
-    """
-    m = waits.pair_join(events, "recv", "send")
-    tb = m["tb"].fillna(m["start"]).to_numpy()
-    s0, r1 = m["send_start"].to_numpy(), m["end"].to_numpy()
-    m["wait"] = np.maximum(0.0, np.minimum(s0, r1) - tb)
-    m["transfer"] = np.maximum(0.0, r1 - np.maximum(tb, s0))
-    m["matched"] = m["send_start"].notna()
-    m["violation"] = m["matched"] & (r1 < s0)
-    return m
-
-
-def step_windows(events: pd.DataFrame) -> pd.DataFrame:
-    """Per step: first start and last end of compute over all ranks, and span = end - start.
-    Steps with no compute at all (a crashed rank's last step) fall back to all their events."""
-    steps, code = iv.factorize(events["step"].to_numpy())
-    lo, hi = _windows(code, len(steps), events["start"].to_numpy(), events["end"].to_numpy(),
-                      events["kind"].isin(COMPUTE).to_numpy())
-    w = pd.DataFrame({"start": lo, "end": hi}, index=pd.Index(steps, name="step"))
-    w["span"] = w["end"] - w["start"]
-    return w
-
-
-def _windows(code, n, start, end, comp):
-    """step_windows on arrays: code = each event's step as 0..n-1 (every one has events),
-    comp = is it compute -> (start, end) per step. NaN bounds are skipped, as a groupby
-    min/max skips them."""
-    has_comp = np.zeros(n, bool)
-    has_comp[code[comp]] = True
-    use = comp | ~has_comp[code]   # compute, or any event of a compute-less step
-    lo, hi = np.full(n, np.nan), np.full(n, np.nan)
-    np.fmin.at(lo, code[use], start[use])
-    np.fmax.at(hi, code[use], end[use])
-    return lo, hi
-
-
-def live_bytes(pebbles: pd.DataFrame) -> pd.DataFrame:
-    """Activation bytes held per rank over time: one row per store/free, the level after it.
-
-    Columns: rank, time, bytes, step (step of the pebble stored/freed), store (bool). At equal
-    times frees come first, so a buffer handed from one pebble to the next is not counted twice.
-    """
-    if pebbles.empty:
-        return pd.DataFrame({"rank": [], "time": [], "bytes": [], "step": [], "store": []})
-    n = len(pebbles)
-    freed = pebbles["freed"].notna().to_numpy()
-    rank = np.r_[pebbles["rank"].to_numpy(), pebbles["rank"].to_numpy()[freed]]
-    t = np.r_[pebbles["stored"].to_numpy(), pebbles["freed"].to_numpy()[freed]]
-    b = pebbles["bytes"].to_numpy(np.int64)
-    delta = np.r_[b, -b[freed]]
-    step = np.r_[pebbles["step"].to_numpy(), pebbles["step"].to_numpy()[freed]]
-    store = np.r_[np.ones(n, bool), np.zeros(freed.sum(), bool)]
-    order = np.lexsort((store, t, rank))  # store=False (free) sorts before True at a tie
-    rank, delta = rank[order], delta[order]
-    # the running sum per rank: one cumsum, less each rank's total before its first row
-    level = np.cumsum(delta)
-    first = np.flatnonzero(np.r_[True, rank[1:] != rank[:-1]])
-    level -= np.repeat(level[first] - delta[first], np.diff(np.r_[first, len(rank)]))
-    return pd.DataFrame({"rank": rank, "time": t[order], "step": step[order],
-                         "store": store[order], "bytes": level})
-
-
-def step_table(events: pd.DataFrame, pebbles: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One row per (step, rank) that has events: the per-rank metrics of the module docstring."""
-    return _step_table(events, pebbles, recv_split(events), waits.send_split(events))
-
-
-def _step_table(events, pebbles, rs, ss) -> pd.DataFrame:
-    """step_table with the run's recv_split and send_split given (summarize has them)."""
-    # plain arrays of the non-"step" events, each column taken once: a boolean selection of
-    # the frame would copy all of its columns, once per lane
-    keep = (events["lane"] != "step").to_numpy()
-    col = lambda c: events[c].to_numpy()[keep]   # noqa: E731
-    step, rank, start, end, tb = col("step"), col("rank"), col("start"), col("end"), col("tb")
-    lane = events["lane"]   # compared as a Series: on the loader's categorical, codes compare
-    is_lane = {k: (lane == k).to_numpy()[keep] for k in ("send", "recv", "copy")}
-    is_comp = events["kind"].isin(COMPUTE).to_numpy()[keep]
-    blocked = np.where(np.isnan(tb), start, tb)   # a send/recv's lane span starts at tb
-    (steps, si), (ranks, ri) = iv.factorize(step), iv.factorize(rank)
-    R, S_ = len(ranks), len(steps)
-    n = S_ * R
-    # group codes rank-major (rank * S + step): the loader sorts events by (rank, start), so
-    # each lane's intervals come already in (group, start) order and intervals.union need
-    # not sort; the table's rows are step-major (step * R + rank), hence `rows`
-    code = ri * S_ + si
-    rows = lambda x: np.asarray(x).reshape(R, S_).T.ravel()   # noqa: E731
-    tcode = lambda df: (np.searchsorted(steps, df["step"].to_numpy()) * R   # noqa: E731
-                        + np.searchsorted(ranks, df["rank"].to_numpy()))
-
-    def sel(mask, lo):
-        return code[mask], lo[mask], end[mask]
-
-    is_comm = is_lane["send"] | is_lane["recv"]
-    comp, comm = sel(is_comp, start), sel(is_comm, start)
-    out = pd.DataFrame({"step": np.repeat(steps, R), "rank": np.tile(ranks, S_)})
-    w0, w1 = _windows(si, S_, start, end, is_comp)
-    span = w1 - w0
-    out["span"] = np.repeat(span, R)
-    busy = iv.union(*comp)
-    compute = iv.length(busy, n)
-    out["compute"] = rows(compute)
-    out["send"] = rows(iv.measure(*sel(is_lane["send"], blocked), n))
-    out["recv"] = rows(iv.measure(*sel(is_lane["recv"], blocked), n))
-    for c in ("wait", "transfer"):
-        out["recv_" + c] = np.bincount(tcode(rs), weights=rs[c].fillna(0).to_numpy(),
-                                       minlength=n)[:n] if len(rs) else 0.0
-    # late receiver (Scalasca), analysis/waits.py
-    for c in ("wait", "transfer"):
-        out["send_" + c] = np.bincount(tcode(ss), weights=ss[c].fillna(0).to_numpy(),
-                                       minlength=n)[:n] if len(ss) else 0.0
-    out["copy"] = rows(iv.measure(*sel(is_lane["copy"], blocked), n))
-    out["idle"] = out["span"] - out["compute"]
-    out["utilisation"] = out["compute"] / out["span"]
-    commt = iv.measure(*comm, n)
-    # |compute ∩ comm| by inclusion-exclusion (|A| + |B| - |A ∪ B|), with the union of
-    # both taken in event order: already sorted, where concatenating the two is not
-    both = iv.measure(*sel(is_comp | is_comm, start), n)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out["overlap_pct"] = rows(np.where(
-            commt > 0, np.maximum(compute + commt - both, 0.0) / commt * 100, np.nan))
-    # the idle split by pipeline phase (analysis/phases.py); where the rank did no compute,
-    # all of its idle is steady
-    kind = events["kind"]
-    sw = np.tile(np.arange(S_), R)   # each group's step
-    split = ph.idle_split(comp[0], n, start[is_comp], end[is_comp],
-                          (kind == "bwd").to_numpy()[keep][is_comp],
-                          kind.isin(("fwd", "loss")).to_numpy()[keep][is_comp],
-                          w0[sw], w1[sw], busy)
-    has_comp = np.bincount(comp[0], minlength=n) > 0
-    for c in ph.PHASES:
-        out["idle_" + c] = rows(np.where(has_comp, split[c], np.nan))
-    # present: rows for (step, rank) pairs where the rank actually logged something
-    present = np.zeros(n, bool)
-    present[code] = True
-    at = np.flatnonzero(rows(present))   # the rows kept, as step-major codes
-    out = out.iloc[at].reset_index(drop=True)
-    for c in ph.PHASES:
-        out["idle_" + c] = out["idle_" + c].fillna(out["idle"] if c == "steady" else 0.0)
-    out["peak_act_bytes"] = np.nan
-    if pebbles is not None and len(pebbles):
-        # the highest level right after a store, per (step, rank) of the stored pebble;
-        # integers where every row has one, else floats with NaN (as a reindex gives)
-        lb = live_bytes(pebbles)
-        st = lb["store"].to_numpy()
-        pstep, prank = lb["step"].to_numpy()[st], lb["rank"].to_numpy()[st]
-        i = np.minimum(np.searchsorted(steps, pstep), max(S_ - 1, 0))
-        j = np.minimum(np.searchsorted(ranks, prank), max(R - 1, 0))
-        ok = (steps[i] == pstep) & (ranks[j] == prank) if n else np.zeros(len(i), bool)
-        peak = np.full(n, np.iinfo(np.int64).min)
-        np.maximum.at(peak, (i * R + j)[ok], lb["bytes"].to_numpy()[st][ok])
-        found = np.zeros(n, bool)
-        found[(i * R + j)[ok]] = True
-        out["peak_act_bytes"] = peak[at] if found[at].all() else np.where(found[at], peak[at],
-                                                                         np.nan)
-    return out
+# the ground floor's names, for the callers that import them from here
+__all__ = ["summarize", "simulated", "bubble_theory", "step_table", "recv_split",
+           "step_windows", "steady", "live_bytes", "memory_by_step", "clock_check", "COMPUTE"]
 
 
 def bubble_theory(name: str, p: int, m: int, virtual: int = 1, times=None) -> float | None:
@@ -216,26 +63,21 @@ def bubble_theory(name: str, p: int, m: int, virtual: int = 1, times=None) -> fl
 SPLIT = ("zb_h1", "zbv", "dualpipev")   # schedules whose theory takes F/B/W times
 
 
-def simulated(events, pebbles, meta: dict, steps) -> dict:
-    """What harness.simulate predicts for this run: the run calibrated on itself
-    (analysis.calibrate, steady steps) and its own schedule, m, v and overlap replayed
-    (analysis.whatif.predict). Also the mean F, B, W times per chunk-microbatch (the layer
-    spans) and the zero-bubble theory with them. On failure (e.g. a run without batch size or
-    compute events) the values are None and `error` says why."""
-    from types import SimpleNamespace
-
-    from analysis.calibrate import calibrate
-    from analysis.whatif import predict
+def simulated(cal, meta: dict, p: int, error: str | None = None) -> dict:
+    """What harness.simulate predicts for this run: the run calibrated on itself (`cal`,
+    analysis.calibrate on its steady steps) and its own schedule, m, v and overlap replayed
+    (analysis.predict). Also the mean F, B, W times per chunk-microbatch (the layer spans) and
+    the zero-bubble theory with them. On failure (e.g. a run without batch size or compute
+    events) the values are None and `error` says why."""
     sch = meta.get("schedule") or {}
     name, m = sch.get("name"), int(sch.get("microbatches") or 1)
     v = int(sch.get("virtual") or 1)
-    p = int(meta.get("world_size") or events["rank"].nunique())
     out = {"bubble": None, "step_span_s": None, "idle_per_rank": None, "times_s": None,
-           "bubble_theory_measured_times": None, "error": None}
+           "bubble_theory_measured_times": None, "error": error}
+    if error is not None:
+        return out
     try:
-        run = SimpleNamespace(meta=meta, events=events, pebbles=pebbles, steps=list(steps),
-                              world_size=p, path=meta.get("run_dir", "run"))
-        cal = calibrate([run])
+        cal = combine([cal])
         pred = predict(cal, name, m, overlap=bool(sch.get("overlap")), virtual=v)
     except Exception as e:   # recorded, not raised: the measured numbers stand without it
         out["error"] = f"{type(e).__name__}: {e}"
@@ -254,66 +96,145 @@ def simulated(events, pebbles, meta: dict, steps) -> dict:
     return out
 
 
-def steady(steps: list) -> tuple[list, list, str]:
-    """(warm-up, steady steps, note): the first step is warm-up unless it is the only one."""
-    steps = sorted(steps)
-    if not steps:
-        return [], [], "no complete step"
-    if len(steps) == 1:
-        return [], steps, f"only one step ({steps[0]}): used as is, warm-up included"
-    return steps[:1], steps[1:], f"median over steps {steps[1]}..{steps[-1]}; step {steps[0]} " \
-                                 f"is warm-up and excluded"
+# the per-rank columns whose medians over the steady steps metrics.json's per_rank holds
+PER_RANK = ["span", "compute", "send", "send_wait", "send_transfer", "recv", "recv_wait",
+            "recv_transfer", "copy", "idle", "idle_warmup", "idle_steady", "idle_cooldown",
+            "utilisation", "overlap_pct", "peak_act_bytes", "caused_idle"]
 
 
-def clock_check(meta: dict, rs: pd.DataFrame) -> dict:
-    """Alignment uncertainty (max rtt/2 over the estimates, s) and clock-condition violations."""
-    est = (meta.get("clock") or {}).get("estimates") or []
-    rtt = [e.get("rtt_ns", 0) for e in est]
-    return {"uncertainty_s": max(rtt) / 2e9 if rtt else 0.0,
-            "violations": int(rs["violation"].sum()), "matched_pairs": int(rs["matched"].sum()),
-            "unmatched_receives": int((~rs["matched"]).sum())}
+@dataclass
+class Partial:
+    """What a chunk of steps adds to the summary (`partial`); `finish` merges them. Medians
+    over the run need values, not medians of parts: those go into the Spill the chunk was
+    given. The rest is small: counts, maxima, sets, and the chunk's rows of steps.csv."""
+    steps: list                  # the chunk's own steps with events
+    table: pd.DataFrame          # their rows of steps.csv (with caused_idle), and w0: each
+    #                              step's window start (s), for the trace's per-step tracks
+    steady_ranks: set            # ranks with a row in a steady step
+    crit: tuple                  # (steady steps on the path, ranks on it)
+    clock: list                  # [violations, matched receives, unmatched receives]
+    peers: dict                  # waits.spill_clock's
+    dev: dict                    # (rank, source) -> the largest memory sample
+    cal: CalStats | None         # the chunk's calibration statistics
+    cal_error: str | None = None
 
 
-def summarize(events, pebbles, memory, meta: dict, steps: list | None = None,
-              critical_path=None, rank_times=None) -> dict:
-    """Everything metrics.json holds. `steps`: the complete steps (Run.steps); default all.
-    critical_path: analysis.critical.critical_path(events) when the caller has it already
-    (it covers every step; the summary takes the steady ones); rank_times: the
-    critical.RankTimes(events) it was walked on, if so (the blame reads the same)."""
-    rs = recv_split(events)
-    table = _step_table(events, pebbles, rs, waits.send_split(events))
-    steps = sorted(steps if steps is not None else table["step"].unique())
-    warm, stead, note = steady(steps)
-    from analysis import blame as bl_mod
-    from analysis import critical
-    ranks = sorted(int(r) for r in table["rank"].unique())
+def partial(events, pebbles, memory, meta: dict, spill, own=None, steady_steps=(),
+            critical_path=None, rank_times=None, t_range=(-np.inf, np.inf),
+            lb=None) -> Partial:
+    """The chunk's share of the summary: its own steps `own` (default: every step of the
+    frames) from frames that also hold their neighbours (analysis.scan.Chunk). steady_steps:
+    the run's steady steps (the run's, not the chunk's: the warm-up step is the run's first
+    complete one). critical_path: critical.critical_path(events) for (at least) the own steps
+    when the caller has it; rank_times: the critical.RankTimes(events) it was walked on.
+    t_range: the chunk's own time range (memory samples in it count here). lb:
+    live_bytes(pebbles), when the caller has it."""
+    steps_here = sorted(int(s) for s in pd.unique(events["step"]))
+    own = steps_here if own is None else sorted(int(s) for s in own)
+    steady_set = set(int(x) for x in steady_steps)
+    stead = [s for s in own if s in steady_set]
+    rs_all, ss_all = recv_split(events), waits.send_split(events)
+    table = _step_table(events, pebbles, rs_all, ss_all, lb)
     rt = rank_times or critical.RankTimes(events)   # one lookup table: path and blame
     bl = bl_mod.blame(events, rt)
+    ranks = sorted(int(r) for r in table["rank"].unique())
     caused = bl_mod.caused_per_step(bl, sorted(table["step"].unique()), ranks)
     table["caused_idle"] = caused.stack().reindex(
         pd.MultiIndex.from_frame(table[["step", "rank"]])).fillna(0.0).to_numpy()
+    table = table[table["step"].isin(own)].reset_index(drop=True)
+    win = step_windows(events[(events["lane"] != "step").to_numpy()])
+    table["w0"] = win["start"].reindex(table["step"]).to_numpy()
+    bl = bl[bl["step"].isin(own)]
+    rs = rs_all[rs_all["step"].isin(own)]
+    ss = ss_all[ss_all["step"].isin(own)]
+    # per steady step: the per-rank quantities, the bubble, the span
     t = table[table["step"].isin(stead)]
-    cols = ["span", "compute", "send", "send_wait", "send_transfer", "recv", "recv_wait",
-            "recv_transfer", "copy", "idle", "idle_warmup", "idle_steady", "idle_cooldown",
-            "utilisation", "overlap_pct", "peak_act_bytes", "caused_idle"]
-    per_rank = t.groupby("rank")[cols].median()
-    per_rank["idle_fraction"] = per_rank["idle"] / per_rank["span"]
-    theory = (meta.get("pebbles_theory") or {}).get("peak_bytes") or []
-    per_rank["peak_act_theory"] = [theory[r] if r < len(theory) else np.nan
-                                   for r in per_rank.index]
-    dev = memory.groupby(["rank", "source"])["bytes"].max() if len(memory) else pd.Series()
-    bubble_step = t.assign(f=t["idle"] / t["span"]).groupby("step")["f"].mean()
+    for r, d in t.groupby("rank"):
+        for c in PER_RANK:
+            spill.add(f"tab.{c}.{int(r)}", d[c].to_numpy(np.float64, na_value=np.nan))
+    spill.add("bubble", t.assign(f=t["idle"] / t["span"]).groupby("step")["f"].mean())
+    spill.add("span", t.groupby("step")["span"].first())
+    path = critical.critical_path(events, stead, rt) if critical_path is None else \
+        critical_path[critical_path["step"].isin(stead)].reset_index(drop=True)
+    crit = critical.spill_steady(spill, path, stead)
+    bl_mod.spill_steady(spill, bl, stead)
+    peers = waits.spill_clock(spill, rs)
+    clock = [int(rs["violation"].sum()), int(rs["matched"].sum()),
+             int((~rs["matched"]).sum())]
+    mem = memory[((memory["time"] >= t_range[0]) & (memory["time"] < t_range[1])).to_numpy()]
+    dev = {k: int(v) for k, v in mem.groupby(["rank", "source"], observed=True)["bytes"]
+           .max().items()} if len(mem) else {}
+    cal, err = CalStats(meta, meta.get("run_dir", "run"), spill), None
+    try:
+        cal.add(events, pebbles, steady_steps, own, rs, ss)
+    except Exception as e:   # recorded, not raised: the measured numbers stand without it
+        cal, err = None, f"{type(e).__name__}: {e}"
+    return Partial(own, table, set(int(r) for r in t["rank"].unique()), crit, clock, peers,
+                   dev, cal, err)
+
+
+def finish(parts: list, meta: dict, steps: list, spill) -> dict:
+    """The summary (metrics.json, with per_step: steps.csv's rows) of a run from its chunks'
+    partials, in step order; `steps`: the run's complete steps."""
+    table = merged_table([p.table for p in parts])
+    summary = summary_of(parts, meta, steps, spill, table["rank"].unique())
+    summary["per_step"] = _records(table.drop(columns=["w0"]))
+    return summary
+
+
+def merged_table(tables: list) -> pd.DataFrame:
+    """Chunks' rows of steps.csv as one table, typed as one pass would have typed it (the peak
+    activation bytes stay integers only where every row has one)."""
+    t = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+    return t
+
+
+def summary_of(parts: list, meta: dict, steps: list, spill, table_ranks) -> dict:
+    """Everything of metrics.json but per_step."""
+    steps = sorted(steps)
+    warm, stead, note = steady(steps)
     sch = meta.get("schedule") or {}
-    p = int(meta.get("world_size") or events["rank"].nunique())
+    ranks = sorted(int(r) for r in table_ranks)
+    p = int(meta.get("world_size") or len(ranks))
     m, v = int(sch.get("microbatches") or 1), int(sch.get("virtual") or 1)
-    sim = simulated(events, pebbles, meta, steps)
+    steady_ranks = sorted(set().union(*(x.steady_ranks for x in parts)) if parts else set())
+    per_rank = []
+    theory = (meta.get("pebbles_theory") or {}).get("peak_bytes") or []
+    dev = {}
+    for x in parts:
+        for k, b in x.dev.items():
+            dev[k] = max(dev.get(k, b), b)
+    for r in steady_ranks:
+        row = {c: np.float64(spill.median(f"tab.{c}.{r}")) for c in PER_RANK}
+        with np.errstate(divide="ignore", invalid="ignore"):
+            row["idle_fraction"] = row["idle"] / row["span"]
+        row["peak_act_theory"] = theory[r] if r < len(theory) else np.nan
+        per_rank.append({"rank": int(r), **{k: _f(v_) for k, v_ in row.items()},
+                         "peak_device_bytes": {s: b for (rr, s), b in sorted(dev.items())
+                                               if rr == r}})
+    crit_steps = sum(x.crit[0] for x in parts)
+    crit_ranks = set().union(*(x.crit[1] for x in parts)) if parts else set()
+    peers = {}
+    for x in parts:
+        peers = waits.merge_peers(peers, x.peers)
+    counts = np.sum([x.clock for x in parts], axis=0) if parts else [0, 0, 0]
+    est = (meta.get("clock") or {}).get("estimates") or []
+    rtt = [e.get("rtt_ns", 0) for e in est]
+    errors = [x.cal_error for x in parts if x.cal_error]
+    cal = None
+    if not errors:
+        cal = parts[0].cal
+        for x in parts[1:]:
+            cal.merge(x.cal)
+    sim = simulated(cal, meta, p, errors[0] if errors else None) if parts else simulated(
+        None, meta, p, "no steps")
     return {
         "steps": {"complete": steps, "warmup": warm, "steady": stead, "note": note},
         "schedule": {"name": sch.get("name"), "microbatches": sch.get("microbatches"),
                      "overlap": sch.get("overlap"), "stages": p, "virtual": v},
         "pipeline": {
-            "step_span_s": _f(t.groupby("step")["span"].first().median()),
-            "bubble_measured": _f(bubble_step.median()),
+            "step_span_s": _f(spill.median("span")),
+            "bubble_measured": _f(spill.median("bubble")),
             "bubble_theory": bubble_theory(sch.get("name"), p, m, v),
             "bubble_theory_formula": S.BUBBLE_FORMULA.get(sch.get("name")),
             # zero-bubble schedules: the theory with this run's mean F, B, W times
@@ -324,21 +245,33 @@ def summarize(events, pebbles, memory, meta: dict, steps: list | None = None,
                           "error": sim["error"],
                           "how": "harness.simulate replaying this run's schedule with its own "
                                  "per-chunk action times, gaps and message times "
-                                 "(analysis.calibrate, analysis.whatif.predict)"},
+                                 "(analysis.calibrate, analysis.predict)"},
             "bubble_definition": "per step: mean over ranks of idle/span, idle = span - "
                                  "|union of compute spans|, span = last end - first start of "
                                  "compute over all ranks; median over steady steps",
         },
-        "per_rank": [{"rank": int(r), **{k: _f(v) for k, v in row.items()},
-                      "peak_device_bytes": {s: int(b) for (rr, s), b in dev.items() if rr == r}}
-                     for r, row in per_rank.iterrows()],
-        "clock": {**clock_check(meta, rs), **waits.clock_quality(meta, rs)},
-        "critical_path": critical.summary(
-            critical.critical_path(events, stead, rt) if critical_path is None else
-            critical_path[critical_path["step"].isin(stead)].reset_index(drop=True), stead),
-        "blame": bl_mod.summary(bl, stead, ranks),
-        "per_step": _records(table),
+        "per_rank": per_rank,
+        "clock": {"uncertainty_s": max(rtt) / 2e9 if rtt else 0.0,
+                  "violations": int(counts[0]), "matched_pairs": int(counts[1]),
+                  "unmatched_receives": int(counts[2]), **waits.quality(meta, spill, peers)},
+        "critical_path": critical.summary_from(spill, crit_steps, crit_ranks),
+        "blame": bl_mod.summary_from(spill, len(stead), ranks),
     }
+
+
+def summarize(events, pebbles, memory, meta: dict, steps: list | None = None,
+              critical_path=None, rank_times=None) -> dict:
+    """Everything metrics.json holds, of a run held in memory (one chunk: partial and finish).
+    `steps`: the complete steps (Run.steps); default all. critical_path:
+    analysis.critical.critical_path(events) when the caller has it already (it covers every
+    step; the summary takes the steady ones); rank_times: the critical.RankTimes(events) it was
+    walked on, if so (the blame reads the same)."""
+    all_steps = sorted(int(s) for s in pd.unique(events["step"]))
+    steps = sorted(steps if steps is not None else all_steps)
+    spill = Spill()
+    part = partial(events, pebbles, memory, meta, spill, all_steps, steady(steps)[1],
+                   critical_path, rank_times)
+    return finish([part], meta, steps, spill)
 
 
 def _records(table: pd.DataFrame) -> list:
@@ -365,24 +298,3 @@ def _f(x):
     if isinstance(x, (np.floating, float)):
         return None if np.isnan(x) else float(x)
     return x
-
-
-def memory_by_step(events: pd.DataFrame, pebbles: pd.DataFrame,
-                   memory: pd.DataFrame) -> pd.DataFrame:
-    """Per (step, rank), what is held when the rank's step ends: activation bytes from pebbles
-    (stored by then and not yet freed) and the last memory sample by then, per source.
-
-    Columns: step, rank, end (s), act_bytes, and one column per memory source (e.g. rss).
-    This is the "does memory grow step after step" view of the detach lesson."""
-    ends = events.loc[events["kind"] == "step", ["step", "rank", "end"]].sort_values("end")
-    out = ends.reset_index(drop=True)
-    lb = live_bytes(pebbles).sort_values("time")
-    act = pd.merge_asof(out, lb[["time", "rank", "bytes"]].rename(columns={"time": "end"}),
-                        on="end", by="rank", direction="backward")
-    out["act_bytes"] = act["bytes"].fillna(0).to_numpy()
-    for src, d in memory.groupby("source"):
-        m = pd.merge_asof(out[["end", "rank"]],
-                          d[["time", "rank", "bytes"]].rename(columns={"time": "end"})
-                          .sort_values("end"), on="end", by="rank", direction="backward")
-        out[src] = m["bytes"].to_numpy()
-    return out.sort_values(["step", "rank"]).reset_index(drop=True)

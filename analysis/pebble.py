@@ -1,10 +1,17 @@
-"""python -m analysis.pebble RUN [--out DIR] [--step N] [--format png,pdf]
+"""python -m analysis.pebble RUN [--out DIR] [--step N] [--format png,pdf] [--trace-steps A:B]
 
 Turn a run directory into the numbers and pictures of what naive model parallelism costs:
 metrics.json + steps.csv (and a table on stdout), pebble.{png,pdf} (the measured pebble graph of
 one step), timeline.{png,pdf} (several steps, measured and planned), memory.{png,pdf}, and
 trace.json (open in ui.perfetto.dev or chrome://tracing). This is the only module of the
 analysis that reads or writes files. Progress goes to stderr.
+
+A run of any length is read once, a chunk of steps at a time, in two processes side by side
+(analysis.stream): memory is that of a chunk. trace.json holds every step of a run that makes
+up to --trace-max-events trace events (slices, counter values); of a longer one, the first two
+steady steps, the slowest step and the last in full (--trace-steps A:B or --trace all for
+others), and over the whole run one counter per step: the step's time, its bubble and each
+rank's peak activation bytes.
 """
 from __future__ import annotations
 
@@ -12,7 +19,10 @@ import argparse
 import contextlib
 import json
 import multiprocessing
+import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,19 +30,24 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no screen
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-import psutil  # noqa: E402
 
-from analysis import chrome, critical, kineto, metrics, report, style, waits  # noqa: E402
-from analysis.load import RunFormatError, load_run  # noqa: E402
+from analysis import chrome, kineto, metrics, report, stream, style, waits  # noqa: E402
 from analysis.pages import small_pages  # noqa: E402
-from analysis.plots import memory_plot, pebble_graph, planned_frame, timeline  # noqa: E402
+from analysis.plots import draw_memory, pebble_graph, timeline  # noqa: E402
+from analysis.plots.common import columns_for  # noqa: E402
+from analysis.plots.memory import SIZE as MEMORY_SIZE  # noqa: E402
+from analysis.plots.timeline import planned_from  # noqa: E402
+from analysis.scan import open_run  # noqa: E402
+from analysis.tracefile import RunFormatError  # noqa: E402
 
 OUTPUTS = ["metrics.json", "steps.csv", "trace.json", "pebble", "timeline", "memory"]
 # a trace.json above this many bytes gets a note: Perfetto's in-browser UI holds ~2 GB of
 # memory in all (perfetto.dev/docs/visualization/large-traces), and a trace takes 2-4x its
 # size there; 10 M events make a 3.3 GB trace.json
 BIG_TRACE = 2**30
+TRACE_EVENTS = 1_000_000   # runs with more events get a window of steps in trace.json
 
 
 class _Progress:
@@ -44,9 +59,9 @@ class _Progress:
             print(f"[{time.perf_counter() - self.t0:6.2f} s] {msg}", file=sys.stderr, flush=True)
 
 
-def _identity(run) -> dict:
-    m = run.meta
-    return {"path": str(run.path.resolve()), "experiment": m.get("experiment"),
+def _identity(idx) -> dict:
+    m = idx.meta
+    return {"path": str(idx.path.resolve()), "experiment": m.get("experiment"),
             "start_time": m.get("start_time"), "world_size": m.get("world_size")}
 
 
@@ -86,73 +101,145 @@ def main(argv=None) -> int:
     ap.add_argument("--format", default="png,pdf", help="figure formats, comma-separated "
                     "(default: png,pdf)")
     ap.add_argument("--no-trace", action="store_true", help="skip trace.json")
-    ap.add_argument("--serial", action="store_true", help="every output in this process, one "
-                    "after another (default: three processes side by side)")
+    ap.add_argument("--trace", choices=("auto", "all"), default="auto",
+                    help="steps in trace.json: auto (all of a run of up to --trace-max-events "
+                    "events; else the first steady steps, the slowest and the last), all")
+    ap.add_argument("--trace-steps", metavar="A:B", help="the steps A..B (inclusive) in "
+                    "trace.json, in full")
+    ap.add_argument("--trace-max-events", type=int, default=TRACE_EVENTS, metavar="N",
+                    help=f"a run whose every step would make more trace events gets a window "
+                    f"of steps (default {TRACE_EVENTS:,})")
+    ap.add_argument("--serial", action="store_true", help="every part in this process, one "
+                    "after another (default: side by side, in processes of their own)")
+    ap.add_argument("--chunk-rows", type=int, default=stream.TARGET, metavar="N",
+                    help=f"rows (events and pebbles) per chunk of steps read at a time "
+                    f"(default {stream.TARGET:,})")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     a = ap.parse_args(argv)
     small_pages()     # before the first large array: huge pages cost more than they give here
     log = _Progress(a.quiet)
 
     try:
-        log(f"loading {a.run}")
-        run = load_run(a.run)
+        log(f"indexing {a.run}")
+        idx = open_run(a.run, workers=1 if a.serial else _cores())
     except RunFormatError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    log(f"loaded {len(run.events):,} events, {len(run.pebbles):,} pebbles, "
-        f"{len(run.memory):,} memory samples from {run.world_size} ranks")
-    for w in run.warnings:
+    n_ev = int(idx.ev_rows.sum())
+    log(f"indexed {n_ev:,} events, {int(idx.rows.sum()) - n_ev:,} pebbles in "
+        f"{len(idx.steps):,} steps from {idx.world} ranks")
+    for w in idx.warnings:
         print(f"warning: {w}", file=sys.stderr)
-    if run.events.empty:
+    if not n_ev:
         print(f"error: {a.run}: no events to analyse", file=sys.stderr)
         return 1
-    out = Path(a.out) if a.out else run.path / "analysis"
-    ident = _identity(run)
-    steps = run.steps or sorted(int(s) for s in run.events["step"].unique())
+    out = Path(a.out) if a.out else idx.path / "analysis"
+    ident = _identity(idx)
+    have = idx.steps[idx.ev_rows > 0].tolist()
+    steps = idx.complete or have
     step = a.step if a.step is not None else steps[-1]
-    if step not in set(run.events["step"]):  # checked before anything is written
+    if step not in set(have):  # checked before anything is written
         print(f"error: --step {step}: not in the run (steps {steps[0]}..{steps[-1]})",
               file=sys.stderr)
         return 2
-    _check_out(out, ident, out.resolve() == (run.path / "analysis").resolve())
     try:
-        return _write(a, run, out, ident, steps, step, log)
+        trace = None if a.no_trace else _trace_steps(a, idx, steps, n_ev)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    _check_out(out, ident, out.resolve() == (idx.path / "analysis").resolve())
+    try:
+        return _write(a, idx, out, ident, steps, step, trace, log)
     except OSError as e:  # a full disk, no permission: one line naming the path, no half file
         print(f"error: cannot write {e.filename or out}: {e.strerror or e}", file=sys.stderr)
         return 1
 
 
-def _write(a, run, out, ident, steps, step, log) -> int:
+def _trace_steps(a, idx, steps: list, n_ev: int):
+    """The steps trace.json holds in full: a set, "all", or "window" (the first two steady
+    steps and the last, and the slowest, which the pass finds)."""
+    if a.trace_steps:
+        lo, sep, hi = a.trace_steps.partition(":")
+        if not sep or not lo.strip().lstrip("-").isdigit() or not hi.strip().lstrip("-").isdigit():
+            raise ValueError(f"--trace-steps {a.trace_steps!r}: expected A:B, two step numbers")
+        lo, hi = int(lo), int(hi)
+        got = {s for s in idx.steps.tolist() if lo <= s <= hi}
+        if not got:
+            raise ValueError(f"--trace-steps {a.trace_steps}: no step of the run in it (steps "
+                             f"{int(idx.steps[0])}..{int(idx.steps[-1])})")
+        return got
+    # the trace's events if it held every step: a slice per event, a counter value at each
+    # pebble's store and free, one per memory sample
+    samples = sum(int(fi.rows.sum()) for (kind, _), fi in idx.files.items() if kind == "memory")
+    whole = n_ev + 2 * (int(idx.rows.sum()) - n_ev) + samples
+    if a.trace == "all" or whole <= a.trace_max_events:
+        return "all"
+    return "window"
+
+
+def _write(a, idx, out, ident, steps, step, trace, log) -> int:
     """Every output of main; a write that fails raises OSError naming its file (_writing).
 
-    Three parts run side by side on the machine's cores, in forked processes that share the
-    loaded frames: the pebble and memory figures (they need only the frames), the timeline and
-    trace.json (they need the critical path), and here the metrics."""
+    The pass over the run (analysis.stream) runs in two processes; then three parts run side
+    by side in forked processes: the pebble and memory figures, the timeline and trace.json,
+    and here the metrics."""
     out.mkdir(parents=True, exist_ok=True)
     formats = [f.strip() for f in a.format.split(",") if f.strip()]
-    serial = a.serial or not _room_for_forks(run, log)
-    figures = _start(lambda: _guarded(lambda: _draw(out, formats, log, (
-        ("pebble", lambda: pebble_graph(run.events, run.pebbles, run.meta, step)),
-        ("memory", lambda: memory_plot(run.pebbles, run.memory))))), serial)
-    rt = critical.RankTimes(run.events)      # one lookup table for the path and the blame
-    path = critical.critical_path(run.events, rt=rt)   # every step: summary, timeline, trace
+    serial = a.serial
     shown = [s for s in steps if s <= step][-3:] or [step]
+    stead = metrics.steady(steps)[1]
+    window = trace == "window"
+    if window:
+        trace = set(stead[:2]) | {steps[-1]}
+    with plt.rc_context(style.RC):
+        cols = columns_for(MEMORY_SIZE[0])
+    tmp = Path(tempfile.mkdtemp(prefix=".analysis-", dir=out))
+    try:
+        opts = stream.Options(columns=cols, pebble_step=step, timeline_steps=tuple(shown),
+                              trace_steps=trace, slowest=window, folder=tmp,
+                              target=a.chunk_rows, workers=1 if serial else _cores())
+        res = stream.analyse(idx, opts, log)
+        return _outputs(a, idx, out, ident, steps, step, shown, formats, serial, res, window,
+                        log)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _cores() -> int:
+    """Processes for the pass: the cores this process may run on (at most 2 are used: the
+    pass reads the run's files, and more readers than two gain nothing on a laptop's disk)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:   # not Linux
+        n = os.cpu_count() or 1
+    return max(1, min(2, n))
+
+
+def _outputs(a, idx, out, ident, steps, step, shown, formats, serial, res, window, log) -> int:
+    meta = idx.meta
+    note = waits.warning_line(res.summary["clock"])
+
+    def figures():
+        peb = res.kept.get("pebble")
+        return _draw(out, formats, log, (
+            ("pebble", lambda: pebble_graph(peb[0], peb[1], meta, step)),
+            ("memory", lambda: draw_memory(res.curves))))
 
     def timeline_and_trace():
-        steady = run.events[run.events["step"].isin(metrics.steady(steps)[1])]  # as summary's
-        note = waits.warning_line(waits.clock_quality(run.meta, metrics.recv_split(run.events)))
+        ev, path = res.kept.get("timeline", (None, None))
+        planned = planned_from(idx.schedule, res.durations, res.latency)
         _draw(out, formats, log, (("timeline", lambda: timeline(
-            run.events, shown, planned_frame(run.schedule, steady), critical=path,
-            note=note)),))
-        return [] if a.no_trace else _write_trace(run, out / "trace.json", path, log)
-    rest = _start(lambda: _guarded(timeline_and_trace), serial)
+            ev, shown, planned, critical=path, note=note)),))
+        return [] if a.no_trace else _write_trace(idx, out / "trace.json", res, window, log)
+    jobs = [_start(lambda: _guarded(figures), serial),
+            _start(lambda: _guarded(timeline_and_trace), serial)]
     failed = True
     try:
-        _write_metrics(a, run, out, ident, steps, log, path, rt)
+        _write_metrics(a, idx, out, ident, steps, log, res)
         failed = False
     finally:
         rc = 0
-        for wait in (figures, rest):
+        for wait in jobs:
             r, lines = wait()
             rc = rc or r
             for line in lines:  # one error line in all: ours, if we failed too
@@ -160,29 +247,6 @@ def _write(a, run, out, ident, steps, step, log) -> int:
                     print(line, file=sys.stderr)
     log(f"outputs in {out}")
     return rc
-
-
-FORK_ROOM = 6   # x the frames' bytes, available, for the three processes (measured ~5.5x)
-
-
-def frames_bytes(run) -> int:
-    """Bytes of the run's loaded frames (events, pebbles, memory), as pandas counts them."""
-    return sum(int(df.memory_usage(index=True).sum())
-               for df in (run.events, run.pebbles, run.memory))
-
-
-def _room_for_forks(run, log) -> bool:
-    """Whether the machine has memory for the two forked parts: each shares the loaded frames
-    but builds its own tables. At 10 M events (1.11 GiB of frames) the three processes together
-    peaked at 5.9-6.4 GiB (PSS, 4 runs: 5.3-5.8x the frames), one process at 4.5 GiB (4.0x);
-    -> False, and one process, where available memory is under FORK_ROOM x the frames'."""
-    frames = frames_bytes(run)
-    free = psutil.virtual_memory().available
-    if free >= FORK_ROOM * frames:
-        return True
-    log(f"one process: {free / 2**30:.1f} GiB of memory available, under {FORK_ROOM}x the "
-        f"run's frames ({frames / 2**30:.1f} GiB)")
-    return False
 
 
 def _start(job, serial: bool):
@@ -248,36 +312,92 @@ def _draw(out: Path, formats, log, figures) -> list[str]:
     return []
 
 
-def _write_trace(run, target: Path, path, log) -> list[str]:
-    """trace.json, with the run's torch.profiler events merged in (_writing it); -> warning
-    lines."""
-    seen = len(run.warnings)
+def _write_trace(idx, target: Path, res, window: bool, log) -> list[str]:
+    """trace.json: the kept steps' events, the per-step tracks of the whole run, and the run's
+    torch.profiler events (_writing it); -> warning lines."""
+    frags = list(res.fragments)
+    if window and res.slowest is not None and not any(res.slowest[1] in f.steps for f in frags):
+        frags.append(res.slowest[2])
+    frags.sort(key=lambda f: f.steps[0])
+    lanes, seen, crit = [], set(), set()
+    for f in frags:
+        for x in f.lanes:
+            if x not in seen:
+                seen.add(x)
+                lanes.append(x)
+        crit |= f.critical_ranks
+    world = int(idx.world)
+    md = chrome.metadata(sorted(idx.ranks), lanes, {world: "run: per step"})
+    md += chrome.critical_names(crit)
+    shown = sorted(s for f in frags for s in f.steps)
+    other = chrome.other_data(idx.meta, steps_in_full=_spans(shown), per_step_tracks=(
+        f"pid {world}: step time (ms), bubble (%) per step; each rank: peak activation bytes "
+        f"per step"))
+    warnings = []
+
+    def parts():
+        yield chrome._lines(md)
+        for f in frags:
+            yield f.read(), f.count
+        yield from _step_tracks(res.table, world)
     with _writing(target):
-        with open(target, "w", encoding="utf-8") as f:
-            n = chrome.write_chrome(f, run.events, run.pebbles, run.memory, run.meta, path)
-        log(f"wrote trace.json ({n:,} trace events)")
-        k = kineto.merge_into(target, run, run.warnings)
+        with open(target, "wb") as fh:
+            n = chrome.assemble(fh, parts(), other)
+        log(f"wrote trace.json ({n:,} trace events, steps {_spans(shown)} in full)")
+        run = _KinetoRun(idx)
+        k = kineto.merge_into(target, run, warnings)
     if k:
         log(f"merged {k:,} torch.profiler (Kineto) events into trace.json")
-    # the merge's own warnings (metrics.json was written before it)
-    lines = [f"warning: {w}" for w in run.warnings[seen:]]
+    lines = [f"warning: {w}" for w in warnings]
     size = target.stat().st_size
     if size > BIG_TRACE:
         lines.append(f"note: {target} is {size / 1e9:.1f} GB, more than ui.perfetto.dev can "
                      f"hold in a browser: open it through Perfetto's native trace processor "
-                     f"(trace_processor --httpd {target.name}, then ui.perfetto.dev); --no-trace "
-                     f"skips it")
+                     f"(trace_processor --httpd {target.name}, then ui.perfetto.dev), or keep "
+                     f"fewer steps (--trace-steps A:B); --no-trace skips it")
     return lines
 
 
-def _write_metrics(a, run, out, ident, steps, log, path, rt) -> dict:
+class _KinetoRun:
+    """What analysis.kineto reads of a run."""
+
+    def __init__(self, idx):
+        self.path, self.meta, self.origin_ns = idx.path, idx.meta, idx.origin
+        self.world_size = idx.world
+
+
+def _spans(steps: list) -> str:
+    from analysis.runmeta import ranges
+    return ranges(sorted(set(steps)))
+
+
+def _step_tracks(table, world: int):
+    """Counter tracks over the whole run, one value per step at its window's start: the
+    step's time and bubble (process `world`), each rank's peak activation bytes."""
+    if not len(table):
+        return
+    t = table[np.isfinite(table["w0"].to_numpy(float))]
+    per = t.groupby("step").agg(w0=("w0", "first"), span=("span", "first"))
+    per["bubble"] = (t["idle"] / t["span"]).groupby(t["step"]).mean()
+    ts = per["w0"].to_numpy(float)
+    pid = np.full(len(per), world)
+    yield from chrome._counters(ts, pid, per["span"].to_numpy(float) * 1e3, "step time", arg="ms")
+    yield from chrome._counters(ts, pid, per["bubble"].to_numpy(float) * 100, "bubble", arg="%")
+    pk = t[t["peak_act_bytes"].notna()]
+    if len(pk):
+        yield from chrome._counters(pk["w0"].to_numpy(float), pk["rank"].to_numpy(),
+                                    pk["peak_act_bytes"].to_numpy(np.int64),
+                                    "peak activations per step")
+
+
+def _write_metrics(a, idx, out, ident, steps, log, res) -> dict:
     """metrics.json, steps.csv and the table on stdout; -> the summary."""
-    summary = metrics.summarize(run.events, run.pebbles, run.memory, run.meta, steps, path, rt)
-    summary = {"run": ident | {"status": run.meta.get("status")}, **summary,
-               "warnings": list(run.warnings)}
-    per_step = summary.pop("per_step")
+    summary = {"run": ident | {"status": idx.meta.get("status")}, **res.summary,
+               "warnings": list(idx.warnings)}
     with _writing(out / "steps.csv") as target:
-        pd.DataFrame(per_step).to_csv(target, index=False)
+        # written from the table itself, as one-row-per-record text would be (NaN empty), in
+        # pandas' own blocks: no Python object per cell
+        res.table.drop(columns=["w0"]).to_csv(target, index=False)
     with _writing(out / "metrics.json") as target:
         target.write_text(json.dumps(summary, indent=1))
     log("metrics computed")

@@ -1,6 +1,7 @@
 """The terminal table: metrics.json's summary as fixed-width text (pure: dict in, str out)."""
 from __future__ import annotations
 
+from analysis.waits import warning_line
 from harness.schedule import BUBBLE_FORMULA
 
 MIB = 2**20
@@ -75,7 +76,6 @@ def table(summary: dict, title: str = "") -> str:
                  f"{clock['matched_pairs']} send/recv pairs"
                  + (f"; {clock['unmatched_receives']} receives without their send"
                     if clock["unmatched_receives"] else ""))
-    from analysis.waits import warning_line
     warn = warning_line(clock)
     if warn:
         lines.append("WARNING: " + warn + " ('!' in the clock column)")

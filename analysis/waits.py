@@ -35,6 +35,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from analysis.spill import Spill
+
 SHARE_LIMIT = 0.10  # uncertainty / median transfer above which a split is flagged unreliable
 
 
@@ -43,7 +45,8 @@ def pair_join(events: pd.DataFrame, kind: str, other: str) -> pd.DataFrame:
     whose rank, start and end come as {other}_rank, {other}_start, {other}_end (NaN when the
     counterpart's trace is missing). A left join that keeps the `kind` events' order (what
     DataFrame.merge gives, by index lookup: on categorical pair ids one array take)."""
-    cols = ["rank", "step", "mb", "pair", "start", "end", "tb", "peer"]
+    cols = [c for c in ("rank", "step", "mb", "pair", "start", "end", "tb", "peer", "bytes")
+            if c in events]
     k = events["kind"]
     mine = events.loc[(k == kind).to_numpy(), cols].reset_index(drop=True)
     pair = events["pair"]
@@ -75,11 +78,28 @@ def _lookup(keys: pd.Series, wanted: pd.Series) -> np.ndarray:
     return np.where(wanted.isna().to_numpy(), -1, out)
 
 
+def recv_split(events: pd.DataFrame) -> pd.DataFrame:
+    """Each receive joined to its send on `pair`: wait (late sender) and transfer, in seconds.
+
+    Columns: rank, step, mb, pair, start, end, tb, peer, bytes, send_rank, send_start,
+    send_end, wait, transfer, matched, violation. Unmatched receives (the sender's trace is missing) get
+    NaN wait/transfer.
+    """
+    m = pair_join(events, "recv", "send")
+    tb = m["tb"].fillna(m["start"]).to_numpy()
+    s0, r1 = m["send_start"].to_numpy(), m["end"].to_numpy()
+    m["wait"] = np.maximum(0.0, np.minimum(s0, r1) - tb)
+    m["transfer"] = np.maximum(0.0, r1 - np.maximum(tb, s0))
+    m["matched"] = m["send_start"].notna()
+    m["violation"] = m["matched"] & (r1 < s0)
+    return m
+
+
 def send_split(events: pd.DataFrame) -> pd.DataFrame:
     """Each send joined to its receive on `pair`: late-receiver wait and transfer, seconds.
 
-    Columns: rank, step, mb, pair, start, end, tb, peer, recv_rank, recv_start, recv_end,
-    wait, transfer, matched. Unmatched sends (the receiver's trace is missing) get NaN."""
+    Columns: rank, step, mb, pair, start, end, tb, peer, bytes, recv_rank, recv_start,
+    recv_end, wait, transfer, matched. Unmatched sends (the receiver's trace is missing) get NaN."""
     m = pair_join(events, "send", "recv")
     tb = m["tb"].fillna(m["start"]).to_numpy()
     r0, s1 = m["recv_start"].to_numpy(), m["end"].to_numpy()
@@ -89,6 +109,15 @@ def send_split(events: pd.DataFrame) -> pd.DataFrame:
                              np.maximum(0.0, s1 - np.maximum(tb, r0)))
     m["matched"] = m["recv_start"].notna()
     return m
+
+
+def clock_check(meta: dict, rs: pd.DataFrame) -> dict:
+    """Alignment uncertainty (max rtt/2 over the estimates, s) and clock-condition violations."""
+    est = (meta.get("clock") or {}).get("estimates") or []
+    rtt = [e.get("rtt_ns", 0) for e in est]
+    return {"uncertainty_s": max(rtt) / 2e9 if rtt else 0.0,
+            "violations": int(rs["violation"].sum()), "matched_pairs": int(rs["matched"].sum()),
+            "unmatched_receives": int((~rs["matched"]).sum())}
 
 
 def rank_uncertainty(meta: dict) -> dict:
@@ -120,26 +149,55 @@ def rank_uncertainty(meta: dict) -> dict:
 def clock_quality(meta: dict, rs: pd.DataFrame) -> dict:
     """How much the clocks blur the wait/transfer split, per rank and overall.
 
-    rs: metrics.recv_split. Per rank r: pair uncertainty = max over the matched messages r sent
+    rs: recv_split. Per rank r: pair uncertainty = max over the matched messages r sent
     or received of u_r + u_peer; share = that / median wire time of those messages (receive
     transfer of the receives that waited for their sender, which saw the whole transfer; of all
     matched receives if none waited). `reliable` is False where share > SHARE_LIMIT."""
-    u = rank_uncertainty(meta)
+    spill = Spill()
+    return quality(meta, spill, spill_clock(spill, rs))
+
+
+def spill_clock(spill, rs: pd.DataFrame, key: str = "clk") -> dict:
+    """Keep, for quality(), the transfer of every matched receive for both ranks it joins,
+    among all matched receives and among those that waited for their sender; -> {selection:
+    {rank: its peers}}, to be merged over chunks with merge_peers."""
     m = rs[rs["matched"].astype(bool)]
+    out = {}
+    for sel, mm in (("all", m), ("waited", m[m["wait"] > 0])):
+        msgs = pd.concat([
+            pd.DataFrame({"rank": mm["rank"], "peer": mm["send_rank"],
+                          "transfer": mm["transfer"]}),
+            pd.DataFrame({"rank": mm["send_rank"], "peer": mm["rank"],
+                          "transfer": mm["transfer"]})],
+            ignore_index=True).astype({"rank": int, "peer": int})
+        peers = {}
+        for r, d in msgs.groupby("rank"):
+            peers[int(r)] = set(int(q) for q in d["peer"].unique())
+            moved = d["transfer"].to_numpy()
+            spill.add(f"{key}.{sel}.{int(r)}", moved[moved > 0])
+        out[sel] = peers
+    return out
+
+
+def merge_peers(a: dict, b: dict) -> dict:
+    """spill_clock's results of two chunks, as one."""
+    out = {}
+    for sel in set(a) | set(b):
+        x, y = a.get(sel, {}), b.get(sel, {})
+        out[sel] = {r: x.get(r, set()) | y.get(r, set()) for r in set(x) | set(y)}
+    return out
+
+
+def quality(meta: dict, spill, peers: dict, key: str = "clk") -> dict:
+    """clock_quality from what spill_clock kept (and merge_peers merged)."""
+    u = rank_uncertainty(meta)
     # wire time: a receive that waited for its sender saw the whole transfer (send start to
     # receive end); one whose data arrived before it blocked saw only the tail of it
-    if (m["wait"] > 0).any():
-        m = m[m["wait"] > 0]
-    # every message a rank takes part in, with its wire time as the receiver measured it
-    msgs = pd.concat([
-        pd.DataFrame({"rank": m["rank"], "peer": m["send_rank"], "transfer": m["transfer"]}),
-        pd.DataFrame({"rank": m["send_rank"], "peer": m["rank"], "transfer": m["transfer"]})],
-        ignore_index=True).astype({"rank": int, "peer": int})
+    sel = "waited" if peers.get("waited") else "all"
     per_rank = {}
-    for r, d in msgs.groupby("rank"):
-        pu = max(u.get(int(r), 0.0) + u.get(int(q), 0.0) for q in d["peer"].unique())
-        moved = d.loc[d["transfer"] > 0, "transfer"]
-        med = float(moved.median()) if len(moved) else float("nan")
+    for r in sorted(peers.get(sel, {})):
+        pu = max(u.get(int(r), 0.0) + u.get(int(q), 0.0) for q in peers[sel][r])
+        med = spill.median(f"{key}.{sel}.{r}")
         share = pu / med if med > 0 else (float("inf") if pu > 0 else 0.0)
         per_rank[int(r)] = {"uncertainty_s": pu, "median_transfer_s": med,
                             "share": share, "reliable": bool(share <= SHARE_LIMIT)}

@@ -19,107 +19,33 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from analysis.calibrate import KINDS, Calibration, calibrate
-from analysis.pages import small_pages
-from harness import schedule as S
-from harness.simulate import simulate
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no screen
+import matplotlib.pyplot as plt  # noqa: E402
+
+from analysis import metrics, style  # noqa: E402
+from analysis.calibrate import KINDS, Calibration, calibrate  # noqa: E402
+from analysis.load import RunFormatError, load_run  # noqa: E402
+from analysis.pages import small_pages  # noqa: E402
+from analysis.plots.whatif import measured_and_predicted  # noqa: E402
+from analysis.predict import Prediction, Scale, predict  # noqa: E402
+from harness import schedule as S  # noqa: E402
+
+__all__ = ["main", "measured", "parse_scale", "parse_overrides", "predict", "Scale",
+           "Prediction", "table"]
 
 KEYS = {"schedule": "schedule", "pipeline.microbatches": "m", "m": "m",
         "pipeline.overlap": "overlap", "data.batch_size": "batch"}
 
 
-@dataclass
-class Scale:
-    """Multiply the compute time of `rank` (None: every rank) and `kind` (None: all) by factor."""
-    rank: int | None
-    kind: str | None
-    factor: float
-
-    def applies(self, rank: int, kind: str) -> bool:
-        return (self.rank is None or self.rank == rank) and (self.kind is None or self.kind == kind)
-
-
-@dataclass
-class Prediction:
-    schedule: str
-    m: int
-    rows: int
-    overlap: bool
-    step_s: float                 # span: first compute start to last compute end, all ranks
-    bubble: float                 # mean over ranks of (span - compute) / span
-    idle: list                    # per rank, the idle share
-    peak_act_bytes: list          # per rank: bytes per microbatch x most microbatches in flight
-    frame: pd.DataFrame           # rank, kind, mb, start, end (s): compute without its gap
-    latency_s: float
-    protocol: str
-
-
-def predict(cal: Calibration, schedule: str, m: int, batch: int | None = None,
-            overlap: bool = False, scales=(), protocol: str | None = None,
-            virtual: int | None = None) -> Prediction:
-    """The step of `schedule` with m microbatches of batch/m rows, on the calibrated costs.
-    virtual: chunks per rank (default the calibration run's); a chunk's actions cost what that
-    chunk's cost in the calibration run (calibrate with the same placement)."""
-    batch = batch or cal.batch
-    if batch % m:
-        raise ValueError(f"pipeline.microbatches={m}: must divide data.batch_size={batch}")
-    rows = batch // m
-    sched = S.build(schedule, cal.p, m, overlap, virtual=cal.virtual if virtual is None
-                    else virtual)
-    nxt = {}                      # (rank, action) -> the action after it on that rank
-    for r, acts in enumerate(sched):
-        for a, b in zip(acts, acts[1:] + [None]):
-            nxt[r, a] = b
-
-    def factor(r, kind):
-        f = 1.0
-        for s in scales:
-            f *= s.factor if s.applies(r, kind) else 1.0
-        return f
-
-    def cost(r, a):
-        if a.kind not in KINDS:
-            return 0.0
-        t = cal.gap.get(r, 0.0) + cal.cost("wall", r, a.kind, rows, a.chunk) * factor(r, a.kind)
-        after = nxt[r, a]
-        if after is not None and after.kind not in KINDS:
-            t += cal.gap_comm.get(r, 0.0)   # the executor's time before its next MPI call
-        return t
-
-    lat = cal.message_s(rows)
-    proto = protocol or cal.protocol
-    ops = simulate(sched, cost, lat, protocol=proto)
-    fr = pd.DataFrame([(o.rank, o.kind, o.mb, o.start, o.end, o.chunk) for o in ops],
-                      columns=["rank", "kind", "mb", "start", "end", "chunk"])
-    comp = fr["kind"].isin(KINDS).to_numpy()
-    # compute proper starts after the executor's gap (drawn and counted as idle)
-    fr.loc[comp, "start"] += fr.loc[comp, "rank"].map(cal.gap).fillna(0.0)
-    fr.loc[comp, "end"] = fr.loc[comp, "start"] + [
-        cal.cost("wall", r, k, rows, c) * factor(r, k) for r, k, c in
-        zip(fr.loc[comp, "rank"], fr.loc[comp, "kind"], fr.loc[comp, "chunk"])]
-    c = fr[comp]
-    span = float(c["end"].max() - c["start"].min())
-    busy = [sum(cal.cost("busy", r, a.kind, rows, a.chunk) * factor(r, a.kind)
-                for a in acts if a.kind in KINDS) for r, acts in enumerate(sched)]
-    idle = [(span - b) / span if span else 0.0 for b in busy]
-    v = S.placement_of(sched).v       # a chunk-microbatch holds its chunk's share of the bytes
-    share = {r: cal.chunk_share.get(r) if len(cal.chunk_share.get(r) or []) == v else [1 / v] * v
-             for r in range(cal.p)}
-    peak = [round(S.peak_bytes(acts, [cal.act_bytes(r, rows) * x for x in share[r]]))
-            for r, acts in enumerate(sched)]
-    return Prediction(schedule, m, rows, overlap, span, float(np.mean(idle)), idle, peak, fr,
-                      lat, proto)
-
-
 def measured(run) -> dict:
     """The run's own numbers, as analysis.pebble reports them (metrics.summarize)."""
-    from analysis import metrics
     s = metrics.summarize(run.events, run.pebbles, run.memory, run.meta,
                           run.steps or sorted(run.events["step"].unique()))
     return {"step_s": s["pipeline"]["step_span_s"], "bubble": s["pipeline"]["bubble_measured"],
@@ -219,7 +145,6 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="print the prediction as JSON")
     a = ap.parse_args(argv)
     small_pages()
-    from analysis.load import RunFormatError, load_run
 
     def fail(msg):
         print(f"error: {msg}", file=sys.stderr)
@@ -257,12 +182,6 @@ def main(argv=None) -> int:
     (out / f"{name}.json").write_text(json.dumps(res, indent=1))
     if a.json:
         print(json.dumps(res["predicted"]))
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from analysis import style
-    from analysis.plots.whatif import measured_and_predicted
     steps = meas["steady"][-1:] or runs[0].steps[-1:]
     with plt.rc_context(style.RC):
         fig, _ = measured_and_predicted(runs[0].events, steps, pred.frame,

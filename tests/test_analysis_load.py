@@ -285,22 +285,6 @@ def test_fast_reader_reads_what_pandas_reads(csv_dir):
     assert clean.events["tb"].dtype == "float64" and clean.pebbles["module"].notna().all()
 
 
-def test_too_little_memory_for_the_forks_runs_in_one_process(run_dir, tmp_path, capsys,
-                                                              monkeypatch):
-    import types
-
-    import analysis.pebble as pebble
-    forks = []
-    monkeypatch.setattr(pebble.psutil, "virtual_memory", lambda: types.SimpleNamespace(
-        available=1000))
-    monkeypatch.setattr(pebble.multiprocessing, "get_context",
-                        lambda *a: forks.append(a) or pytest.fail("forked"))
-    assert main([str(run_dir), "--out", str(tmp_path / "a"), "--format", "png"]) == 0
-    assert not forks and "one process: 0.0 GiB of memory available" in capsys.readouterr().err
-    assert (tmp_path / "a" / "trace.json").stat().st_size and \
-        (tmp_path / "a" / "memory.png").stat().st_size
-
-
 @pytest.mark.parametrize("serial", [False, True])
 def test_a_trace_too_big_for_the_browser_gets_a_note(run_dir, capsys, monkeypatch, serial):
     # past BIG_TRACE bytes (1 GiB; here lowered to this run's size less one) stderr says how
@@ -317,22 +301,3 @@ def test_a_trace_too_big_for_the_browser_gets_a_note(run_dir, capsys, monkeypatc
     assert main([str(run_dir), "--format", "png", "-q", *extra]) == 0
     notes = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("note:")]
     assert len(notes) == 1 and "trace.json" in notes[0] and "trace_processor" in notes[0]
-
-
-def test_forks_only_with_six_times_the_frames_available(run_dir, tmp_path, capsys, monkeypatch):
-    # the three processes peaked at 5.3-5.8x the frames' bytes at 10 M events: at FORK_ROOM
-    # (6) x they fork, one byte less and it is one process
-    import types
-
-    import analysis.pebble as pebble
-    frames = pebble.frames_bytes(load_run(run_dir))
-    real, forks = pebble.multiprocessing.get_context, []
-    monkeypatch.setattr(pebble.multiprocessing, "get_context",
-                        lambda *a: forks.append(a) or real(*a))
-    for free, forked in ((pebble.FORK_ROOM * frames, True), (pebble.FORK_ROOM * frames - 1, False)):
-        forks.clear()
-        monkeypatch.setattr(pebble.psutil, "virtual_memory",
-                            lambda: types.SimpleNamespace(available=free))
-        assert main([str(run_dir), "--out", str(tmp_path / str(free)), "--format", "png"]) == 0
-        assert bool(forks) == forked
-        assert ("one process:" in capsys.readouterr().err) == (not forked)

@@ -97,6 +97,14 @@ def columns(fig, px: float = 2.0) -> int:
     return max(1, int(np.ceil(fig.get_figwidth() * dpi / px)))
 
 
+def columns_for(width_in: float, px: float = 2.0) -> int:
+    """columns() of a figure `width_in` inches wide, before it exists (the current rcParams'
+    savefig.dpi; "figure": figure.dpi)."""
+    dpi = plt.rcParams["savefig.dpi"]
+    dpi = plt.rcParams["figure.dpi"] if dpi == "figure" else dpi
+    return max(1, int(np.ceil(width_in * dpi / px)))
+
+
 def step_curve(lb, rank, lo, hi):
     """Live-bytes level of `rank` over [lo, hi] from metrics.live_bytes rows -> (t, bytes)."""
     d = lb[lb["rank"] == rank]

@@ -20,7 +20,10 @@ from matplotlib.patches import ConnectionPatch, Patch
 
 from analysis import intervals as iv
 from analysis import style
-from analysis.metrics import COMPUTE, live_bytes, recv_split, step_windows
+from analysis.live import live_bytes
+from analysis.stages import placement
+from analysis.waits import recv_split
+from analysis.windows import COMPUTE, step_windows
 from analysis.plots.common import add_boxes, step_curve
 
 
@@ -29,7 +32,6 @@ BACKWARD = ("bwd", "bwd_in", "bwd_w")   # drawn in the B rows (bwd_w hatched)
 
 def _stages_of(meta, rank) -> list:
     """The global stages (entries of meta.json's split) rank `rank` holds."""
-    from analysis.calibrate import placement
     pl = placement(meta)
     return [pl.stage(rank, c) for c in range(pl.v)]
 
@@ -169,7 +171,6 @@ def _arrows(fig, axes, ranks, rowy, rs, X, meta=None):
     ax_of = dict(zip(ranks, axes))
     rs = rs[rs["matched"] & rs["send_rank"].isin(ranks) & rs["rank"].isin(ranks)]
     split = (meta or {}).get("split") or []
-    from analysis.calibrate import placement
     pl = placement(meta) if meta else None
 
     def stage_layers(g):

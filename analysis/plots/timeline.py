@@ -14,9 +14,9 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from analysis import style
-from analysis.metrics import COMPUTE, recv_split, step_windows
 from analysis.plots.common import add_boxes
-from analysis.waits import send_split
+from analysis.waits import recv_split, send_split
+from analysis.windows import COMPUTE, step_windows
 from harness.schedule import from_json
 from harness.simulate import simulate, to_frame
 
@@ -197,8 +197,9 @@ def _planned(ax, planned, ranks, scale, unit, starts):
 _ACTION = {"fwd": "fwd", "loss": "fwd", "bwd": "bwd", "opt": "opt", "norms": "opt"}
 
 
-def _median_durations(events) -> pd.Series:
-    """Median over (step, microbatch) of each action's summed duration, indexed by (rank, action).
+def action_totals(events) -> pd.Series:
+    """Each action's summed duration per (rank, step, action, microbatch), the Series indexed
+    by (rank, action) (one row per action run): what planned_frame takes medians of.
 
     On plain arrays rather than a groupby of the frame: one integer key per (rank, step, action,
     microbatch), summed with a bincount (over all possible keys while they are not many more
@@ -226,7 +227,14 @@ def _median_durations(events) -> pd.Series:
     below = spans[1] * spans[2] * spans[3]    # decode each group's rank and action
     rank = keys // below + los[0]
     action = names[(keys // spans[3]) % spans[2] + los[2]]
-    return pd.Series(total).groupby([rank, action]).median()
+    return pd.Series(total, index=pd.MultiIndex.from_arrays([rank, action]))
+
+
+def _median_durations(events) -> pd.Series:
+    """Median over (step, microbatch) of each action's summed duration, indexed by (rank,
+    action)."""
+    t = action_totals(events)
+    return t.groupby(level=[0, 1]).median()
 
 
 def planned_frame(schedule: dict | None, events) -> pd.DataFrame | None:
@@ -236,9 +244,16 @@ def planned_frame(schedule: dict | None, events) -> pd.DataFrame | None:
     the median measured receive transfer."""
     if not schedule:
         return None
-    dur = _median_durations(events)
     rs = recv_split(events)
     latency = float(rs["transfer"].median()) if rs["matched"].any() else 0.0
+    return planned_from(schedule, _median_durations(events), latency)
+
+
+def planned_from(schedule: dict | None, dur: pd.Series, latency: float):
+    """planned_frame from its inputs: dur, the median duration per (rank, action); latency,
+    the median wire time (s)."""
+    if not schedule:
+        return None
 
     def cost(rank, a):
         return float(dur.get((rank, a.kind), 0.0)) if a.kind in ("fwd", "bwd", "opt") else 0.0
