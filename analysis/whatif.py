@@ -28,7 +28,7 @@ import pandas as pd
 from analysis.calibrate import KINDS, Calibration, calibrate
 from analysis.pages import small_pages
 from harness import schedule as S
-from harness.simulate import simulate
+from harness.schedule.simulate import simulate
 
 KEYS = {"schedule": "schedule", "pipeline.microbatches": "m", "m": "m",
         "pipeline.overlap": "overlap", "data.batch_size": "batch"}

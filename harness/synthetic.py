@@ -32,7 +32,7 @@ from . import runformat as F
 from . import schedule as S
 from .schedule import (BWD, BWD_IN, BWD_W, COMM, FWD, OPT, build, message,
                        placement_of, sending, to_json)
-from .simulate import simulate
+from .schedule.simulate import simulate
 
 EVENT_COLS, PEBBLE_COLS = list(F.EVENT_COLS), list(F.PEBBLE_COLS)
 MEMORY_COLS, STATS_COLS = list(F.MEMORY_COLS), list(F.STATS_COLS)

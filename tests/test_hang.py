@@ -7,7 +7,8 @@ import time
 import pandas as pd
 import pytest
 
-from harness import config, debug_knobs, hang, localdir, simulate
+from harness import config, debug_knobs, hang, localdir
+from harness.schedule import simulate
 from harness import schedule as S
 from harness.trace import ranges
 

@@ -18,7 +18,7 @@ from analysis.metrics import COMPUTE, recv_split, step_windows
 from analysis.plots.common import add_boxes
 from analysis.waits import send_split
 from harness.schedule import from_json
-from harness.simulate import simulate, to_frame
+from harness.schedule.simulate import simulate, to_frame
 
 LANE_GAP = 2.6  # y distance between ranks (two lanes of height ~1 plus a gap)
 
