@@ -305,7 +305,7 @@ def load_run(path) -> Run:
     d = Path(path)
     meta = _read_meta(d)
     warnings: list = []
-    from harness.heartbeat import judge
+    from harness.ops.heartbeat import judge
     died = judge(d, meta)
     if died:  # meta.json says running, but its processes are gone: say so (the file stays)
         meta = dict(meta, status="died", error={"type": "Died", "message": died})

@@ -24,9 +24,11 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import dir_bytes, launch, median_step_time
-from harness import config, malloc, stage
+from harness import config
+from harness.core import stage
+from harness.ops import malloc
 from harness import schedule as S
-from harness.executor import StageExecutor
+from harness.core.executor import StageExecutor
 from harness.trace import clock, open_trace
 
 

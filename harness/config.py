@@ -17,7 +17,7 @@ from typing import List, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from . import malloc
+from .ops import malloc
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 DEFAULT_EXPERIMENT = "deep_mlp"
@@ -146,7 +146,7 @@ class DebugCfg:
     clock_drift_ppm: float = doc("test knob: drift of that rank's clock, parts per million", 0.0)
     slow_rank: int = doc("test knob: rank made a straggler (-1 = none)", -1)
     slow_ms: float = doc("test knob: ... each of its blocks sleeps this long in forward and "
-                         "again in backward (harness/debug_knobs.py)", 0.0)
+                         "again in backward (harness/ops/debug_knobs.py)", 0.0)
     mismatch_rank: int = doc("test knob: this rank runs a wrong schedule (its first send moved "
                              "after the next receive), so the job hangs (-1 = never)", -1)
     mismatch_step: int = doc("test knob: ... in this step", 0)
@@ -165,7 +165,7 @@ class Config:
     threads: int = doc("torch threads per rank; 0 = cores / ranks on this host (at least 1)", 0)
     malloc: str = doc("keep: glibc keeps freed blocks under 32 MiB for the next tensor; "
                       "system: glibc's default, which returns them to the kernel, and each reuse "
-                      "pays a page fault per 4 KiB (harness/malloc.py)", "keep")
+                      "pays a page fault per 4 KiB (harness/ops/malloc.py)", "keep")
     quiet: bool = doc("no per-step progress line", False)
     schedule: str = doc("pipeline schedule: naive (m=1), gpipe, 1f1b, interleaved, zb_h1, zbv, dualpipev",
                         "naive")
@@ -410,7 +410,7 @@ def validate(cfg: Config, world_size: int) -> None:
     if cfg.trace.kineto:
         parse_steps(cfg.trace.kineto)
     if 0 <= cfg.debug.mismatch_rank < world_size:
-        from . import debug_knobs
+        from .ops import debug_knobs
         try:
             debug_knobs.mismatch(sched_mod.build(cfg.schedule, world_size, p.microbatches,
                                                  **schedule_flags(cfg))[cfg.debug.mismatch_rank])

@@ -5,7 +5,7 @@ communication; then rank 0 creates the run directory and shares it; then every r
 stage, writes its traces and stats while training, and rank 0 marks the run complete only after
 every rank has finished. An exception on any rank is printed once (by that rank), recorded in
 meta.json and brings the whole job down with MPI_Abort, so no rank is left blocked in a receive
-(harness/failure.py: the failure half of Run).
+(harness/ops/failure.py: the failure half of Run).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from importlib import metadata
 from pathlib import Path
 
 from . import config
-from .failure import Diverged, Failures, Stopped  # noqa: F401 - Stopped: raised here
+from .ops.failure import Diverged, Failures, Stopped  # noqa: F401 - Stopped: raised here
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,9 +29,9 @@ def main(argv: list[str] | None = None) -> int:
             print(w, file=sys.stderr, flush=True)
         print(config.help_text())
         return 0
-    from . import signals
+    from .ops import signals
     signals.block()  # before MPI and torch start threads: they inherit the blocked mask
-    from . import comm  # initialises MPI (only now: --help must work without it)
+    from .core import comm  # initialises MPI (only now: --help must work without it)
 
     rank, size = comm.rank_size()
     if rank == 0:
@@ -64,7 +64,7 @@ class Run(Failures):
         self.done = False
 
     def main(self) -> int:
-        from . import signals
+        from .ops import signals
         signals.Catcher(self.on_signal).start()
         try:
             if not self.setup_dir():
@@ -81,7 +81,8 @@ class Run(Failures):
 
     # -- setup --------------------------------------------------------------------------------
     def setup_dir(self) -> bool:
-        from . import comm, rundir
+        from .core import comm
+        from .ops import rundir
         decision = None
         if self.rank == 0:
             try:
@@ -94,7 +95,7 @@ class Run(Failures):
             if self.rank == 0:
                 print(f"harness.run: error: {error}", file=sys.stderr, flush=True)
             return False
-        from . import localdir
+        from .ops import localdir
         # run_path: the run directory's name, known everywhere; run_dir: the same, where this
         # rank can reach it through the file system (debug.no_shared_fs: rank 0 only)
         self.run_path = Path(path)
@@ -108,7 +109,7 @@ class Run(Failures):
         self.files = rundir.RankFiles(self.base, self.rank)
         # room to record a failure even when the disk fills up (rundir.mark_failed frees it)
         rundir.reserve(self.base, self.rank)
-        from .heartbeat import Heartbeat
+        from .ops.heartbeat import Heartbeat
         self.heartbeat = Heartbeat(self.base, self.rank, self.cfg.comm.timeout_s)
         if notice and self.rank == 0:
             print(notice, file=sys.stderr, flush=True)
@@ -118,14 +119,15 @@ class Run(Failures):
     def setup(self):
         import torch
 
-        from . import comm, debug_knobs, rundir, stage
+        from .core import comm, stage
+        from .ops import debug_knobs, rundir
         from . import schedule as S
         from .trace import clock as tclock
         from .trace import open_trace
 
         cfg, rank, size = self.cfg, self.rank, self.size
         self.start_time = rundir.now_iso()
-        from .malloc import apply as malloc_policy
+        from .ops.malloc import apply as malloc_policy
         self.malloc = malloc_policy(cfg.malloc)   # before the model's tensors come and go
         local_rank, local_size = comm.local_rank_size()
         threads = cfg.threads or max(1, config.cores_available() // local_size)
@@ -203,9 +205,9 @@ class Run(Failures):
         return guarded
 
     def _executor(self, layers, bounds, tracker, opt, device):
-        from . import stage
+        from .core import stage
         from . import schedule as S
-        from .executor import StageExecutor
+        from .core.executor import StageExecutor
         cfg, st = self.cfg, self.stage
         return StageExecutor(
             rank=self.rank, size=self.size, layers=layers, bounds=bounds,
@@ -219,7 +221,7 @@ class Run(Failures):
     def check_boundaries(self, st):
         """Every rank probed the boundary shapes itself; they must agree before the first step
         (a model whose blocks depend on something rank-local would otherwise hang or garble)."""
-        from . import comm
+        from .core import comm
         views = comm.allgather(st.boundary)
         bad = [r for r, v in enumerate(views) if v != views[0]]
         if bad:
@@ -227,7 +229,8 @@ class Run(Failures):
                              f"{views[0]}, rank {bad[0]} {views[bad[0]]}")
 
     def write_start_files(self, infos, bounds, cuda_aware):
-        from . import comm, rundir
+        from .core import comm
+        from .ops import rundir
         from . import schedule as S
         from .runformat import FORMAT
         cfg, d = self.cfg, self.run_dir
@@ -273,7 +276,7 @@ class Run(Failures):
             self.p2p.where.at(step, None)
             acts = actions
             if d.mismatch_rank == self.rank and d.mismatch_step == step:  # test knob: a hang
-                from .debug_knobs import mismatch
+                from .ops.debug_knobs import mismatch
                 acts = mismatch(actions)
             if self.kineto:
                 self.kineto.before(step)
@@ -315,7 +318,9 @@ class Run(Failures):
         print(f"[rank {self.rank}] {msg}", file=sys.stderr, flush=True)
 
     def finish(self):
-        from . import comm, rundir, runformat
+        from . import runformat
+        from .core import comm
+        from .ops import rundir
         if self.cfg.run.save_weights:
             import torch
             state = {gi: {k: v.detach().cpu() for k, v in blk.state_dict().items()}
@@ -348,7 +353,7 @@ class Run(Failures):
         rundir.release(self.base, self.rank)
         self._drop_report()
         if self.cfg.run.local_dir:
-            from .localdir import tidy
+            from .ops.localdir import tidy
             tidy(self.base, [])  # the scratch directory, if nothing is left in it
         if self.last:
             print(self.run_path, flush=True)
@@ -356,7 +361,8 @@ class Run(Failures):
     def transfer(self):
         """run.local_dir: every rank's files to rank 0's run directory over MPI (collective).
         A file that failed its check stays at its rank, and the run fails naming it."""
-        from . import comm, localdir
+        from .core import comm
+        from .ops import localdir
         out = localdir.gather(self.base, self.run_dir, self.rank, self.size, comm)
         if self.rank == 0 and out:
             raise RuntimeError("file transfer to the run directory failed (the files stay in "

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from harness.launch import mpirun
+from harness.ops.launch import mpirun
 
 REPO = Path(__file__).resolve().parent.parent
 

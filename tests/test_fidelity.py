@@ -9,9 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
-from harness import config, stage
+from harness import config
+from harness.core import stage
 from harness import schedule as S
-from harness.executor import StageExecutor
+from harness.core.executor import StageExecutor
 from harness.trace import clock as C
 from harness.trace import open_trace
 from helpers import SMALL, meta, ok, run_harness

@@ -7,7 +7,8 @@ import time
 import pandas as pd
 import pytest
 
-from harness import config, debug_knobs, hang, localdir
+from harness import config
+from harness.ops import debug_knobs, hang, localdir
 from harness.schedule import simulate
 from harness import schedule as S
 from harness.trace import ranges
@@ -124,7 +125,7 @@ def test_transfer_checks_size_and_checksum(tmp_path):
 
 
 class _Pipe:
-    """Two ranks' ends of harness.comm's transfer calls, in one process (rank 1 goes first)."""
+    """Two ranks' ends of harness.core.comm's transfer calls, in one process (rank 1 goes first)."""
     def __init__(self):
         self.q = []
 

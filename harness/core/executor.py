@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import hang
-from . import schedule as S
-from .models.base import set_recompute_observer
+from .. import schedule as S
+from ..models.base import set_recompute_observer
+from ..ops import hang
+from ..trace import ranges
 from .splitgrad import Split
-from .trace import ranges
 
 
 @dataclass
@@ -140,7 +140,7 @@ class StageExecutor:
             [c.clone() for c in y.to(self.device).chunk(self.m)] if self.last else None)
         del x, y
         # each action a profiler range named as torch.distributed.pipelining names it (Kineto,
-        # and NVTX on CUDA), and the hang report's "where" (harness.hang)
+        # and NVTX on CUDA), and the hang report's "where" (harness.ops.hang)
         rng = self.ranges
         where = self.p2p.where if hasattr(self.p2p, "where") else hang.Where()
         for a in actions:
@@ -294,7 +294,7 @@ class StageExecutor:
         else:
             self.st.in_grads[key] = g
 
-    # -- split backward (harness/splitgrad.py): B now, W later ------------------------------
+    # -- split backward (harness/core/splitgrad.py): B now, W later ------------------------------
     def backward_input(self, a):
         """B: the gradient of the chunk's input, sent upstream at once; the graph stays for W."""
         st, key = self.st, (a.chunk, a.mb)

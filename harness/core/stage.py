@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import model as mlp
-from .models import BlockModel, load_factory, param_counts, probe_shapes
-from .models import gpt as gpt_mod
-from .models import gpt_memory
+from ..models import BlockModel, load_factory, param_counts, probe_shapes
+from ..models import gpt as gpt_mod
+from ..models import gpt_memory
+from ..models import mlp
 
 
 @dataclass
@@ -100,8 +100,8 @@ def _split(cfg, costs, size):
 
 def placement(cfg, size):
     """Which global stages each rank holds (harness.schedule.Placement of the schedule)."""
-    from . import config
-    from . import schedule as S
+    from .. import config
+    from .. import schedule as S
     return S.placement_of(S.build(cfg.schedule, size, cfg.pipeline.microbatches,
                                   **config.schedule_flags(cfg)))
 

@@ -5,7 +5,7 @@ thread), or a blocking call that outlives comm.timeout_s (`on_timeout`, from the
 thread) ends the same way: the rank says it once (a traceback, or one line when the cause is
 known: a dead peer, another rank that failed first, a stop), records it in meta.json before
 anything else, copies its local files back where it can, and brings the job down with
-MPI_Abort. A hang is explained first (harness.hang): every rank that can still answer reports
+MPI_Abort. A hang is explained first (harness.ops.hang): every rank that can still answer reports
 what it is blocked on, and the lowest rank that asked prints one diagnosis.
 
 `Failures` is a mixin: it uses the Run's cfg, rank, size, run_dir, base, bases, files, tracer,
@@ -68,7 +68,7 @@ class Failures:
             time.sleep(0.1)
 
     def _reporter(self):
-        """This rank's hang report (harness.hang): written by the watchdog thread once the rank
+        """This rank's hang report (harness.ops.hang): written by the watchdog thread once the rank
         has been stuck in one action for `threshold` s; fresh for long enough that a rank that
         waits `hang_grace_s` after its own trigger still sees the others'."""
         from . import hang
@@ -121,14 +121,14 @@ class Failures:
         """MPI_Abort the job, a moment after this rank's last words: mpiexec kills every process
         at once, and a line still on its way through the launcher's stderr forwarding would be
         lost (seen: a rank's one-line error never reaching the terminal)."""
-        from . import comm
+        from ..core import comm
         sys.stderr.flush()
         time.sleep(0.3)
         comm.abort(code)
 
     def dead_peer(self) -> str | None:
         """'died: rank R last seen at step N, T s ago' if another rank's process is gone (its
-        heartbeat, harness.heartbeat.judge), else None."""
+        heartbeat, harness.ops.heartbeat.judge), else None."""
         from .heartbeat import judge
         if not self.run_dir:
             return None
@@ -164,7 +164,7 @@ class Failures:
 
     def explain_hang(self, trigger: str) -> str | None:
         """Watchdog or SIGUSR1: report what this rank is blocked on, wait for the others'
-        reports, and, if this is the lowest rank that asked, print one diagnosis (harness.hang).
+        reports, and, if this is the lowest rank that asked, print one diagnosis (harness.ops.hang).
         -> the diagnosis, or None when another rank gives it (or there is nothing to report)."""
         from . import hang
         wd = self.p2p.watchdog if self.p2p else None
@@ -187,8 +187,8 @@ class Failures:
         return diag
 
     def on_signal(self, name: str, signum: int):
-        """Signal thread (harness.signals): SIGTERM and friends end the run as a failure;
-        SIGUSR1 first explains what every rank is blocked on (harness.hang)."""
+        """Signal thread (harness.ops.signals): SIGTERM and friends end the run as a failure;
+        SIGUSR1 first explains what every rank is blocked on (harness.ops.hang)."""
         diag = self.explain_hang(name) if name == "SIGUSR1" and not self.done else None
         if not self.done:
             # mpirun terminates the survivors when a rank was killed: then name the dead rank

@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from .trace.clock import best_exchange
+from ..trace.clock import best_exchange
 
 WORLD = MPI.COMM_WORLD
 CLOCK_TAG = 32000  # pipeline tags are 2*mb (+1 for gradients), far below this
-FILE_TAG = 32001   # the end-of-run file transfer (harness.localdir)
+FILE_TAG = 32001   # the end-of-run file transfer (harness.ops.localdir)
 
 
 def rank_size() -> tuple[int, int]:
@@ -99,19 +99,19 @@ def _wire(t: torch.Tensor):
 class Watchdog(threading.Thread):
     """Aborts via `on_timeout(what)` when one blocking call lasts longer than `timeout_s`.
 
-    It also feeds the hang report (harness.hang): while the main thread has been in one action
+    It also feeds the hang report (harness.ops.hang): while the main thread has been in one action
     for longer than the reporter's threshold, it rewrites the rank's report every poll, so that
     whichever rank's watchdog fires first can read what every rank is blocked on."""
 
     def __init__(self, timeout_s: float, on_timeout):
-        from .hang import Where
+        from ..ops.hang import Where
         super().__init__(name="comm-watchdog", daemon=True)
         self.timeout_s, self.on_timeout = timeout_s, on_timeout
         # (deadline on time.monotonic, description, op, peer, tag, pair, step, mb) while in a
         # blocking call
         self.blocked = None
         self.where = Where()
-        self.reporter = None  # harness.hang.Reporter, set by the run once the directories exist
+        self.reporter = None  # harness.ops.hang.Reporter, set by the run once the directories exist
         self.poll = min(0.5, timeout_s / 10)
         self._since = time.monotonic()  # when the main thread entered its current action
         self._stop_evt = threading.Event()

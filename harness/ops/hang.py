@@ -23,7 +23,7 @@ import socket
 import time
 from pathlib import Path
 
-SIZE = 2048  # bytes of the in-place record (padded), like harness.heartbeat
+SIZE = 2048  # bytes of the in-place record (padded), like harness.ops.heartbeat
 
 
 def report_path(base: Path, rank: int) -> Path:

@@ -15,7 +15,7 @@ import os
 import time
 from pathlib import Path
 
-from .runformat import FORMAT, STATS_COLS, log_file, stats_file
+from ..runformat import FORMAT, STATS_COLS, log_file, stats_file
 
 
 def now_iso() -> str:

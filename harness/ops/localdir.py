@@ -99,7 +99,7 @@ def gather(base: Path, run_dir: Path | None, rank: int, size: int, comm) -> list
     """Collective: every rank's own files go to rank 0's run directory. -> on rank 0, the
     problems (one line each; empty = all arrived whole); on other ranks, the files they kept.
 
-    `comm`: harness.comm (send_obj/recv_obj/send_bytes/recv_bytes). Ranks take turns in rank
+    `comm`: harness.core.comm (send_obj/recv_obj/send_bytes/recv_bytes). Ranks take turns in rank
     order; each file: (rel, size, sha256) first, then its bytes in CHUNK-sized messages."""
     problems = []
     if rank == 0:
