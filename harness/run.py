@@ -18,7 +18,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from . import config
+from . import config, runformat
 from .ops.failure import Diverged, Failures, Stopped  # noqa: F401 - Stopped: raised here
 
 
@@ -104,7 +104,7 @@ class Run(Failures):
         # base: where this rank writes its own files (run.local_dir, or the run directory)
         self.base = localdir.base_dir(self.cfg.run.local_dir, self.run_path, self.run_path.name,
                                       self.rank, socket.gethostname())
-        (self.base / "ranks").mkdir(parents=True, exist_ok=True)
+        (self.base / runformat.RANKS_DIR).mkdir(parents=True, exist_ok=True)
         self.bases = [Path(b) for b in comm.allgather(str(self.base))]
         self.files = rundir.RankFiles(self.base, self.rank)
         # room to record a failure even when the disk fills up (rundir.mark_failed frees it)

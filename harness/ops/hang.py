@@ -23,11 +23,13 @@ import socket
 import time
 from pathlib import Path
 
+from .. import runformat
+
 SIZE = 2048  # bytes of the in-place record (padded), like harness.ops.heartbeat
 
 
 def report_path(base: Path, rank: int) -> Path:
-    return Path(base) / "ranks" / f"blocked.r{rank}.json"
+    return Path(base) / runformat.blocked_file(rank)
 
 
 class Where:
