@@ -82,7 +82,6 @@ def mismatch(actions: list) -> list:
     on rank 0 of the naive schedule, `fwd0 send_act0 recv_grad0` becomes
     `fwd0 recv_grad0 send_act0`, and rank 0 waits for a gradient while rank 1 waits for the
     activation: a cycle. ValueError when the rank never sends before receiving."""
-    from ..schedule import COMM
     role = [COMM[a.kind][1] if a.kind in COMM else None for a in actions]
     i = next((k for k, r in enumerate(role) if r in _SENDS), None)
     j = next((k for k in range(i + 1, len(role)) if role[k] in _RECEIVES), None) \

@@ -17,6 +17,8 @@ import socket
 import time
 from pathlib import Path
 
+import psutil
+
 from .. import runformat
 
 SIZE = 512          # bytes of the in-place record (padded with spaces)
@@ -28,7 +30,6 @@ def path(run_dir: Path, rank: int) -> Path:
 
 
 def _process_start(pid: int) -> float | None:
-    import psutil
     try:
         p = psutil.Process(pid)
         return None if p.status() == psutil.STATUS_ZOMBIE else p.create_time()
