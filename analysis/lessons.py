@@ -13,7 +13,8 @@ from omegaconf import OmegaConf
 
 from analysis import load_run, metrics, style
 from analysis.plots import detach_lesson, requires_grad_lesson
-from harness import config, model
+from harness import config
+from harness.models import mlp as model
 from harness.runformat import weights_file
 
 RUNS = ("deep_mlp", "no_requires_grad", "no_detach")

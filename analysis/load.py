@@ -21,7 +21,7 @@ truncated last line or batch, and explains every gap in `Run.warnings`. It raise
 RunFormatError, naming the file, only when the directory is not a run or a file is in a format
 it does not know. Damaged rows of a CSV file (a stray quote, too many or too few fields, a value
 that is not a number) are dropped and counted in a warning that names the file and their line
-numbers. A run whose meta.json says "running" but whose processes are gone (harness.heartbeat)
+numbers. A run whose meta.json says "running" but whose processes are gone (harness.ops.heartbeat)
 is reported as status "died".
 """
 from __future__ import annotations

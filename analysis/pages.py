@@ -25,7 +25,7 @@ def small_pages() -> bool:
     explicit choice in the environment wins: NUMPY_MADVISE_HUGEPAGE=1 keeps numpy's huge pages,
     ARROW_DEFAULT_MEMORY_POOL pyarrow's pool."""
     if "ARROW_DEFAULT_MEMORY_POOL" not in os.environ:
-        import pyarrow
+        import pyarrow  # here: small_pages() runs before anything large is imported
         pyarrow.set_memory_pool(pyarrow.system_memory_pool())
     if os.environ.get("NUMPY_MADVISE_HUGEPAGE", "") == "1":
         return True
@@ -38,5 +38,5 @@ def numpy_multiarray():
     try:
         from numpy._core import multiarray            # numpy >= 2
     except ImportError:                                 # pragma: no cover (numpy 1.x)
-        from numpy.core import multiarray
+        from numpy.core import multiarray  # numpy 1.x's name for it
     return multiarray

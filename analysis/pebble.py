@@ -39,6 +39,7 @@ from analysis.plots import draw_memory, pebble_graph, timeline  # noqa: E402
 from analysis.plots.common import columns_for  # noqa: E402
 from analysis.plots.memory import SIZE as MEMORY_SIZE  # noqa: E402
 from analysis.plots.timeline import planned_from  # noqa: E402
+from analysis.runmeta import ranges  # noqa: E402
 from analysis.scan import open_run  # noqa: E402
 from analysis.tracefile import RunFormatError  # noqa: E402
 
@@ -367,7 +368,6 @@ class _KinetoRun:
 
 
 def _spans(steps: list) -> str:
-    from analysis.runmeta import ranges
     return ranges(sorted(set(steps)))
 
 

@@ -10,7 +10,7 @@ import pandas as pd
 
 from analysis.calibrate import KINDS, Calibration
 from harness import schedule as S
-from harness.simulate import simulate
+from harness.schedule.simulate import simulate
 
 
 @dataclass

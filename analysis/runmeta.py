@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.tracefile import RunFormatError, parse_rows
-from harness.heartbeat import judge
+from harness.ops.heartbeat import judge
 from harness.runformat import FORMATS, STATS_COLS
 
 STATS_DTYPES = {c: "int64" if c in ("step", "rank") else "float64" for c in STATS_COLS}
@@ -17,7 +17,7 @@ STATS_DTYPES = {c: "int64" if c in ("step", "rank") else "float64" for c in STAT
 
 def read_meta(d: Path) -> tuple[dict, list]:
     """meta.json -> (meta, warnings): a run whose meta.json says "running" but whose processes
-    are gone (harness.heartbeat) gets status "died"; a run that is not complete, a warning."""
+    are gone (harness.ops.heartbeat) gets status "died"; a run that is not complete, a warning."""
     mp = d / "meta.json"
     if not d.is_dir() or not mp.exists():
         raise RunFormatError(f"{mp}: not a run directory (no meta.json)")

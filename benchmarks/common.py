@@ -5,7 +5,7 @@ import csv
 import statistics
 from pathlib import Path
 
-from harness.launch import launch  # noqa: F401 - re-exported for the benchmarks
+from harness.ops.launch import launch  # noqa: F401 - re-exported for the benchmarks
 
 
 def median_step_time(run_dir: Path, skip: int = 1) -> float:

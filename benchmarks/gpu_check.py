@@ -54,7 +54,7 @@ class Report:
 
 
 def _launch(out: Path, name: str, args: list[str]) -> Path:
-    from harness.launch import launch
+    from harness.ops.launch import launch
     return launch(2, ["device=cuda", f"train.steps={STEPS}", *args], out / name, timeout=600)
 
 

@@ -24,15 +24,17 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import dir_bytes, launch, median_step_time
-from harness import config, malloc, stage
+from harness import config
 from harness import schedule as S
-from harness.executor import StageExecutor
+from harness.core import stage
+from harness.core.executor import StageExecutor
+from harness.ops import malloc
 from harness.trace import clock, open_trace
 
 
 def interleaved(steps: int, overrides: list[str], ranks: int) -> tuple[float, float, float]:
     """(median traced step, median untraced step, median per-step ratio), seconds."""
-    cfg = config.load(overrides, world_size=1)
+    cfg, sched = config.load_with_schedule(overrides, world_size=1)
     # the threads one rank of a `ranks`-rank run gets on this host
     torch.set_num_threads(cfg.threads or max(1, config.cores_available() // ranks))
     malloc.apply(cfg.malloc)   # as harness.run does
@@ -41,7 +43,7 @@ def interleaved(steps: int, overrides: list[str], ranks: int) -> tuple[float, fl
     # backward, SGD step, with every hook the harness installs; no MPI
 
     def make(traced: bool, tmp: Path):
-        st = stage.build(cfg, 0, 1, rows)
+        st = stage.build(cfg, 0, sched.placement, rows)
         opt = torch.optim.SGD(st.layers.parameters(), lr=cfg.train.lr,
                               momentum=cfg.train.momentum)
         clk = clock.Clock()
@@ -50,11 +52,9 @@ def interleaved(steps: int, overrides: list[str], ranks: int) -> tuple[float, fl
             torch.device("cpu"), cfg.trace.sample_interval_ms / 1000)
         if sampler:
             sampler.start()
-        ex = StageExecutor(rank=0, size=1, layers=st.layers, bounds=st.bounds[0],
-                           n_layers=st.n_blocks, loss=st.loss, data=st.data, recv=st.recv,
-                           p2p=None, tracer=tracer, tracker=tracker, optimizer=opt,
-                           device=torch.device("cpu"), pipeline=cfg.pipeline, train=cfg.train,
-                           trace=cfg.trace, debug=cfg.debug, names=st.names,
+        ex = StageExecutor(st, sched, 0, p2p=None, tracer=tracer, tracker=tracker,
+                           optimizer=opt, device=torch.device("cpu"), pipeline=cfg.pipeline,
+                           train=cfg.train, trace=cfg.trace,
                            autocast=lambda: stage.autocast(cfg))
         return ex, tracer, sampler
 

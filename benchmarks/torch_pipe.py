@@ -1,9 +1,9 @@
 """The same model, split the same way, trained with torch.distributed.pipelining (the peer).
 
 Launched by benchmarks/schedules.py as `torchrun --nproc-per-node P -m benchmarks.torch_pipe
-SCHEDULE M STEPS OUT.json key=value...` (gloo on CPU). Builds each stage with harness.stage (same
-blocks, init, data, split and thread count as our runs, for the MLP, the GPT or a factory model),
-runs PyTorch's class for our schedule (PEER below), then the optimizer and the gradient and
+SCHEDULE M STEPS OUT.json key=value...` (gloo on CPU). Builds each stage with harness.core.stage
+(same blocks, init, data, split and thread count as our runs, for the MLP, the GPT or a factory
+model), runs PyTorch's class for our schedule (PEER below), then the optimizer and the gradient and
 update norms our runs record every step (the same work per step on both sides), and writes
 per-step wall times (max over ranks) and the losses to OUT.json from rank 0.
 
@@ -23,10 +23,10 @@ from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleG
                                            ScheduleDualPipeV, ScheduleInterleaved1F1B,
                                            ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble)
 
-from harness import config, malloc
-from harness.executor import step_norms
-from harness.stage import build as build_stage
-from harness.stage import placement
+from harness import config
+from harness.core.executor import step_norms
+from harness.core.stage import build as build_stage
+from harness.ops import malloc
 
 # our schedule -> PyTorch's class. zb_h1 is the zero-bubble paper's ZB-H1, which PyTorch runs as
 # ScheduleInterleavedZeroBubble (the paper's ZB1P) with one stage per rank: the same F, B and W
@@ -41,13 +41,13 @@ def main(schedule: str, m: int, steps: int, out: str, overrides: list[str]):
     dist.init_process_group("gloo")
     rank, size = dist.get_rank(), dist.get_world_size()
     # our config for the same case: its schedule and m fix the placement and microbatch size
-    cfg = config.load([*overrides, f"schedule={schedule}", f"pipeline.microbatches={m}"],
-                      world_size=size)
+    cfg, ours = config.load_with_schedule(
+        [*overrides, f"schedule={schedule}", f"pipeline.microbatches={m}"], world_size=size)
     torch.set_num_threads(cfg.threads or max(1, config.cores_available() // size))
-    malloc.apply(cfg.malloc)   # the allocator policy ours runs under (harness/malloc.py)
-    # the same stage as ours (harness.stage: any model, same split, init and data)
-    st = build_stage(cfg, rank, size, cfg.data.batch_size // m)
-    pl = placement(cfg, size)
+    malloc.apply(cfg.malloc)   # the allocator policy ours runs under (harness/ops/malloc.py)
+    # the same stage as ours (harness.core.stage: any model, same split, init and data)
+    pl = ours.placement
+    st = build_stage(cfg, rank, pl, cfg.data.batch_size // m)
     n_stages = pl.p * pl.v
     mods, stages, i = [], [], 0
     for c, (first, end) in enumerate(st.chunks):   # st.layers: all chunks' blocks, in order

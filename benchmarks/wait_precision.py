@@ -4,7 +4,7 @@
 Runs `mpirun -n 2` on itself. Rank 1 posts a receive and tells rank 0, which busy-computes for
 a delay (log-uniform, 20 µs .. 20 ms: the short waits of a deep pipeline and the long ones of a
 naive one) and then sends, stamping the message with its clock (CLOCK_MONOTONIC, one clock for
-both processes on one host). Rank 1 waits with harness.comm.Waiter in each comm.wait mode and
+both processes on one host). Rank 1 waits with harness.core.comm.Waiter in each comm.wait mode and
 stamps the completion; lateness = completion - send stamp. Under `spin` that is MPI's transfer
 time; what another mode adds to it is how late its completion timestamps are (the precision of
 the trace's receive ends) and the latency it puts on the pipeline's critical path. CPU is
@@ -27,7 +27,7 @@ MODES = [("spin", {}), ("sleep", {"poll_us": 50}),
 def worker(n: int, nbytes: int) -> None:
     from mpi4py import MPI
 
-    from harness.comm import Waiter
+    from harness.core.comm import Waiter
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
     rng = np.random.default_rng(0)
@@ -84,7 +84,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.worker:
         return worker(a.messages, a.bytes)
-    from harness.launch import mpirun
+    from harness.ops.launch import mpirun
     cmd = [mpirun(), "-n", "2", sys.executable, "-m", "benchmarks.wait_precision", "--worker",
            f"--messages={a.messages}", f"--bytes={a.bytes}"]
     return subprocess.run(cmd, check=True).returncode

@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from analysis import gpt_memory as gm  # noqa: E402
 from analysis import load_run, style  # noqa: E402
-from harness.launch import launch  # noqa: E402
+from harness.ops.launch import launch  # noqa: E402
 
 B, HEADS = 4, 4
 

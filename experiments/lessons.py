@@ -15,7 +15,7 @@ import datetime as dt
 from pathlib import Path
 
 from analysis import lessons
-from harness.launch import launch
+from harness.ops.launch import launch
 
 
 def main(argv=None) -> int:

@@ -46,7 +46,7 @@ from pathlib import Path
 import pandas as pd
 
 from harness.config import cores_available
-from harness.rundir import write_atomic, write_json
+from harness.ops.rundir import write_atomic, write_json
 
 INDEX = "sweep.csv"
 _SPECIAL = ("ranks", "tag", "repeats")  # point fields that are not config overrides (nor exp)
@@ -167,8 +167,8 @@ def load_spec(path) -> dict:
 
 def status_of(run_dir: Path) -> str:
     """complete | failed | running | died | missing, from the run's meta.json (the harness's
-    word), where "running" whose processes are gone (harness.heartbeat) is "died"."""
-    from harness.heartbeat import judge
+    word), where "running" whose processes are gone (harness.ops.heartbeat) is "died"."""
+    from harness.ops.heartbeat import judge
     try:
         meta = json.loads((run_dir / "meta.json").read_text())
     except (OSError, json.JSONDecodeError):
@@ -178,7 +178,7 @@ def status_of(run_dir: Path) -> str:
 
 def meta_error(run_dir: Path) -> str:
     """The failure meta.json records (or the heartbeats tell), one line; "" if none."""
-    from harness.heartbeat import judge
+    from harness.ops.heartbeat import judge
     try:
         meta = json.loads((run_dir / "meta.json").read_text())
     except (OSError, json.JSONDecodeError):
@@ -247,9 +247,9 @@ def run_sweep(spec: dict, out, launcher=None, ncores: int | None = None, log=Non
     """Run every point not yet complete into `out`; returns the index (also sweep.csv).
 
     `launcher(ranks, args, run_dir, timeout)` runs one job and raises on failure (default
-    harness.launch.launch: one mpirun, never a sweep inside mpirun); tests inject a fake."""
+    harness.ops.launch.launch: one mpirun, never a sweep inside mpirun); tests inject a fake."""
     if launcher is None:
-        from harness.launch import launch as launcher
+        from harness.ops.launch import launch as launcher
     out = Path(out)
     log = log or (lambda s, end="\n": print(s, end=end, file=sys.stderr, flush=True))
     ncores = ncores or cores_available()

@@ -14,10 +14,12 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import List, Optional
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from . import malloc
+from . import schedule as S
+from .ops import debug_knobs, malloc
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 DEFAULT_EXPERIMENT = "deep_mlp"
@@ -146,7 +148,7 @@ class DebugCfg:
     clock_drift_ppm: float = doc("test knob: drift of that rank's clock, parts per million", 0.0)
     slow_rank: int = doc("test knob: rank made a straggler (-1 = none)", -1)
     slow_ms: float = doc("test knob: ... each of its blocks sleeps this long in forward and "
-                         "again in backward (harness/debug_knobs.py)", 0.0)
+                         "again in backward (harness/ops/debug_knobs.py)", 0.0)
     mismatch_rank: int = doc("test knob: this rank runs a wrong schedule (its first send moved "
                              "after the next receive), so the job hangs (-1 = never)", -1)
     mismatch_step: int = doc("test knob: ... in this step", 0)
@@ -165,7 +167,7 @@ class Config:
     threads: int = doc("torch threads per rank; 0 = cores / ranks on this host (at least 1)", 0)
     malloc: str = doc("keep: glibc keeps freed blocks under 32 MiB for the next tensor; "
                       "system: glibc's default, which returns them to the kernel, and each reuse "
-                      "pays a page fault per 4 KiB (harness/malloc.py)", "keep")
+                      "pays a page fault per 4 KiB (harness/ops/malloc.py)", "keep")
     quiet: bool = doc("no per-step progress line", False)
     schedule: str = doc("pipeline schedule: naive (m=1), gpipe, 1f1b, interleaved, zb_h1, zbv, dualpipev",
                         "naive")
@@ -184,7 +186,6 @@ class Config:
 
 def read_yaml(path: Path):
     """OmegaConf.load, with a YAML syntax error as a one-line ConfigError naming file:line:col."""
-    import yaml
     try:
         return OmegaConf.load(path)
     except yaml.YAMLError as e:
@@ -241,6 +242,12 @@ def _section_keys(full_key: str) -> list[str]:
 
 def load(argv: list[str], world_size: int = 1) -> Config:
     """Compose the config from `exp=NAME` and `key=value` arguments and validate it."""
+    return load_with_schedule(argv, world_size)[0]
+
+
+def load_with_schedule(argv: list[str], world_size: int = 1) -> tuple[Config, S.Schedule]:
+    """`load`, and the schedule validating it built (harness.schedule.build): the run's one
+    Schedule object, built once."""
     overrides, exp = [], DEFAULT_EXPERIMENT
     for arg in argv:
         if "=" not in arg or arg.startswith(("+", "~", "-")):
@@ -273,8 +280,7 @@ def load(argv: list[str], world_size: int = 1) -> Config:
         want = next((type(d).__name__ for k, _, d in keys() if k == key and d is not None), "")
         msg = str(e).splitlines()[0]
         raise ConfigError(f"{key}: {msg}" + (f" (expected {want})" if want else "")) from None
-    validate(cfg, world_size)
-    return cfg
+    return cfg, validate(cfg, world_size)
 
 
 def _experiment_chain(exp: str, known) -> list:
@@ -307,10 +313,9 @@ def _check(cond: bool, msg: str):
         raise ConfigError(msg)
 
 
-def validate(cfg: Config, world_size: int) -> None:
-    """Semantic checks that types alone cannot express. Raises ConfigError."""
-    from . import schedule as sched_mod  # local: schedule imports nothing from here
-
+def validate(cfg: Config, world_size: int) -> S.Schedule:
+    """Semantic checks that types alone cannot express. Raises ConfigError. -> the schedule of
+    the config for `world_size` ranks (building it is one of the checks)."""
     t, d, m, p = cfg.train, cfg.data, cfg.model, cfg.pipeline
     for key, _, default in keys():  # inf and nan parse as floats; no float key allows them
         v = _get(cfg, key)
@@ -346,7 +351,7 @@ def validate(cfg: Config, world_size: int) -> None:
     _check(cfg.device in ("auto", "cpu", "cuda"), f"device={cfg.device!r}: allowed auto, cpu, cuda")
     _check(cfg.precision in ("fp32", "bf16"), f"precision={cfg.precision!r}: allowed fp32, bf16")
     if cfg.device == "cuda":
-        import torch
+        import torch  # heavy: only to check device=cuda (--help and the rest never need it)
         _check(torch.cuda.is_available(), "device=cuda: CUDA is not available here (no GPU, or a "
                "CPU build of torch); use device=auto or device=cpu")
     _check(cfg.threads >= 0, f"threads={cfg.threads}: must be >= 0 (0 = automatic)")
@@ -388,10 +393,10 @@ def validate(cfg: Config, world_size: int) -> None:
     _check(p.microbatches >= 1, f"pipeline.microbatches={p.microbatches}: must be >= 1")
     _check(d.batch_size % p.microbatches == 0,
            f"pipeline.microbatches={p.microbatches}: must divide data.batch_size={d.batch_size}")
-    _check(cfg.schedule in sched_mod.SCHEDULES,
-           f"schedule={cfg.schedule!r}: allowed {', '.join(sched_mod.SCHEDULES)}")
+    _check(cfg.schedule in S.SCHEDULES,
+           f"schedule={cfg.schedule!r}: allowed {', '.join(S.SCHEDULES)}")
     try:
-        sched_mod.build(cfg.schedule, world_size, p.microbatches, **schedule_flags(cfg))
+        sched = S.build(cfg.schedule, world_size, p.microbatches, p.overlap, p.virtual)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     # run.dir is checked by rank 0 when it creates the directory (rundir.choose): checking it
@@ -410,16 +415,15 @@ def validate(cfg: Config, world_size: int) -> None:
     if cfg.trace.kineto:
         parse_steps(cfg.trace.kineto)
     if 0 <= cfg.debug.mismatch_rank < world_size:
-        from . import debug_knobs
         try:
-            debug_knobs.mismatch(sched_mod.build(cfg.schedule, world_size, p.microbatches,
-                                                 **schedule_flags(cfg))[cfg.debug.mismatch_rank])
+            debug_knobs.mismatch(sched[cfg.debug.mismatch_rank])
         except ValueError as e:
             raise ConfigError(f"debug.mismatch_rank={cfg.debug.mismatch_rank}: {e}") from None
     for k in ("fail_rank", "stall_rank", "clock_rank", "slow_rank", "mismatch_rank"):
         v = getattr(cfg.debug, k)
         _check(-1 <= v < world_size, f"debug.{k}={v}: no such rank in a world of {world_size} "
                f"(-1 = off)")
+    return sched
 
 
 def parse_steps(text: str) -> tuple[int, int]:
@@ -430,11 +434,6 @@ def parse_steps(text: str) -> tuple[int, int]:
         raise ConfigError(f"trace.kineto={text!r}: expected START:END (steps, e.g. 2:3)") from None
     _check(0 <= a <= b, f"trace.kineto={text!r}: need 0 <= START <= END")
     return a, b
-
-
-def schedule_flags(cfg: Config) -> dict:
-    """Keyword arguments of schedule.build that come from the config."""
-    return {"overlap": cfg.pipeline.overlap, "virtual": cfg.pipeline.virtual}
 
 
 def to_yaml(cfg: Config) -> str:

@@ -93,6 +93,31 @@ def weights_file(rank: int) -> str:
     return f"{RANKS_DIR}/weights.r{rank}.pt"
 
 
+def heartbeat_file(rank: int) -> str:
+    """Rewritten in place every step (harness.ops.heartbeat)."""
+    return f"{RANKS_DIR}/heartbeat.r{rank}.json"
+
+
+# A rank's scratch, never part of a finished run directory: its hang report (harness.ops.hang,
+# deleted at a clean end) and the disk space it holds back to record a failure (harness.ops.rundir)
+def blocked_file(rank: int) -> str:
+    return f"{RANKS_DIR}/blocked.r{rank}.json"
+
+
+def reserve_file(rank: int) -> str:
+    return f"{RANKS_DIR}/.reserve.r{rank}"
+
+
+RESERVE_GLOB = f"{RANKS_DIR}/.reserve.r*"      # every rank's reserve
+RANK_DIRS = (RANKS_DIR, TRACE_DIR)             # where a rank writes its own files
+
+
+def rank_file_pattern(rank: int) -> re.Pattern:
+    """Names (in RANK_DIRS) of the files rank `rank` writes for the run directory,
+    `<kind>.r<R>.<ext>` and `rank<R>.log`, its scratch excluded."""
+    return re.compile(rf"^(?!\.reserve|blocked)[\w.-]*\.r{rank}\.\w+$|^rank{rank}\.log$")
+
+
 # -- messages -------------------------------------------------------------------------------
 # A pipeline message is one stream ("act" flows stage s -> s+1, "grad" flows s+1 -> s) for one
 # microbatch. Its MPI tag and its pair id (which joins the send row to the receive row in the

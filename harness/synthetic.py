@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ from . import runformat as F
 from . import schedule as S
 from .schedule import (BWD, BWD_IN, BWD_W, COMM, FWD, OPT, Action, build, message,
                        placement_of, sending, to_json)
-from .simulate import simulate
+from .schedule.simulate import _cost, _run, _static, simulate
 from .trace.writer import write_frame
 
 EVENT_COLS, PEBBLE_COLS = list(F.EVENT_COLS), list(F.PEBBLE_COLS)
@@ -270,9 +271,6 @@ def _continuous(sched, pl, steps: int, m: int, cost, xfer) -> list:
     """`steps` copies of the schedule run back to back on each rank (microbatch k of step s
     simulated as s*m + k), as one harness.simulate run -> per step, its actions (PlannedOp,
     times since the first step's start) with their microbatches of the step."""
-    from dataclasses import replace
-
-    from .simulate import _cost, _run, _static
     _static(sched)
     multi = S.Schedule([[Action(a.kind, a.mb + k * m if a.mb >= 0 else -1, a.chunk)
                          for k in range(steps) for a in acts] for acts in sched], pl)

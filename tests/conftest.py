@@ -8,7 +8,7 @@ import pytest
 # tests/ on sys.path so tests can `import helpers`
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-# What launches real MPI jobs: the harness under mpirun (helpers.run_harness, harness.launch),
+# What launches real MPI jobs: the harness under mpirun (helpers.run_harness, harness.ops.launch),
 # or a sweep with its real launcher. A test whose own code or any of its fixtures' code
 # says one of these gets the `mpi` marker, so `pytest -m "not mpi"` is the fast, pure tier; so
 # does every test of a `*_mpi.py` module (where launching hides in a helper class).

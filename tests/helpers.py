@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from harness.launch import mpirun
+from harness.ops.launch import mpirun
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -43,71 +43,6 @@ def trace_frame(run_dir, kind: str, rank: int):
     t = read_table(p, kind, [])
     return t.to_pandas().astype({c: object for c in t.column_names
                                  if str(t.schema.field(c).type).startswith("dictionary")})
-
-
-def import_graph(package: str) -> dict:
-    """module -> the modules of `package` it imports, from the source (ast): every import
-    statement, at the top of the file or inside a function."""
-    import ast
-    root = REPO / package
-    mods = {}
-    for f in root.rglob("*.py"):
-        parts = f.relative_to(REPO).with_suffix("").parts
-        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-        mods[name] = f
-    graph = {m: set() for m in mods}
-    for m, f in mods.items():
-        here = m.split(".") if f.name == "__init__.py" else m.split(".")[:-1]
-        for node in ast.walk(ast.parse(f.read_text())):
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    up = here[:len(here) - node.level + 1]
-                    base = ".".join(up + ([node.module] if node.module else []))
-                # `from pkg import mod` imports the module; `from mod import name`, the module
-                subs = [f"{base}.{a.name}" for a in node.names]
-                names = [x for x in subs if x in mods] or [base]
-            else:
-                continue
-            for n in names:
-                if n in mods and n != m:
-                    graph[m].add(n)
-    return graph
-
-
-def import_cycles(package: str) -> list:
-    """The import cycles among `package`'s modules (import_graph), as sorted module lists."""
-    import sys as _sys
-    graph = import_graph(package)
-    index, low, stack, on, out = {}, {}, [], set(), []
-    _sys.setrecursionlimit(max(_sys.getrecursionlimit(), 10_000))
-
-    def visit(v):
-        index[v] = low[v] = len(index)
-        stack.append(v)
-        on.add(v)
-        for w in graph[v]:
-            if w not in index:
-                visit(w)
-                low[v] = min(low[v], low[w])
-            elif w in on:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            comp = []
-            while True:
-                w = stack.pop()
-                on.discard(w)
-                comp.append(w)
-                if w == v:
-                    break
-            if len(comp) > 1:
-                out.append(sorted(comp))
-    for v in sorted(graph):
-        if v not in index:
-            visit(v)
-    return out
 
 
 def ok(proc) -> Path:

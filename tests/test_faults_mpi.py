@@ -18,8 +18,8 @@ import pytest
 from helpers import REPO, SMALL, meta, run_harness
 
 from analysis import load_run
-from harness import heartbeat
-from harness.launch import mpirun
+from harness.ops import heartbeat
+from harness.ops.launch import mpirun
 
 LONG = ["train.steps=100000", "comm.timeout_s=30"]
 # the `job` fixture launches mpirun through Job, which conftest's source scan cannot see

@@ -9,9 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
-from harness import config, stage
+from harness import config
 from harness import schedule as S
-from harness.executor import StageExecutor
+from harness.core import stage
+from harness.core.executor import StageExecutor
 from harness.trace import clock as C
 from harness.trace import open_trace
 from helpers import SMALL, meta, ok, run_harness, trace_frame
@@ -78,18 +79,16 @@ def test_no_detach_counts_the_kept_input_gradient(tmp_path):
 
 def _single_stage(overrides, tmp_path, timer=None):
     """Stage 0 of SMALL run as a one-rank pipeline (no MPI), traced into tmp_path."""
-    cfg = config.load([*SMALL, *overrides], world_size=1)
-    st = stage.build(cfg, 0, 1, cfg.data.batch_size // cfg.pipeline.microbatches)
-    layers, bounds = st.layers, st.bounds[0]
+    cfg, sched = config.load_with_schedule([*SMALL, *overrides], world_size=1)
+    st = stage.build(cfg, 0, sched.placement, cfg.data.batch_size // cfg.pipeline.microbatches)
+    layers = st.layers
     opt = torch.optim.SGD(layers.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum)
     clk = C.Clock()
     tracker, tracer, _, _ = open_trace(True, tmp_path, 0, timer or C.HostTimer(clk), clk.now,
                                        layers.parameters(), torch.device("cpu"), 1.0)
-    ex = StageExecutor(rank=0, size=1, layers=layers, bounds=bounds, n_layers=st.n_blocks,
-                       loss=st.loss, data=st.data, recv=st.recv, p2p=None, tracer=tracer,
-                       tracker=tracker, optimizer=opt, device=torch.device("cpu"),
-                       pipeline=cfg.pipeline, train=cfg.train, trace=cfg.trace, debug=cfg.debug)
-    sched = S.build(cfg.schedule, 1, cfg.pipeline.microbatches)
+    ex = StageExecutor(st, sched, 0, p2p=None, tracer=tracer, tracker=tracker, optimizer=opt,
+                       device=torch.device("cpu"), pipeline=cfg.pipeline, train=cfg.train,
+                       trace=cfg.trace)
     return ex, tracer, sched[0]
 
 

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from harness import config, stage
+from harness import config
+from harness.core import stage
 from helpers import losses, meta, ok, run_harness, trace_frame, weights
 
 # 4 blocks (embedding, 2 transformer blocks, head): small enough for ~import-time runs
@@ -131,7 +132,7 @@ def test_balance_by_measured_time_is_agreed_and_recorded(tmp_path):
     mt = meta(d)
     costs = mt["model"]["balance_costs"]
     assert mt["model"]["balance"] == "time" and len(costs) == 4 and all(c > 0 for c in costs)
-    from harness.model import partition
+    from harness.models.mlp import partition
     assert [list(b) for b in partition(costs, 2)] == mt["split"]
     one = ok(run_harness(None, *GPT, f"run.dir={tmp_path / 'one'}"))
     assert losses(d) == losses(one)           # any split trains the same model

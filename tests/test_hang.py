@@ -7,8 +7,11 @@ import time
 import pandas as pd
 import pytest
 
-from harness import config, debug_knobs, hang, localdir, simulate
+from harness import config
 from harness import schedule as S
+from harness.ops import debug_knobs, hang, localdir
+from harness.ops.watchdog import Where
+from harness.schedule import simulate
 from harness.trace import ranges
 
 
@@ -44,7 +47,7 @@ def test_diagnosis_names_the_missing_peer_and_the_busy_one():
 def test_reports_are_written_in_place_and_only_fresh_ones_count(tmp_path):
     bases = [tmp_path / "a", tmp_path / "b"]
     reps = [hang.Reporter(bases[r], r, bases, threshold=0.1, fresh_s=5) for r in (0, 1)]
-    w = hang.Where()
+    w = Where()
     w.at(2, S.Action(S.RECV_GRAD, 0))
     reps[0].write(w, _b("recv", 1, "G2.0.1>0"), 3.0, trigger="watchdog")
     reps[0].write(w, _b("recv", 1, "G2.0.1>0"), 3.5)           # the trigger sticks
@@ -70,6 +73,30 @@ def test_the_mismatch_knob_makes_a_schedule_that_deadlocks():
             simulate.check(bad)
     with pytest.raises(config.ConfigError, match="debug.mismatch_rank=1: this rank's schedule"):
         config.load(["debug.mismatch_rank=1"], world_size=2)
+
+
+def test_the_step_knobs_wrap_the_executor_from_outside():
+    """debug.fail_*, stall_* and mismatch_* act in front of the executor's run_step, on their
+    rank and step only; with none of them on this rank the executor runs unwrapped."""
+    class Executor:
+        actions = S.build("naive", 2, 1)[0]
+
+        def run_step(self, step, actions=None):
+            self.ran = (step, actions)
+            return {}
+    ex = Executor()
+    off = config.load([], world_size=2).debug
+    assert debug_knobs.wrap(ex, off, 0) is ex
+    d = config.load(["debug.fail_rank=1", "debug.fail_step=2", "debug.mismatch_rank=0",
+                     "debug.mismatch_step=1"], world_size=2).debug
+    assert debug_knobs.wrap(ex, d, 1).run_step(1) == {} and ex.ran == (1, None)
+    with pytest.raises(RuntimeError, match="injected failure on rank 1 at step 2"):
+        debug_knobs.wrap(ex, d, 1).run_step(2)
+    knobbed = debug_knobs.wrap(ex, d, 0)
+    knobbed.run_step(0)
+    assert ex.ran == (0, None)
+    knobbed.run_step(1)
+    assert ex.ran == (1, debug_knobs.mismatch(Executor.actions))
 
 
 def test_kineto_steps_are_parsed_as_text():
@@ -123,7 +150,7 @@ def test_transfer_checks_size_and_checksum(tmp_path):
 
 
 class _Pipe:
-    """Two ranks' ends of harness.comm's transfer calls, in one process (rank 1 goes first)."""
+    """Two ranks' ends of harness.core.comm's transfer calls, in one process (rank 1 goes first)."""
     def __init__(self):
         self.q = []
 

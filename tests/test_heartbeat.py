@@ -1,11 +1,11 @@
-"""harness.heartbeat.judge on hand-made run directories: dead only when it must be."""
+"""harness.ops.heartbeat.judge on hand-made run directories: dead only when it must be."""
 import json
 import os
 import socket
 
 import psutil
 
-from harness import heartbeat
+from harness.ops import heartbeat
 
 
 def _run(tmp_path, host, pid, start, t, step=4, step_time=0.5, status="running"):

@@ -1,4 +1,4 @@
-"""harness/malloc.py: `malloc=keep` must really keep freed blocks in the process.
+"""harness/ops/malloc.py: `malloc=keep` must really keep freed blocks in the process.
 
 The independent check is the kernel's count of minor page faults (getrusage): a block that
 glibc handed back to the kernel faults again, page by page, when the next tensor touches it."""
@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from harness import malloc
+from harness.ops import malloc
 
 # Plain PyTorch, in a fresh interpreter (mallopt is per process): an 8 x 1024 MLP trained on one
 # thread. Each step frees its 4 MiB weight gradients (zero_grad) and activations, and makes
@@ -19,7 +19,7 @@ from harness import malloc
 # with glibc's sliding mmap threshold (CI saw a median of 4,064); `keep` keeps them (0-1).
 PROBE = r"""
 import json, resource, sys, torch
-from harness import malloc
+from harness.ops import malloc
 state = malloc.apply(sys.argv[1])
 torch.set_num_threads(1)
 torch.manual_seed(0)

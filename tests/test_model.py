@@ -4,7 +4,8 @@ import itertools
 import pytest
 import torch
 
-from harness import config, model
+from harness import config
+from harness.models import mlp as model
 
 
 def brute_force_best(costs, p):

@@ -1,6 +1,6 @@
 """precision=bf16 (CPU autocast): the split run equals one process bit for bit, bf16 boundary
 tensors travel at half the bytes, and the pebbles each stage holds equal the bytes derived from
-the code (harness/model.py activation_bytes, harness/models/gpt_memory.py with dtype_bytes=2)."""
+the code (harness/models/mlp.py activation_bytes, harness/models/gpt_memory.py with dtype_bytes=2)."""
 import pytest
 
 from helpers import SMALL, losses, meta, ok, run_harness, trace_frame

@@ -51,7 +51,7 @@ def test_run_directory_is_complete_and_described(runs):
     assert m["world_size"] == 3 and [r["rank"] for r in m["ranks"]] == [0, 1, 2]
     assert all(r["pid"] and r["host"] and r["device"] == "cpu" and r["threads"] == 1
                for r in m["ranks"])
-    # the allocator policy each rank ran under (harness/malloc.py; glibc on Linux)
+    # the allocator policy each rank ran under (harness/ops/malloc.py; glibc on Linux)
     glibc = platform.libc_ver()[0] == "glibc"
     assert {r["malloc"] for r in m["ranks"]} == {"keep" if glibc else
                                                  "system (keep needs glibc; this C library is not)"}

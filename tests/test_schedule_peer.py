@@ -1,6 +1,7 @@
 """Our virtual-stage and zero-bubble schedules against PyTorch's, action for action.
 
-An independent second source for the schedules of harness/schedule_zb.py: the compute order that
+An independent second source for the schedules of harness/schedule/ (interleaved.py and
+zero_bubble.py): the compute order that
 torch.distributed.pipelining (torch pinned in pyproject.toml) builds for each rank. PyTorch's
 classes need a process group and real stages to be constructed, so the test calls their order
 generator (`_calculate_single_rank_operations`, then `_add_bubbles_to_actions` where the class

@@ -6,8 +6,8 @@ from harness import runformat
 from harness import schedule as S
 from harness.schedule import (BWD, BWD_IN, BWD_W, FWD, OPT, Action, Placement, build, from_json,
                               in_flight, message, to_json)
-from harness.schedule_zb import VIRTUAL
-from harness.simulate import DeadlockError, ScheduleError, check, idle_share, simulate
+from harness.schedule.registry import REGISTRY
+from harness.schedule.simulate import DeadlockError, ScheduleError, check, idle_share, simulate
 
 NEW = [("interleaved", 2), ("interleaved", 3), ("zb_h1", 1), ("zbv", 2)]
 GRID = [(n, v, p, m) for n, v in NEW for p in (2, 3, 4) for m in (p, 2 * p)]
@@ -31,16 +31,16 @@ def test_deadlock_free_and_complete(name, v, p, m):
 @pytest.mark.parametrize("name,v,p,m", GRID, ids=IDS)
 def test_peak_in_flight_equals_closed_form(name, v, p, m):
     sched = build(name, p, m, virtual=v)
-    assert [max(in_flight(a)) for a in sched] == VIRTUAL[name].peak(p, m, v)
+    assert [max(in_flight(a)) for a in sched] == REGISTRY[name].peak(p, m, v)
 
 
 def test_closed_forms_by_hand():
     # Megatron's warm-up (p-r-1)*2 + (v-1)*p, +1 for the steady forward, capped at m*v
-    assert VIRTUAL["interleaved"].peak(4, 8, 2) == [11, 9, 7, 5]
-    assert VIRTUAL["zb_h1"].peak(4, 8) == [4, 4, 4, 4]          # 1F1B's stage-0 peak, everywhere
-    assert VIRTUAL["zbv"].peak(4, 8, 2) == [8, 8, 8, 8]         # 2p chunk-microbatches
+    assert REGISTRY["interleaved"].peak(4, 8, 2) == [11, 9, 7, 5]
+    assert REGISTRY["zb_h1"].peak(4, 8) == [4, 4, 4, 4]          # 1F1B's stage-0 peak, everywhere
+    assert REGISTRY["zbv"].peak(4, 8, 2) == [8, 8, 8, 8]         # 2p chunk-microbatches
     # DualPipeV's table (deepseek-ai/DualPipe): "PP+1" activations per device, PP = 2p stages
-    assert VIRTUAL["dualpipev"].peak(4, 8, 2) == [9, 9, 9, 9]
+    assert REGISTRY["dualpipev"].peak(4, 8, 2) == [9, 9, 9, 9]
 
 
 @pytest.mark.parametrize("p", (2, 3, 4))
@@ -52,9 +52,9 @@ def test_simulated_bubble_matches_theory(p, k, times):
     full = {"fwd": times["fwd"], "bwd": times["bwd_in"] + times["bwd_w"], **times}
     for name, v in (("interleaved", 2), ("interleaved", 3), ("zb_h1", 1)):
         got = idle_share(simulate(build(name, p, m, virtual=v), full))
-        assert got == pytest.approx([VIRTUAL[name].bubble(p, m, v, times)] * p), name
+        assert got == pytest.approx([REGISTRY[name].bubble(p, m, v, times)] * p), name
     # 1F1B with the same times: ZB-H1 beats it by the Ws moved into the cool-down
-    assert VIRTUAL["zb_h1"].bubble(p, m, 1, times) < S.bubble("1f1b", p, m)
+    assert REGISTRY["zb_h1"].bubble(p, m, 1, times) < S.bubble("1f1b", p, m)
 
 
 @pytest.mark.parametrize("name", ("zbv", "dualpipev"))
@@ -63,7 +63,7 @@ def test_simulated_bubble_matches_theory(p, k, times):
 def test_v_shaped_bubbles_with_equal_times(name, p, k):
     m = k * p
     got = idle_share(simulate(build(name, p, m, virtual=2)))
-    assert got == pytest.approx([VIRTUAL[name].bubble(p, m, 2)] * p)
+    assert got == pytest.approx([REGISTRY[name].bubble(p, m, 2)] * p)
     # by hand: (p-1) forward-times idle against 2 chunks x m x (f + b + w) of work
     assert got[0] == pytest.approx((p - 1) / ((p - 1) + 6 * m))
 
@@ -75,7 +75,7 @@ def test_zbv_bubble_below_a_full_v():
             got = idle_share(simulate(build("zbv", p, m, virtual=2)))
             idle = max(p - 1, 2 * (2 * p - 1 - m))      # forward-times; busy is 6m of them
             assert got == pytest.approx([idle / (idle + 6 * m)] * p), (p, m)
-            assert got == pytest.approx([VIRTUAL["zbv"].bubble(p, m, 2)] * p), (p, m)
+            assert got == pytest.approx([REGISTRY["zbv"].bubble(p, m, 2)] * p), (p, m)
 
 
 def test_dualpipev_mixes_full_and_split_backwards_and_loses_no_weight_gradient():

@@ -2,7 +2,7 @@
 import pytest
 
 from harness.schedule import Action, build
-from harness.simulate import (DeadlockError, PlannedOp, ScheduleError, check, idle_share,
+from harness.schedule.simulate import (DeadlockError, PlannedOp, ScheduleError, check, idle_share,
                               makespan, simulate, to_frame)
 
 A = Action

@@ -251,14 +251,6 @@ def test_each_format_version_reads_from_a_committed_fixture():
         assert s["clock"]["violations"] == 0 and s["clock"]["matched_pairs"] == 2 * 2 * 3
 
 
-def test_the_analysis_has_no_import_cycle():
-    """No module of analysis/ imports, directly or through others, one that imports it
-    (function-level imports included): a ground floor of windows, waits, intervals under
-    the metrics, critical path, blame and calibration, and one module assembling them."""
-    from helpers import import_cycles
-    assert import_cycles("analysis") == []
-
-
 def test_a_chunk_reads_only_its_batches(tmp_path, monkeypatch):
     """A chunk of steps reads the batches of its steps and its context, not the file from
     its start: bounded reading (format 2)."""

@@ -1,8 +1,8 @@
-"""harness.comm.Waiter: how a rank waits for a posted request (comm.wait). The sleeps are
+"""harness.core.comm.Waiter: how a rank waits for a posted request (comm.wait). The sleeps are
 recorded instead of slept, so the policy is checked exactly, without timing anything."""
 import pytest
 
-from harness import comm
+from harness.core import comm
 
 
 class Req:

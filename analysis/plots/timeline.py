@@ -18,7 +18,7 @@ from analysis.plots.common import add_boxes
 from analysis.waits import recv_split, send_split
 from analysis.windows import COMPUTE, step_windows
 from harness.schedule import from_json
-from harness.simulate import simulate, to_frame
+from harness.schedule.simulate import simulate, to_frame
 
 LANE_GAP = 2.6  # y distance between ranks (two lanes of height ~1 plus a gap)
 

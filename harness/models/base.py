@@ -56,7 +56,7 @@ def recompute_context(name: str):
 def block_generator(seed: int, index: int) -> torch.Generator:
     """The generator block `index` draws its initial weights from: a function of (seed, index)
     only, so a rank that builds all blocks and one that builds a few hold identical weights.
-    Same formula as harness/model.py's layers."""
+    Same formula as harness/models/mlp.py's layers."""
     return torch.Generator().manual_seed(seed * 1_000_003 + 7919 * (index + 1))
 
 

@@ -7,6 +7,8 @@ def open_trace(enabled: bool, run_dir, rank: int, timer, now, params, device,
 
     Tracing off: a NullTracker, a NullTracer, no sampler. The sampler is returned unstarted, so
     the caller decides when sampling begins (the harness: after the clocks are synchronised)."""
+    # here, not at the top: the analysis imports harness.trace.clock and .kineto, and must not
+    # load torch (pebbles) with them
     from . import memory, pebbles, writer
     if not enabled:
         return pebbles.NullTracker(), writer.NullTracer(), None, {}

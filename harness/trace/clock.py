@@ -93,7 +93,7 @@ class CudaTimer:
     kind = "cuda_event"
 
     def __init__(self, clock: Clock, device):
-        import torch
+        import torch  # only with a CUDA timer: the analysis imports this module without torch
         self.torch, self.clock, self.device = torch, clock, device
         self.anchor = None
 

@@ -26,7 +26,7 @@ class KinetoWindow:
         self.device, self.now, self.prof = device, now, None
 
     def _anchors(self, n: int = 3):
-        from torch.profiler import record_function
+        from torch.profiler import record_function  # torch: not for the analysis (ANCHOR)
         for _ in range(n):
             with record_function(f"{ANCHOR}{self.now()}"):
                 pass
@@ -34,7 +34,7 @@ class KinetoWindow:
     def before(self, step: int) -> None:
         if step != self.start or self.prof is not None:
             return
-        from torch.profiler import ProfilerActivity, profile
+        from torch.profiler import ProfilerActivity, profile  # as above: analysis imports us
         acts = [ProfilerActivity.CPU]
         if getattr(self.device, "type", "cpu") == "cuda":
             acts.append(ProfilerActivity.CUDA)

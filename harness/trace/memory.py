@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 import threading
 
+import psutil
+
 
 def _rss_source():
-    import psutil
     proc = psutil.Process(os.getpid())
     return lambda: proc.memory_info().rss
 
@@ -51,7 +52,7 @@ def open_sources(device) -> tuple[dict, dict]:
 
     add("rss", _rss_source)
     if getattr(device, "type", "cpu") == "cuda":
-        import torch
+        import torch  # a CUDA device only (the sampler's module is imported without it)
         idx = device.index if device.index is not None else torch.cuda.current_device()
         add("cuda_allocated", lambda: (lambda: torch.cuda.memory_allocated(idx)))
         add("cuda_reserved", lambda: (lambda: torch.cuda.memory_reserved(idx)))

@@ -56,11 +56,12 @@ def labeler(stage: int, device=None, enabled: bool = True):
     null = contextlib.nullcontext()
     if not enabled:
         return lambda a: null
+    # torch when ranges are on: trace modules stay importable without it (the analysis)
     import torch
     from torch.profiler import record_function
     profiling = torch._C._autograd._profiler_enabled
     if device is not None and getattr(device, "type", str(device)) == "cuda":
-        from torch.cuda import nvtx
+        from torch.cuda import nvtx  # CUDA only
 
         def rng(a):
             label = name(_stage(a, stage), a.kind, a.mb)

@@ -86,6 +86,7 @@ def frame_batches(kind: str, rank: int, df, ends) -> tuple:
     record batches, cut at row positions `ends` (each batch's end): vectorised, for writers of
     whole frames (harness.synthetic, benchmarks). Text columns share one dictionary, sorted.
     -> (schema, batches)."""
+    # numpy and pandas for whole frames only: a rank's own writer does without them
     import numpy as np
     import pandas as pd
     schema = arrow_schema(kind, rank)

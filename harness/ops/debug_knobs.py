@@ -1,4 +1,9 @@
-"""Test knobs that change how a rank runs without touching the executor.
+"""Test knobs (config section debug.*) that change how a rank runs without touching the executor.
+
+They wrap it from outside: `wrap` puts the step-level knobs around the executor's `run_step`
+(debug.fail_* raises at the start of a step, debug.stall_* stops communicating for good,
+debug.mismatch_* runs a wrong schedule for one step), and `apply` hooks the blocks of a
+straggler (debug.slow_*). With every knob off (the default) the executor runs as it is.
 
 `debug.slow_rank=R debug.slow_ms=X` makes rank R a straggler by a known amount: every block of
 its stage sleeps X ms in its forward and X ms in its backward. The analysis's straggler blame
@@ -9,9 +14,40 @@ from __future__ import annotations
 import math
 import time
 
+from ..schedule import COMM
+
 # action roles (harness.schedule.COMM): what sends, and what blocks until a message arrived
 _SENDS = ("send", "isend")
 _RECEIVES = ("recv", "wait_recv")
+
+
+def wrap(executor, debug, rank: int):
+    """What runs a step (`run_step(step)`): the executor itself or, when a step-level knob of
+    `debug` (config.DebugCfg) concerns `rank`, the executor wrapped in them."""
+    if rank in (debug.fail_rank, debug.stall_rank, debug.mismatch_rank):
+        return Knobs(executor, debug, rank)
+    return executor
+
+
+class Knobs:
+    """An executor whose `run_step` first applies this rank's step-level test knobs."""
+
+    def __init__(self, executor, debug, rank: int):
+        self.inner, self.rank = executor, rank
+        self.fail_step = debug.fail_step if debug.fail_rank == rank else None
+        self.stall_step = debug.stall_step if debug.stall_rank == rank else None
+        self.mismatch_step = debug.mismatch_step if debug.mismatch_rank == rank else None
+
+    def run_step(self, step: int, actions: list | None = None) -> dict:
+        if self.fail_step == step:
+            raise RuntimeError(f"injected failure on rank {self.rank} at step {step} "
+                               f"(debug.fail_rank / debug.fail_step)")
+        if self.stall_step == step:  # a hung peer: the others' receives must not wait forever
+            while True:
+                time.sleep(3600)
+        if self.mismatch_step == step:  # a hang: this rank's first send moved (mismatch)
+            actions = mismatch(self.inner.actions if actions is None else actions)
+        return self.inner.run_step(step, actions)
 
 
 def apply(debug, rank: int, layers) -> int:
@@ -46,7 +82,6 @@ def mismatch(actions: list) -> list:
     on rank 0 of the naive schedule, `fwd0 send_act0 recv_grad0` becomes
     `fwd0 recv_grad0 send_act0`, and rank 0 waits for a gradient while rank 1 waits for the
     activation: a cycle. ValueError when the rank never sends before receiving."""
-    from .schedule import COMM
     role = [COMM[a.kind][1] if a.kind in COMM else None for a in actions]
     i = next((k for k, r in enumerate(role) if r in _SENDS), None)
     j = next((k for k in range(i + 1, len(role)) if role[k] in _RECEIVES), None) \

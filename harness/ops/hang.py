@@ -23,24 +23,14 @@ import socket
 import time
 from pathlib import Path
 
-SIZE = 2048  # bytes of the in-place record (padded), like harness.heartbeat
+from .. import runformat
+from .watchdog import Where
+
+SIZE = 2048  # bytes of the in-place record (padded), like harness.ops.heartbeat
 
 
 def report_path(base: Path, rank: int) -> Path:
-    return Path(base) / "ranks" / f"blocked.r{rank}.json"
-
-
-class Where:
-    """What the rank's main thread is doing: written by the train loop, the executor's dispatch
-    loop and comm's blocking calls (plain attribute writes), read by the watchdog thread."""
-    __slots__ = ("action", "seq", "step")
-
-    def __init__(self):
-        self.step, self.action, self.seq = -1, None, 0
-
-    def at(self, step: int, action) -> None:
-        self.step, self.action = step, action
-        self.seq += 1
+    return Path(base) / runformat.blocked_file(rank)
 
 
 class Reporter:

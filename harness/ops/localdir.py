@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import shutil
 from pathlib import Path
+
+from .. import runformat
 
 CHUNK = 16 << 20  # bytes per MPI message of a file's content
 
@@ -34,9 +35,9 @@ def own_files(base: Path, rank: int) -> list[str]:
     """Relative paths of the files under `base` that rank `rank` wrote (runformat's names:
     `<kind>.r<R>.<ext>`, `rank<R>.log`), excluding scratch that has no place in a run directory
     (the disk reserve, the hang report)."""
-    mine = re.compile(rf"^(?!\.reserve|blocked)[\w.-]*\.r{rank}\.\w+$|^rank{rank}\.log$")
+    mine = runformat.rank_file_pattern(rank)
     out = []
-    for sub in ("ranks", "trace"):
+    for sub in runformat.RANK_DIRS:
         d = Path(base) / sub
         if d.is_dir():
             out += [f"{sub}/{p.name}" for p in sorted(d.iterdir()) if p.is_file() and mine.match(p.name)]
@@ -88,7 +89,7 @@ def tidy(base: Path, rels: list[str]) -> None:
     """Delete transferred files, then the directories they leave empty (never anything else)."""
     for rel in rels:
         (Path(base) / rel).unlink(missing_ok=True)
-    for p in (Path(base) / "ranks", Path(base) / "trace", Path(base)):
+    for p in [Path(base) / d for d in runformat.RANK_DIRS] + [Path(base)]:
         try:
             p.rmdir()  # only if empty
         except OSError:
@@ -99,7 +100,7 @@ def gather(base: Path, run_dir: Path | None, rank: int, size: int, comm) -> list
     """Collective: every rank's own files go to rank 0's run directory. -> on rank 0, the
     problems (one line each; empty = all arrived whole); on other ranks, the files they kept.
 
-    `comm`: harness.comm (send_obj/recv_obj/send_bytes/recv_bytes). Ranks take turns in rank
+    `comm`: harness.core.comm (send_obj/recv_obj/send_bytes/recv_bytes). Ranks take turns in rank
     order; each file: (rel, size, sha256) first, then its bytes in CHUNK-sized messages."""
     problems = []
     if rank == 0:

@@ -17,16 +17,19 @@ import socket
 import time
 from pathlib import Path
 
+import psutil
+
+from .. import runformat
+
 SIZE = 512          # bytes of the in-place record (padded with spaces)
 STALE_MIN_S = 600.0  # a remote rank is presumed dead only after at least this long unseen
 
 
 def path(run_dir: Path, rank: int) -> Path:
-    return Path(run_dir) / "ranks" / f"heartbeat.r{rank}.json"
+    return Path(run_dir) / runformat.heartbeat_file(rank)
 
 
 def _process_start(pid: int) -> float | None:
-    import psutil
     try:
         p = psutil.Process(pid)
         return None if p.status() == psutil.STATUS_ZOMBIE else p.create_time()

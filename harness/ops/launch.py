@@ -4,12 +4,15 @@ Used by the lessons script, the sweep runner and the benchmarks — never inside
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import psutil
 
 
 def mpirun() -> str:
@@ -49,7 +52,6 @@ def launch(ranks: int, args: list[str], run_dir: Path, timeout: float | None = N
 
 def stop(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
     """SIGTERM to mpirun (forwarded to the ranks, which record it), then SIGKILL to all."""
-    import psutil
     try:
         family = psutil.Process(proc.pid).children(recursive=True)
     except psutil.Error:
@@ -71,7 +73,6 @@ def stop(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
 def _die_with_parent() -> None:
     """In the child before exec: SIGTERM when the parent dies (prctl PR_SET_PDEATHSIG)."""
     try:
-        import ctypes
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # not Linux: the job may outlive a killed launcher
         pass

@@ -1,6 +1,6 @@
 """One rank's stage of any block model: its blocks, loss, data, what it receives, and theory.
 
-`build(cfg, rank, size, mb_rows)` is where the config's model (`model.name=mlp|gpt` or
+`build(cfg, rank, placement, mb_rows)` is where the config's model (`model.name=mlp|gpt` or
 `model.factory=package.module:function`) becomes what the executor runs. Every model is a list of
 blocks (harness.models.BlockModel); the partition balances parameters (`pipeline.balance=params`)
 or the blocks' measured forward+backward time (`time`), and the tensors that cross each stage
@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import model as mlp
-from .models import BlockModel, load_factory, param_counts, probe_shapes
-from .models import gpt as gpt_mod
-from .models import gpt_memory
+from ..models import BlockModel, load_factory, param_counts, probe_shapes
+from ..models import gpt as gpt_mod
+from ..models import gpt_memory
+from ..models import mlp
 
 
 @dataclass
@@ -91,25 +91,16 @@ def time_costs(bm: BlockModel, rows: int, repeats: int = 3) -> list[float]:
     return out
 
 
-def _split(cfg, costs, size):
-    """[(first, end)] per global stage: ranks x pipeline.virtual contiguous chunks."""
+def _split(cfg, costs, stages):
+    """[(first, end)] per global stage: `stages` (ranks x pipeline.virtual) contiguous chunks."""
     if cfg.pipeline.split:
         return mlp.split_from_sizes(cfg.pipeline.split)
-    return mlp.partition(costs, size * cfg.pipeline.virtual)
+    return mlp.partition(costs, stages)
 
 
-def placement(cfg, size):
-    """Which global stages each rank holds (harness.schedule.Placement of the schedule)."""
-    from . import config
-    from . import schedule as S
-    return S.placement_of(S.build(cfg.schedule, size, cfg.pipeline.microbatches,
-                                  **config.schedule_flags(cfg)))
-
-
-def _chunked(st: "Stage", cfg, rank, size, spec, blocks) -> "Stage":
-    """Fill in this rank's chunks: spec(first, end) -> {"act", "grad"}; blocks(first, end) ->
-    the blocks of that range."""
-    pl = placement(cfg, size)
+def _chunked(st: "Stage", rank, pl, spec, blocks) -> "Stage":
+    """Fill in this rank's chunks (which global stages it holds: the schedule's placement `pl`):
+    spec(first, end) -> {"act", "grad"}; blocks(first, end) -> the blocks of that range."""
     gs = [pl.stage(rank, c) for c in range(pl.v)]
     st.chunks = [st.bounds[g] for g in gs]
     st.chunk_recv = [spec(*b) for b in st.chunks]
@@ -118,15 +109,16 @@ def _chunked(st: "Stage", cfg, rank, size, spec, blocks) -> "Stage":
     return st
 
 
-def build(cfg, rank: int, size: int, mb_rows: int, agree=lambda x: x) -> Stage:
-    """agree(obj) -> rank 0's obj on every rank (comm.bcast): measured block times differ
-    between ranks, the partition must not."""
+def build(cfg, rank: int, placement, mb_rows: int, agree=lambda x: x) -> Stage:
+    """Rank `rank`'s stage; placement: the schedule's (harness.schedule.Placement: its p ranks
+    and which of the p·v global stages each holds). agree(obj) -> rank 0's obj on every rank
+    (comm.bcast): measured block times differ between ranks, the partition must not."""
     if cfg.model.name == "mlp" and not cfg.model.factory:
-        return _build_mlp(cfg, rank, size, mb_rows)
+        return _build_mlp(cfg, rank, placement, mb_rows)
     bm = block_model(cfg)
     costs = param_counts(bm)
     part = agree(time_costs(bm, mb_rows)) if cfg.pipeline.balance == "time" else costs
-    bounds = _split(cfg, part, size)
+    bounds = _split(cfg, part, placement.stages)
     if cfg.precision == "bf16":  # meta tensors are not autocast: one real forward under it
         with autocast(cfg):
             shapes = probe_shapes(bm, mb_rows, real=True)
@@ -149,14 +141,14 @@ def build(cfg, rank: int, size: int, mb_rows: int, agree=lambda x: x) -> Stage:
                 "batch_size": cfg.data.batch_size, "dtype": cfg.precision,
                 "param_counts": costs, "balance": cfg.pipeline.balance,
                 "balance_costs": part, "boundary": boundary})
-    return _chunked(st, cfg, rank, size, spec, lambda f, e: bm.blocks[f:e])
+    return _chunked(st, rank, placement, spec, lambda f, e: bm.blocks[f:e])
 
 
-def _build_mlp(cfg, rank, size, mb_rows) -> Stage:
+def _build_mlp(cfg, rank, placement, mb_rows) -> Stage:
     """Today's MLP: a rank builds only its own layers (seeded per layer, same weights)."""
     m = cfg.model
     costs = mlp.layer_params(m)
-    bounds = _split(cfg, costs, size)
+    bounds = _split(cfg, costs, placement.stages)
     w = mlp.widths(m)
     data = mlp.Data(m, cfg.data.batch_size, cfg.data.noise, cfg.train.seed)
     bf16 = cfg.precision == "bf16"
@@ -175,7 +167,7 @@ def _build_mlp(cfg, rank, size, mb_rows) -> Stage:
                {"name": "mlp", "layers": m.layers, "widths": w,
                 "batch_size": cfg.data.batch_size, "dtype": cfg.precision,
                 "param_counts": costs, "boundary": boundary})
-    return _chunked(st, cfg, rank, size, spec,
+    return _chunked(st, rank, placement, spec,
                     lambda f, e: mlp.build_stage(m, (f, e), cfg.train.seed))
 
 

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from harness.schedule import (BWD, BWD_IN, BWD_W, COMM, COMPUTE, FWD, INPUT_GRAD, KINDS, OPT,
-                              Action, placement_of)
+from .ir import (BWD, BWD_IN, BWD_W, COMM, COMPUTE, FWD, INPUT_GRAD, KINDS, OPT, Action,
+                 placement_of)
 
 # default costs: backward ~2x forward (two matmuls per one), split evenly into its input and
 # weight halves

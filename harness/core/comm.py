@@ -2,9 +2,9 @@
 
 Inside a training step only point-to-point calls happen (`P2P`): tensors move as raw buffers with
 the upper-case mpi4py calls (no pickling), each call is timed on the host clock and traced, and a
-watchdog aborts the job if a blocking call outlives `comm.timeout_s`, so a receive that can never
-complete does not wait forever. Collectives (`bcast`, `gather`, `barrier`) and the clock
-ping-pong are used only outside steps, during setup and teardown.
+watchdog (harness.ops.watchdog) aborts the job if a blocking call outlives `comm.timeout_s`, so a
+receive that can never complete does not wait forever. Collectives (`bcast`, `gather`,
+`barrier`) and the clock ping-pong are used only outside steps, during setup and teardown.
 
 CUDA tensors go to MPI directly when MPI can take device memory (CUDA-aware), else they are staged
 through pinned host memory with the copies traced as `d2h`/`h2d` spans. The CUDA paths are not
@@ -12,18 +12,18 @@ verified on hardware (the development machines have no GPU).
 """
 from __future__ import annotations
 
-import threading
+import ctypes
 import time
 
 import numpy as np
 import torch
 from mpi4py import MPI
 
-from .trace.clock import best_exchange
+from ..trace.clock import best_exchange
 
 WORLD = MPI.COMM_WORLD
 CLOCK_TAG = 32000  # pipeline tags are 2*mb (+1 for gradients), far below this
-FILE_TAG = 32001   # the end-of-run file transfer (harness.localdir)
+FILE_TAG = 32001   # the end-of-run file transfer (harness.ops.localdir)
 
 
 def rank_size() -> tuple[int, int]:
@@ -96,60 +96,6 @@ def _wire(t: torch.Tensor):
     return t.numpy() if t.device.type == "cpu" else t
 
 
-class Watchdog(threading.Thread):
-    """Aborts via `on_timeout(what)` when one blocking call lasts longer than `timeout_s`.
-
-    It also feeds the hang report (harness.hang): while the main thread has been in one action
-    for longer than the reporter's threshold, it rewrites the rank's report every poll, so that
-    whichever rank's watchdog fires first can read what every rank is blocked on."""
-
-    def __init__(self, timeout_s: float, on_timeout):
-        from .hang import Where
-        super().__init__(name="comm-watchdog", daemon=True)
-        self.timeout_s, self.on_timeout = timeout_s, on_timeout
-        # (deadline on time.monotonic, description, op, peer, tag, pair, step, mb) while in a
-        # blocking call
-        self.blocked = None
-        self.where = Where()
-        self.reporter = None  # harness.hang.Reporter, set by the run once the directories exist
-        self.poll = min(0.5, timeout_s / 10)
-        self._since = time.monotonic()  # when the main thread entered its current action
-        self._stop_evt = threading.Event()
-
-    def blocked_info(self) -> dict | None:
-        b = self.blocked
-        if b is None:
-            return None
-        return dict(zip(("op", "peer", "tag", "pair", "step", "mb"), b[2:])) or None
-
-    def report(self, trigger: str | None = None) -> None:
-        """Write this rank's hang report now (any thread); `trigger` marks it as the one that
-        asks for a diagnosis."""
-        rep = self.reporter
-        if rep is not None:
-            try:
-                rep.write(self.where, self.blocked_info(), time.monotonic() - self._since,
-                          trigger)
-            except OSError:  # a full disk must not kill the watchdog
-                pass
-
-    def run(self):
-        seq = None
-        while not self._stop_evt.wait(self.poll):
-            b, now = self.blocked, time.monotonic()
-            if self.where.seq != seq:
-                seq, self._since = self.where.seq, now
-            rep = self.reporter
-            if rep is not None and now - self._since > rep.threshold:
-                self.report()
-            if b is not None and now > b[0]:
-                self.on_timeout(b[1])
-                return
-
-    def stop(self):
-        self._stop_evt.set()
-
-
 class Pending:
     """A posted Isend/Irecv; keeps its buffers alive until `P2P.wait` (MPI requires it)."""
     __slots__ = ("req", "kind", "tensor", "host", "peer", "tag", "step", "mb", "pair", "t0")
@@ -210,7 +156,6 @@ def _tight_timer_slack(ns: int = 1000) -> bool:
     if _SLACK_SET:
         return True
     try:
-        import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
         _SLACK_SET = libc.prctl(29, ctypes.c_ulong(ns), 0, 0, 0) == 0
     except (OSError, AttributeError):
@@ -221,18 +166,16 @@ def _tight_timer_slack(ns: int = 1000) -> bool:
 class P2P:
     """Point-to-point tensor transport for one rank, traced and guarded by a watchdog."""
 
-    def __init__(self, tracer, now, timeout_s: float, on_timeout, device, cuda_aware: bool,
-                 wait: str = "spin", poll_us: float = 50.0, spin_us: float = 200.0):
+    def __init__(self, tracer, now, watchdog, device, cuda_aware: bool, wait: str = "spin",
+                 poll_us: float = 50.0, spin_us: float = 200.0):
+        """watchdog: what each blocking call registers with (its `blocked`), so that one that
+        outlives `watchdog.timeout_s` ends the job (harness.ops.watchdog)."""
         self.tracer, self.now = tracer, now
         self.waiter = Waiter(wait, poll_us, spin_us)
         self.device, self.cuda_aware = device, cuda_aware
         self.stage_via_host = device.type == "cuda" and not cuda_aware
-        self.watchdog = Watchdog(timeout_s, on_timeout)
-        self.watchdog.start()
-        self.timeout_s = timeout_s
-
-    def close(self):
-        self.watchdog.stop()
+        self.watchdog = watchdog
+        self.timeout_s = watchdog.timeout_s
 
     # -- device <-> wire ----------------------------------------------------------------------
     def _to_wire(self, t, step, mb):
@@ -262,10 +205,6 @@ class P2P:
             self.tracer.copy(step, mb, "h2d", t0, self.now(), buf.numel() * buf.element_size())
             return out
         return buf
-
-    @property
-    def where(self):
-        return self.watchdog.where
 
     def _block(self, what: str, req, blocking, post, info=()) -> tuple[int, int]:
         """Run one blocking operation under the watchdog; -> (start, end) on the trace clock.

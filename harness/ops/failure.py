@@ -1,24 +1,33 @@
-"""What a rank does when something goes wrong: the failure half of harness.run.Run.
+"""What a rank does when something goes wrong: one run's failure policy.
 
 Any exception on the main thread (`on_exception`), a signal (`on_signal`, from the signal
 thread), or a blocking call that outlives comm.timeout_s (`on_timeout`, from the watchdog
 thread) ends the same way: the rank says it once (a traceback, or one line when the cause is
 known: a dead peer, another rank that failed first, a stop), records it in meta.json before
 anything else, copies its local files back where it can, and brings the job down with
-MPI_Abort. A hang is explained first (harness.hang): every rank that can still answer reports
-what it is blocked on, and the lowest rank that asked prints one diagnosis.
+MPI_Abort. A hang is explained first (harness.ops.hang): every rank that can still answer reports
+what it is blocked on, and the lowest rank that asked prints one diagnosis. A non-finite loss
+or gradient norm stops the run, or is recorded once (`check_finite`).
 
-`Failures` is a mixin: it uses the Run's cfg, rank, size, run_dir, base, bases, files, tracer,
-p2p, done and _when().
+The policy reads the run's directories and files from its session (harness.ops.session), and
+the watchdog and tracer once the rank has them (`watch`); the training loop keeps `step` and
+`done` up to date.
 """
 from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import sys
 import time
 import traceback
+
+from mpi4py import MPI
+
+from ..core import comm
+from . import hang, localdir, rundir
+from .heartbeat import judge
 
 
 class Stopped(RuntimeError):
@@ -29,14 +38,72 @@ class Diverged(Stopped):
     """A non-finite loss or gradient norm (train.stop_on_nonfinite=true)."""
 
 
-class Failures:
+class FailurePolicy:
+    """One rank's answer to failures. cfg: the run's config (None in tests); session: its
+    harness.ops.session.Session (directories and files, None until known)."""
+
+    def __init__(self, cfg, rank: int, size: int, session):
+        self.cfg, self.rank, self.size, self.session = cfg, rank, size, session
+        self.step = -1   # the step in progress (-1: setting up); steps are numbered from 0
+        self.done = False  # meta.json says complete: a late signal is no failure any more
+        self.watchdog = self.tracer = None
+        self.nonfinite = None   # where this rank first saw a non-finite loss or gradient norm
+        self.hang_grace_s = 0.0
+
+    def watch(self, watchdog, tracer) -> None:
+        """The rank's comm watchdog (harness.ops.watchdog) and tracer, once they exist: the
+        watchdog gets this rank's hang report, written by its thread once the rank has been
+        stuck in one action for `threshold` s and fresh for long enough that a rank that waits
+        `hang_grace_s` after its own trigger still sees the others'; the tracer is flushed on a
+        failure."""
+        s, poll = self.session, watchdog.poll
+        threshold = min(2.0, self.cfg.comm.timeout_s / 4)
+        self.hang_grace_s = threshold + 2 * poll
+        watchdog.reporter = hang.Reporter(s.base, self.rank, s.bases, threshold,
+                                          fresh_s=self.hang_grace_s + 2 * poll + 1.0)
+        self.watchdog, self.tracer = watchdog, tracer
+
+    def close(self) -> None:
+        """A clean end: the hang report goes."""
+        rep = self.watchdog and self.watchdog.reporter
+        if rep is not None:
+            rep.close()
+            hang.report_path(self.session.base, self.rank).unlink(missing_ok=True)
+
+    def when(self) -> str:
+        return f"at step {self.step}" if self.step >= 0 else "during setup"
+
+    def check_finite(self, step: int, out: dict) -> None:
+        """The first non-finite loss (last stage) or gradient norm (every rank) stops the run,
+        or with train.stop_on_nonfinite=false is reported once and recorded in meta.json."""
+        if self.nonfinite is not None:
+            return
+        bad = [(k, out[k]) for k in ("loss", "grad_norm")
+               if out.get(k) is not None and not math.isfinite(out[k])]
+        if not bad:
+            return
+        what = ", ".join(f"{k} {v}" for k, v in bad)
+        self.nonfinite = {"step": step, "rank": self.rank, "what": what}
+        if self.cfg.train.stop_on_nonfinite:
+            raise Diverged(f"diverged: non-finite {what} at step {step} on rank {self.rank} "
+                           f"(train.stop_on_nonfinite=false keeps training)")
+        msg = (f"warning: non-finite {what} at step {step} on rank {self.rank}; training goes "
+               f"on (train.stop_on_nonfinite=false)")
+        self.session.files.log(msg)
+        print(f"[rank {self.rank}] {msg}", file=sys.stderr, flush=True)
+
+    def nonfinite_everywhere(self) -> list:
+        """Collective: on rank 0 every rank's first non-finite value (empty elsewhere)."""
+        return [x for x in comm.gather(self.nonfinite) or [] if x]
+
     def on_exception(self, e: BaseException) -> int:
         """The main thread's exception, whatever it is: say it once, record it, end the job."""
         tb = traceback.format_exc()
         msg = str(e)
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            msg, tb = (f"disk full: no space left on the device of {self.base or self.run_path} "
-                       f"({self._when()})"), ""
+            s = self.session
+            msg, tb = (f"disk full: no space left on the device of {s.base or s.run_path} "
+                       f"({self.when()})"), ""
         elif isinstance(e, Stopped):
             tb = ""
         died, first = self.peer_cause(e) if self.size > 1 else (None, None)
@@ -58,7 +125,6 @@ class Failures:
         arrive before that peer's death is visible (the kernel closes a killed process's
         sockets and shared memory before it becomes a zombie) or before its failure is in
         meta.json: for an MPI error, look again for up to settle_s."""
-        from mpi4py import MPI
         deadline = time.monotonic() + (settle_s if isinstance(e, MPI.Exception) else 0.0)
         while True:
             died = self.dead_peer()
@@ -67,37 +133,18 @@ class Failures:
                 return died, first
             time.sleep(0.1)
 
-    def _reporter(self):
-        """This rank's hang report (harness.hang): written by the watchdog thread once the rank
-        has been stuck in one action for `threshold` s; fresh for long enough that a rank that
-        waits `hang_grace_s` after its own trigger still sees the others'."""
-        from . import hang
-        poll = self.p2p.watchdog.poll
-        threshold = min(2.0, self.cfg.comm.timeout_s / 4)
-        self.hang_grace_s = threshold + 2 * poll
-        return hang.Reporter(self.base, self.rank, self.bases, threshold,
-                             fresh_s=self.hang_grace_s + 2 * poll + 1.0)
-
-    def _drop_report(self):
-        rep = self.p2p and self.p2p.watchdog.reporter
-        if rep is not None:
-            rep.close()
-            from .hang import report_path
-            report_path(self.base, self.rank).unlink(missing_ok=True)
-
     def fail(self, exc_type: str, message: str, tb: str, extra: dict | None = None):
         """Say it (a traceback, or one line when `tb` is empty), then record it: meta.json
         first (it must succeed, even on a full disk), then the rank's log and trace."""
-        from . import rundir
-        problem = None
-        if self.base and self.base != self.run_dir:  # room on the local disk, for the log
-            rundir.release(self.base, self.rank)
-        if self.run_dir:  # first: when the launcher is gone, writing to stderr can kill us
+        s, problem = self.session, None
+        if s.base and s.base != s.run_dir:  # room on the local disk, for the log
+            rundir.release(s.base, self.rank)
+        if s.run_dir:  # first: when the launcher is gone, writing to stderr can kill us
             try:
-                rundir.mark_failed(self.run_dir, self.rank, exc_type, message, extra)
+                rundir.mark_failed(s.run_dir, self.rank, exc_type, message, extra)
             except Exception as e:  # noqa: BLE001 - recording the failure must not mask it
                 problem = (f"[rank {self.rank}] could not record the failure in "
-                           f"{self.run_dir / 'meta.json'}: {e}\n")
+                           f"{s.run_dir / 'meta.json'}: {e}\n")
         try:
             if tb:
                 sys.stderr.write(f"[rank {self.rank}] harness.run failed; aborting the job\n{tb}")
@@ -108,7 +155,7 @@ class Failures:
             sys.stderr.flush()
         except OSError:  # nobody is listening any more
             pass
-        for record in (lambda: self.files and self.files.log(f"FAILED: {message}\n{tb}"),
+        for record in (lambda: s.files and s.files.log(f"FAILED: {message}\n{tb}"),
                        lambda: self.tracer and self.tracer.flush(),
                        self._copy_back):
             try:
@@ -121,21 +168,20 @@ class Failures:
         """MPI_Abort the job, a moment after this rank's last words: mpiexec kills every process
         at once, and a line still on its way through the launcher's stderr forwarding would be
         lost (seen: a rank's one-line error never reaching the terminal)."""
-        from . import comm
         sys.stderr.flush()
         time.sleep(0.3)
         comm.abort(code)
 
     def dead_peer(self) -> str | None:
         """'died: rank R last seen at step N, T s ago' if another rank's process is gone (its
-        heartbeat, harness.heartbeat.judge), else None."""
-        from .heartbeat import judge
-        if not self.run_dir:
+        heartbeat, harness.ops.heartbeat.judge), else None."""
+        s = self.session
+        if not s.run_dir:
             return None
         peers = {"status": "running", "ranks": [{"rank": r} for r in range(self.size)
                                                 if r != self.rank]}
         try:
-            return judge(self.run_dir, peers, bases=self.bases)
+            return judge(s.run_dir, peers, bases=s.bases)
         except Exception:  # noqa: BLE001 - a judgement we cannot make is no judgement
             return None
 
@@ -144,11 +190,11 @@ class Failures:
         already records another rank's failure (that rank aborted the job, and its exit broke a
         transfer in progress here, e.g. a shared-memory copy from its address space), else None.
         Then the cause is the other rank's, and this rank's traceback would only bury it."""
-        from mpi4py import MPI
-        if not isinstance(e, MPI.Exception) or not self.run_dir:
+        run_dir = self.session.run_dir
+        if not isinstance(e, MPI.Exception) or not run_dir:
             return None
         try:
-            err = json.loads((self.run_dir / "meta.json").read_text()).get("error") or {}
+            err = json.loads((run_dir / "meta.json").read_text()).get("error") or {}
         except (OSError, ValueError):
             return None
         if err.get("rank") in (None, self.rank):
@@ -158,16 +204,15 @@ class Failures:
     def _copy_back(self):
         """On a failure, as far as it can: the local files to the run directory through the
         file system, when this rank can reach it (MPI may be unusable by now)."""
-        if self.cfg and self.cfg.run.local_dir and self.run_dir and self.base:
-            from .localdir import copy_back
-            copy_back(self.base, self.run_dir, self.rank)
+        s = self.session
+        if self.cfg and self.cfg.run.local_dir and s.run_dir and s.base:
+            localdir.copy_back(s.base, s.run_dir, self.rank)
 
     def explain_hang(self, trigger: str) -> str | None:
         """Watchdog or SIGUSR1: report what this rank is blocked on, wait for the others'
-        reports, and, if this is the lowest rank that asked, print one diagnosis (harness.hang).
+        reports, and, if this is the lowest rank that asked, print one diagnosis (harness.ops.hang).
         -> the diagnosis, or None when another rank gives it (or there is nothing to report)."""
-        from . import hang
-        wd = self.p2p.watchdog if self.p2p else None
+        wd = self.watchdog
         if wd is None or wd.reporter is None:
             return None
         wd.report(trigger)
@@ -181,14 +226,14 @@ class Failures:
         try:
             sys.stderr.write(f"[rank {self.rank}] {diag}\n")
             sys.stderr.flush()
-            self.files.log(diag)
+            self.session.files.log(diag)
         except (OSError, ValueError):
             pass
         return diag
 
     def on_signal(self, name: str, signum: int):
-        """Signal thread (harness.signals): SIGTERM and friends end the run as a failure;
-        SIGUSR1 first explains what every rank is blocked on (harness.hang)."""
+        """Signal thread (harness.ops.signals): SIGTERM and friends end the run as a failure;
+        SIGUSR1 first explains what every rank is blocked on (harness.ops.hang)."""
         diag = self.explain_hang(name) if name == "SIGUSR1" and not self.done else None
         if not self.done:
             # mpirun terminates the survivors when a rank was killed: then name the dead rank
@@ -196,7 +241,7 @@ class Failures:
             if died:
                 self.fail("Died", f"{died}; the job was then terminated ({name})", "")
             else:
-                self.fail("Terminated", f"terminated by {name} {self._when()}", "",
+                self.fail("Terminated", f"terminated by {name} {self.when()}", "",
                           {"diagnosis": diag} if diag else None)
         if self.size > 1:
             self.abort(128 + signum)

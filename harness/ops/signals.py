@@ -7,7 +7,7 @@ bytecodes, never while that thread sits inside a blocking MPI call; a thread tha
 signal records the failure ("terminated by SIGTERM at step N") and aborts the job at any time.
 `block()` must run before MPI and torch start their threads, which inherit the blocked mask.
 What cannot be caught (SIGKILL, the OOM killer, power loss) is detected afterwards from the
-ranks' heartbeats (harness.heartbeat).
+ranks' heartbeats (harness.ops.heartbeat).
 """
 from __future__ import annotations
 

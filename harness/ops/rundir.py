@@ -15,7 +15,7 @@ import os
 import time
 from pathlib import Path
 
-from .runformat import FORMAT, STATS_COLS, log_file, stats_file
+from ..runformat import FORMAT, RESERVE_GLOB, STATS_COLS, log_file, reserve_file, stats_file
 
 
 def now_iso() -> str:
@@ -75,7 +75,7 @@ def mark_failed(run_dir: Path, rank: int, exc_type: str, message: str,
     directory, so that no rank aborts the job while another is half-way through writing."""
     with _dir_lock(run_dir):
         _mark_failed(run_dir, rank, exc_type, message, extra)
-    for p in (run_dir / "ranks").glob(".reserve.r*"):  # the job is coming down: free it all
+    for p in run_dir.glob(RESERVE_GLOB):  # the job is coming down: free it all
         p.unlink(missing_ok=True)
 
 
@@ -127,7 +127,7 @@ RESERVE_BYTES = 256 * 1024  # per rank: several times a meta.json of a large job
 
 
 def _reserve_path(run_dir: Path, rank: int) -> Path:
-    return run_dir / "ranks" / f".reserve.r{rank}"
+    return run_dir / reserve_file(rank)
 
 
 def reserve(run_dir: Path, rank: int) -> None:

@@ -11,20 +11,21 @@ full-batch gradient (the classic pipeline bug, FIELD.md).
 The model is any list of blocks (harness.models.BlockModel: one tensor in, one out); the shapes
 and dtypes of what crosses each stage boundary come from probing the model once at set-up
 (`recv`), e.g. [B/m, width] for the MLP, [B/m, seq, d] hidden states for the GPT.
+
+The test knobs (debug.*) are not here: they wrap the executor from outside
+(harness.ops.debug_knobs).
 """
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import dataclass, field
 
 import torch
 
-from . import hang
-from . import schedule as S
-from .models.base import set_recompute_observer
+from .. import schedule as S
+from ..models.base import set_recompute_observer
+from ..trace import ranges
 from .splitgrad import Split
-from .trace import ranges
 
 
 @dataclass
@@ -57,6 +58,13 @@ def step_norms(params, opt, lr: float, momentum: float) -> tuple[float, float]:
     return gnorm, lr * gnorm
 
 
+class _Nowhere:
+    """A `where` nobody reads (no watchdog: one rank, tests, benchmarks)."""
+
+    def at(self, step, action):
+        pass
+
+
 class StageExecutor:
     """One rank's stage: its layers, its optimizer, and a handler per kind of action.
 
@@ -65,36 +73,34 @@ class StageExecutor:
     tag and pair id come from `schedule.message`, so a new schedule needs no new handler.
     """
 
-    def __init__(self, *, rank, size, layers, bounds, n_layers, loss, data, recv, p2p, tracer,
-                 tracker, optimizer, device, pipeline, train, trace, debug, names=None,
-                 chunks=None, chunk_recv=None, placement=None, autocast=contextlib.nullcontext):
-        """layers: this stage's blocks (global indices `bounds`, end exclusive) of a model of
-        `n_layers` blocks; loss(output, targets) -> mean loss (used on the last stage);
-        data(step) -> (inputs, targets) of the full batch; recv: {"act": (shape, dtype),
-        "grad": (shape, dtype)}, what a microbatch's activation and output gradient look like
-        when they arrive here. pipeline, train, trace, debug: the config sections. names: one
-        per block of the model (pebbles name the sub-module that saved them, blocks.3.attn).
-        chunks, chunk_recv, placement: virtual stages (pipeline.virtual > 1): this rank's chunks
-        [(first, end)] in chunk order (`layers` holds their blocks in that order), what arrives
-        at each, and the schedule's harness.schedule.Placement.
+    def __init__(self, stage, schedule, rank: int, *, p2p, tracer, tracker, optimizer, device,
+                 pipeline, train, trace, where=None, autocast=contextlib.nullcontext):
+        """stage: this rank's harness.core.stage.Stage (its chunks' blocks on `device`, their
+        global indices, loss, data and what arrives at each chunk); schedule: the run's
+        harness.schedule.Schedule (this rank's actions, and the placement of every chunk).
+        p2p: the transport (harness.core.comm.P2P; None with one rank); tracer, tracker: the
+        trace (harness.trace); pipeline, train, trace: the config sections. where: told each
+        action as it starts (harness.ops.watchdog.Where: the hang report's "where").
         autocast: () -> the context each forward runs in (precision=bf16: torch.autocast)."""
-        self.rank, self.size = rank, size
-        self.placement = placement or S.Placement(size)
-        pl = self.placement
-        chunks, chunk_recv = chunks or [tuple(bounds)], chunk_recv or [recv]
+        self.rank, self.size = rank, len(schedule)
+        self.placement = pl = schedule.placement
+        self.actions = schedule[rank]
+        chunks, self.chunk_recv = stage.chunks, stage.chunk_recv
         self.stage_of = [pl.stage(rank, c) for c in range(len(chunks))]
         # first: this rank feeds the model's input (stage 0); last: it computes the loss
         self.first, self.last = 0 in self.stage_of, pl.stages - 1 in self.stage_of
+        layers = stage.layers
         self.layers, self.layer_ids = layers, [i for b in chunks for i in range(*b)]
         blocks, k = [], 0
         for first, end in chunks:
             blocks.append(list(zip(range(first, end), layers[k:k + end - first])))
             k += end - first
-        self.chunk_blocks, self.chunk_recv = blocks, chunk_recv
+        self.chunk_blocks = blocks
         self.chunk_params = [[p for _, b in blks for p in b.parameters()] for blks in blocks]
-        self.n_layers, self.m, self.data = n_layers, pipeline.microbatches, data
-        self.loss_fn, self.autocast = loss, autocast
-        self.names = names or [str(i) for i in range(n_layers)]
+        self.n_layers, self.m, self.data = stage.n_blocks, pipeline.microbatches, stage.data
+        self.loss_fn, self.autocast = stage.loss, autocast
+        # one name per block of the model (pebbles name the sub-module that saved them)
+        self.names = stage.names
         for gi, blk in zip(self.layer_ids, layers):
             tracker.watch(self.names[gi], blk)
         if tracer.enabled:  # time what checkpointed blocks recompute in backward (models.base)
@@ -104,8 +110,7 @@ class StageExecutor:
         self.opt, self.lr, self.momentum = optimizer, train.lr, train.momentum
         self.params = list(layers.parameters())
         self.device = device
-        self.fail_step = debug.fail_step if debug.fail_rank == rank else None
-        self.stall_step = debug.stall_step if debug.stall_rank == rank else None
+        self.where = where or _Nowhere()
         self.recv_requires_grad, self.detach = pipeline.recv_requires_grad, pipeline.detach
         self.kept = []  # detach=false only: every step's attached outputs, never let go
         self.hook_bwd = tracer.enabled and trace.per_layer
@@ -121,14 +126,10 @@ class StageExecutor:
         self.bwd_marks = []  # (layer, start) marks of the running backward call
 
     # -- one step ------------------------------------------------------------------------------
-    def run_step(self, step: int, actions: list) -> dict:
-        """Run `actions` for `step`; returns {loss, grad_norm, update_norm} (loss: last stage)."""
-        if self.fail_step == step:
-            raise RuntimeError(f"injected failure on rank {self.rank} at step {step} "
-                               f"(debug.fail_rank / debug.fail_step)")
-        if self.stall_step == step:  # a hung peer: the others' receives must not wait forever
-            while True:
-                time.sleep(3600)
+    def run_step(self, step: int, actions: list | None = None) -> dict:
+        """Run this rank's actions (or `actions`) for `step`; returns {loss, grad_norm,
+        update_norm} (loss: last stage)."""
+        actions = self.actions if actions is None else actions
         self.tracer.begin_step()
         m0 = self.tracer.mark()
         x, y = self.data(step)
@@ -140,9 +141,8 @@ class StageExecutor:
             [c.clone() for c in y.to(self.device).chunk(self.m)] if self.last else None)
         del x, y
         # each action a profiler range named as torch.distributed.pipelining names it (Kineto,
-        # and NVTX on CUDA), and the hang report's "where" (harness.hang)
-        rng = self.ranges
-        where = self.p2p.where if hasattr(self.p2p, "where") else hang.Where()
+        # and NVTX on CUDA), and the hang report's "where" (harness.ops.hang)
+        rng, where = self.ranges, self.where
         for a in actions:
             where.at(step, a)
             with rng(a):
@@ -294,7 +294,7 @@ class StageExecutor:
         else:
             self.st.in_grads[key] = g
 
-    # -- split backward (harness/splitgrad.py): B now, W later ------------------------------
+    # -- split backward (harness/core/splitgrad.py): B now, W later ------------------------------
     def backward_input(self, a):
         """B: the gradient of the chunk's input, sent upstream at once; the graph stays for W."""
         st, key = self.st, (a.chunk, a.mb)

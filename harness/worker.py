@@ -1,0 +1,159 @@
+"""One rank's working parts, built from the config: what `harness.train.Run` trains with.
+
+Set-up, in order: the allocator policy (before the model's tensors come and go), threads and
+device, this rank's stage of the model (harness.core.stage) with the test knobs that slow it
+down, the optimizer, the clocks and the trace (harness.trace), the transport under its watchdog
+(harness.core.comm, harness.ops.watchdog), the optional Kineto window, and the executor
+(harness.core.executor) wrapped in the step-level test knobs (harness.ops.debug_knobs).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import torch
+
+from . import config
+from . import schedule as S
+from .core import comm, stage
+from .core.executor import StageExecutor
+from .ops import debug_knobs, malloc
+from .ops.watchdog import Watchdog
+from .runformat import weights_file
+from .trace import clock as tclock
+from .trace import open_trace
+from .trace.kineto import KinetoWindow
+
+
+class Worker:
+    """Rank `rank`'s stage, optimizer, trace, transport and executor for `schedule` (the run's
+    one Schedule). base: where this rank writes its files; on_timeout(what): called by the
+    watchdog thread when a blocking call outlives comm.timeout_s."""
+
+    def __init__(self, cfg, schedule: S.Schedule, rank: int, base, on_timeout):
+        self.cfg, self.schedule, self.rank = cfg, schedule, rank
+        size = len(schedule)
+        self.malloc = malloc.apply(cfg.malloc)   # before the model's tensors come and go
+        local_rank, local_size = comm.local_rank_size()
+        threads = cfg.threads or max(1, config.cores_available() // local_size)
+        torch.set_num_threads(threads)
+        if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
+            device = torch.device("cpu")
+        else:
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+            torch.cuda.set_device(device)
+        cuda_aware = (comm.mpi_takes_cuda() if cfg.comm.cuda_aware == "auto"
+                      else cfg.comm.cuda_aware == "true") and device.type == "cuda"
+        self.cuda_aware = cuda_aware
+
+        mb_rows = cfg.data.batch_size // cfg.pipeline.microbatches
+        self.stage = st = stage.build(cfg, rank, schedule.placement, mb_rows, agree=comm.bcast)
+        check_boundaries(st)
+        layers = st.layers.to(device)
+        debug_knobs.apply(cfg.debug, rank, layers)  # test knobs (debug.slow_*), no-op by default
+        opt = torch.optim.SGD(layers.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum)
+
+        d = cfg.debug
+        skewed = d.clock_rank == rank
+        self.clock = tclock.Clock(int(d.clock_offset_ms * 1e6) if skewed else 0,
+                                  d.clock_drift_ppm if skewed else 0.0)
+        timer = (tclock.CudaTimer(self.clock, device) if device.type == "cuda"
+                 else tclock.HostTimer(self.clock))
+        tracker, self.tracer, self.sampler, mem_status = open_trace(
+            cfg.trace.enabled, base, rank, timer, self.clock.now,
+            layers.parameters(), device, cfg.trace.sample_interval_ms / 1000)
+        self.watchdog = Watchdog(cfg.comm.timeout_s, on_timeout)
+        self.watchdog.start()
+        p2p = comm.P2P(self.tracer, self.clock.now, self.watchdog, device, cuda_aware,
+                       cfg.comm.wait, cfg.comm.poll_us, cfg.comm.spin_us)
+        self.kineto = (KinetoWindow(config.parse_steps(cfg.trace.kineto), base, rank, device,
+                                    self.clock.now) if cfg.trace.kineto else None)
+        self.executor = StageExecutor(
+            st, schedule, rank, p2p=p2p, tracer=self.tracer, tracker=tracker, optimizer=opt,
+            device=device, pipeline=cfg.pipeline, train=cfg.train, trace=cfg.trace,
+            where=self.watchdog.where, autocast=lambda: stage.autocast(cfg, device.type))
+        self.run_step = debug_knobs.wrap(self.executor, cfg.debug, rank).run_step
+        self.thread_error = None
+        self.clock_start = None
+
+        self.info = {
+            "rank": rank, "host": socket.gethostname(), "pid": os.getpid(),
+            "device": str(device), "local_rank": local_rank, "local_size": local_size,
+            "cores": config.cores_available(), "threads": threads, "malloc": self.malloc,
+            "timer": timer.kind if cfg.trace.enabled else None, "memory_sources": mem_status,
+            # where this rank wrote its files, when not in the run directory (run.local_dir)
+            "local_dir": str(base) if cfg.run.local_dir else None,
+            # the test knob's parameters, so a test can compute the true offset it injected
+            "clock_knob": ({"offset_ns": self.clock.skew_ns, "drift_ppm": d.clock_drift_ppm,
+                            "origin_ns": self.clock.origin} if skewed else None)}
+        self.summary = (f"rank {rank}/{size} on {self.info['host']} pid {self.info['pid']}: "
+                        f"{device}, {threads} threads, layers "
+                        f"{' '.join(f'{a}..{b - 1}' for a, b in st.chunks)}, "
+                        f"schedule {schedule.name} m={schedule.microbatches}, "
+                        f"cuda-aware MPI {cuda_aware}, memory sources {mem_status}")
+
+    def start(self) -> None:
+        """Collective, right before the first step: the clocks' offsets to rank 0, then memory
+        sampling."""
+        self.clock_start = comm.clock_offsets(self.clock.now, self.cfg.trace.clock_exchanges)
+        if self.sampler:
+            self.sampler.write_rows = self._kept_errors(self.sampler.write_rows)
+            self.sampler.start()
+
+    def step(self, step: int) -> tuple[dict, float]:
+        """One training step -> ({loss, grad_norm, update_norm}, seconds)."""
+        self.watchdog.where.at(step, None)
+        if self.kineto:
+            self.kineto.before(step)
+        t0 = time.perf_counter()
+        out = self.run_step(step)
+        dt = time.perf_counter() - t0
+        self.tracer.flush()
+        if self.kineto:
+            self.kineto.after(step)
+        return out, dt
+
+    def check_threads(self) -> None:
+        """Raise what a background thread could not (the sampler's write on a full disk)."""
+        if self.thread_error:
+            raise self.thread_error
+
+    def _kept_errors(self, write):
+        """The sampler thread's writes: an OSError (a full disk) is raised by the main thread
+        after the step, through the failure path, instead of killing the thread."""
+        def guarded(rows):
+            try:
+                write(rows)
+            except OSError as e:
+                self.thread_error = self.thread_error or e
+        return guarded
+
+    def save_weights(self, base) -> None:
+        """run.save_weights: this rank's blocks' final weights, keyed by global block index."""
+        ex = self.executor
+        state = {gi: {k: v.detach().cpu() for k, v in blk.state_dict().items()}
+                 for gi, blk in zip(ex.layer_ids, ex.layers)}
+        torch.save(state, base / weights_file(self.rank))
+
+    def clock_offsets(self):
+        """Collective: the clocks' offsets to rank 0 again (at the end)."""
+        return comm.clock_offsets(self.clock.now, self.cfg.trace.clock_exchanges)
+
+    def close(self) -> None:
+        if self.sampler:
+            self.sampler.stop()
+        if self.kineto:
+            self.kineto.close()  # a window that runs past the last step
+        self.tracer.close()
+        self.watchdog.stop()
+
+
+def check_boundaries(st) -> None:
+    """Every rank probed the boundary shapes itself; they must agree before the first step
+    (a model whose blocks depend on something rank-local would otherwise hang or garble)."""
+    views = comm.allgather(st.boundary)
+    bad = [r for r, v in enumerate(views) if v != views[0]]
+    if bad:
+        raise ValueError(f"ranks disagree on the model's boundary tensors: rank 0 "
+                         f"{views[0]}, rank {bad[0]} {views[bad[0]]}")
