@@ -9,6 +9,7 @@ meta.json and brings the whole job down with MPI_Abort, so no rank is left block
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
@@ -101,10 +102,24 @@ class Run(Failures):
         hidden = self.cfg.debug.no_shared_fs and self.rank != 0
         self.run_dir = None if hidden else self.run_path
         # base: where this rank writes its own files (run.local_dir, or the run directory)
+        host = socket.gethostname()
         self.base = localdir.base_dir(self.cfg.run.local_dir, self.run_path, self.run_path.name,
-                                      self.rank, socket.gethostname())
+                                      self.rank, host)
+        # without run.local_dir every rank writes into the run directory rank 0 created: a rank
+        # on a host that does not share its file system must say so, not create one of its own
+        blind = (self.rank != 0 and self.run_dir is not None and not self.cfg.run.local_dir
+                 and not sees_dir(self.run_path))
+        views = comm.allgather((str(self.base), host, blind))
+        if any(b for _, _, b in views):
+            if self.rank == 0:
+                print(f"harness.run: error: {unreachable(views, self.run_path)}", file=sys.stderr,
+                      flush=True)
+                if self.cfg.run.dir is None:  # the default name was made for this run: empty
+                    with contextlib.suppress(OSError):
+                        self.run_path.rmdir()
+            return False
         (self.base / "ranks").mkdir(parents=True, exist_ok=True)
-        self.bases = [Path(b) for b in comm.allgather(str(self.base))]
+        self.bases = [Path(b) for b, _, _ in views]
         self.files = rundir.RankFiles(self.base, self.rank)
         # room to record a failure even when the disk fills up (rundir.mark_failed frees it)
         rundir.reserve(self.base, self.rank)
@@ -361,6 +376,35 @@ class Run(Failures):
         if self.rank == 0 and out:
             raise RuntimeError("file transfer to the run directory failed (the files stay in "
                                "the ranks' run.local_dir): " + "; ".join(out))
+
+
+def sees_dir(path: Path, wait_s: float = 2.0) -> bool:
+    """Whether this rank sees the directory rank 0 created. Listing the parent first makes an
+    NFS client revalidate its cached view of it; a short wait allows for a slower one."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        with contextlib.suppress(OSError):
+            os.listdir(path.absolute().parent)
+        if path.is_dir():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+
+
+def unreachable(views: list, run_path: Path) -> str:
+    """One line naming the ranks that cannot see the run directory (views: (base, host, blind)
+    per rank, rank 0 first)."""
+    blind = [(r, h) for r, (_, h, b) in enumerate(views) if b]
+    hosts = sorted({h for _, h in blind})
+    h0 = views[0][1]
+    return (f"rank{'s' if len(blind) > 1 else ''} {', '.join(str(r) for r, _ in blind)} on "
+            f"{', '.join(hosts)} cannot write into the run directory {run_path.absolute()} that "
+            f"rank 0 created on {h0}: {' and '.join(hosts)} "
+            f"{'does' if len(hosts) == 1 else 'do'} not have it (no file system shared with {h0} "
+            f"there); set run.local_dir to a directory every host has (e.g. "
+            f"run.local_dir=/tmp/$USER), or run.dir on a file system all hosts share")
+
 
 def warn_oversubscribed(infos: list) -> None:
     """Once per job (rank 0): hosts running more ranks than they have cores."""
