@@ -35,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     from . import comm  # initialises MPI (only now: --help must work without it)
 
     rank, size = comm.rank_size()
+    alone = unjoined(size)
+    if alone:  # every task is rank 0 of its own world: the first task says it
+        if os.environ.get("SLURM_PROCID", "0") == "0":
+            print(f"harness.run: error: {alone}", file=sys.stderr, flush=True)
+        return 2
     if rank == 0:
         for w in config.unreadable_warnings():
             print(w, file=sys.stderr, flush=True)
@@ -404,6 +409,17 @@ def unreachable(views: list, run_path: Path) -> str:
             f"{'does' if len(hosts) == 1 else 'do'} not have it (no file system shared with {h0} "
             f"there); set run.local_dir to a directory every host has (e.g. "
             f"run.local_dir=/tmp/$USER), or run.dir on a file system all hosts share")
+
+
+def unjoined(size: int) -> str | None:
+    """srun started several tasks but MPI made each a world of its own (no PMI joined them):
+    each would train alone. None when that is not the case."""
+    n = os.environ.get("SLURM_STEP_NUM_TASKS", "")
+    if size != 1 or not n.isdigit() or int(n) < 2:
+        return None
+    return (f"srun started {n} tasks but MPI sees a world of 1 in each (Slurm's PMI did not "
+            f"join them): use srun --mpi=pmi2 (PyPI's MPICH speaks it), or mpirun inside "
+            f"salloc/sbatch")
 
 
 def warn_oversubscribed(infos: list) -> None:
