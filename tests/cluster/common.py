@@ -7,6 +7,7 @@ import ctypes
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -118,6 +119,12 @@ def kill_where(match, wait_s: float = 10.0) -> list[str]:
             pass
     psutil.wait_procs(hit, timeout=wait_s)
     return names
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_for(what: str, ok, timeout: float, every: float = 0.2, log: Path | None = None):
