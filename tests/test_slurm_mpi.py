@@ -24,8 +24,9 @@ pytestmark = pytest.mark.mpi
 PY = sys.executable
 MPIRUN = f"{sys.executable.rsplit('/', 1)[0]}/mpirun"
 # runs that last until a signal ends them: rank 1 stalls at step 2 (sleeping), rank 0 waits for
-# it, sleeping between tests (comm.wait=sleep), so that the minute costs no CPU
-UNTIL_SIGNALLED = ["train.steps=100000", "comm.timeout_s=600", "comm.wait=sleep",
+# it, sleeping between tests (comm.wait=sleep), so that the minute costs no CPU; the signals come
+# within ~95 s, and comm.timeout_s ends an orphaned job (a killed test run) after 4 minutes
+UNTIL_SIGNALLED = ["train.steps=100000", "comm.timeout_s=240", "comm.wait=sleep",
                    "comm.poll_us=5000", "debug.stall_rank=1", "debug.stall_step=2"]
 
 
