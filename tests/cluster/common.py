@@ -57,7 +57,12 @@ def run(argv: list[str], timeout: float, env: dict | None = None, cwd=None,
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         kill([proc.pid, *family(proc.pid)])
-        out, err = proc.communicate()
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:  # a process not found above still holds the pipes
+            proc.kill()
+            proc.wait(timeout=30)
+            out, err = "", "(output lost: its pipes stayed open)"
         raise AssertionError(f"timed out after {timeout} s: {' '.join(argv)}\nstdout:\n{out}\n"
                              f"stderr:\n{err}") from None
     done = subprocess.CompletedProcess(argv, proc.returncode, out, err)
