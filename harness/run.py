@@ -6,6 +6,7 @@ each runs `harness.train.Run`: the run directory, the training loop, the end, or
 """
 from __future__ import annotations
 
+import os
 import sys
 
 from . import config
@@ -25,6 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     from .train import Run
 
     rank, size = comm.rank_size()
+    alone = unjoined(size)
+    if alone:  # every task is rank 0 of its own world: the first task says it
+        if os.environ.get("SLURM_PROCID", "0") == "0":
+            print(f"harness.run: error: {alone}", file=sys.stderr, flush=True)
+        return 2
     if rank == 0:
         for w in config.unreadable_warnings():
             print(w, file=sys.stderr, flush=True)
@@ -42,6 +48,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"harness.run: error: {errors[first]}", file=sys.stderr, flush=True)
         return 2
     return Run(cfg, sched, rank, size).main()
+
+
+def unjoined(size: int) -> str | None:
+    """srun started several tasks but MPI made each a world of its own (no PMI joined them):
+    each would train alone. None when that is not the case."""
+    n = os.environ.get("SLURM_STEP_NUM_TASKS", "")
+    if size != 1 or not n.isdigit() or int(n) < 2:
+        return None
+    return (f"srun started {n} tasks but MPI sees a world of 1 in each (Slurm's PMI did not "
+            f"join them): use srun --mpi=pmi2 (PyPI's MPICH speaks it), or mpirun inside "
+            f"salloc/sbatch")
 
 
 if __name__ == "__main__":

@@ -9,9 +9,12 @@ rank 0 merges the stats and marks meta.json complete.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import platform
 import socket
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -53,10 +56,24 @@ class Session:
         self.run_path = Path(path)
         hidden = cfg.debug.no_shared_fs and rank != 0
         self.run_dir = None if hidden else self.run_path
+        host = socket.gethostname()
         self.base = localdir.base_dir(cfg.run.local_dir, self.run_path, self.run_path.name, rank,
-                                      socket.gethostname())
+                                      host)
+        # without run.local_dir every rank writes into the run directory rank 0 created: a rank
+        # on a host that does not share its file system must say so, not create one of its own
+        blind = (rank != 0 and self.run_dir is not None and not cfg.run.local_dir
+                 and not sees_dir(self.run_path))
+        views = comm.allgather((str(self.base), host, blind))
+        if any(b for _, _, b in views):
+            if rank == 0:
+                print(f"harness.run: error: {unreachable(views, self.run_path)}", file=sys.stderr,
+                      flush=True)
+                if cfg.run.dir is None:  # the default name was made for this run: empty
+                    with contextlib.suppress(OSError):
+                        self.run_path.rmdir()
+            return False
         (self.base / runformat.RANKS_DIR).mkdir(parents=True, exist_ok=True)
-        self.bases = [Path(b) for b in comm.allgather(str(self.base))]
+        self.bases = [Path(b) for b, _, _ in views]
         self.files = rundir.RankFiles(self.base, rank)
         # room to record a failure even when the disk fills up (rundir.mark_failed frees it)
         rundir.reserve(self.base, rank)
@@ -156,6 +173,34 @@ def start_meta(cfg, schedule: S.Schedule, stage, infos: list, start_time: str,
                  "poll_us": cfg.comm.poll_us if cfg.comm.wait != "spin" else None,
                  "spin_us": cfg.comm.spin_us if cfg.comm.wait == "backoff" else None},
     }
+
+
+def sees_dir(path: Path, wait_s: float = 2.0) -> bool:
+    """Whether this rank sees the directory rank 0 created. Listing the parent first makes an
+    NFS client revalidate its cached view of it; a short wait allows for a slower one."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        with contextlib.suppress(OSError):
+            os.listdir(path.absolute().parent)
+        if path.is_dir():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+
+
+def unreachable(views: list, run_path: Path) -> str:
+    """One line naming the ranks that cannot see the run directory (views: (base, host, blind)
+    per rank, rank 0 first)."""
+    blind = [(r, h) for r, (_, h, b) in enumerate(views) if b]
+    hosts = sorted({h for _, h in blind})
+    h0 = views[0][1]
+    return (f"rank{'s' if len(blind) > 1 else ''} {', '.join(str(r) for r, _ in blind)} on "
+            f"{', '.join(hosts)} cannot write into the run directory {run_path.absolute()} that "
+            f"rank 0 created on {h0}: {' and '.join(hosts)} "
+            f"{'does' if len(hosts) == 1 else 'do'} not have it (no file system shared with {h0} "
+            f"there); set run.local_dir to a directory every host has (e.g. "
+            f"run.local_dir=/tmp/$USER), or run.dir on a file system all hosts share")
 
 
 def warn_oversubscribed(infos: list) -> None:
