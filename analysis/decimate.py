@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from analysis.live import live_bytes
+
 
 class Curve:
     """One curve over [lo, hi] for n columns; `step`: drawn as steps ("post") rather than
@@ -178,3 +180,52 @@ class Curve:
         rows = rows[order]
         keep = np.r_[True, rows[1:, 0] != rows[:-1, 0]]
         return rows[keep, 1], rows[keep, 2] * scale
+
+
+class MemoryCurves:
+    """The figure's curves over [lo, hi] for n columns: per rank the activation bytes held, per
+    (rank, source) the memory samples, and their largest values (for the units)."""
+
+    def __init__(self, lo: float, hi: float, n: int):
+        self.lo, self.hi, self.n = lo, hi, n
+        self.act: dict = {}       # rank -> Curve
+        self.mem: dict = {}       # (rank, source) -> Curve
+        self.amax = self.dmax = None
+
+    def add(self, lb, memory) -> "MemoryCurves":
+        """The next time range's rows: live_bytes rows (rank, time, bytes; sorted by rank,
+        time) and memory samples (sorted by rank, source, time), all after earlier ones'."""
+        lr, lt, lv = (lb[c].to_numpy() for c in ("rank", "time", "bytes"))
+        for r in np.unique(lr).tolist():
+            i, j = np.searchsorted(lr, [r, r + 1])
+            self.act.setdefault(int(r), Curve(self.lo, self.hi, self.n, step=True)).add(
+                lt[i:j], lv[i:j])
+        if len(lv):
+            self.amax = max(self.amax if self.amax is not None else lv.max(), lv.max())
+        for (r, src), d in memory.groupby(["rank", "source"], observed=True):
+            self.mem.setdefault((int(r), str(src)), Curve(self.lo, self.hi, self.n)).add(
+                d["time"].to_numpy(), d["bytes"].to_numpy())
+        if len(memory):
+            m = memory["bytes"].max()
+            self.dmax = max(self.dmax if self.dmax is not None else m, m)
+        return self
+
+    def merge(self, later: "MemoryCurves") -> "MemoryCurves":
+        """This one followed by `later` (a later time range)."""
+        for name in ("act", "mem"):
+            mine, theirs = getattr(self, name), getattr(later, name)
+            for k, c in theirs.items():
+                mine[k] = mine[k].merge(c) if k in mine else c
+        for name in ("amax", "dmax"):
+            a, b = getattr(self, name), getattr(later, name)
+            setattr(self, name, b if a is None else a if b is None else max(a, b))
+        return self
+
+    @classmethod
+    def of(cls, pebbles, memory, n: int) -> "MemoryCurves":
+        """A run held in memory, in one piece."""
+        lb = live_bytes(pebbles)
+        ts = [x for x in (lb["time"], memory["time"]) if len(x)]
+        lo = min(x.min() for x in ts) if ts else 0.0
+        hi = max(x.max() for x in ts) if ts else 1.0
+        return cls(lo, hi, n).add(lb, memory)

@@ -23,25 +23,20 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")  # files only, no screen
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from analysis import chrome, kineto, metrics, report, stream, style, waits  # noqa: E402
-from analysis.pages import small_pages  # noqa: E402
-from analysis.plots import draw_memory, pebble_graph, timeline  # noqa: E402
-from analysis.plots.common import columns_for  # noqa: E402
-from analysis.plots.memory import SIZE as MEMORY_SIZE  # noqa: E402
-from analysis.plots.timeline import planned_from  # noqa: E402
-from analysis.runmeta import ranges  # noqa: E402
-from analysis.scan import open_run  # noqa: E402
-from analysis.tracefile import RunFormatError  # noqa: E402
+from analysis import chrome, kineto, metrics, report, stream, waits
+from analysis.dims import MEMORY_SIZE, columns_for
+from analysis.pages import small_pages
+from analysis.plan import planned_from
+from analysis.runmeta import ranges
+from analysis.scan import open_run
+from analysis.tracefile import RunFormatError
 
 OUTPUTS = ["metrics.json", "steps.csv", "trace.json", "pebble", "timeline", "memory"]
 # a trace.json above this many bytes gets a note: Perfetto's in-browser UI holds ~2 GB of
@@ -192,14 +187,26 @@ def _write(a, idx, out, ident, steps, step, trace, log) -> int:
     window = trace == "window"
     if window:
         trace = set(stead[:2]) | {steps[-1]}
-    with plt.rc_context(style.RC):
-        cols = columns_for(MEMORY_SIZE[0])
+    cols = columns_for(MEMORY_SIZE[0])      # what the memory figure's columns will be
     tmp = Path(tempfile.mkdtemp(prefix=".analysis-", dir=out))
     try:
         opts = stream.Options(columns=cols, pebble_step=step, timeline_steps=tuple(shown),
                               trace_steps=trace, slowest=window, folder=tmp,
                               target=a.chunk_rows, workers=1 if serial else _cores())
-        res = stream.analyse(idx, opts, log)
+        drawing = _Drawing()    # matplotlib, imported while the pass runs (it waits here)
+        early = {}
+
+        def pebble_early(r):    # the pebble graph, drawn here while the workers analyse
+            if "pebble" in r.kept and not early:
+                drawing.ready()
+                peb = r.kept["pebble"]
+                early["lines"] = _guarded(lambda: _draw(out, formats, log, (
+                    ("pebble", lambda: _plots().pebble_graph(peb[0], peb[1], idx.meta,
+                                                             step)),)))
+        res = stream.analyse(idx, opts, log, on_started=drawing.start,
+                             on_result=None if serial else pebble_early)
+        drawing.ready()
+        res.early = early.get("lines")
         return _outputs(a, idx, out, ident, steps, step, shown, formats, serial, res, window,
                         log)
     finally:
@@ -216,15 +223,50 @@ def _cores() -> int:
     return max(1, min(2, n))
 
 
+class _Drawing:
+    """The figures' imports (matplotlib and analysis.plots: a third of the start-up) made in a
+    thread of this process while the pass's workers run and this process waits for them:
+    started after they are forked (a fork must not happen while a thread imports), done before
+    the outputs' forks."""
+
+    def __init__(self):
+        self.thread = None
+
+    def start(self):
+        self.thread = threading.Thread(target=_import_drawing, daemon=True)
+        self.thread.start()
+
+    def ready(self):
+        if self.thread is not None:
+            self.thread.join()
+        _import_drawing()
+
+
+def _import_drawing():
+    # matplotlib and the plots: for the outputs only, imported during the pass (_Drawing)
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no screen
+    import matplotlib.pyplot  # noqa: F401
+    import analysis.plots  # noqa: F401
+    import analysis.style  # noqa: F401
+
+
+def _plots():
+    import analysis.plots  # imported already (_Drawing): not at the top, for the start-up
+    return analysis.plots
+
+
 def _outputs(a, idx, out, ident, steps, step, shown, formats, serial, res, window, log) -> int:
+    from analysis.plots import draw_memory, pebble_graph, timeline  # imported (_Drawing)
     meta = idx.meta
     note = waits.warning_line(res.summary["clock"])
+    early = getattr(res, "early", None)    # the pebble graph, drawn during the pass
 
     def figures():
         peb = res.kept.get("pebble")
-        return _draw(out, formats, log, (
-            ("pebble", lambda: pebble_graph(peb[0], peb[1], meta, step)),
-            ("memory", lambda: draw_memory(res.curves))))
+        return _draw(out, formats, log, (() if early is not None else (
+            ("pebble", lambda: pebble_graph(peb[0], peb[1], meta, step)),)) + (
+            ("memory", lambda: draw_memory(res.curves)),))
 
     def timeline_and_trace():
         ev, path = res.kept.get("timeline", (None, None))
@@ -232,8 +274,10 @@ def _outputs(a, idx, out, ident, steps, step, shown, formats, serial, res, windo
         _draw(out, formats, log, (("timeline", lambda: timeline(
             ev, shown, planned, critical=path, note=note)),))
         return [] if a.no_trace else _write_trace(idx, out / "trace.json", res, window, log)
-    jobs = [_start(lambda: _guarded(figures), serial),
-            _start(lambda: _guarded(timeline_and_trace), serial)]
+    jobs = [lambda: early, _start(lambda: _guarded(figures), serial),
+            _start(lambda: _guarded(timeline_and_trace), serial)] if early is not None else \
+        [_start(lambda: _guarded(figures), serial),
+         _start(lambda: _guarded(timeline_and_trace), serial)]
     failed = True
     try:
         _write_metrics(a, idx, out, ident, steps, log, res)
@@ -300,6 +344,9 @@ def _guarded(job) -> tuple[int, list[str]]:
 
 def _draw(out: Path, formats, log, figures) -> list[str]:
     """Draw each (name, draw) and save it in every format (_writing each file)."""
+    # both imported already (_Drawing): not at the top, so that the start-up is without them
+    import matplotlib.pyplot as plt
+    from analysis import style
     with plt.rc_context(style.RC):
         for name, draw in figures:
             fig, _ = draw()

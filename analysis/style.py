@@ -13,7 +13,7 @@ from cycler import cycler
 from matplotlib import colormaps
 from matplotlib.colors import to_rgba, to_rgba_array
 
-COLUMN, WIDE = 3.4, 7.0  # inches
+from analysis.dims import COLUMN, FIGURE_DPI, MEMORY_SIZE, SAVE_DPI, WIDE  # noqa: F401
 
 # Okabe & Ito (2008) colour-blind-safe palette, black moved last (used for annotation)
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442",
@@ -33,7 +33,7 @@ RC = {
     "xtick.major.width": 0.5, "ytick.major.width": 0.5, "xtick.major.size": 2,
     "ytick.major.size": 2, "lines.linewidth": 1.0, "hatch.linewidth": 0.4,
     "legend.frameon": False, "legend.handlelength": 1.2, "legend.columnspacing": 1.0,
-    "figure.dpi": 150, "savefig.dpi": 300, "savefig.bbox": "tight", "savefig.pad_inches": 0.02,
+    "figure.dpi": FIGURE_DPI, "savefig.dpi": SAVE_DPI, "savefig.bbox": "tight", "savefig.pad_inches": 0.02,
     "figure.constrained_layout.use": True,
     "pdf.fonttype": 42, "ps.fonttype": 42,  # embed TrueType: editable text in the PDF
 }

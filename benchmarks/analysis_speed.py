@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -101,6 +102,7 @@ def _tiled(target: Path, schema, batch, k: int, period: int, times) -> None:
 def measure(run: Path, out: Path) -> dict:
     """`python -m analysis.pebble RUN --format png` in a subprocess: per phase and in all,
     wall s, CPU s and peak PSS (bytes) of its process tree."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.Popen([sys.executable, "-m", "analysis.pebble", str(run), "--out",
                              str(out), "--format", "png"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
@@ -124,7 +126,7 @@ def measure(run: Path, out: Path) -> dict:
     err = proc.stderr.read()
     if proc.returncode:
         raise SystemExit(f"python -m analysis.pebble {run} failed ({proc.returncode}):\n{err}")
-    ru = __import__("resource").getrusage(__import__("resource").RUSAGE_CHILDREN)
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)   # it and its forks, once reaped
     marks = {}
     for line in err.splitlines():
         m = re.match(r"\[\s*([\d.]+) s\] (.*)", line)
@@ -145,7 +147,8 @@ def measure(run: Path, out: Path) -> dict:
         i1 = min(int(np.searchsorted(t, b, "right")) - 1, len(t) - 1)
         phases[name] = {"wall": b - a, "cpu": float(cpu[i1] - cpu[i0]),
                         "peak": int(pss[sel].max()) if sel.any() else 0}
-    return {"wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "peak": int(pss.max()),
+    return {"wall": wall, "cpu": ru.ru_utime + ru.ru_stime - before.ru_utime - before.ru_stime,
+            "peak": int(pss.max()),
             "phases": phases}
 
 

@@ -2,8 +2,8 @@
 samples (RSS on CPU; CUDA/NVML sources on GPU) below, on one time axis.
 
 `memory_plot(pebbles, memory)` draws a run held in memory. A run of any length is drawn from
-`MemoryCurves`, filled a time range at a time (analysis.pebble: each chunk of steps adds its
-own), which cuts every curve to the figure's columns as it goes (analysis.decimate): the same
+`analysis.decimate.MemoryCurves`, filled a time range at a time (analysis.pebble: each chunk of
+steps adds its own), which cuts every curve to the figure's columns as it goes: the same
 picture, in memory that does not grow with the run.
 """
 from __future__ import annotations
@@ -14,62 +14,12 @@ from matplotlib.collections import PolyCollection
 from matplotlib.lines import Line2D
 
 from analysis import style
-from analysis.decimate import Curve
-from analysis.live import live_bytes
+from analysis.decimate import MemoryCurves
 from analysis.plots.common import columns
 
 DASHES = {"rss": "-", "cuda_allocated": "--", "cuda_reserved": ":", "nvml_used": "-.",
           "nvml_process": (0, (1, 1))}
-SIZE = (style.COLUMN, 2.8)   # inches
-
-
-class MemoryCurves:
-    """The figure's curves over [lo, hi] for n columns: per rank the activation bytes held, per
-    (rank, source) the memory samples, and their largest values (for the units)."""
-
-    def __init__(self, lo: float, hi: float, n: int):
-        self.lo, self.hi, self.n = lo, hi, n
-        self.act: dict = {}       # rank -> Curve
-        self.mem: dict = {}       # (rank, source) -> Curve
-        self.amax = self.dmax = None
-
-    def add(self, lb, memory) -> "MemoryCurves":
-        """The next time range's rows: live_bytes rows (rank, time, bytes; sorted by rank,
-        time) and memory samples (sorted by rank, source, time), all after earlier ones'."""
-        lr, lt, lv = (lb[c].to_numpy() for c in ("rank", "time", "bytes"))
-        for r in np.unique(lr).tolist():
-            i, j = np.searchsorted(lr, [r, r + 1])
-            self.act.setdefault(int(r), Curve(self.lo, self.hi, self.n, step=True)).add(
-                lt[i:j], lv[i:j])
-        if len(lv):
-            self.amax = max(self.amax if self.amax is not None else lv.max(), lv.max())
-        for (r, src), d in memory.groupby(["rank", "source"], observed=True):
-            self.mem.setdefault((int(r), str(src)), Curve(self.lo, self.hi, self.n)).add(
-                d["time"].to_numpy(), d["bytes"].to_numpy())
-        if len(memory):
-            m = memory["bytes"].max()
-            self.dmax = max(self.dmax if self.dmax is not None else m, m)
-        return self
-
-    def merge(self, later: "MemoryCurves") -> "MemoryCurves":
-        """This one followed by `later` (a later time range)."""
-        for name in ("act", "mem"):
-            mine, theirs = getattr(self, name), getattr(later, name)
-            for k, c in theirs.items():
-                mine[k] = mine[k].merge(c) if k in mine else c
-        for name in ("amax", "dmax"):
-            a, b = getattr(self, name), getattr(later, name)
-            setattr(self, name, b if a is None else a if b is None else max(a, b))
-        return self
-
-    @classmethod
-    def of(cls, pebbles, memory, n: int) -> "MemoryCurves":
-        """A run held in memory, in one piece."""
-        lb = live_bytes(pebbles)
-        ts = [x for x in (lb["time"], memory["time"]) if len(x)]
-        lo = min(x.min() for x in ts) if ts else 0.0
-        hi = max(x.max() for x in ts) if ts else 1.0
-        return cls(lo, hi, n).add(lb, memory)
+SIZE = style.MEMORY_SIZE     # inches
 
 
 def memory_plot(pebbles, memory, fig=None):
