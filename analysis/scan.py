@@ -524,19 +524,38 @@ def build_frames(parts: dict, meta: dict, origin: int):
     for c, name in (("t0", "start"), ("t1", "end"), ("tb", "tb")):
         ev[name] = A.secs(ev.pop(c), origin)
     # rows sorted by (rank, start), stable: one argsort, and each column taken once
-    events = _frame(ev, np.lexsort((ev["start"], ev["rank"])), EVENT_FRAME)
+    events = _frame(ev, _sorted_by(ev["start"], ev["rank"]), EVENT_FRAME)
     peb["stored"], peb["freed"] = (A.secs(peb.pop(c), origin) for c in ("t_store", "t_free"))
     # labels repeated per layer and microbatch: as Python strings ~110 MB per million pebbles,
     # as categoricals a byte or two a row; empty labels read as ""
     for c in ("module", "shape", "dtype"):
         peb[c] = _filled(peb[c], "")
-    pebbles = _frame(peb, np.lexsort((peb["stored"], peb["rank"])), PEBBLE_FRAME)
+    pebbles = _frame(peb, _sorted_by(peb["stored"], peb["rank"]), PEBBLE_FRAME)
     mem["time"] = A.secs(mem.pop("t"), origin)
     # sorted by (rank, source, time); sorted categories order as their text, NA last
     source = mem["source"]
     key = np.where(source.codes < 0, len(source.categories), source.codes)
-    memory = _frame(mem, np.lexsort((mem["time"], key, mem["rank"])), MEMORY_FRAME)
+    memory = _frame(mem, _sorted_by(mem["time"], key, mem["rank"]), MEMORY_FRAME)
     return events, pebbles, memory
+
+
+def _sorted_by(*keys) -> np.ndarray | None:
+    """np.lexsort(keys) (the last key first), or None when the rows are in that order already
+    (a rank's events and memory samples are written in time order: no sort then; a stable
+    sort of sorted rows leaves them as they are)."""
+    a = [np.asarray(k) for k in keys[::-1]]
+    n = len(a[0]) if a else 0
+    if n < 2:
+        return None
+    same = np.ones(n - 1, bool)     # rows equal on the keys compared so far
+    ok = True
+    for k in a:
+        d = k[1:] >= k[:-1]
+        if not np.all(d | ~same):
+            ok = False
+            break
+        same &= k[1:] == k[:-1]
+    return None if ok else np.lexsort(keys)
 
 
 def _filled(col: pd.Categorical, fill: str) -> pd.Categorical:
@@ -624,14 +643,16 @@ def _text(cols: list) -> pd.Categorical:
         pd.Index(allw.take(pa.array(order)).to_pandas())))
 
 
-def _frame(cols: dict, order: np.ndarray, names: tuple) -> pd.DataFrame:
+def _frame(cols: dict, order, names: tuple) -> pd.DataFrame:
     """A frame of the arrays `names` popped from `cols`, its rows in `order`: each column taken
     once and then released, and the frame built without copying them again into one block per
     dtype."""
     out = {}
     for c in names:
         v = cols.pop(c)
-        out[c] = v[order] if isinstance(v, np.ndarray) else v.take(order)
+        if order is not None:
+            v = v[order] if isinstance(v, np.ndarray) else v.take(order)
+        out[c] = v
         del v
     return pd.DataFrame(out, copy=False)
 

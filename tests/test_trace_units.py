@@ -164,6 +164,25 @@ def test_trace_file_is_a_versioned_arrow_stream_any_reader_reads(tmp_path):
     assert df["tb"].isna().tolist() == [True, False, True]
 
 
+def test_a_column_like_the_last_batches_is_written_again_right(tmp_path):
+    """The writer reuses a column's Arrow array when its values equal the last batch's (steps
+    repeat all but their times): each batch still reads back as written, a new text value
+    extends the dictionary."""
+    import pyarrow.ipc as ipc
+    f = writer.TraceFile(tmp_path / "p.arrows", "pebbles", 0, writer.PEBBLE_COLS)
+    a = [(0, 0, 1, "saved", 64, 10, 20, "0.linear", "4x4", "float32"),
+         (0, 1, 1, "saved", 64, 11, None, "0.linear", "4x4", "float32")]
+    b = [(1,) + r[1:5] + (r[5] + 100, None if r[6] is None else r[6] + 100) + r[7:] for r in a]
+    c = [b[0][:7] + ("1.linear",) + b[0][8:], b[1]]
+    for rows in (a, b, b, c):
+        f.write_rows(rows)
+    f.close()
+    got = [bt.to_pylist() for bt in ipc.open_stream(tmp_path / "p.arrows")]
+    cols = writer.PEBBLE_COLS
+    want = [[dict(zip(cols, r)) for r in rows] for rows in (a, b, b, c)]
+    assert got == want
+
+
 def test_writer_and_reader_agree_on_the_run_format(tmp_path):
     """The harness's Tracer writes, analysis.load reads: same files, columns and values. A column
     added to one side only, a renamed file or a changed header fails here."""

@@ -40,17 +40,24 @@ class _Dictionary:
 
     def encode(self, col) -> pa.DictionaryArray:
         code = self.code
-        new = [v for v in dict.fromkeys(col) if v not in code]
-        if new:
-            for v in new:
-                code[v] = len(code)
+        try:
+            idx = list(map(code.__getitem__, col))
+        except KeyError:       # a value not seen before: the dictionary grows (a delta)
+            for v in dict.fromkeys(col):
+                if v not in code:
+                    code[v] = len(code)
             self.values = pa.array(list(code), pa.string())
-        return pa.DictionaryArray.from_arrays(pa.array([code[v] for v in col], pa.int32()),
-                                              self.values)
+            idx = list(map(code.__getitem__, col))
+        return pa.DictionaryArray.from_arrays(pa.array(idx, pa.int32()), self.values,
+                                              safe=False)
 
 
 class TraceFile:
-    """One trace file: an Arrow IPC stream (format 2), a record batch per write_rows, flushed."""
+    """One trace file: an Arrow IPC stream (format 2), a record batch per write_rows, flushed.
+
+    A step's rows repeat the last step's but for the times and the step number (the same
+    schedule runs every step): a column equal to the one written last reuses its Arrow array,
+    so that writing costs the rank little more than the times (benchmarks/run_format.py)."""
 
     def __init__(self, path: Path, kind: str, rank: int, cols: tuple):
         self.schema = arrow_schema(kind, rank)
@@ -61,18 +68,23 @@ class TraceFile:
         self.f.flush()
         self.dicts = {f.name: _Dictionary() for f in self.schema
                       if pa.types.is_dictionary(f.type)}
+        self.last = [(None, None)] * len(self.schema)   # per column: (values, their array)
 
     def write_rows(self, rows) -> None:
         """Rows as tuples in the columns' order; None (or "" in a text column) is empty."""
         if rows:
             arrays = []
-            for f, col in zip(self.schema, zip(*rows)):
-                if f.name in self.dicts:
-                    arrays.append(self.dicts[f.name].encode(col))
-                elif pa.types.is_string(f.type):
-                    arrays.append(pa.array([v or None for v in col], f.type))
-                else:
-                    arrays.append(pa.array(col, f.type))
+            for i, (f, col) in enumerate(zip(self.schema, zip(*rows))):
+                seen, arr = self.last[i]
+                if col != seen:
+                    if f.name in self.dicts:
+                        arr = self.dicts[f.name].encode(col)
+                    elif pa.types.is_string(f.type):
+                        arr = pa.array([v or None for v in col], f.type)
+                    else:
+                        arr = pa.array(col, f.type)
+                    self.last[i] = (col, arr)
+                arrays.append(arr)
             self.w.write_batch(pa.RecordBatch.from_arrays(arrays, schema=self.schema))
         self.f.flush()
 
