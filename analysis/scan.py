@@ -28,6 +28,7 @@ only, so memory is that of a chunk.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import multiprocessing
 import sys
@@ -70,21 +71,32 @@ class FileIndex:
     hi: np.ndarray
     pos: np.ndarray
 
-    def batches(self, want: np.ndarray, cache: dict):
-        """The batches at positions `want` (sorted), read in order: from `cache` where there,
-        else from the file, continuing a sequential read where one is open."""
-        for i in want.tolist():
-            if i in cache:
-                yield i, cache[i]
+    def batches(self, want: np.ndarray, cache: dict) -> list:
+        """[(position, batch)] at positions `want` (sorted): from `cache` where there, else
+        read from the file, runs of consecutive ones at once, continuing a sequential read
+        where one is open."""
+        out = []
+        want = want.tolist()
+        i = 0
+        while i < len(want):
+            k = want[i]
+            if k in cache:
+                out.append((k, cache[k]))
+                i += 1
                 continue
+            j = i                       # a run of consecutive positions not cached
+            while j + 1 < len(want) and want[j + 1] == want[j] + 1 and want[j + 1] not in cache:
+                j += 1
             it = cache.get("iter")
-            if it is None or cache.get("next") != i:
-                it = cache["iter"] = self.tf.batches(i, self.pos)
-            b = next(it, None)
-            cache["next"] = i + 1
-            if b is None:
-                return
-            yield i, b
+            if it is None or cache.get("next") != k:
+                it = cache["iter"] = self.tf.batches(k, self.pos)
+            got = list(itertools.islice(it, j - i + 1))
+            cache["next"] = k + len(got)
+            out += zip(range(k, k + len(got)), got)
+            if len(got) < j - i + 1:    # the file ended early (a torn last batch)
+                break
+            i = j + 1
+        return out
 
 
 @dataclass
@@ -210,13 +222,13 @@ class RunIndex:
         if not len(want):
             return None
         cache = self._cache.setdefault((fi.kind, fi.rank), {})
-        got, which = [], []
-        for k, batch in fi.batches(want, cache):
-            cache[k] = batch
-            got.append(batch)
-            which.append(k)
-        if not got:
+        pairs = fi.batches(want, cache)
+        if not pairs:
             return None
+        which, got = zip(*pairs)
+        # the last batches may be the next chunk's context: kept (chunk() trims the cache)
+        for k, b in pairs[-8:]:
+            cache[k] = b
         # one chunk per column: the columns' work below is per array, not per batch (a step's
         # batch is a few hundred rows); a format 2 file's dictionaries only grow, so they unify
         # at little cost
