@@ -365,7 +365,7 @@ def _write_trace(idx, target: Path, res, window: bool, log) -> list[str]:
     torch.profiler events (_writing it); -> warning lines."""
     frags = list(res.fragments)
     if window and res.slowest is not None and not any(res.slowest[1] in f.steps for f in frags):
-        frags.append(res.slowest[2])
+        frags.append(stream.slowest_fragment(idx, res.slowest[1], res.opts))
     frags.sort(key=lambda f: f.steps[0])
     lanes, seen, crit = [], set(), set()
     for f in frags:

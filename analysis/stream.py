@@ -12,7 +12,8 @@ everything analysis.pebble writes:
   Spill);
 - the frames of the few steps the pebble graph and the timeline draw, and the trace events of
   the steps the trace holds (rendered to a file per window of steps);
-- the trace fragment of its slowest steady step (the run's slowest is one of them).
+- its slowest steady step (the run's slowest is one of them: `slowest_fragment` renders that
+  one's trace events afterwards, from a chunk of that step alone).
 
 The chunks' results are merged in step order (each is small: memory is that of a chunk per
 worker, whatever the run's length). Steps are independent beyond their neighbours, which
@@ -50,7 +51,7 @@ class Options:
     pebble_step: int | None = None      # the pebble graph's step: its frames are kept
     timeline_steps: tuple = ()          # the timeline's steps: their events and path kept
     trace_steps: object = None          # steps whose trace events are rendered: a set, "all"
-    slowest: bool = False               # also render each chunk's slowest steady step
+    slowest: bool = False               # find the slowest steady step (its span, its step)
     folder: Path | None = None          # where spill files and trace fragments go (None:
     #                                     memory; analyse() then runs in this process)
     target: int = TARGET                # rows per chunk
@@ -78,7 +79,7 @@ class ChunkResult:
     matched: bool                       # some steady receive matched its send
     kept: dict = field(default_factory=dict)   # what the figures draw (module docstring)
     fragments: list = field(default_factory=list)
-    slowest: tuple | None = None        # (span, step, Fragment)
+    slowest: tuple | None = None        # (span, step) of its slowest steady step
 
 
 @dataclass
@@ -94,6 +95,7 @@ class Result:
     fragments: list
     slowest: tuple | None
     spill: Spill
+    opts: Options
 
 
 # -- one chunk ------------------------------------------------------------------------------
@@ -153,7 +155,7 @@ def _keep(out: ChunkResult, c, own, path, opts: Options) -> None:
 
 def _trace(out: ChunkResult, c, own, path, opts: Options, part, stead) -> None:
     """The trace fragments of the chunk's steps that the trace holds, a window of consecutive
-    steps each, and the fragment of its slowest steady step."""
+    steps each, and (span, step) of its slowest steady step."""
     want = opts.trace_steps
     steps = own if want == "all" else [s for s in own if want and s in want]
     for win in _runs(steps):
@@ -163,9 +165,15 @@ def _trace(out: ChunkResult, c, own, path, opts: Options, part, stead) -> None:
         t = t[t["step"].isin(stead)]
         if len(t):
             spans = t.groupby("step")["span"].first()
-            s = int(spans.idxmax())
-            done = next((f for f in out.fragments if s in f.steps), None)
-            out.slowest = (float(spans.max()), s, done or _fragment(c, [s], path, opts))
+            out.slowest = (float(spans.max()), int(spans.idxmax()))
+
+
+def slowest_fragment(idx: RunIndex, step: int, opts: Options) -> Fragment:
+    """The trace events of one step, read and walked on their own (the window's slowest step,
+    found by the pass)."""
+    c = idx.chunk(step, step)
+    path = critical.critical_path(c.events, [step], critical.RankTimes(c.events))
+    return _fragment(c, [step], path, opts)
 
 
 def _runs(steps) -> list:
@@ -298,4 +306,4 @@ def merge(idx: RunIndex, opts: Options, results, spill: Spill) -> Result:
         ev = pd.concat([e for e, _ in tl])
         order = np.lexsort((ev["start"].to_numpy(), ev["rank"].to_numpy()))
         kept["timeline"] = (ev.iloc[order], pd.concat([p for _, p in tl], ignore_index=True))
-    return Result(summary, table, curves, dur, latency, kept, frags, slowest, spill)
+    return Result(summary, table, curves, dur, latency, kept, frags, slowest, spill, opts)
