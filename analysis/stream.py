@@ -217,18 +217,11 @@ def _fragment(c, steps: list, path, opts: Options, whole: bool = False) -> Fragm
 
 # -- the pass -------------------------------------------------------------------------------
 
-def analyse(idx: RunIndex, opts: Options, log=lambda msg: None, on_started=None,
-            on_result=None) -> Result:
+def analyse(idx: RunIndex, opts: Options, log=lambda msg: None, on_started=None) -> Result:
     """One pass over the run (module docstring). on_started(): called once the workers are
-    running (this process then mostly waits for them); on_result(chunk result): with each as
-    it arrives. The chunk of the pebble graph's step goes first, so that its figure can be
-    drawn while the others are analysed."""
+    running (this process then mostly waits for them)."""
     spill = Spill(opts.folder)
     plan = idx.plan(opts.target)
-    first = next((i for i, (a, b) in enumerate(plan)
-                  if opts.pebble_step is not None and a <= opts.pebble_step <= b), 0)
-    order = [first] + [i for i in range(len(plan)) if i != first]
-    plan = [plan[i] for i in order]
     lohi = _time_range(idx)
     _STATE.update(index=idx, opts=opts, lohi=lohi)
     _STATE.pop("spill", None)
@@ -240,26 +233,13 @@ def analyse(idx: RunIndex, opts: Options, log=lambda msg: None, on_started=None,
             results = pool.imap(_work, plan, chunksize=size)
             if on_started:
                 on_started()
-            res = merge(idx, opts, _in_order(results, order, on_result), spill)
+            res = merge(idx, opts, results, spill)
     else:
         _STATE["spill"] = spill
-        res = merge(idx, opts, _in_order((chunk_result(idx, a, b, opts, spill, lohi)
-                                          for a, b in plan), order, on_result), spill)
+        res = merge(idx, opts, (chunk_result(idx, a, b, opts, spill, lohi) for a, b in plan),
+                    spill)
     log(f"analysed {len(plan)} chunk(s) of steps in {workers} process(es)")
     return res
-
-
-def _in_order(results, order: list, on_result=None):
-    """Results that come in `order` (plan positions), handed on in step order as soon as the
-    next one is there."""
-    held, want = {}, 0
-    for i, r in zip(order, results):
-        if on_result:
-            on_result(r)
-        held[i] = r
-        while want in held:
-            yield held.pop(want)
-            want += 1
 
 
 def _time_range(idx: RunIndex) -> tuple[float, float]:
