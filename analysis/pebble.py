@@ -372,7 +372,7 @@ def _write_trace(idx, target: Path, res, window: bool, log) -> list[str]:
         yield chrome._lines(md)
         for f in frags:
             yield f.read(), f.count
-        yield from _step_tracks(res.table, world)
+        yield from _step_tracks(res.rows, world)
     with _writing(target):
         with open(target, "wb") as fh:
             n = chrome.assemble(fh, parts(), other)
@@ -403,9 +403,15 @@ def _spans(steps: list) -> str:
     return ranges(sorted(set(steps)))
 
 
-def _step_tracks(table, world: int):
+def _step_tracks(rows, world: int):
     """Counter tracks over the whole run, one value per step at its window's start: the
-    step's time and bubble (process `world`), each rank's peak activation bytes."""
+    step's time and bubble (process `world`), each rank's peak activation bytes; a chunk's
+    rows at a time (stream.StepRows)."""
+    for table in rows.frames():
+        yield from _tracks(table, world)
+
+
+def _tracks(table, world: int):
     if not len(table):
         return
     t = table[np.isfinite(table["w0"].to_numpy(float))]
@@ -427,9 +433,13 @@ def _write_metrics(a, idx, out, ident, steps, log, res) -> dict:
     summary = {"run": ident | {"status": idx.meta.get("status")}, **res.summary,
                "warnings": list(idx.warnings)}
     with _writing(out / "steps.csv") as target:
-        # written from the table itself, as one-row-per-record text would be (NaN empty), in
-        # pandas' own blocks: no Python object per cell
-        res.table.drop(columns=["w0"]).to_csv(target, index=False)
+        # written from the rows themselves, as one-row-per-record text would be (NaN empty),
+        # a chunk's at a time, typed as one table of them would be (stream.StepRows)
+        with open(target, "w", newline="") as f:
+            for i, t in enumerate(res.rows.frames()):
+                t.drop(columns=["w0"]).to_csv(f, index=False, header=i == 0)
+            if not res.rows.n:
+                f.write("\n")
     with _writing(out / "metrics.json") as target:
         target.write_text(json.dumps(summary, indent=1))
     log("metrics computed")

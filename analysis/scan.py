@@ -43,6 +43,7 @@ import pyarrow.compute as pacompute
 from analysis import align as A
 from analysis import runmeta
 from analysis.tracefile import ARROW, DTYPES, TraceFile, nullable
+from harness.ops import malloc
 from harness.runformat import LANE, TRACE_COLS, trace_file
 
 KINDS = ("events", "pebbles", "memory")
@@ -371,6 +372,7 @@ def open_run(path, workers: int = 1) -> RunIndex:
             schedule = json.loads((d / "schedule.json").read_text())
         except json.JSONDecodeError:
             warnings.append(f"{d / 'schedule.json'}: not valid JSON, planned schedule skipped")
+    malloc.trim()    # the index pass's batches are gone: their memory back to the kernel
     stats = runmeta.read_stats(d, warnings)
     warnings += runmeta.divergence(stats, meta)
     ev_rows = g["rows"].reindex(steps, fill_value=0).to_numpy(np.int64)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import pickle
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ from analysis.scan import TARGET, RunIndex
 from analysis.spill import Spill
 from analysis.waits import recv_split
 from analysis.windows import steady, step_windows
+from harness.ops import malloc
 
 FLOW_IDS = 1 << 24        # flow ids of a trace window: its first step x this + 1, ...
 
@@ -82,12 +84,57 @@ class ChunkResult:
     slowest: tuple | None = None        # (span, step) of its slowest steady step
 
 
+class StepRows:
+    """steps.csv's rows of a pass, kept chunk by chunk in a file (or, without a folder, in
+    memory): what the run adds per step stays out of the process. `frames()` hands them back
+    in order, typed as one table of them would be (the peak activation bytes integers only if
+    every row has one)."""
+
+    def __init__(self, folder: Path | None):
+        self.path = None if folder is None else Path(folder) / "steps.pkl"
+        self.mem, self.ranks, self.n, self.whole_ints = [], set(), 0, True
+
+    def add(self, table: pd.DataFrame) -> None:
+        if not len(table):
+            return
+        self.ranks |= set(int(r) for r in table["rank"].unique())
+        self.n += len(table)
+        self.whole_ints &= table["peak_act_bytes"].dtype.kind in "iu"
+        if self.path is None:
+            self.mem.append(table)
+        else:
+            with open(self.path, "ab") as f:
+                pickle.dump(table, f, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def frames(self):
+        parts = iter(self.mem) if self.path is None else self._read()
+        for t in parts:
+            if not self.whole_ints and t["peak_act_bytes"].dtype.kind in "iu":
+                t = t.assign(peak_act_bytes=t["peak_act_bytes"].astype("float64"))
+            yield t
+
+    def _read(self):
+        if not self.path.exists():
+            return
+        with open(self.path, "rb") as f:
+            while True:
+                try:
+                    yield pickle.load(f)
+                except EOFError:
+                    return
+
+    def table(self) -> pd.DataFrame:
+        """All rows in one frame (small runs, tests)."""
+        got = list(self.frames())
+        return pd.concat(got, ignore_index=True) if got else pd.DataFrame()
+
+
 @dataclass
 class Result:
     """The merged pass: summary (metrics.json without per_step), the step table (steps.csv),
     the memory curves, the planned timeline's inputs, the kept frames, the trace fragments."""
     summary: dict
-    table: pd.DataFrame
+    rows: StepRows                 # steps.csv's rows (and each step's window start, w0)
     curves: MemoryCurves
     durations: pd.Series
     latency: float
@@ -107,7 +154,9 @@ def _work(ab) -> ChunkResult:
     idx, opts, lohi = _STATE["index"], _STATE["opts"], _STATE["lohi"]
     spill = _STATE.get("spill") or Spill(opts.folder, tag=str(os.getpid()))
     _STATE["spill"] = spill
-    return chunk_result(idx, ab[0], ab[1], opts, spill, lohi)
+    out = chunk_result(idx, ab[0], ab[1], opts, spill, lohi)
+    malloc.trim()     # the chunk's frames are gone: their memory back to the kernel
+    return out
 
 
 def chunk_result(idx: RunIndex, a: int, b: int, opts: Options, spill: Spill, lohi) -> ChunkResult:
@@ -228,9 +277,11 @@ def analyse(idx: RunIndex, opts: Options, log=lambda msg: None, on_started=None)
     workers = max(1, min(opts.workers, len(plan)))
     if workers > 1 and opts.folder is not None and sys.platform.startswith("linux"):
         ctx = multiprocessing.get_context("fork")
-        size = -(-len(plan) // workers)        # contiguous ranges: each worker reads on
+        # one chunk per task: a worker sends each chunk's result when it is done (with several
+        # per task it would hold them all and send them at once: memory growing with the run);
+        # a chunk re-enters the files at its own batches
         with ctx.Pool(workers) as pool:
-            results = pool.imap(_work, plan, chunksize=size)
+            results = pool.imap(_work, plan, chunksize=1)
             if on_started:
                 on_started()
             res = merge(idx, opts, results, spill)
@@ -255,10 +306,10 @@ def _time_range(idx: RunIndex) -> tuple[float, float]:
 def merge(idx: RunIndex, opts: Options, results, spill: Spill) -> Result:
     """The chunks' results, in step order, folded into one as they arrive (module docstring):
     what is kept of each chunk is its rows of steps.csv and a few counts."""
-    parts, tables, curves, matched = [], [], None, False
+    parts, rows, curves, matched = [], StepRows(opts.folder), None, False
     kept, tl, frags, slowest = {}, [], [], None
     for r in results:
-        tables.append(r.part.table)
+        rows.add(r.part.table)
         r.part.table = None
         parts.append(r.part)
         curves = r.curves if curves is None else curves.merge(r.curves)
@@ -270,10 +321,7 @@ def merge(idx: RunIndex, opts: Options, results, spill: Spill) -> Result:
         frags += r.fragments
         if r.slowest is not None and (slowest is None or r.slowest[0] > slowest[0]):
             slowest = r.slowest
-    table = metrics.merged_table(tables)
-    del tables
-    summary = metrics.summary_of(parts, idx.meta, idx.complete, spill,
-                                 table["rank"].unique() if len(table) else [])
+    summary = metrics.summary_of(parts, idx.meta, idx.complete, spill, sorted(rows.ranks))
     if curves is None:
         curves = MemoryCurves(*_time_range(idx), opts.columns)
     keys = [k for k in spill.keys() if k.startswith("plan.") and k != "plan.latency"]
@@ -286,4 +334,4 @@ def merge(idx: RunIndex, opts: Options, results, spill: Spill) -> Result:
         ev = pd.concat([e for e, _ in tl])
         order = np.lexsort((ev["start"].to_numpy(), ev["rank"].to_numpy()))
         kept["timeline"] = (ev.iloc[order], pd.concat([p for _, p in tl], ignore_index=True))
-    return Result(summary, table, curves, dur, latency, kept, frags, slowest, spill, opts)
+    return Result(summary, rows, curves, dur, latency, kept, frags, slowest, spill, opts)

@@ -266,3 +266,29 @@ def test_a_chunk_reads_only_its_batches(tmp_path, monkeypatch):
     idx.chunk(10, 11)
     ev = [w for k, r, w in read if k == "events" and r == 0]
     assert ev and min(ev[0]) >= 8 and max(ev[0]) <= 13
+
+
+def test_step_rows_come_back_typed_as_one_table(tmp_path):
+    """steps.csv's rows kept chunk by chunk (on disk) come back as one table of them would
+    type them: a chunk whose peak activation bytes are all known (integers) is written as
+    floats when another chunk has a step without them (NaN), as pandas' concat would."""
+    import io
+
+    from analysis.stream import StepRows
+    a = pd.DataFrame({"step": [0, 0], "rank": [0, 1], "peak_act_bytes": [4096, 8192],
+                      "span": [0.5, 0.5]})
+    b = pd.DataFrame({"step": [1, 1], "rank": [0, 1], "peak_act_bytes": [4096.0, np.nan],
+                      "span": [0.25, 0.25]})
+    for i, (folder, parts) in enumerate((f, p) for f in (tmp_path, None)
+                                        for p in ([a, b], [a, a.assign(step=[1, 1])])):
+        if folder is not None:
+            folder = folder / str(i)
+            folder.mkdir()
+        rows = StepRows(folder)
+        for p in parts:
+            rows.add(p)
+        got = io.StringIO()
+        for k, t in enumerate(rows.frames()):
+            t.to_csv(got, index=False, header=k == 0)
+        assert got.getvalue() == pd.concat(parts, ignore_index=True).to_csv(index=False)
+        assert rows.ranks == {0, 1} and rows.n == 4

@@ -59,3 +59,11 @@ def apply(policy: str) -> str:
             and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
         return "system (glibc refused mallopt)"
     return "keep"
+
+
+def trim() -> bool:
+    """Hand the heap's free memory back to the kernel now (glibc's malloc_trim): for a
+    process that frees much and lives on, such as the analysis between chunks of steps; ->
+    whether anything was released (False without glibc)."""
+    libc = _glibc()
+    return bool(libc.malloc_trim(0)) if libc is not None else False
