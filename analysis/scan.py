@@ -139,7 +139,7 @@ class RunIndex:
     cut: np.ndarray                 # per step: the suffix minimum of t0 (non-decreasing)
     origin: int
     complete: list
-    stats: pd.DataFrame
+    stats_rows: int                 # rows of stats.csv (the frame itself: `stats`)
     schedule: dict | None
     ev_steps: np.ndarray            # the steps with events, sorted
     ev_cut: np.ndarray              # per step of ev_steps: the suffix minimum of its t0
@@ -147,6 +147,12 @@ class RunIndex:
     kept_pos: dict = field(default_factory=dict)  # rank -> their (batch, row) in the file
     times: dict = field(default_factory=dict)   # "pebbles"/"memory" -> rank -> (min, max) ns
     _cache: dict = field(default_factory=dict)
+
+    @property
+    def stats(self) -> pd.DataFrame:
+        """stats.csv (or the ranks' stats.r<R>.csv), read now: one row per step and rank, so
+        the index does not hold it (its warnings were said when the index was made)."""
+        return runmeta.read_stats(self.path, [])
 
     # -- planning ---------------------------------------------------------------------------
     def plan(self, target: int = TARGET) -> list[tuple[int, int]]:
@@ -375,10 +381,11 @@ def open_run(path, workers: int = 1) -> RunIndex:
     malloc.trim()    # the index pass's batches are gone: their memory back to the kernel
     stats = runmeta.read_stats(d, warnings)
     warnings += runmeta.divergence(stats, meta)
+    stats, n_stats = None, len(stats)     # read again when asked for (RunIndex.stats)
     ev_rows = g["rows"].reindex(steps, fill_value=0).to_numpy(np.int64)
     return RunIndex(d, meta, warnings, world or len(ranks), ranks, idx_files, steps, rows,
                     ev_rows, t0,
-                    t1, cut, int(origin), complete, stats, schedule, ev_steps, ev_cut, kept,
+                    t1, cut, int(origin), complete, n_stats, schedule, ev_steps, ev_cut, kept,
                     kept_pos, times)
 
 

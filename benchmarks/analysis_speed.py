@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -42,6 +43,7 @@ from harness import runformat as F
 from harness.synthetic import MS, pipeline_frames, write_run
 from harness.trace.writer import frame_batches
 
+# each phase and the progress line that ends it: start-up (the imports) until "indexing", ...
 PHASES = (("start-up", "indexing "), ("index", "indexed "), ("pass", "analysed "),
           ("outputs", "outputs in "))
 
@@ -108,6 +110,13 @@ def measure(run: Path, out: Path) -> dict:
                             stderr=subprocess.PIPE, text=True)
     top = psutil.Process(proc.pid)
     t0 = time.perf_counter()
+    lines = []                # (seconds since the start, line) as the lines come
+
+    def read():
+        for line in proc.stderr:
+            lines.append((time.perf_counter() - t0, line))
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     samples = []            # (t, pss, cpu) of the tree
     cpu_of: dict = {}       # pid -> last CPU seconds seen (a process that ended keeps its)
     while proc.poll() is None:
@@ -123,20 +132,19 @@ def measure(run: Path, out: Path) -> dict:
         samples.append((time.perf_counter() - t0, pss, sum(cpu_of.values())))
         time.sleep(0.02)
     wall = time.perf_counter() - t0
-    err = proc.stderr.read()
+    reader.join()
+    err = "".join(line for _, line in lines)
     if proc.returncode:
         raise SystemExit(f"python -m analysis.pebble {run} failed ({proc.returncode}):\n{err}")
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)   # it and its forks, once reaped
-    marks = {}
-    for line in err.splitlines():
+    marks = {}        # each phase's first line, when it came (the phase before it ends there)
+    for t, line in lines:
         m = re.match(r"\[\s*([\d.]+) s\] (.*)", line)
         if m:
             for name, start in PHASES:
                 if m.group(2).startswith(start) and name not in marks:
-                    marks[name] = float(m.group(1))
-    # the progress clock starts after the imports: shift it by the start-up seen by the sampler
-    lag = max(0.0, wall - marks.get("outputs", wall)) if "outputs" in marks else 0.0
-    bounds = [0.0] + [marks.get(n, wall) + lag for n, _ in PHASES[:-1]] + [wall]
+                    marks[name] = t
+    bounds = [0.0] + [marks.get(n, wall) for n, _ in PHASES[:-1]] + [wall]
     phases = {}
     t = np.array([s[0] for s in samples] or [0.0])
     pss = np.array([s[1] for s in samples] or [0])
