@@ -13,7 +13,9 @@ from . import config
 from .ops import signals
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, on_run=None) -> int:
+    """One run; `on_run(run)` (harness.batch) is told the Run before it starts, and then the
+    batch's one signal catcher serves it instead of a catcher of its own."""
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         for w in config.unreadable_warnings():
@@ -47,7 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         if rank == first:  # printed once
             print(f"harness.run: error: {errors[first]}", file=sys.stderr, flush=True)
         return 2
-    return Run(cfg, sched, rank, size).main()
+    run = Run(cfg, sched, rank, size)
+    if on_run is None:
+        return run.main()
+    on_run(run)
+    return run.main(catch_signals=False)
 
 
 def unjoined(size: int) -> str | None:

@@ -28,8 +28,9 @@ class Run:
         self.failure = FailurePolicy(cfg, rank, size, self.session)
         self.worker = None
 
-    def main(self) -> int:
-        signals.Catcher(self.failure.on_signal).start()
+    def main(self, catch_signals: bool = True) -> int:
+        if catch_signals:
+            signals.Catcher(self.failure.on_signal).start()
         try:
             if not self.session.open():
                 return 2

@@ -31,6 +31,39 @@ def run_harness(n: int | None, *args: str, timeout: float = 240, cwd=None):
                           cwd=cwd or REPO, env=env)
 
 
+def run_batch(n: int | None, runs: dict[str, list[str]], base: Path, timeout: float = 600):
+    """Several runs in one job (`harness.batch`: one start-up for all): run `name` writes into
+    base/name. Returns {name: run directory}; a failed batch fails with its output."""
+    base.mkdir(parents=True, exist_ok=True)
+    spec = base / "batch.json"
+    spec.write_text(json.dumps([[*args, f"run.dir={base / str(name)}"]
+                                for name, args in runs.items()]))
+    cmd = [sys.executable, "-m", "harness.batch", str(spec)]
+    if n is not None:
+        cmd = [mpirun(), "-n", str(n), *cmd]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    dirs = ok_all(proc)
+    assert dirs == [base / str(name) for name in runs], dirs
+    return dict(zip(runs, dirs))
+
+
+class Batches:
+    """Named runs, each on `n` ranks (None: one process, no mpirun), run as one harness.batch
+    job per n the first time any of that n's runs is asked for: `batches[name]` is its run
+    directory. Tests that assert on different runs of one world size share one job's start-up."""
+
+    def __init__(self, base: Path, runs: dict[str, tuple[int | None, list[str]]]):
+        self.base, self.runs, self.dirs = base, runs, {}
+
+    def __getitem__(self, name: str) -> Path:
+        if name not in self.dirs:
+            n = self.runs[name][0]
+            group = {k: args for k, (m, args) in self.runs.items() if m == n}
+            self.dirs.update(run_batch(n, group, self.base / f"n{n or 1}"))
+        return self.dirs[name]
+
+
 def trace_frame(run_dir, kind: str, rank: int):
     """A rank's trace file (either format) as pandas.read_csv read the CSV ones: local int ns,
     text as str, an empty integer as NaN. The file as written, without the analysis's
@@ -49,6 +82,12 @@ def ok(proc) -> Path:
     """Assert a run succeeded; return its run directory (the last line it printed)."""
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     return Path(proc.stdout.strip().splitlines()[-1])
+
+
+def ok_all(proc) -> list[Path]:
+    """Assert a batch succeeded; return the run directories it printed, in order."""
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return [Path(line) for line in proc.stdout.split("\n") if line.startswith("/")]
 
 
 def meta(run_dir: Path) -> dict:

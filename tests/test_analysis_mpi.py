@@ -9,7 +9,31 @@ import pytest
 
 from analysis import load_run
 from analysis import metrics as M
-from helpers import REPO, SMALL, ok, run_harness
+from helpers import REPO, SMALL, Batches
+
+
+BLAME = [("naive", 1, 2, 0), ("gpipe", 4, 2, 1), ("1f1b", 4, 2, 0)]
+COMPARE = SMALL + ["schedule=gpipe", "pipeline.microbatches=4", "train.steps=4"]
+
+
+def _blame_args(schedule, m):
+    return SMALL + [f"schedule={schedule}", f"pipeline.microbatches={m}", "train.steps=8"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every run of this module, in one harness.batch job (all on 2 ranks)."""
+    todo = {"1f1b-default": (2, ["schedule=1f1b", "pipeline.microbatches=4", "train.steps=4",
+                                 "quiet=true"]),
+            "naive": (2, [*SMALL, "train.steps=4"]),
+            "compare-a": (2, COMPARE), "compare-b": (2, [*COMPARE, "pipeline.overlap=true"])}
+    for schedule, m, n, slow in BLAME:
+        # 10 ms: the added idle (~80 ms a step) stands well clear of what two runs on a shared
+        # host differ by anyway (with 5 ms the test failed 2 times in 8 here: 86 % of 41 ms, once)
+        todo[f"{schedule}-base"] = (n, _blame_args(schedule, m))
+        todo[f"{schedule}-slow"] = (n, [*_blame_args(schedule, m), f"debug.slow_rank={slow}",
+                                        "debug.slow_ms=10"])
+    return Batches(tmp_path_factory.mktemp("analysis"), todo)
 
 
 def _summary(d):
@@ -21,11 +45,10 @@ def _rank(s, r):
     return next(x for x in s["per_rank"] if x["rank"] == r)
 
 
-def test_1f1b_rank0_send_time_is_mostly_late_receiver(tmp_path):
+def test_1f1b_rank0_send_time_is_mostly_late_receiver(runs):
     # the default 16 x 1024 model, m=4: 256 KiB boundary tensors go by rendezvous, and 1F1B's
     # stage 0 waits for its send (rank 1 posts the receive only after its backward) first
-    d = ok(run_harness(2, "schedule=1f1b", "pipeline.microbatches=4", "train.steps=4",
-                       "quiet=true", f"run.dir={tmp_path / 'r'}"))
+    d = runs["1f1b-default"]
     r0 = _rank(_summary(d), 0)
     assert r0["send_wait"] > 0.5 * (r0["send_wait"] + r0["send_transfer"])
     assert r0["send_wait"] > r0["recv_wait"]        # it waits in its sends, not its receives
@@ -33,15 +56,10 @@ def test_1f1b_rank0_send_time_is_mostly_late_receiver(tmp_path):
 
 # 2 ranks only: 3 ranks on 2 cores share cores, and a sleeping straggler frees one, so the
 # others' idle can even fall (measured -8 ms in one run): "added idle" is not measurable there
-@pytest.mark.parametrize("schedule, m, n, slow", [("naive", 1, 2, 0), ("gpipe", 4, 2, 1),
-                                                  ("1f1b", 4, 2, 0)])
-def test_blame_puts_added_idle_on_the_slowed_rank(tmp_path, schedule, m, n, slow):
-    common = SMALL + [f"schedule={schedule}", f"pipeline.microbatches={m}", "train.steps=8"]
-    base = _summary(ok(run_harness(n, *common, f"run.dir={tmp_path / 'base'}")))
-    # 10 ms: the added idle (~80 ms a step) stands well clear of what two runs on a shared
-    # host differ by anyway (with 5 ms the test failed 2 times in 8 here: 86 % of 41 ms, once)
-    slowed = _summary(ok(run_harness(n, *common, f"debug.slow_rank={slow}", "debug.slow_ms=10",
-                                     f"run.dir={tmp_path / 'slow'}")))
+@pytest.mark.parametrize("schedule, m, n, slow", BLAME)
+def test_blame_puts_added_idle_on_the_slowed_rank(runs, schedule, m, n, slow):
+    base = _summary(runs[f"{schedule}-base"])
+    slowed = _summary(runs[f"{schedule}-slow"])
     others = [r for r in range(n) if r != slow]
     added = sum(_rank(slowed, r)["idle"] - _rank(base, r)["idle"] for r in others)
     blamed = _rank(slowed, slow)["caused_idle"] - _rank(base, slow)["caused_idle"]
@@ -53,10 +71,10 @@ def test_blame_puts_added_idle_on_the_slowed_rank(tmp_path, schedule, m, n, slow
     assert slowed["blame"]["worst_offender"]["rank"] == slow
 
 
-def test_naive_critical_path_runs_through_every_stage(tmp_path):
+def test_naive_critical_path_runs_through_every_stage(runs):
     # 2 ranks: with 3 on 2 cores, spinning ranks keep their peer off the core and "transfers"
     # of 8 KiB take milliseconds, which the path then (rightly) runs through
-    d = ok(run_harness(2, *SMALL, "train.steps=4", f"run.dir={tmp_path / 'r'}"))
+    d = runs["naive"]
     cp = _summary(d)["critical_path"]
     got = {(x["rank"], x["what"]) for x in cp["per_rank_what"]}
     assert {(r, k) for r in range(2) for k in ("fwd", "bwd")} <= got
@@ -69,10 +87,8 @@ def test_naive_critical_path_runs_through_every_stage(tmp_path):
     assert got.to_numpy() == pytest.approx(win.loc[got.index].to_numpy(), rel=1e-9)
 
 
-def test_compare_two_real_runs(tmp_path):
-    common = SMALL + ["schedule=gpipe", "pipeline.microbatches=4", "train.steps=4"]
-    a = ok(run_harness(2, *common, f"run.dir={tmp_path / 'a'}"))
-    b = ok(run_harness(2, *common, "pipeline.overlap=true", f"run.dir={tmp_path / 'b'}"))
+def test_compare_two_real_runs(runs, tmp_path):
+    a, b = runs["compare-a"], runs["compare-b"]
     out = tmp_path / "cmp"
     p = subprocess.run([sys.executable, "-m", "analysis.compare", str(a), str(b), "--out",
                         str(out)], capture_output=True, text=True, cwd=REPO)

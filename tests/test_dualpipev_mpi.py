@@ -3,22 +3,32 @@ backwards in one step): losses and final weights match the single-process run to
 and the GPT, peak pebbles per rank equal the walked in-flight bytes exactly, and each split
 microbatch's activations live until its W. The checks are test_zb_mpi.py's."""
 import pytest
-from test_zb_mpi import (GPT, MLP, _matches, _peak_pebbles_equal_theory,  # noqa: F401 - refs
-                         _w_keeps_activations_past_b, refs)
+from test_zb_mpi import GPT, MLP, _matches, _peak_pebbles_equal_theory, _w_keeps_activations_past_b
 
 from analysis import load_run
-from helpers import ok, run_harness
+from helpers import Batches, run_harness
 
 DUALPIPEV = ["schedule=dualpipev", "pipeline.virtual=2"]
 CASES = [("mlp", 2, 4), ("mlp", 2, 8), ("mlp", 3, 6), ("mlp", 4, 8), ("gpt", 2, 4)]
 
 
-@pytest.mark.parametrize("model, p, m", CASES, ids=[f"{a}-p{p}-m{m}" for a, p, m in CASES])
-def test_dualpipev_matches_single_process(refs, tmp_path, model, p, m):  # noqa: F811
-    args = MLP if model == "mlp" else GPT
-    d = ok(run_harness(p, *args, *DUALPIPEV, f"pipeline.microbatches={m}",
-                       f"run.dir={tmp_path / 'r'}"))
-    ref = refs[model]
+IDS = [f"{a}-p{p}-m{m}" for a, p, m in CASES]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The references and every case: one harness.batch job per world size."""
+    todo = {"mlp": (None, MLP), "gpt": (None, GPT)}
+    for name, (model, p, m) in zip(IDS, CASES):
+        todo[name] = (p, [*(MLP if model == "mlp" else GPT), *DUALPIPEV,
+                          f"pipeline.microbatches={m}"])
+    return Batches(tmp_path_factory.mktemp("dualpipev"), todo)
+
+
+@pytest.mark.parametrize("model, p, m", CASES, ids=IDS)
+def test_dualpipev_matches_single_process(runs, model, p, m):
+    d = runs[f"{model}-p{p}-m{m}"]
+    ref = runs[model]
     _matches(ref, d, p)
     _peak_pebbles_equal_theory(d, p)
     assert {"bwd", "bwd_in", "bwd_w"} <= set(load_run(d).events["kind"])

@@ -15,7 +15,7 @@ from harness.core import stage
 from harness.core.executor import StageExecutor
 from harness.trace import clock as C
 from harness.trace import open_trace
-from helpers import SMALL, meta, ok, run_harness, trace_frame
+from helpers import SMALL, Batches, meta, trace_frame
 
 STEPS = 3
 
@@ -24,11 +24,18 @@ def raw(run_dir, kind, rank):
     return trace_frame(run_dir, kind, rank)
 
 
-@pytest.fixture(scope="module", params=[1, 2, 4])
-def gpipe(request, tmp_path_factory):
-    d = tmp_path_factory.mktemp(f"fid{request.param}") / "run"
-    return ok(run_harness(2, *SMALL, "schedule=gpipe", f"pipeline.microbatches={request.param}",
-                          f"train.steps={STEPS}", f"run.dir={d}")), request.param
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """This module's runs, in one harness.batch job on 2 ranks."""
+    todo = {m: (2, [*SMALL, "schedule=gpipe", f"pipeline.microbatches={m}",
+                    f"train.steps={STEPS}"]) for m in (1, 2, 4)}
+    todo["no_detach"] = (2, [*SMALL, "pipeline.detach=false", f"train.steps={STEPS}"])
+    return Batches(tmp_path_factory.mktemp("fidelity"), todo)
+
+
+@pytest.fixture(params=[1, 2, 4])
+def gpipe(request, runs):
+    return runs[request.param], request.param
 
 
 def test_backward_spans_tile_each_backward_call(gpipe):
@@ -57,13 +64,12 @@ def test_optimizer_span_excludes_the_statistics(gpipe):
             assert opt["t1"].iloc[0] <= norms["t0"].iloc[0]   # one after the other, disjoint
 
 
-def test_no_detach_counts_the_kept_input_gradient(tmp_path):
+def test_no_detach_counts_the_kept_input_gradient(runs):
     """detach=false on 2 ranks: the receiving stage's retained graph keeps its input and the
     input's .grad every step. Pebbles never freed grow per step by the stage's activation bytes
     (meta.pebbles_theory, hand-derived from the layer shapes) plus the input gradient
     [batch, width] fp32, which is now a pebble of its own kind."""
-    d = ok(run_harness(2, *SMALL, "pipeline.detach=false", f"train.steps={STEPS}",
-                       f"run.dir={tmp_path / 'r'}"))
+    d = runs["no_detach"]
     mt = meta(d)
     peb = raw(d, "pebbles", 1)
     kept = peb[peb["t_free"].isna()]

@@ -9,7 +9,7 @@ import torch
 
 from harness import config
 from harness.core import stage
-from helpers import losses, meta, ok, run_harness, trace_frame, weights
+from helpers import Batches, losses, meta, run_harness, trace_frame, weights
 
 # 4 blocks (embedding, 2 transformer blocks, head): small enough for ~import-time runs
 GPT = ["model.name=gpt", "gpt.layers=2", "gpt.d=32", "gpt.heads=2", "gpt.seq=16", "gpt.vocab=64",
@@ -18,9 +18,27 @@ GPT = ["model.name=gpt", "gpt.layers=2", "gpt.d=32", "gpt.heads=2", "gpt.seq=16"
 CASES = [(2, "naive", 1), (2, "gpipe", 2), (2, "1f1b", 4), (4, "1f1b", 4), (4, "gpipe", 4)]
 
 
+IDS = [f"p{p}-{s}-m{m}" for p, s, m in CASES]
+FACTORY = ["model.factory=examples.my_model:build", "data.batch_size=16", "threads=1",
+           "quiet=true", "train.steps=3", "train.lr=0.05"]
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    return ok(run_harness(None, *GPT, f"run.dir={tmp_path_factory.mktemp('gref') / 'r'}"))
+def runs(tmp_path_factory):
+    """Every successful run of this module: one harness.batch job per world size."""
+    todo = {"ref": (None, GPT), "split4": (4, GPT),
+            "factory-one": (None, FACTORY), "factory-two": (2, FACTORY),
+            "balance-time": (2, [*GPT, "pipeline.balance=time"])}
+    todo.update({f"recompute-{mode}": (2, [*GPT, f"pipeline.recompute={mode}"])
+                 for mode in ("full", "attention")})
+    todo.update({name: (p, [*GPT, f"schedule={sched}", f"pipeline.microbatches={m}"])
+                 for name, (p, sched, m) in zip(IDS, CASES)})
+    return Batches(tmp_path_factory.mktemp("gpt"), todo)
+
+
+@pytest.fixture(scope="module")
+def reference(runs):
+    return runs["ref"]
 
 
 def _same_weights(a, b, world):
@@ -41,10 +59,9 @@ def _peak_pebbles_equal_theory(d, world):
         assert (per_mb == th["bytes_per_microbatch"][r]).all(), (r, per_mb.tolist(), th)
 
 
-@pytest.mark.parametrize("p, sched, m", CASES, ids=[f"p{p}-{s}-m{m}" for p, s, m in CASES])
-def test_gpt_stages_train_exactly_like_one_process(reference, tmp_path, p, sched, m):
-    d = ok(run_harness(p, *GPT, f"schedule={sched}", f"pipeline.microbatches={m}",
-                       f"run.dir={tmp_path / 'r'}"))
+@pytest.mark.parametrize("p, sched, m", CASES, ids=IDS)
+def test_gpt_stages_train_exactly_like_one_process(runs, reference, p, sched, m):
+    d = runs[f"p{p}-{sched}-m{m}"]
     if m == 1:   # same arithmetic as one process: bit-identical (threads=1)
         assert losses(d) == losses(reference)
         _same_weights(reference, d, p)
@@ -56,15 +73,15 @@ def test_gpt_stages_train_exactly_like_one_process(reference, tmp_path, p, sched
     _peak_pebbles_equal_theory(d, p)
 
 
-def test_gpt_single_process_matches_itself_split_in_four(reference, tmp_path):
-    d = ok(run_harness(4, *GPT, f"run.dir={tmp_path / 'r'}"))
+def test_gpt_single_process_matches_itself_split_in_four(runs, reference):
+    d = runs["split4"]
     assert losses(d) == losses(reference)
     _same_weights(reference, d, 4)
 
 
 @pytest.mark.parametrize("mode", ["full", "attention"])
-def test_recomputation_keeps_the_losses_and_holds_less(reference, tmp_path, mode):
-    d = ok(run_harness(2, *GPT, f"pipeline.recompute={mode}", f"run.dir={tmp_path / 'r'}"))
+def test_recomputation_keeps_the_losses_and_holds_less(runs, reference, mode):
+    d = runs[f"recompute-{mode}"]
     assert losses(d) == pytest.approx(losses(reference), rel=1e-6)
     _peak_pebbles_equal_theory(d, 2)
     base = json.loads((reference / "meta.json").read_text())["pebbles_theory"]
@@ -86,12 +103,9 @@ def test_recomputation_keeps_the_losses_and_holds_less(reference, tmp_path, mode
             assert b["t0"].min() <= row.t0 <= row.t1 <= b["t1"].max()
 
 
-def test_a_users_factory_model_runs_split(tmp_path):
+def test_a_users_factory_model_runs_split(runs):
     """examples/my_model.py (docs/models.md) under mpirun -n 2 = one process."""
-    args = ["model.factory=examples.my_model:build", "data.batch_size=16", "threads=1",
-            "quiet=true", "train.steps=3", "train.lr=0.05"]
-    one = ok(run_harness(None, *args, f"run.dir={tmp_path / 'one'}"))
-    two = ok(run_harness(2, *args, f"run.dir={tmp_path / 'two'}"))
+    one, two = runs["factory-one"], runs["factory-two"]
     assert losses(two) == losses(one) and len(losses(one)) == 3
     assert meta(two)["model"]["name"] == "factory" and meta(two)["pebbles_theory"] is None
 
@@ -125,14 +139,13 @@ def test_pebbles_name_the_sub_module_that_saved_them(reference):
     assert soft["dtype"].tolist() == ["float32"]        # the attention matrix [b, a, s, s]
 
 
-def test_balance_by_measured_time_is_agreed_and_recorded(tmp_path):
+def test_balance_by_measured_time_is_agreed_and_recorded(runs, reference):
     """pipeline.balance=time: every block's forward+backward is timed at set-up; rank 0's numbers
     decide the split (ranks measure differently), and meta.json records them."""
-    d = ok(run_harness(2, *GPT, "pipeline.balance=time", f"run.dir={tmp_path / 'r'}"))
+    d = runs["balance-time"]
     mt = meta(d)
     costs = mt["model"]["balance_costs"]
     assert mt["model"]["balance"] == "time" and len(costs) == 4 and all(c > 0 for c in costs)
     from harness.models.mlp import partition
     assert [list(b) for b in partition(costs, 2)] == mt["split"]
-    one = ok(run_harness(None, *GPT, f"run.dir={tmp_path / 'one'}"))
-    assert losses(d) == losses(one)           # any split trains the same model
+    assert losses(d) == losses(reference)     # any split trains the same model

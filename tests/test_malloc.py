@@ -46,6 +46,7 @@ def steady_faults(policy: str) -> tuple[str, float]:
     return r["state"], statistics.median(r["faults"][5:])
 
 
+@pytest.mark.mpi  # launches a process (steady_faults)
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the policy needs glibc")
 def test_keep_stops_the_refaulting_that_glibc_default_pays():
     (s_state, system), (k_state, keep) = steady_faults("system"), steady_faults("keep")

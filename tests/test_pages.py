@@ -36,6 +36,7 @@ def probe() -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.mpi  # launches a process (probe)
 @pytest.mark.skipif(not (THP.exists() and "[madvise]" in THP.read_text() and ROLLUP.exists()),
                     reason="the kernel gives huge pages on request only in THP 'madvise' mode")
 def test_arrays_after_small_pages_get_no_huge_pages():

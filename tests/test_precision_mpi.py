@@ -3,11 +3,22 @@ tensors travel at half the bytes, and the pebbles each stage holds equal the byt
 the code (harness/models/mlp.py activation_bytes, harness/models/gpt_memory.py with dtype_bytes=2)."""
 import pytest
 
-from helpers import SMALL, losses, meta, ok, run_harness, trace_frame
+from helpers import SMALL, Batches, losses, meta, trace_frame
 
 GPT = ["model.name=gpt", "gpt.layers=2", "gpt.d=32", "gpt.heads=2", "gpt.seq=16", "gpt.vocab=64",
        "data.batch_size=8", "train.lr=0.05", "threads=1", "quiet=true"]
 MODELS = {"mlp": SMALL, "gpt": GPT}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every run of this module: one harness.batch job per world size."""
+    todo = {"weights": (2, [*SMALL, "train.steps=2", "precision=bf16", "schedule=gpipe",
+                            "pipeline.microbatches=2"])}
+    for name, args in MODELS.items():
+        todo[f"{name}-one"] = (None, [*args, "precision=bf16", "train.steps=3"])
+        todo[f"{name}-two"] = (2, [*args, "precision=bf16", "train.steps=3"])
+    return Batches(tmp_path_factory.mktemp("bf16"), todo)
 
 
 def _pebbles_equal_theory(d, world):
@@ -19,10 +30,8 @@ def _pebbles_equal_theory(d, world):
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_bf16_split_equals_one_process_and_follows_theory(tmp_path, name):
-    args = [*MODELS[name], "precision=bf16", "train.steps=3"]
-    one = ok(run_harness(None, *args, f"run.dir={tmp_path / 'one'}"))
-    two = ok(run_harness(2, *args, f"run.dir={tmp_path / 'two'}"))
+def test_bf16_split_equals_one_process_and_follows_theory(runs, name):
+    one, two = runs[f"{name}-one"], runs[f"{name}-two"]
     assert losses(two) == losses(one) and len(losses(one)) == 3
     _pebbles_equal_theory(one, 1)
     _pebbles_equal_theory(two, 2)
@@ -40,13 +49,12 @@ def test_bf16_split_equals_one_process_and_follows_theory(tmp_path, name):
         assert dtype == "bfloat16"
 
 
-def test_autocast_weight_copies_are_pebbles(tmp_path):
+def test_autocast_weight_copies_are_pebbles(runs):
     """Under CPU autocast each Linear whose input needs a gradient keeps the bf16 copy of its
     weight for backward: a pebble per microbatch, saved as weight.t() ([in, out]) (not a parameter's storage).
     At small microbatches these copies outweigh the halved activations (SMALL: width 64,
     batch 32), so bf16 does not always hold less than fp32."""
-    d = ok(run_harness(2, *SMALL, "train.steps=2", "precision=bf16", "schedule=gpipe",
-                       "pipeline.microbatches=2", f"run.dir={tmp_path / 'b'}"))
+    d = runs["weights"]
     widths = meta(d)["model"]["widths"]
     for r, (first, end) in enumerate(meta(d)["split"]):
         p = trace_frame(d, "pebbles", r)

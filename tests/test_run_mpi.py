@@ -6,21 +6,31 @@ import platform
 import pytest
 import torch
 
-from helpers import SMALL, losses, meta, ok, run_harness, weights
+from helpers import SMALL, Batches, losses, meta, ok, run_harness, weights
 
 STEPS = ["train.steps=4"]
 
 
+WAITS = [("sleep", ["comm.poll_us=20"], {"wait": "sleep", "poll_us": 20.0, "spin_us": None}),
+         ("backoff", ["comm.poll_us=100", "comm.spin_us=0"],
+          {"wait": "backoff", "poll_us": 100.0, "spin_us": 0.0})]
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def batches(tmp_path_factory):
+    """This module's successful runs: one harness.batch job per world size."""
+    todo = {n: (None if n == 1 else n, [*SMALL, *STEPS, "run.save_weights=true"])
+            for n in (1, 2, 3)}
+    todo["untraced"] = (2, [*SMALL, *STEPS, "trace.enabled=false"])
+    todo.update({f"wait-{w}": (2, [*SMALL, *STEPS, f"comm.wait={w}", *extra])
+                 for w, extra, _ in WAITS})
+    return Batches(tmp_path_factory.mktemp("runs"), todo)
+
+
+@pytest.fixture(scope="module")
+def runs(batches):
     """The same config on 1 (no mpirun), 2 and 3 ranks, with final weights saved."""
-    base = tmp_path_factory.mktemp("runs")
-    out = {}
-    for n in (1, 2, 3):
-        d = base / f"p{n}"
-        out[n] = ok(run_harness(None if n == 1 else n, *SMALL, *STEPS, "run.save_weights=true",
-                                f"run.dir={d}"))
-    return out
+    return {n: batches[n] for n in (1, 2, 3)}
 
 
 
@@ -138,23 +148,18 @@ def test_help_needs_no_mpi_and_lists_experiments():
     assert "deep_mlp" in proc.stdout and "train.steps" in proc.stdout
 
 
-def test_tracing_off_trains_identically(runs, tmp_path):
-    d = ok(run_harness(2, *SMALL, *STEPS, "trace.enabled=false", f"run.dir={tmp_path / 'r'}"))
+def test_tracing_off_trains_identically(runs, batches):
+    d = batches["untraced"]
     assert losses(d) == losses(runs[2])
     assert not (d / "trace").exists()
     assert json.loads((d / "meta.json").read_text())["trace"]["enabled"] is False
 
 
-@pytest.mark.parametrize("wait, extra, recorded", [
-    ("sleep", ["comm.poll_us=20"], {"wait": "sleep", "poll_us": 20.0, "spin_us": None}),
-    ("backoff", ["comm.poll_us=100", "comm.spin_us=0"],
-     {"wait": "backoff", "poll_us": 100.0, "spin_us": 0.0}),
-])
-def test_sleeping_waits_train_identically(runs, tmp_path, wait, extra, recorded):
+@pytest.mark.parametrize("wait, extra, recorded", WAITS)
+def test_sleeping_waits_train_identically(runs, batches, wait, extra, recorded):
     """comm.wait=sleep|backoff (test-and-sleep instead of MPI's busy-polling waits) changes how
     a rank waits, not what it computes."""
-    d = ok(run_harness(2, *SMALL, *STEPS, f"comm.wait={wait}", *extra,
-                       f"run.dir={tmp_path / 'r'}"))
+    d = batches[f"wait-{wait}"]
     assert losses(d) == losses(runs[2])
     assert json.loads((d / "meta.json").read_text())["comm"] == recorded
 

@@ -8,7 +8,7 @@ import torch
 
 from analysis import load_run
 from analysis.metrics import live_bytes
-from helpers import SMALL, losses, meta, ok, run_harness, trace_frame, weights
+from helpers import SMALL, Batches, losses, meta, trace_frame, weights
 
 STEPS = ["train.steps=3", "run.save_weights=true"]
 CASES = [(p, "naive", 1, False) for p in (2, 3)]
@@ -16,18 +16,32 @@ CASES += [(p, s, m, False) for p in (2, 3) for s in ("gpipe", "1f1b") for m in (
 CASES += [(p, s, 4, True) for p in (2, 3) for s in ("gpipe", "1f1b")]  # overlapped comm
 
 
+def _name(p, sched, m, overlap):
+    return f"p{p}-{sched}-m{m}{'-overlap' if overlap else ''}"
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    return ok(run_harness(None, *SMALL, *STEPS, f"run.dir={tmp_path_factory.mktemp('ref') / 'r'}"))
+def runs(tmp_path_factory):
+    """Every run of this module: one harness.batch job per world size."""
+    todo = {"ref": (None, [*SMALL, *STEPS]),
+            "no_requires_grad": (3, [*SMALL, *STEPS, "exp=no_requires_grad"]),
+            "no_detach": (2, [*SMALL, "train.steps=4", "run.save_weights=true",
+                              "exp=no_detach"])}
+    for p, sched, m, overlap in CASES:
+        todo[_name(p, sched, m, overlap)] = (p, [*SMALL, *STEPS, f"schedule={sched}",
+                                                 f"pipeline.microbatches={m}",
+                                                 f"pipeline.overlap={str(overlap).lower()}"])
+    return Batches(tmp_path_factory.mktemp("sched"), todo)
 
 
+@pytest.fixture(scope="module")
+def reference(runs):
+    return runs["ref"]
 
 
-@pytest.mark.parametrize("p, sched, m, overlap", CASES,
-                         ids=[f"p{p}-{s}-m{m}{'-overlap' if o else ''}" for p, s, m, o in CASES])
-def test_schedule_matches_the_single_process_run(reference, tmp_path, p, sched, m, overlap):
-    d = ok(run_harness(p, *SMALL, *STEPS, f"schedule={sched}", f"pipeline.microbatches={m}",
-                       f"pipeline.overlap={str(overlap).lower()}", f"run.dir={tmp_path / 'r'}"))
+@pytest.mark.parametrize("p, sched, m, overlap", CASES, ids=[_name(*c) for c in CASES])
+def test_schedule_matches_the_single_process_run(runs, reference, p, sched, m, overlap):
+    d = runs[_name(p, sched, m, overlap)]
     assert losses(d) == pytest.approx(losses(reference), rel=1e-5)
     ref, got = weights(reference, 1), weights(d, p)
     for layer in ref:
@@ -69,8 +83,8 @@ def check_overlap_trace(d, overlap):
     assert (comm["tb"] == comm["t0"]).sum() == blocking * steps
 
 
-def test_without_requires_grad_only_the_last_stage_learns(tmp_path):
-    d = ok(run_harness(3, *SMALL, *STEPS, "exp=no_requires_grad", f"run.dir={tmp_path / 'r'}"))
+def test_without_requires_grad_only_the_last_stage_learns(runs):
+    d = runs["no_requires_grad"]
     with open(d / "stats.csv") as f:
         rows = list(csv.DictReader(f))
     for r in rows:
@@ -82,9 +96,8 @@ def test_without_requires_grad_only_the_last_stage_learns(tmp_path):
     assert weights_changed(d, 3) == [False, False, True]
 
 
-def test_without_detach_every_step_leaves_its_activations_behind(reference, tmp_path):
-    d = ok(run_harness(2, *SMALL, "train.steps=4", "run.save_weights=true", "exp=no_detach",
-                       f"run.dir={tmp_path / 'r'}"))
+def test_without_detach_every_step_leaves_its_activations_behind(runs, reference):
+    d = runs["no_detach"]
     run = load_run(d)
     mt = meta(d)
     from analysis.metrics import memory_by_step

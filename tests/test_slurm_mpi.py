@@ -10,47 +10,22 @@ munged, slurmctld and slurmd from Debian's packages, started and stopped by this
   rank reports what it is doing, one diagnosis is printed and recorded, then Terminated).
 
 Slurm checks time limits every 30 s: SIGTERM comes 0-30 s after the limit, and the warning
-signal when at most N + 30 s are left. Those two jobs take about a minute each, so the module
-submits them first and they wait while the other tests run. Root only; elsewhere the tests skip,
+signal when at most N + 30 s are left. Those two jobs take about a minute each, so they are
+submitted before the suite's first test (tests/conftest.py) and wait while the suite runs. Root only; elsewhere the tests skip,
 saying what is missing. No assertion on wall times; every command and wait has a timeout.
 """
 import sys
 
 import pytest
-from cluster.slurm import Slurm
-from helpers import REPO, SMALL, meta
+from helpers import SMALL, meta
 
 from harness import runformat as F
 
 pytestmark = pytest.mark.mpi
 PY = sys.executable
 MPIRUN = f"{sys.executable.rsplit('/', 1)[0]}/mpirun"
-# runs that last until a signal ends them: rank 1 stalls at step 2 (sleeping), rank 0 waits for
-# it, sleeping between tests (comm.wait=sleep), so that the minute costs no CPU; the signals come
-# within ~95 s, and comm.timeout_s ends an orphaned job (a killed test run) after 4 minutes
-UNTIL_SIGNALLED = ["train.steps=100000", "comm.timeout_s=240", "comm.wait=sleep",
-                   "comm.poll_us=5000", "debug.stall_rank=1", "debug.stall_step=2"]
-
-
-def _script(sbatch: str, launch: str, run_dir, *args: str) -> str:
-    return (f"#!/bin/bash\n#SBATCH {sbatch}\n{launch} {PY} -m harness.run "
-            f"{' '.join([*SMALL, *args])} run.dir={run_dir}\n")
-
-
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    s = Slurm(tmp_path_factory.mktemp("slurm"), REPO)
-    try:
-        s.start()
-        runs = s.root / "runs"
-        s.jobs = {  # first: their minute of waiting for Slurm's clock overlaps the other tests
-            "usr1": s.sbatch("usr1", _script("--ntasks=2 --time=2 --signal=USR1@60",
-                                             "srun --mpi=pmi2", runs / "usr1", *UNTIL_SIGNALLED)),
-            "term": s.sbatch("term", _script("--ntasks=2 --time=1", f"{MPIRUN} -n 2",
-                                             runs / "term", *UNTIL_SIGNALLED))}
-        yield s
-    finally:
-        s.stop()
+# the `slurm` fixture (tests/conftest.py, session-scoped): the cluster, and the two sbatch jobs
+# submitted before the suite's first test, so that their minute passes while the suite runs
 
 
 def test_srun_with_pmi2_runs_the_pipeline(slurm):

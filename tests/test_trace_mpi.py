@@ -65,7 +65,10 @@ def test_every_send_pairs_with_one_receive_of_equal_bytes_and_clocks_hold(run):
     assert (j["bytes_s"] == j["bytes_r"]).all()
     assert (j["bytes_s"] == BATCH * WIDTH * 4).all()
     assert (j["peer_s"] == j["rank_r"]).all() and (j["peer_r"] == j["rank_s"]).all()
-    assert (j["end_r"] >= j["start_s"]).all(), "a receive ended before its send started"
+    # one physical clock: aligned, a receive ends after its send starts, up to the alignment's
+    # own bound (Cristian: |error| <= rtt / 2 of the estimate used; the host's load sets rtt)
+    tol = max(e["rtt_ns"] for e in meta(run)["clock"]["estimates"]) / 2 / 1e9
+    assert (j["end_r"] >= j["start_s"] - tol).all(), "a receive ended before its send started"
 
 
 def stage_bytes(first, end, last):
@@ -103,7 +106,7 @@ def test_memory_samples_and_meta_describe_the_trace(run):
         assert len(mem) > 0 and set(mem["source"]) == {"rss"} and (mem["bytes"] > 0).all()
         info = m["ranks"][rank]
         assert info["timer"] == "perf_counter_ns" and info["memory_sources"]["rss"] == "ok"
-    assert m["trace"] == {"enabled": True, "format": 1, "per_layer": True, "sample_interval_ms": 10.0}
+    assert m["trace"] == {"enabled": True, "format": 2, "per_layer": True, "sample_interval_ms": 10.0}
     est = m["clock"]["estimates"]
     assert sorted((e["rank"], e["phase"]) for e in est) == sorted(
         (r, ph) for r in range(1, m["world_size"]) for ph in ("start", "end"))
@@ -127,12 +130,14 @@ def test_an_injected_clock_offset_and_drift_are_recovered(tmp_path):
     assert len(est) == 2
     for e in est:
         err = e["offset_ns"] - true_offset(e["t_local"])
-        assert abs(err) < 100_000, f"{e['phase']}: off by {err / 1e3:.1f} us"
+        # the estimate's own bound (Cristian): the true offset lies within rtt / 2 of it
+        assert abs(err) <= e["rtt_ns"] / 2 + 1_000, f"{e['phase']}: off by {err / 1e3:.1f} us"
     # and the analysis, aligning with those estimates, sees no receive before its send
     r = load_run(d)
     ev = r.events
     j = ev[ev.kind == "send"].merge(ev[ev.kind == "recv"], on="pair", suffixes=("_s", "_r"))
-    assert (j["end_r"] >= j["start_s"]).all()
+    tol = max(e["rtt_ns"] for e in est) / 2 / 1e9
+    assert (j["end_r"] >= j["start_s"] - tol).all()
 
 
 def test_a_crashed_run_keeps_its_trace_up_to_the_last_completed_step(tmp_path):

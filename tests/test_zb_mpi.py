@@ -10,7 +10,8 @@ import torch
 
 from analysis import load_run, metrics
 from analysis.metrics import live_bytes
-from helpers import hand_bubble, losses, meta, ok, run_harness, weights
+from harness import config
+from helpers import Batches, hand_bubble, losses, meta, run_harness, weights
 
 # 8 blocks, so that 4 ranks x 2 chunks each get one; batch 48 splits into m = 2, 3, 4, 6, 8
 MLP = ["model.layers=8", "model.width=64", "model.in_features=32", "data.batch_size=48",
@@ -26,11 +27,20 @@ GPT_CASES = ([(2, s, 4) for s in SCHED] + [(3, s, 3) for s in SCHED]
              + [(4, "interleaved", 4), (4, "zbv", 4)])
 
 
+def _name(model, p, sched, m):
+    return f"{model}-p{p}-{sched}-m{m}"
+
+
 @pytest.fixture(scope="module")
-def refs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("zbref")
-    return {"mlp": ok(run_harness(None, *MLP, f"run.dir={d / 'mlp'}")),
-            "gpt": ok(run_harness(None, *GPT, f"run.dir={d / 'gpt'}"))}
+def runs(tmp_path_factory):
+    """Every case of this module, one harness.batch job per world size (the references: one
+    process, no mpirun)."""
+    todo = {"ref-mlp": (None, MLP), "ref-gpt": (None, GPT)}
+    for model, base, cases in (("mlp", MLP, MLP_CASES), ("gpt", GPT, GPT_CASES)):
+        for p, sched, m in cases:
+            todo[_name(model, p, sched, m)] = (p, [*base, *SCHED[sched],
+                                                   f"pipeline.microbatches={m}"])
+    return Batches(tmp_path_factory.mktemp("zb"), todo)
 
 
 def _matches(ref, d, p):
@@ -102,10 +112,9 @@ def _bubble_measured_theory_simulated(d, p, sched, m):
 
 
 @pytest.mark.parametrize("p, sched, m", MLP_CASES, ids=[f"mlp-p{p}-{s}-m{m}" for p, s, m in MLP_CASES])
-def test_mlp_matches_single_process(refs, tmp_path, p, sched, m):
-    d = ok(run_harness(p, *MLP, *SCHED[sched], f"pipeline.microbatches={m}",
-                       f"run.dir={tmp_path / 'r'}"))
-    _matches(refs["mlp"], d, p)
+def test_mlp_matches_single_process(runs, p, sched, m):
+    d = runs[_name("mlp", p, sched, m)]
+    _matches(runs["ref-mlp"], d, p)
     _peak_pebbles_equal_theory(d, p)
     _bubble_measured_theory_simulated(d, p, sched, m)
     kinds = set(load_run(d).events["kind"])
@@ -117,26 +126,40 @@ def test_mlp_matches_single_process(refs, tmp_path, p, sched, m):
 
 
 @pytest.mark.parametrize("p, sched, m", GPT_CASES, ids=[f"gpt-p{p}-{s}-m{m}" for p, s, m in GPT_CASES])
-def test_gpt_matches_single_process(refs, tmp_path, p, sched, m):
-    d = ok(run_harness(p, *GPT, *SCHED[sched], f"pipeline.microbatches={m}",
-                       f"run.dir={tmp_path / 'r'}"))
-    _matches(refs["gpt"], d, p)
+def test_gpt_matches_single_process(runs, p, sched, m):
+    d = runs[_name("gpt", p, sched, m)]
+    _matches(runs["ref-gpt"], d, p)
     _peak_pebbles_equal_theory(d, p)
 
 
-@pytest.mark.parametrize("p", (2, 3))
-def test_bad_virtual_configs_are_refused(tmp_path, p):
-    # what each schedule cannot run, for v in {1, 2} and an m that is no multiple of p
-    for args, msg in ((["schedule=interleaved", f"pipeline.microbatches={p + 1}",
-                        "pipeline.virtual=2", f"data.batch_size={11 * (p + 1)}"],
-                       f"multiple of the {p} ranks"),
-                      (["schedule=interleaved", f"pipeline.microbatches={p}"],
-                       "pipeline.virtual >= 2"),
-                      (["schedule=zbv", f"pipeline.microbatches={p}"], "pipeline.virtual=2"),
-                      (["schedule=zb_h1", "pipeline.virtual=2", f"pipeline.microbatches={p}"],
-                       "pipeline.virtual=1"),
-                      (["schedule=1f1b", "pipeline.virtual=2", "pipeline.microbatches=2"],
-                       "one chunk per rank")):
-        proc = run_harness(p, *MLP, *args, f"run.dir={tmp_path / 'x'}")
-        assert proc.returncode == 2 and msg in proc.stderr, proc.stderr
-        assert proc.stderr.count(msg) == 1, proc.stderr       # printed once, not per rank
+REFUSED = [(["schedule=interleaved", "pipeline.microbatches={p1}", "pipeline.virtual=2",
+             "data.batch_size={b}"], "multiple of the {p} ranks"),
+           (["schedule=interleaved", "pipeline.microbatches={p}"], "pipeline.virtual >= 2"),
+           (["schedule=zbv", "pipeline.microbatches={p}"], "pipeline.virtual=2"),
+           (["schedule=zb_h1", "pipeline.virtual=2", "pipeline.microbatches={p}"],
+            "pipeline.virtual=1"),
+           (["schedule=1f1b", "pipeline.virtual=2", "pipeline.microbatches=2"],
+            "one chunk per rank")]
+
+
+def _refused(p):
+    for args, msg in REFUSED:
+        f = dict(p=p, p1=p + 1, b=11 * (p + 1))
+        yield [a.format(**f) for a in args], msg.format(**f)
+
+
+@pytest.mark.parametrize("p", (2, 3, 4))
+def test_bad_virtual_configs_are_refused(p):
+    # what each schedule cannot run, for v in {1, 2} and an m that is no multiple of p: the
+    # validation every rank runs before any communication (harness.run's first step)
+    for args, msg in _refused(p):
+        with pytest.raises(config.ConfigError, match=msg.replace("(", r"\(")):
+            config.load_with_schedule([*MLP, *args], world_size=p)
+
+
+def test_a_refused_virtual_config_is_one_line_and_exit_2_on_every_rank(tmp_path):
+    args, msg = next(_refused(3))
+    proc = run_harness(3, *MLP, *args, f"run.dir={tmp_path / 'x'}")
+    assert proc.returncode == 2 and msg in proc.stderr, proc.stderr
+    assert proc.stderr.count(msg) == 1, proc.stderr       # printed once, not per rank
+    assert not (tmp_path / "x").exists()

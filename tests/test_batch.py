@@ -1,0 +1,51 @@
+"""harness.batch: several runs in one job, each exactly as harness.run runs it (the converted
+test modules compare batched runs with one-process references bit for bit or to 1e-5; here:
+what a bad batch file and a failing run in a batch do)."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from harness import batch
+from harness.ops.launch import mpirun
+from helpers import REPO, SMALL, losses, meta, ok, run_harness
+
+
+@pytest.mark.parametrize("text, says", [("not json", "not JSON"), ("[]", "non-empty JSON list"),
+                                        ('[["a=1"], "b=2"]', "lists of 'key=value' strings"),
+                                        ('[["a=1", 2]]', "lists of 'key=value' strings")])
+def test_a_bad_batch_file_is_one_line_and_exit_2(tmp_path, capsys, text, says):
+    f = tmp_path / "b.json"
+    f.write_text(text)
+    assert batch.main([str(f)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"harness.batch: error: {f}: ") and says in err[0]
+
+
+def test_a_missing_batch_file_is_one_line_and_exit_2(tmp_path, capsys):
+    assert batch.main([str(tmp_path / "none.json")]) == 2
+    assert "harness.batch: error:" in capsys.readouterr().err
+
+
+def test_runs_go_in_order_and_the_first_failure_ends_the_batch(tmp_path):
+    """Two good runs, a config error, a good run: the first two complete and equal the same
+    config run alone; the third is refused in one line (exit 2); the fourth never starts."""
+    args = [*SMALL, "train.steps=2"]
+    runs = [[*args, f"run.dir={tmp_path / 'a'}"], [*args, "schedule=1f1b",
+                                                     "pipeline.microbatches=2",
+                                                     f"run.dir={tmp_path / 'b'}"],
+            [*args, "train.stepz=3", f"run.dir={tmp_path / 'c'}"],
+            [*args, f"run.dir={tmp_path / 'd'}"]]
+    spec = tmp_path / "batch.json"
+    spec.write_text(json.dumps(runs))
+    proc = subprocess.run([mpirun(), "-n", "2", sys.executable, "-m", "harness.batch", str(spec)],
+                          capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout.split() == [str(tmp_path / "a"), str(tmp_path / "b")]
+    assert proc.stderr.count("train.stepz") == 1, proc.stderr
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+    assert meta(tmp_path / "a")["status"] == meta(tmp_path / "b")["status"] == "complete"
+    alone = ok(run_harness(2, *args, "schedule=1f1b", "pipeline.microbatches=2",
+                           f"run.dir={tmp_path / 'alone'}"))
+    assert losses(tmp_path / "b") == losses(alone)
