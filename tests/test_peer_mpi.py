@@ -5,7 +5,9 @@ schedule with a PyTorch counterpart. A second implementation of each schedule ag
 to 1e-5 is what makes the step-time ratio a comparison of the same work."""
 import pytest
 
-from benchmarks.schedules import VIRTUAL, ours, torch_run, usable
+from analysis import load_run, metrics
+from benchmarks.schedules import VIRTUAL, torch_run, usable
+from helpers import Batches
 
 SMALL = ["model.layers=8", "model.width=64", "model.in_features=32", "data.batch_size=32",
          "threads=1"]
@@ -13,12 +15,26 @@ CASES = [("gpipe", 2), ("1f1b", 4), ("interleaved", 4), ("zb_h1", 4), ("zbv", 4)
          ("dualpipev", 4)]
 
 
+def _args(name):
+    return [*SMALL, *VIRTUAL.get(name, [])]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Our side of every case, as benchmarks.schedules.ours launches it, in one batch job."""
+    return Batches(tmp_path_factory.mktemp("ours"), {
+        name: (2, [f"schedule={name}", f"pipeline.microbatches={m}", "train.steps=3",
+                   *_args(name), "quiet=true"]) for name, m in CASES})
+
+
 @pytest.mark.parametrize("name, m", CASES, ids=[f"{n}-m{m}" for n, m in CASES])
-def test_pytorch_computes_our_losses(tmp_path, name, m):
+def test_pytorch_computes_our_losses(runs, tmp_path, name, m):
     assert usable(name, 2, m)
-    args = [*SMALL, *VIRTUAL.get(name, [])]
-    _, bubble, mine, _ = ours(2, name, m, 3, args, tmp_path / "ours")
-    theirs = torch_run(2, name, m, 3, args, tmp_path / "torch.json")
+    run = load_run(runs[name])
+    bubble = metrics.summarize(run.events, run.pebbles, run.memory, run.meta,
+                               run.steps)["pipeline"]["bubble_measured"]
+    mine = run.stats.dropna(subset=["loss"]).sort_values("step")["loss"].tolist()
+    theirs = torch_run(2, name, m, 3, _args(name), tmp_path / "torch.json")
     assert len(mine) == len(theirs["losses"]) == 3
     assert theirs["losses"] == pytest.approx(mine, rel=1e-5)
     assert len(theirs["step_times"]) == 3 and min(theirs["step_times"]) > 0
