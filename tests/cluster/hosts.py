@@ -8,7 +8,9 @@
 
 The rest of the file system (the repository, the virtual environment) is the machine's, as a
 cluster's shared home would be; /tmp, where the runs and their scratch directories are, is not
-shared. The namespaces live as long as their sshd: when it dies they go, and the veth pair with
+shared, except the repository, Python and the virtual environment where they themselves lie under
+/tmp (as in CI, whose virtual environment is a `mktemp -d`): those are bound into each host's /tmp
+at the same paths (`shared_under_tmp`). The namespaces live as long as their sshd: when it dies they go, and the veth pair with
 them. Commands run "on" a host through nsenter (`on`); MPICH's hydra there starts the ranks over
 ssh, one per host (`mpiexec`).
 
@@ -128,8 +130,30 @@ class TwoHosts:
             (tmp / "etc_hosts").write_text(HOSTS)
             (tmp / "hostfile").write_text("".join(f"{n}:1\n" for n in NAMES))
 
+    def shared_under_tmp(self) -> list[Path]:
+        """What the ranks run from (the repository, the virtual environment, Python itself) where
+        it lies under /tmp, which each host replaces with its own: those paths are bound into
+        each host's /tmp, as a cluster's shared home would hold them."""
+        repo = Path(__file__).resolve().parents[2]
+        tmp = Path("/tmp").resolve()
+        roots = {Path(p).resolve() for p in (sys.prefix, sys.base_prefix, repo,
+                                              Path(sys.executable).resolve().parent)}
+        under = sorted(p for p in roots if p != tmp and tmp in p.parents)
+        keep = [p for p in under if not any(q in p.parents for q in under)]
+        for p in keep:
+            if p == self.root.resolve() or p in self.root.resolve().parents:
+                raise AssertionError(f"two hosts: the hosts' /tmp ({self.root}) lies inside {p}, "
+                                     f"which they must share")
+        return keep
+
     def _start_sshd(self, i: int, name: str) -> None:
-        script = (f"set -e; mount --bind {self.tmp[i]} /tmp; mount --bind /tmp/etc_hosts "
+        tmp = Path("/tmp").resolve()
+        binds = ""
+        for p in self.shared_under_tmp():
+            at = self.tmp[i] / p.relative_to(tmp)
+            at.mkdir(parents=True, exist_ok=True)
+            binds += f"mount --bind {p} {at}; "
+        script = (f"set -e; {binds}mount --rbind {self.tmp[i]} /tmp; mount --bind /tmp/etc_hosts "
                   f"/etc/hosts; hostname {name}; mkdir -p /run/sshd; "
                   f"exec {self.bin['sshd']} -D -e -f /tmp/sshd/sshd_config")
         log = self.root / f"{name}.sshd.log"
