@@ -2,11 +2,12 @@
 
 Set-up, in order: the allocator policy (before the model's tensors come and go), threads, the
 whole model built and checked on every rank (refused once, before the run directory exists, if
-it fails the harness's checks or raises); then the device, this rank's
+it fails the harness's checks, raises, or differs between ranks); then the device, this rank's
 stage of the model (harness.core.stage) with the test knobs that slow it down, the optimizer,
 the clocks and the trace (harness.trace), the transport under its watchdog (harness.core.comm,
 harness.ops.watchdog), the optional Kineto window, and the executor (harness.core.executor)
-wrapped in the step-level test knobs (harness.ops.debug_knobs).
+wrapped in the step-level test knobs (harness.ops.debug_knobs). meta.json records each block's
+digest (model.digests).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from . import schedule as S
 from .core import comm, stage
 from .core.executor import StageExecutor
 from .models.base import ModelError, UserCodeError
+from .models.digest import METHOD, first_difference
 from .ops import debug_knobs, malloc
 from .ops.watchdog import Watchdog
 from .runformat import weights_file
@@ -65,6 +67,7 @@ class Worker:
         self.stage = st = stage.build(cfg, rank, schedule.placement, self.mb_rows,
                                       agree=comm.bcast, model=self.model)
         check_boundaries(st)
+        st.info["digests"] = digest_record(st, self.model)
         layers = st.layers.to(device)
         debug_knobs.apply(cfg.debug, rank, layers)  # test knobs (debug.slow_*), no-op by default
         opt = torch.optim.SGD(layers.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum)
@@ -178,14 +181,32 @@ def agreed_model(cfg, stages: int, mb_rows: int, rank: int) -> stage.Model | Non
     """Collective, before the run directory exists: every rank builds and checks the whole
     model (harness.core.stage.prepare), then the ranks agree on one verdict, so a refusal is
     said once, by the lowest rank that found it, and no rank goes on. None when refused: a
-    check of the harness failed (one line) or the user's code raised (its traceback)."""
+    check of the harness failed (one line), the user's code raised (its traceback), or the
+    ranks built different initial weights (the first block that differs)."""
     model, error = None, None
     try:
         model = stage.prepare(cfg, stages, mb_rows)
     except (ModelError, UserCodeError) as e:
         error = str(e)
-    errors = comm.allgather(error)
-    failed = [r for r, e in enumerate(errors) if e]
-    if failed and rank == failed[0]:
-        print(f"harness.run: error: {errors[failed[0]]}", file=sys.stderr, flush=True)
-    return None if failed else model
+    views = comm.allgather((error, model.digests if model else None))
+    failed = [r for r, (e, _) in enumerate(views) if e]
+    if failed:
+        verdict, speaker = views[failed[0]][0], failed[0]
+    else:
+        verdict, speaker = (first_difference([d for _, d in views], model.bm.names)
+                            if model.digests else None), 0
+    if verdict and rank == speaker:
+        print(f"harness.run: error: {verdict}", file=sys.stderr, flush=True)
+    return None if verdict else model
+
+
+def digest_record(st, model: stage.Model) -> dict:
+    """Collective: meta.json's model.digests (docs/run-format.md): every block's digest and
+    whether the ranks compared them (agreed_model did, for a model every rank built whole)."""
+    if model.digests:
+        return {"method": METHOD, "blocks": model.digests, "compared": True, "note": None}
+    held = {}
+    for part in comm.allgather(st.digests):
+        held.update(part)
+    return {"method": METHOD, "blocks": [held[i] for i in sorted(held)], "compared": False,
+            "note": "not possible: each rank builds only its own blocks of the built-in MLP"}

@@ -1,5 +1,6 @@
 """A model checked before any step, one process, no MPI: what harness.core.stage.prepare refuses
-and how it says it (tests/test_model_faults_mpi.py: the same under mpirun, said once)."""
+and how it says it (tests/test_model_faults_mpi.py: the same under mpirun, said once), and the
+digests the ranks compare (harness.models.digest)."""
 import pytest
 import torch
 from torch import nn
@@ -8,6 +9,7 @@ from harness import config
 from harness.core import stage
 from harness.models import BlockModel
 from harness.models.base import ModelError, UserCodeError, probe_shapes
+from harness.models.digest import block_digest, first_difference
 from helpers import REPO
 
 MODELS = REPO / "tests" / "fixtures" / "models"
@@ -28,9 +30,11 @@ def prepared(factory: str, *args: str):
     return stage.prepare(cfg, sched.placement.stages, rows)
 
 
-def test_a_good_model_is_probed(faulty):
+def test_a_good_model_is_probed_and_digested(faulty):
     m = prepared("good")
     assert [tuple(s) for s, _ in m.shapes] == [(64, 32), (64, 32), (64, 32), (64, 2)]
+    assert m.digests == [block_digest(b) for b in faulty.good(None, 64, 0).blocks]
+    assert len(set(m.digests)) == 4   # every block drew its own weights
 
 
 @pytest.mark.parametrize("args, message", [
@@ -99,3 +103,21 @@ def test_a_factorys_block_count_is_checked_against_the_split(faulty, args, messa
     with pytest.raises(ModelError) as e:
         prepared("good", *args)
     assert str(e.value) == message
+
+
+def test_digests_see_parameters_and_buffers():
+    a, b = nn.BatchNorm1d(4), nn.BatchNorm1d(4)
+    assert block_digest(a) == block_digest(b)
+    b.running_mean[0] = 1.0                       # a buffer
+    assert block_digest(a) != block_digest(b)
+    c = nn.BatchNorm1d(4).to(torch.bfloat16)      # same values, another dtype
+    assert block_digest(c) != block_digest(a)
+
+
+def test_the_first_block_that_differs_names_the_ranks():
+    same = ["a", "b", "c"]
+    assert first_difference([same, same, same], ["x", "y", "z"]) is None
+    msg = first_difference([same, ["a", "B", "c"], same, ["a", "b", "C"], ["a", "B", "C"]],
+                           ["x", "y", "z"])
+    assert msg.startswith("ranks built different models: block 1 'y' has other initial weights "
+                          "on ranks 1, 4 than on rank 0; ")

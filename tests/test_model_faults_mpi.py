@@ -3,7 +3,8 @@
 The models are tests/fixtures/models/faulty.py, imported as a user's would be (the job runs in
 that directory). Whatever is wrong, the job says it once across both ranks (not per rank),
 exits 2 and leaves no run directory: a check of the harness in one line naming the block, its
-input and the microbatch, the user's own exception with its traceback into the user's file.
+input and the microbatch, the user's own exception with its traceback into the user's file,
+ranks that built different weights naming the first block that differs.
 """
 from helpers import REPO, run_harness
 
@@ -55,6 +56,15 @@ def test_the_users_exception_is_shown_once_with_its_traceback(tmp_path):
     # into the user's file, without the harness's own frames
     assert f'faulty.py", line {_line("the factory is broken")}, in raises' in err
     assert "harness/" not in err
+
+
+def test_ranks_that_build_different_models_are_refused(tmp_path):
+    """faulty:per_process seeds the global generator from the pid (a different one per rank)."""
+    assert refused(tmp_path, "per_process").splitlines() == [
+        "harness.run: error: ranks built different models: block 1 'fixed' has other initial "
+        "weights on rank 1 than on rank 0; build every block from the seed alone, e.g. with "
+        "harness.models.block_generator(seed, i), not from the global generator "
+        "(docs/models.md)"]
 
 
 def test_an_exception_while_importing_the_users_module_is_shown_once(tmp_path):

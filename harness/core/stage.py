@@ -20,9 +20,10 @@ from torch import nn
 
 from ..models import BlockModel, load_factory, param_counts, probe_shapes
 from ..models import gpt as gpt_mod
-from ..models.base import ModelError, UserCodeError
 from ..models import gpt_memory
 from ..models import mlp
+from ..models.base import ModelError, UserCodeError
+from ..models.digest import block_digest
 
 
 @dataclass
@@ -43,6 +44,9 @@ class Stage:
     # holds the blocks of all its chunks, in chunk order. One chunk: [bounds[rank]], [recv].
     chunks: list = field(default_factory=list)
     chunk_recv: list = field(default_factory=list)
+    # {global block index: harness.models.digest of its initial weights}: every block where this
+    # rank built the whole model (a factory's, the GPT), else this rank's blocks (the MLP)
+    digests: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -51,6 +55,7 @@ class Model:
     stage exists. The built-in MLP is built per stage instead: bm None, nothing probed."""
     bm: BlockModel | None
     shapes: list     # (shape, dtype) of every block's output for one microbatch
+    digests: list    # per block: harness.models.digest of its initial weights
 
 
 def autocast(cfg, device_type: str = "cpu"):
@@ -88,7 +93,7 @@ def prepare(cfg, stages: int, mb_rows: int) -> Model:
     block and its input) or UserCodeError (the user's code raised: its traceback).
     stages: pipeline stages (ranks x pipeline.virtual); mb_rows: rows of one microbatch."""
     if cfg.model.name == "mlp" and not cfg.model.factory:
-        return Model(None, [])
+        return Model(None, [], [])
     where = (f"model.factory={cfg.model.factory!r}" if cfg.model.factory
              else f"model.name={cfg.model.name}")
     bm = block_model(cfg)   # a factory's errors name it already
@@ -111,7 +116,7 @@ def prepare(cfg, stages: int, mb_rows: int) -> Model:
                          f"{cfg.pipeline.microbatches})") from e
     except UserCodeError as e:
         raise UserCodeError(f"{where}: {e}") from e
-    return Model(bm, shapes)
+    return Model(bm, shapes, [block_digest(b) for b in bm.blocks])
 
 
 def time_costs(bm: BlockModel, rows: int, repeats: int = 3) -> list[float]:
@@ -180,6 +185,7 @@ def build(cfg, rank: int, placement, mb_rows: int, agree=lambda x: x,
                 "batch_size": cfg.data.batch_size, "dtype": cfg.precision,
                 "param_counts": costs, "balance": cfg.pipeline.balance,
                 "balance_costs": part, "boundary": boundary})
+    st.digests = dict(enumerate(model.digests))
     return _chunked(st, rank, placement, spec, lambda f, e: bm.blocks[f:e])
 
 
@@ -206,8 +212,11 @@ def _build_mlp(cfg, rank, placement, mb_rows) -> Stage:
                {"name": "mlp", "layers": m.layers, "widths": w,
                 "batch_size": cfg.data.batch_size, "dtype": cfg.precision,
                 "param_counts": costs, "boundary": boundary})
-    return _chunked(st, rank, placement, spec,
-                    lambda f, e: mlp.build_stage(m, (f, e), cfg.train.seed))
+    st = _chunked(st, rank, placement, spec,
+                  lambda f, e: mlp.build_stage(m, (f, e), cfg.train.seed))
+    ids = [i for f, e in st.chunks for i in range(f, e)]
+    st.digests = {i: block_digest(b) for i, b in zip(ids, st.layers)}
+    return st
 
 
 def gpt_stage_bytes(cfg, bounds, b: int, last: bool) -> int:
