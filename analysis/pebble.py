@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import multiprocessing
 import os
@@ -268,13 +269,16 @@ def _outputs(a, idx, out, ident, steps, step, shown, formats, serial, res, windo
             ("memory", lambda: draw_memory(res.curves)),)))
         jobs.append(lambda: mem)
     finally:
-        rc = 0
+        rc, said = 0, failed   # one error line in all: ours if we failed, else the first one
         for wait in jobs:
             r, lines = wait()
             rc = rc or r
-            for line in lines:  # one error line in all: ours, if we failed too
-                if not (failed and line.startswith("error:")):
-                    print(line, file=sys.stderr)
+            for line in lines:
+                if line.startswith("error:"):
+                    if said:
+                        continue
+                    said = True
+                print(line, file=sys.stderr)
     log(f"outputs in {out}")
     return rc
 
@@ -308,14 +312,30 @@ def _start(job, serial: bool):
 
 @contextlib.contextmanager
 def _writing(target: Path):
-    """The write of `target`: if it fails, what it left of the file is removed and the OSError
-    raised names the file."""
+    """The write of `target`: if it fails, whatever the exception, what it left of the file is
+    removed; an OSError anywhere in the exception's chain (a library that fails again while
+    cleaning up after a full disk raises something else, with the OSError as its context) is
+    raised as an OSError naming the file."""
     try:
         yield target
-    except OSError as e:
-        if target.is_file():
-            target.unlink()
-        raise OSError(e.errno, e.strerror, e.filename or str(target)) from e
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            target.unlink(missing_ok=True)
+        cause = _os_error(e)
+        if cause is None:
+            raise
+        raise OSError(cause.errno, cause.strerror, cause.filename or str(target)) from e
+
+
+def _os_error(e: BaseException | None) -> OSError | None:
+    """The first OSError among e, its cause and its context, and theirs."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _guarded(job) -> tuple[int, list[str]]:
@@ -337,8 +357,13 @@ def _draw(out: Path, formats, log, figures) -> list[str]:
             fig, _ = draw()
             try:
                 for fmt in formats:
+                    # drawn into memory, then written: matplotlib's PDF backend, when its file
+                    # cannot be written, fails again while closing it (zlib.error or
+                    # AttributeError, the OSError only their context)
+                    buf = io.BytesIO()
+                    fig.savefig(buf, format=fmt)
                     with _writing(out / f"{name}.{fmt}") as target:
-                        fig.savefig(target)
+                        target.write_bytes(buf.getbuffer())
             finally:
                 plt.close(fig)
             log(f"drew {name}.{{{','.join(formats)}}}")

@@ -4,13 +4,15 @@ analysis/plots/sweep.py, file I/O only in analysis/figures.py).
 
 Two tidy frames describe a sweep:
 - runs:  one row per run — point, repeat, tag, exp, p, schedule, v (chunks per rank), m,
-         overlap, oversubscribed, span (s), bubble (measured), bubble_theory (with v),
-         bubble_theory_times (zero-bubble theory with the run's F/B/W times), bubble_sim
-         (harness.simulate on the run's own times), threads, device, compute (s, mean over
-         ranks)
-- ranks: one row per (run, rank) — the run's identity columns, then compute, send, recv_wait,
-         recv_transfer, send_wait, send_transfer, other_idle, span (s), peak_act,
-         peak_theory (bytes), clock_unreliable (the clocks blur its wait/transfer split)
+         overlap, oversubscribed, every other config key the sweep set (`swept`: a column
+         named by the key, e.g. model.width), span (s), bubble (measured), bubble_theory
+         (with v), bubble_theory_times (zero-bubble theory with the run's F/B/W times),
+         bubble_sim (harness.simulate on the run's own times), threads, device, compute (s,
+         mean over ranks)
+- ranks: one row per (run, rank) — the run's identity columns (swept keys too), then compute,
+         send, recv_wait, recv_transfer, send_wait, send_transfer, other_idle, span (s),
+         peak_act, peak_theory (bytes), clock_unreliable (the clocks blur its wait/transfer
+         split)
 Every per-run value is already a median over that run's steady steps (metrics.summarize);
 `spread` then takes median and quartiles over the repeats of a point.
 """
@@ -20,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.metrics import bubble_theory
+from harness.config import keys as config_keys
 
 ID = ["point", "repeat", "tag", "exp", "p", "schedule", "v", "m", "overlap", "oversubscribed"]
 # where a rank's step goes: these add up to the step's span (other_idle is the rest)
@@ -30,13 +33,19 @@ PARTS = ["compute", "recv_wait", "recv_transfer", "send_wait", "send_transfer", 
 # what makes two runs different configurations beyond (p, schedule, v, m): the tables keep
 # them apart (a median over bf16 and fp32 runs, or with and without recomputation, is no number)
 CONFIG = ["exp", "model", "precision", "recompute"]
+# the config keys a sweep can set (harness.config); those the records carry under a name of
+# their own (from meta.json: what ran) are not repeated as columns of their own
+KEYS = frozenset(k for k, _, _ in config_keys())
+NAMED = frozenset({"exp", "schedule", "precision", "pipeline.microbatches", "pipeline.virtual",
+                   "pipeline.overlap", "pipeline.recompute"})
 
 
 def run_records(row: dict, meta: dict, summary: dict) -> tuple[dict, list[dict]]:
     """One run's record and its per-rank records.
 
-    row: the run's sweep.csv row (point, repeat, tag, oversubscribed); meta: its meta.json;
-    summary: metrics.summarize of its frames (medians over steady steps)."""
+    row: the run's sweep.csv row (point, repeat, tag, oversubscribed, and a column per config
+    key the sweep sets); meta: its meta.json; summary: metrics.summarize of its frames (medians
+    over steady steps)."""
     sch = meta.get("schedule") or {}
     p = int(meta.get("world_size") or summary["schedule"]["stages"])
     m = int(sch.get("microbatches") or 1)
@@ -44,11 +53,13 @@ def run_records(row: dict, meta: dict, summary: dict) -> tuple[dict, list[dict]]
     model = meta.get("model") or {}
     ident = {"point": row.get("point"), "repeat": row.get("repeat"), "tag": row.get("tag"),
              "exp": meta.get("experiment"), "model": model.get("name"),
-             "precision": model.get("dtype") or "fp32",
-             "recompute": sch.get("recompute") or "none",   # absent before it was recorded
+             # what ran (meta.json), else what the sweep set (a run older than the key)
+             "precision": model.get("dtype") or _swept(row, "precision", "fp32"),
+             "recompute": sch.get("recompute") or _swept(row, "pipeline.recompute", "none"),
              "p": p, "schedule": name, "v": v, "m": m,
              "overlap": bool(sch.get("overlap")),
-             "oversubscribed": bool(row.get("oversubscribed", False))}
+             "oversubscribed": bool(row.get("oversubscribed", False)),
+             **{k: x for k, x in row.items() if k in KEYS and k not in NAMED}}
     pipe = summary["pipeline"]
     ranks_meta = meta.get("ranks") or [{}]
     run = {**ident, "span": pipe["step_span_s"], "bubble": pipe["bubble_measured"],
@@ -72,6 +83,12 @@ def run_records(row: dict, meta: dict, summary: dict) -> tuple[dict, list[dict]]
         rec["peak_theory"] = r.get("peak_act_theory")
         ranks.append(rec)
     return run, ranks
+
+
+def _swept(row: dict, key: str, default):
+    """The value the sweep set for `key` (its sweep.csv column), else default."""
+    v = row.get(key)
+    return default if v is None or (isinstance(v, float) and np.isnan(v)) else v
 
 
 def _nan(x):
@@ -100,6 +117,13 @@ def spread(df: pd.DataFrame, by: list, cols: list) -> pd.DataFrame:
     return out.reset_index()
 
 
+def swept(df: pd.DataFrame) -> list[str]:
+    """The config keys beyond CONFIG and (p, schedule, v, m) that tell df's rows apart: the
+    columns named by one (`run_records`: every key the sweep set, e.g. model.width; runs also
+    carry threads and device). Every table groups by them too."""
+    return sorted(c for c in df.columns if c in KEYS and c not in NAMED)
+
+
 def measurements(runs: pd.DataFrame) -> pd.DataFrame:
     """Runs that measure schedules (not the lessons' ablations), with the CONFIG columns and v
     (None and 1 in records of an older analysis)."""
@@ -115,20 +139,26 @@ def blocking(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def configs(runs: pd.DataFrame) -> list[dict]:
-    """The distinct CONFIG combinations among the measuring runs."""
+    """The distinct configurations among the measuring runs: their CONFIG and every swept key
+    that takes two values at one (p, schedule, v, m, overlap), which a figure draws as one
+    point. (A key that only some points set, such as paper.yaml's data.batch_size of its p=3
+    interleaved points, makes no second configuration.)"""
     d = measurements(runs)
-    return d[CONFIG].drop_duplicates().to_dict("records")
+    point = ["p", "schedule", "v", "m", "overlap"]
+    g = d.groupby(point, dropna=False)
+    varies = [k for k in swept(d) if (g[k].nunique(dropna=False) > 1).any()]
+    return d[CONFIG + varies].drop_duplicates().to_dict("records")
 
 
 def bubble_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Figures 2 and 8's data: per (CONFIG, p, schedule, v, m), blocking communication only: bubble,
-    span, compute, the simulator's bubble and the F/B/W-time theory (medians/IQR over
-    repeats), and the closed-form theory with v."""
+    """Figures 2 and 8's data: per (CONFIG, swept keys, p, schedule, v, m), blocking
+    communication only: bubble, span, compute, the simulator's bubble and the F/B/W-time
+    theory (medians/IQR over repeats), and the closed-form theory with v."""
     d = blocking(runs)
     for c, dflt in (("bubble_sim", np.nan), ("bubble_theory_times", np.nan)):
         if c not in d:            # records of an older analysis
             d = d.assign(**{c: dflt})
-    t = spread(d, CONFIG + ["p", "schedule", "v", "m"],
+    t = spread(d, CONFIG + swept(d) + ["p", "schedule", "v", "m"],
                ["bubble", "span", "compute", "bubble_sim", "bubble_theory_times"])
     t["bubble_theory"] = [bubble_theory(s, int(p), int(m), int(v)) for s, p, m, v in
                           zip(t["schedule"], t["p"], t["m"], t["v"])]
@@ -136,10 +166,11 @@ def bubble_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def memory_table(ranks: pd.DataFrame) -> pd.DataFrame:
-    """Figures 3 and 9's data: per (CONFIG, p, schedule, v, m, rank), blocking runs: peak activation
-    bytes (median/IQR over repeats) and the theory (meta.pebbles_theory.peak_bytes)."""
+    """Figures 3 and 9's data: per (CONFIG, swept keys, p, schedule, v, m, rank), blocking
+    runs: peak activation bytes (median/IQR over repeats) and the theory
+    (meta.pebbles_theory.peak_bytes)."""
     d = blocking(ranks)
-    by = CONFIG + ["p", "schedule", "v", "m", "rank"]
+    by = CONFIG + swept(d) + ["p", "schedule", "v", "m", "rank"]
     t = spread(d, by, ["peak_act"])
     # the same groups in the same (sorted) order as spread's
     t["peak_theory"] = d.groupby(by, dropna=False)["peak_theory"].first().to_numpy()
@@ -147,17 +178,18 @@ def memory_table(ranks: pd.DataFrame) -> pd.DataFrame:
 
 
 def stage_table(ranks: pd.DataFrame) -> pd.DataFrame:
-    """Compute time per stage and step, per (CONFIG, p, schedule, m, rank), blocking runs
-    (medians)."""
-    return spread(blocking(ranks), CONFIG + ["p", "schedule", "m", "rank"],
-                  ["compute"])
+    """Compute time per stage and step, per (CONFIG, swept keys, p, schedule, m, rank),
+    blocking runs (medians)."""
+    d = blocking(ranks)
+    return spread(d, CONFIG + swept(d) + ["p", "schedule", "m", "rank"], ["compute"])
 
 
 def breakdown_table(ranks: pd.DataFrame) -> pd.DataFrame:
-    """Figure 4's data: where each rank's step goes, for the (CONFIG, p, schedule, m) that were
-    run both with and without overlapped communication. Medians over repeats of each part."""
+    """Figure 4's data: where each rank's step goes, for the (CONFIG, swept keys, p, schedule,
+    m) that were run both with and without overlapped communication. Medians over repeats of
+    each part."""
     d = measurements(ranks)
-    key = CONFIG + ["p", "schedule", "m"]
+    key = CONFIG + swept(d) + ["p", "schedule", "m"]
     d = d[d.groupby(key, dropna=False)["overlap"].transform("nunique") == 2]
     by = key + ["overlap", "rank"]
     t = spread(d, by, PARTS + ["span"])

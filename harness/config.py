@@ -332,10 +332,11 @@ def validate(cfg: Config, world_size: int) -> S.Schedule:
     _check(m.name in ("mlp", "gpt"), f"model.name={m.name!r}: allowed mlp, gpt "
            f"(your own model: model.factory=package.module:function)")
     if m.factory is not None:
-        from .models.base import resolve_factory  # local: imports the user's module (and torch)
+        # local: imports the user's module (and torch)
+        from .models.base import UserCodeError, resolve_factory
         try:
             resolve_factory(m.factory)
-        except ValueError as e:
+        except (ValueError, UserCodeError) as e:  # the user's module raised: its traceback
             raise ConfigError(str(e)) from None
     g = cfg.gpt
     for k in ("vocab", "seq", "d", "heads", "layers", "mlp_ratio"):
@@ -372,7 +373,7 @@ def validate(cfg: Config, world_size: int) -> S.Schedule:
         _check(world_size in cfg.world_sizes,
                f"world size {world_size}: experiment {cfg.exp!r} runs with "
                f"{' or '.join(map(str, cfg.world_sizes))} ranks (world_sizes)")
-    if m.factory is None:  # a factory's block count is known once it is built (stage.build)
+    if m.factory is None:  # a factory's block count is known once it is built (stage.prepare)
         what = "model.layers" if m.name == "mlp" else "gpt.layers+2 blocks"
         _check(world_size <= blocks,
                f"world size {world_size}: more pipeline stages than {what}={blocks}; "
@@ -381,12 +382,13 @@ def validate(cfg: Config, world_size: int) -> S.Schedule:
                f"pipeline.virtual={p.virtual}: {world_size} ranks x {p.virtual} chunks = "
                f"{world_size * p.virtual} stages, more than {what}={blocks}")
     _check(p.virtual >= 1, f"pipeline.virtual={p.virtual}: must be >= 1")
-    if p.split is not None and m.factory is None:
+    if p.split is not None:
         _check(len(p.split) == world_size * p.virtual,
                f"pipeline.split={list(p.split)}: needs one entry per rank ({world_size})"
                if p.virtual == 1 else f"pipeline.split={list(p.split)}: needs one entry per "
                f"stage (ranks x pipeline.virtual = {world_size * p.virtual})")
         _check(all(n >= 1 for n in p.split), f"pipeline.split={list(p.split)}: every stage needs >= 1 layer")
+    if p.split is not None and m.factory is None:  # a factory's: harness.core.stage.prepare
         _check(sum(p.split) == blocks,
                f"pipeline.split={list(p.split)}: sums to {sum(p.split)}, the model has {blocks} "
                f"blocks")

@@ -4,10 +4,12 @@
 - a failure policy (harness.ops.failure): what happens when anything goes wrong, on any thread;
 - a worker (harness.worker): this rank's stage, trace, transport and executor.
 
-The order matters: rank 0 creates the run directory and shares it; every rank builds its stage,
-writes its traces and stats while training, and rank 0 marks the run complete only after every
-rank has finished. An exception on any rank is printed once (by that rank), recorded in
-meta.json and brings the whole job down with MPI_Abort, so no rank is left blocked in a receive.
+The order matters: every rank builds and checks the whole model (a model refused is said
+once, before any file is written); rank 0 creates the run directory and shares it; every rank
+builds its stage, writes its traces and stats while training, and rank 0 marks the run complete
+only after every rank has finished. An exception on any rank is printed once (by that rank),
+recorded in meta.json and brings the whole job down with MPI_Abort, so no rank is left blocked
+in a receive.
 """
 from __future__ import annotations
 
@@ -32,6 +34,11 @@ class Run:
         if catch_signals:
             signals.Catcher(self.failure.on_signal).start()
         try:
+            # the process and the whole model, checked on every rank before the run directory
+            # exists: a model refused is said once, like a bad configuration
+            self.worker = Worker(self.cfg, self.schedule, self.rank, self.failure.on_timeout)
+            if self.worker.model is None:
+                return 2
             if not self.session.open():
                 return 2
             self.setup()
@@ -42,8 +49,8 @@ class Run:
             return self.failure.on_exception(e)
 
     def setup(self):
-        self.worker = w = Worker(self.cfg, self.schedule, self.rank, self.session.base,
-                                 self.failure.on_timeout)
+        w = self.worker
+        w.open(self.session.base)
         self.failure.watch(w.watchdog, w.tracer)
         self.session.files.log(w.summary)
         self.session.start(self.schedule, w.stage, w.info, w.cuda_aware)

@@ -1,15 +1,19 @@
 """One rank's working parts, built from the config: what `harness.train.Run` trains with.
 
-Set-up, in order: the allocator policy (before the model's tensors come and go), threads and
-device, this rank's stage of the model (harness.core.stage) with the test knobs that slow it
-down, the optimizer, the clocks and the trace (harness.trace), the transport under its watchdog
-(harness.core.comm, harness.ops.watchdog), the optional Kineto window, and the executor
-(harness.core.executor) wrapped in the step-level test knobs (harness.ops.debug_knobs).
+Set-up, in order: the allocator policy (before the model's tensors come and go), threads, the
+whole model built and checked on every rank (refused once, before the run directory exists, if
+it fails the harness's checks, raises, or differs between ranks); then the device, this rank's
+stage of the model (harness.core.stage) with the test knobs that slow it down, the optimizer,
+the clocks and the trace (harness.trace), the transport under its watchdog (harness.core.comm,
+harness.ops.watchdog), the optional Kineto window, and the executor (harness.core.executor)
+wrapped in the step-level test knobs (harness.ops.debug_knobs). meta.json records each block's
+digest (model.digests).
 """
 from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 
 import torch
@@ -18,6 +22,8 @@ from . import config
 from . import schedule as S
 from .core import comm, stage
 from .core.executor import StageExecutor
+from .models.base import ModelError, UserCodeError
+from .models.digest import METHOD, first_difference
 from .ops import debug_knobs, malloc
 from .ops.watchdog import Watchdog
 from .runformat import weights_file
@@ -28,16 +34,27 @@ from .trace.kineto import KinetoWindow
 
 class Worker:
     """Rank `rank`'s stage, optimizer, trace, transport and executor for `schedule` (the run's
-    one Schedule). base: where this rank writes its files; on_timeout(what): called by the
-    watchdog thread when a blocking call outlives comm.timeout_s."""
+    one Schedule). on_timeout(what): called by the watchdog thread when a blocking call outlives
+    comm.timeout_s.
 
-    def __init__(self, cfg, schedule: S.Schedule, rank: int, base, on_timeout):
-        self.cfg, self.schedule, self.rank = cfg, schedule, rank
-        size = len(schedule)
+    Two phases. Constructing it is collective and writes no file: the process (allocator,
+    threads) and the whole model, built and checked on every rank (`agreed_model`);
+    `model` is None when the model was refused (said once). `open(base)` builds the rest, where
+    base is where this rank writes its files."""
+
+    def __init__(self, cfg, schedule: S.Schedule, rank: int, on_timeout):
+        self.cfg, self.schedule, self.rank, self.on_timeout = cfg, schedule, rank, on_timeout
         self.malloc = malloc.apply(cfg.malloc)   # before the model's tensors come and go
-        local_rank, local_size = comm.local_rank_size()
-        threads = cfg.threads or max(1, config.cores_available() // local_size)
-        torch.set_num_threads(threads)
+        self.local_rank, self.local_size = comm.local_rank_size()
+        self.threads = cfg.threads or max(1, config.cores_available() // self.local_size)
+        torch.set_num_threads(self.threads)
+        self.mb_rows = cfg.data.batch_size // cfg.pipeline.microbatches
+        self.model = agreed_model(cfg, schedule.placement.stages, self.mb_rows, rank)
+
+    def open(self, base) -> None:
+        """Collective: this rank's stage, optimizer, trace (into base), transport, executor."""
+        cfg, schedule, rank = self.cfg, self.schedule, self.rank
+        size, local_rank, threads = len(schedule), self.local_rank, self.threads
         if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
             device = torch.device("cpu")
         else:
@@ -47,9 +64,10 @@ class Worker:
                       else cfg.comm.cuda_aware == "true") and device.type == "cuda"
         self.cuda_aware = cuda_aware
 
-        mb_rows = cfg.data.batch_size // cfg.pipeline.microbatches
-        self.stage = st = stage.build(cfg, rank, schedule.placement, mb_rows, agree=comm.bcast)
+        self.stage = st = stage.build(cfg, rank, schedule.placement, self.mb_rows,
+                                      agree=comm.bcast, model=self.model)
         check_boundaries(st)
+        st.info["digests"] = digest_record(st, self.model)
         layers = st.layers.to(device)
         debug_knobs.apply(cfg.debug, rank, layers)  # test knobs (debug.slow_*), no-op by default
         opt = torch.optim.SGD(layers.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum)
@@ -63,7 +81,7 @@ class Worker:
         tracker, self.tracer, self.sampler, mem_status = open_trace(
             cfg.trace.enabled, base, rank, timer, self.clock.now,
             layers.parameters(), device, cfg.trace.sample_interval_ms / 1000)
-        self.watchdog = Watchdog(cfg.comm.timeout_s, on_timeout)
+        self.watchdog = Watchdog(cfg.comm.timeout_s, self.on_timeout)
         self.watchdog.start()
         p2p = comm.P2P(self.tracer, self.clock.now, self.watchdog, device, cuda_aware,
                        cfg.comm.wait, cfg.comm.poll_us, cfg.comm.spin_us)
@@ -79,7 +97,7 @@ class Worker:
 
         self.info = {
             "rank": rank, "host": socket.gethostname(), "pid": os.getpid(),
-            "device": str(device), "local_rank": local_rank, "local_size": local_size,
+            "device": str(device), "local_rank": local_rank, "local_size": self.local_size,
             "cores": config.cores_available(), "threads": threads, "malloc": self.malloc,
             "timer": timer.kind if cfg.trace.enabled else None, "memory_sources": mem_status,
             # where this rank wrote its files, when not in the run directory (run.local_dir)
@@ -157,3 +175,38 @@ def check_boundaries(st) -> None:
     if bad:
         raise ValueError(f"ranks disagree on the model's boundary tensors: rank 0 "
                          f"{views[0]}, rank {bad[0]} {views[bad[0]]}")
+
+
+def agreed_model(cfg, stages: int, mb_rows: int, rank: int) -> stage.Model | None:
+    """Collective, before the run directory exists: every rank builds and checks the whole
+    model (harness.core.stage.prepare), then the ranks agree on one verdict, so a refusal is
+    said once, by the lowest rank that found it, and no rank goes on. None when refused: a
+    check of the harness failed (one line), the user's code raised (its traceback), or the
+    ranks built different initial weights (the first block that differs)."""
+    model, error = None, None
+    try:
+        model = stage.prepare(cfg, stages, mb_rows)
+    except (ModelError, UserCodeError) as e:
+        error = str(e)
+    views = comm.allgather((error, model.digests if model else None))
+    failed = [r for r, (e, _) in enumerate(views) if e]
+    if failed:
+        verdict, speaker = views[failed[0]][0], failed[0]
+    else:
+        verdict, speaker = (first_difference([d for _, d in views], model.bm.names)
+                            if model.digests else None), 0
+    if verdict and rank == speaker:
+        print(f"harness.run: error: {verdict}", file=sys.stderr, flush=True)
+    return None if verdict else model
+
+
+def digest_record(st, model: stage.Model) -> dict:
+    """Collective: meta.json's model.digests (docs/run-format.md): every block's digest and
+    whether the ranks compared them (agreed_model did, for a model every rank built whole)."""
+    if model.digests:
+        return {"method": METHOD, "blocks": model.digests, "compared": True, "note": None}
+    held = {}
+    for part in comm.allgather(st.digests):
+        held.update(part)
+    return {"method": METHOD, "blocks": [held[i] for i in sorted(held)], "compared": False,
+            "note": "not possible: each rank builds only its own blocks of the built-in MLP"}

@@ -173,6 +173,45 @@ def test_analysis_into_a_full_disk_is_one_line_naming_the_path(run_dir, tmp_path
             (disk / "a").exists() else True
 
 
+def _sizes(d):
+    return {p.name: p.stat().st_size for p in d.iterdir()} if d.exists() else {}
+
+
+def test_pdfs_drawn_in_a_child_onto_a_full_disk_are_one_line_and_no_half_file(run_dir, tmp_path,
+                                                                              capfd):
+    """matplotlib's PDF backend fails a second time while closing a file it could not write
+    (zlib.error, AttributeError): in the forked child that draws, that was a traceback.
+    capfd: the children write to file descriptor 2, not through this process's sys.stderr."""
+    from helpers import fill, small_tmpfs
+    args = ["--format", "pdf", "--no-trace", "-q"]
+    assert main([str(run_dir), "--out", str(tmp_path / "ref"), *args]) == 0
+    whole = _sizes(tmp_path / "ref")
+    capfd.readouterr()
+    with small_tmpfs(tmp_path / "disk", "256k") as disk:
+        fill(disk)
+        out = disk / "a"
+        assert main([str(run_dir), "--out", str(out), *args]) == 1
+        err = capfd.readouterr().err
+        assert len(err.splitlines()) == 1, err
+        assert err.startswith(f"error: cannot write {out}") and "No space left" in err, err
+        assert {n: s for n, s in _sizes(out).items() if whole.get(n) != s} == {}   # no half file
+
+
+def test_outputs_that_fail_in_both_children_are_still_one_line(run_dir, capfd):
+    """Here metrics.json and steps.csv are written, and each forked child fails (a directory
+    stands where its figure goes): one error line in all, not one per process."""
+    out = run_dir / "analysis"
+    assert main([str(run_dir), "--format", "pdf", "--no-trace", "-q"]) == 0
+    for name in ("pebble.pdf", "timeline.pdf"):
+        (out / name).unlink()
+        (out / name).mkdir()
+    capfd.readouterr()
+    assert main([str(run_dir), "--format", "pdf", "--no-trace", "-q"]) == 1
+    err = capfd.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: cannot write {out}/"), err
+    assert err[0].endswith(".pdf: Is a directory"), err
+
+
 def test_step_out_of_range_writes_nothing(run_dir, capsys):
     assert main([str(run_dir), "--step", "99", "-q"]) == 2
     assert "--step 99: not in the run (steps 0..2)" in capsys.readouterr().err

@@ -133,6 +133,8 @@ def test_a_signal_ends_the_run_as_a_recorded_failure(job, sig, target):
 def _assert_died(run_dir, rank=None):
     """Either nothing could be recorded (meta.json stays "running", the loader says "died"),
     or mpirun SIGTERMed a survivor first, which recorded the death it saw (type Died)."""
+    # nor is the 256 KiB disk reserve of any rank left (its file has no name: harness.ops.rundir)
+    assert not list(run_dir.rglob(".reserve*")), list(run_dir.rglob(".*"))
     run = load_run(run_dir)
     msg = run.meta["error"]["message"]
     assert msg.startswith("died: rank ") and " last seen at step " in msg and " s ago" in msg

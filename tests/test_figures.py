@@ -315,3 +315,51 @@ def test_tables_keep_configurations_apart_and_make_refuses_a_mix(zb_sweep, tmp_p
     with pytest.raises(figs.MixedSweep, match="2 configurations.*precision=bf16"):
         figs.make(d, tmp_path / "figs", formats=("png",), gif=False, log=lambda s: None)
     assert figs.main([str(d), "--out", str(tmp_path / "f2"), "--no-gif"]) == 2
+
+
+class KeyedLauncher(SyntheticLauncher):
+    """SyntheticLauncher whose activations are 4096 bytes times the `factor` of the value of
+    one swept key, a key the synthetic meta.json does not record (as a harness older than
+    meta.json's schedule.recompute)."""
+
+    def __init__(self, key, factor):
+        self.key, self.factor = key, factor
+
+    def __call__(self, ranks, args, run_dir, timeout):
+        from harness.synthetic import MS, make_run
+        kv = dict(a.split("=", 1) for a in args)
+        make_run(run_dir, p=ranks, m=int(kv["pipeline.microbatches"]), schedule=kv["schedule"],
+                 steps=4, t_fwd=MS, t_bwd=2 * MS, t_loss=0, t_opt=0, xfer=0, batch=48,
+                 act_bytes=4096 * self.factor[kv[self.key]])
+        return run_dir
+
+
+@pytest.mark.parametrize("key, column, base, factor", [
+    ("pipeline.recompute", "recompute", "gpt", {"none": 4, "full": 1}),
+    ("model.width", "model.width", "deep_mlp", {"64": 1, "128": 2}),
+])
+def test_a_swept_key_is_a_group_of_its_own_in_every_table(tmp_path, key, column, base, factor):
+    """A sweep that varies a key beyond (p, schedule, v, m): the tables keep its values apart
+    (pooled, figure 3 drew the median of the two as one point), and the figure set, which
+    draws one point per (p, schedule, v, m), refuses the sweep naming the key. `column`: the
+    tables' name for the key."""
+    spec = {"sweep": {"name": "keyed", "base": base, "repeats": 1, "ranks": [2],
+                      "grid": {"schedule": ["gpipe"], "pipeline.microbatches": [2],
+                               key: list(factor)},
+                      "fixed": {"data.batch_size": 48}}}
+    out = tmp_path / "sw"
+    idx = sweep.run_sweep(spec, out, launcher=KeyedLauncher(key, factor), ncores=4,
+                          log=lambda *a, **k: None)
+    assert (idx["status"] == "complete").all(), idx[["point", "status", "message"]]
+    sw_ = figs.load_sweep(out)
+    mem = sweep_stats.memory_table(sw_["ranks"])
+    assert len(mem) == 2 * 2 and (mem["n"] == 1).all()               # 2 values x 2 ranks
+    # each value's own peaks, which the factor scales: rank for rank the same per unit
+    (a, fa), (b, fb) = [(mem[mem[column].astype(str) == v].sort_values("rank"), f)
+                        for v, f in factor.items()]
+    assert len(a) == len(b) == 2 and (a["peak_act"] > 0).all()
+    assert np.array_equal(a["peak_act"].to_numpy() / fa, b["peak_act"].to_numpy() / fb)
+    bub = sweep_stats.bubble_table(sw_["runs"])
+    assert len(bub) == 2 and (bub["n"] == 1).all()
+    with pytest.raises(figs.MixedSweep, match=f"2 configurations.*{column}="):
+        figs.make(out, tmp_path / "figs", formats=("png",), gif=False, log=lambda s: None)

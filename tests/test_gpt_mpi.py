@@ -108,6 +108,10 @@ def test_a_users_factory_model_runs_split(runs):
     one, two = runs["factory-one"], runs["factory-two"]
     assert losses(two) == losses(one) and len(losses(one)) == 3
     assert meta(two)["model"]["name"] == "factory" and meta(two)["pebbles_theory"] is None
+    # every rank built every block: the ranks compared their digests before step 0
+    d = meta(two)["model"]["digests"]
+    assert d["compared"] is True and d["note"] is None and len(d["blocks"]) == 6
+    assert d == meta(one)["model"]["digests"]
 
 
 def test_bad_factory_is_one_clear_line(tmp_path):

@@ -78,6 +78,15 @@ def test_run_directory_is_complete_and_described(runs):
         assert float(r["grad_norm"]) > 0 and float(r["update_norm"]) > 0
 
 
+def test_meta_records_each_blocks_digest_and_why_the_mlp_is_not_compared(runs):
+    """The MLP's ranks build only their own layers, so the digests (harness.models.digest) are
+    recorded but cannot be compared across ranks; they are the same for any split."""
+    ds = [meta(runs[n])["model"]["digests"] for n in (1, 2, 3)]
+    assert ds[0] == ds[1] == ds[2]
+    assert len(ds[0]["blocks"]) == 6 and all(len(b) == 16 for b in ds[0]["blocks"])
+    assert ds[0]["compared"] is False and ds[0]["note"].startswith("not possible: ")
+
+
 def test_a_run_never_overwrites_another(runs):
     before = (runs[2] / "meta.json").read_text()
     proc = run_harness(2, *SMALL, *STEPS, f"run.dir={runs[2]}")

@@ -22,6 +22,8 @@ from ..models import BlockModel, load_factory, param_counts, probe_shapes
 from ..models import gpt as gpt_mod
 from ..models import gpt_memory
 from ..models import mlp
+from ..models.base import ModelError, UserCodeError
+from ..models.digest import block_digest
 
 
 @dataclass
@@ -42,6 +44,18 @@ class Stage:
     # holds the blocks of all its chunks, in chunk order. One chunk: [bounds[rank]], [recv].
     chunks: list = field(default_factory=list)
     chunk_recv: list = field(default_factory=list)
+    # {global block index: harness.models.digest of its initial weights}: every block where this
+    # rank built the whole model (a factory's, the GPT), else this rank's blocks (the MLP)
+    digests: dict = field(default_factory=dict)
+
+
+@dataclass
+class Model:
+    """The config's whole model as this rank built and checked it (`prepare`), before any
+    stage exists. The built-in MLP is built per stage instead: bm None, nothing probed."""
+    bm: BlockModel | None
+    shapes: list     # (shape, dtype) of every block's output for one microbatch
+    digests: list    # per block: harness.models.digest of its initial weights
 
 
 def autocast(cfg, device_type: str = "cpu"):
@@ -71,6 +85,38 @@ def block_model(cfg) -> BlockModel:
     if cfg.model.name == "gpt":
         return gpt_mod.build_gpt(_gpt_cfg(cfg), cfg.data.batch_size, cfg.train.seed)
     raise ValueError(f"model.name={cfg.model.name!r}: no block model")  # mlp: built per stage
+
+
+def prepare(cfg, stages: int, mb_rows: int) -> Model:
+    """This rank's build of the config's whole model, checked before anything else happens:
+    ModelError (one line, naming the key and, for a block that cannot run on a microbatch, the
+    block and its input) or UserCodeError (the user's code raised: its traceback).
+    stages: pipeline stages (ranks x pipeline.virtual); mb_rows: rows of one microbatch."""
+    if cfg.model.name == "mlp" and not cfg.model.factory:
+        return Model(None, [], [])
+    where = (f"model.factory={cfg.model.factory!r}" if cfg.model.factory
+             else f"model.name={cfg.model.name}")
+    bm = block_model(cfg)   # a factory's errors name it already
+    n, split = len(bm.blocks), cfg.pipeline.split
+    if n < stages:
+        raise ModelError(f"{where}: {n} blocks, fewer than the {stages} pipeline stages "
+                         f"(ranks x pipeline.virtual)")
+    if split and sum(split) != n:
+        raise ModelError(f"pipeline.split={list(split)}: sums to {sum(split)}, {where} has "
+                         f"{n} blocks")
+    try:
+        if cfg.precision == "bf16":  # meta tensors are not autocast: one real forward under it
+            with autocast(cfg):
+                shapes = probe_shapes(bm, mb_rows, real=True)
+        else:
+            shapes = probe_shapes(bm, mb_rows)
+    except ModelError as e:
+        raise ModelError(f"{where}: {e} ({mb_rows} rows = data.batch_size="
+                         f"{cfg.data.batch_size} / pipeline.microbatches="
+                         f"{cfg.pipeline.microbatches})") from e
+    except UserCodeError as e:
+        raise UserCodeError(f"{where}: {e}") from e
+    return Model(bm, shapes, [block_digest(b) for b in bm.blocks])
 
 
 def time_costs(bm: BlockModel, rows: int, repeats: int = 3) -> list[float]:
@@ -109,21 +155,19 @@ def _chunked(st: "Stage", rank, pl, spec, blocks) -> "Stage":
     return st
 
 
-def build(cfg, rank: int, placement, mb_rows: int, agree=lambda x: x) -> Stage:
+def build(cfg, rank: int, placement, mb_rows: int, agree=lambda x: x,
+          model: Model | None = None) -> Stage:
     """Rank `rank`'s stage; placement: the schedule's (harness.schedule.Placement: its p ranks
     and which of the p·v global stages each holds). agree(obj) -> rank 0's obj on every rank
-    (comm.bcast): measured block times differ between ranks, the partition must not."""
-    if cfg.model.name == "mlp" and not cfg.model.factory:
+    (comm.bcast): measured block times differ between ranks, the partition must not.
+    model: this rank's `prepare`d model (default: prepared here)."""
+    model = model or prepare(cfg, placement.stages, mb_rows)
+    if model.bm is None:
         return _build_mlp(cfg, rank, placement, mb_rows)
-    bm = block_model(cfg)
+    bm, shapes = model.bm, model.shapes
     costs = param_counts(bm)
     part = agree(time_costs(bm, mb_rows)) if cfg.pipeline.balance == "time" else costs
     bounds = _split(cfg, part, placement.stages)
-    if cfg.precision == "bf16":  # meta tensors are not autocast: one real forward under it
-        with autocast(cfg):
-            shapes = probe_shapes(bm, mb_rows, real=True)
-    else:
-        shapes = probe_shapes(bm, mb_rows)
 
     def spec(first, end):
         return {"act": tuple(shapes[first - 1]) if first > 0 else None,
@@ -141,6 +185,7 @@ def build(cfg, rank: int, placement, mb_rows: int, agree=lambda x: x) -> Stage:
                 "batch_size": cfg.data.batch_size, "dtype": cfg.precision,
                 "param_counts": costs, "balance": cfg.pipeline.balance,
                 "balance_costs": part, "boundary": boundary})
+    st.digests = dict(enumerate(model.digests))
     return _chunked(st, rank, placement, spec, lambda f, e: bm.blocks[f:e])
 
 
@@ -167,8 +212,11 @@ def _build_mlp(cfg, rank, placement, mb_rows) -> Stage:
                {"name": "mlp", "layers": m.layers, "widths": w,
                 "batch_size": cfg.data.batch_size, "dtype": cfg.precision,
                 "param_counts": costs, "boundary": boundary})
-    return _chunked(st, rank, placement, spec,
-                    lambda f, e: mlp.build_stage(m, (f, e), cfg.train.seed))
+    st = _chunked(st, rank, placement, spec,
+                  lambda f, e: mlp.build_stage(m, (f, e), cfg.train.seed))
+    ids = [i for f, e in st.chunks for i in range(f, e)]
+    st.digests = {i: block_digest(b) for i, b in zip(ids, st.layers)}
+    return st
 
 
 def gpt_stage_bytes(cfg, bounds, b: int, last: bool) -> int:

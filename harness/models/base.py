@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import traceback
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -29,6 +31,42 @@ class BlockModel:
     """One name per block, e.g. "embed", "blocks.0", ..., "head" (traces and logs use them)."""
     example_input: Callable[[int], Tensor]
     """rows -> a tensor shaped and typed like block 0's input for that many rows (shape probing)."""
+
+
+class ModelError(ValueError):
+    """A model fails one of the harness's own checks (its type, its names, a block that cannot
+    run on a microbatch): the message says it in one line."""
+
+
+class UserCodeError(Exception):
+    """The user's own code (a factory, its module, example_input) raised: the message is a
+    heading line and the traceback from the user's first frame on (`raised`)."""
+
+
+def raised(heading: str, e: BaseException) -> UserCodeError:
+    """A UserCodeError: `heading`, then e's traceback without the harness's frames."""
+    return UserCodeError(f"{heading}\n{user_traceback(e)}".rstrip("\n"))
+
+
+_HARNESS = str(Path(__file__).resolve().parent.parent)
+_TORCH = str(Path(torch.__file__).resolve().parent)
+
+
+def user_traceback(e: BaseException) -> str:
+    """e's traceback from the first frame outside the harness and Python's import machinery on:
+    what the user wrote, and what it called."""
+    tb = e.__traceback__
+    while tb is not None and (tb.tb_frame.f_code.co_filename.startswith((_HARNESS, "<frozen "))):
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(e), e, tb or e.__traceback__))
+
+
+def user_line(e: BaseException) -> str:
+    """' at file.py:line': the innermost frame of e's traceback in neither torch nor the
+    harness (the user's line that failed), or ''."""
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if not f.filename.startswith((_HARNESS, _TORCH, "<"))]
+    return f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
 
 
 # Recomputation, seen by the harness. torch.utils.checkpoint's `context_fn` returns (context of
@@ -68,7 +106,7 @@ def param_counts(model: BlockModel) -> list[int]:
 def _probe_meta(model: BlockModel, rows: int) -> list[tuple[torch.Size, torch.dtype]]:
     # functional_call swaps each block's parameters and buffers for meta tensors (shape and
     # dtype only, no storage), so the probe neither copies weights nor computes anything.
-    x = model.example_input(rows).to("meta")
+    x = _example(model, rows).to("meta")
     out = []
     for blk in model.blocks:
         state = {n: torch.empty_like(t, device="meta")
@@ -79,12 +117,37 @@ def _probe_meta(model: BlockModel, rows: int) -> list[tuple[torch.Size, torch.dt
 
 
 def _probe_real(model: BlockModel, rows: int) -> list[tuple[torch.Size, torch.dtype]]:
-    x, out = model.example_input(rows), []
+    x, out = _example(model, rows), []
     with torch.no_grad():
-        for blk in model.blocks:
-            x = blk(x)
+        for i, blk in enumerate(model.blocks):
+            x = _forward(model, i, x, rows)
             out.append((x.shape, x.dtype))
     return out
+
+
+def _example(model: BlockModel, rows: int) -> Tensor:
+    try:
+        x = model.example_input(rows)
+    except Exception as e:  # noqa: BLE001 - the user's code: its traceback, once
+        raise raised(f"example_input({rows}) raised an exception:", e) from e
+    if not isinstance(x, Tensor):
+        raise ModelError(f"example_input({rows}) returns {type(x).__name__}, not a tensor")
+    return x
+
+
+def _forward(model: BlockModel, i: int, x: Tensor, rows: int) -> Tensor:
+    """Block i on x, or a ModelError naming the block, the microbatch's rows and its input."""
+    on = f"on a microbatch of {rows} rows, its input {list(x.shape)} {str(x.dtype)[6:]}"
+    try:
+        y = model.blocks[i](x)
+    except Exception as e:  # noqa: BLE001 - whatever the user's forward raises, it is named
+        msg = (str(e).strip().splitlines() or [""])[0]
+        raise ModelError(f"block {i} {model.names[i]!r} fails {on}: {type(e).__name__}: "
+                         f"{msg}{user_line(e)}") from e
+    if not isinstance(y, Tensor):
+        raise ModelError(f"block {i} {model.names[i]!r} returns {type(y).__name__}, not one "
+                         f"tensor, {on}")
+    return y
 
 
 def probe_shapes(model: BlockModel, rows: int, real: bool = False
@@ -96,19 +159,20 @@ def probe_shapes(model: BlockModel, rows: int, real: bool = False
     `device=x.device`) cannot run on meta; then we fall back to one real forward under no_grad
     at the real size (exact too, just slower). real=True always runs the real forward: what
     the caller's context changes (torch.autocast's dtypes) does not reach meta tensors.
+    A block that fails raises ModelError naming it, its input and `rows`.
     """
     if real:
         return _probe_real(model, rows)
     try:
         return _probe_meta(model, rows)
-    except (RuntimeError, NotImplementedError, TypeError):
+    except Exception:  # noqa: BLE001 - the real forward says what is wrong, naming the block
         return _probe_real(model, rows)
 
 
 def check_model(model, where: str) -> BlockModel:
-    """Raise ValueError naming `where` unless `model` keeps the structural protocol."""
+    """Raise ModelError naming `where` unless `model` keeps the structural protocol."""
     def bad(msg):
-        raise ValueError(f"{where}: {msg}")
+        raise ModelError(f"{where}: {msg}")
     if not isinstance(model, BlockModel):
         bad(f"returned {type(model).__name__}, expected harness.models.BlockModel")
     if not isinstance(model.blocks, (list, tuple)) or not model.blocks:
@@ -130,14 +194,21 @@ def check_model(model, where: str) -> BlockModel:
 def load_factory(spec: str, cfg, batch_size: int, seed: int) -> BlockModel:
     """Import "package.module:function", call function(cfg, batch_size, seed), check the result.
 
-    Every error is a ValueError that names `spec`, so a typo in `model.factory` reads as one.
+    Every error names `spec`: a ValueError (ModelError) when the harness finds something wrong,
+    so a typo in `model.factory` reads as one; UserCodeError when the factory itself raised.
     """
-    return check_model(resolve_factory(spec)(cfg, batch_size, seed), f"model.factory={spec!r}")
+    fn = resolve_factory(spec)
+    try:
+        model = fn(cfg, batch_size, seed)
+    except Exception as e:  # noqa: BLE001 - the user's code: its traceback, once
+        raise raised(f"model.factory={spec!r} raised an exception:", e) from e
+    return check_model(model, f"model.factory={spec!r}")
 
 
 def resolve_factory(spec: str):
     """The function "package.module:function" names (imported, not called); ValueError naming
-    `spec` if it is not there (harness.config checks this before any rank communicates)."""
+    `spec` if it is not there, UserCodeError if importing the module raised (harness.config
+    checks this before any rank communicates)."""
     mod_name, sep, fn_name = spec.partition(":")
     if not sep or not mod_name or not fn_name:
         raise ValueError(f"model.factory={spec!r}: expected 'package.module:function'")
@@ -145,6 +216,9 @@ def resolve_factory(spec: str):
         mod = importlib.import_module(mod_name)
     except ImportError as e:
         raise ValueError(f"model.factory={spec!r}: cannot import module {mod_name!r} ({e})") from e
+    except Exception as e:  # noqa: BLE001 - the user's module raised while it was imported
+        raise raised(f"model.factory={spec!r}: importing {mod_name!r} raised an exception:",
+                     e) from e
     fn = getattr(mod, fn_name, None)
     if not callable(fn):
         raise ValueError(f"model.factory={spec!r}: module {mod_name!r} has no function {fn_name!r}")

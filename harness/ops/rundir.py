@@ -75,8 +75,7 @@ def mark_failed(run_dir: Path, rank: int, exc_type: str, message: str,
     directory, so that no rank aborts the job while another is half-way through writing."""
     with _dir_lock(run_dir):
         _mark_failed(run_dir, rank, exc_type, message, extra)
-    for p in run_dir.glob(RESERVE_GLOB):  # the job is coming down: free it all
-        p.unlink(missing_ok=True)
+    release_all(run_dir)  # the job is coming down: free what this process holds
 
 
 @contextlib.contextmanager
@@ -130,17 +129,48 @@ def _reserve_path(run_dir: Path, rank: int) -> Path:
     return run_dir / reserve_file(rank)
 
 
+# reserve path -> the open file that holds its blocks (the path itself no longer exists)
+_HELD: dict[str, object] = {}
+
+
 def reserve(run_dir: Path, rank: int) -> None:
     """Hold RESERVE_BYTES of real disk blocks (written, not sparse) until `release`, so that a
-    full disk can still take the final meta.json."""
-    with open(_reserve_path(run_dir, rank), "wb") as f:
+    full disk can still take the final meta.json.
+
+    The file is unlinked as soon as it is written: its blocks belong to the open file alone, so
+    a rank that is killed (SIGKILL, the OOM killer) leaves nothing in the run directory; the
+    kernel frees them when it closes the process's files. (On NFS the client keeps a hidden
+    .nfs* name until then.)"""
+    path = _reserve_path(run_dir, rank)
+    f = open(path, "wb")  # noqa: SIM115 - held open until release
+    try:
         f.write(b"\0" * RESERVE_BYTES)
         f.flush()
         os.fsync(f.fileno())
+    except BaseException:  # a full disk already: hold nothing, leave nothing
+        with contextlib.suppress(OSError):
+            f.close()
+        path.unlink(missing_ok=True)
+        raise
+    path.unlink()
+    _HELD[str(path.absolute())] = f
 
 
 def release(run_dir: Path, rank: int) -> None:
-    _reserve_path(run_dir, rank).unlink(missing_ok=True)
+    """Free the reserve of `rank` in `run_dir` (a no-op when this process holds none)."""
+    path = _reserve_path(run_dir, rank)
+    f = _HELD.pop(str(path.absolute()), None)
+    if f is not None:
+        f.close()
+    path.unlink(missing_ok=True)  # a name left by a rank of an older harness
+
+
+def release_all(run_dir: Path) -> None:
+    """Free every reserve this process holds, and any reserve name left in `run_dir`."""
+    for key in list(_HELD):
+        _HELD.pop(key).close()
+    for p in Path(run_dir).glob(RESERVE_GLOB):
+        p.unlink(missing_ok=True)
 
 
 class RankFiles:
