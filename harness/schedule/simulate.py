@@ -166,8 +166,9 @@ class _Msg:
         self.post = {"send": None, "recv": None}
 
 
-def _run(sched, cost, latency: float, eager: bool = False) -> list:
-    """Execute every rank's list against the message model; raise DeadlockError if stuck."""
+def _run(sched, cost, latency: float, eager: bool = False, gap=None) -> list:
+    """Execute every rank's list against the message model; raise DeadlockError if stuck.
+    gap(rank, Action, previous Action or None): local time before the action starts."""
     p = len(sched)
     pl = placement_of(sched)
     msgs, count = {}, {}     # (stream, mb, src, dst, chunk) -> [_Msg]; (key, side) -> posts so far
@@ -189,9 +190,16 @@ def _run(sched, cost, latency: float, eager: bool = False) -> list:
         return box[n], side
 
     blocked = [None] * p           # (msg, side) a rank registered for its current blocking call
+    gapped = [False] * p           # the rank's current action has had its gap already
 
     def step(r) -> bool:
         a = sched[r][pc[r]]
+        if gap is not None and not gapped[r]:   # once, not again after being blocked
+            g = gap(r, a, sched[r][pc[r] - 1] if pc[r] else None)
+            if g < 0:
+                raise ValueError(f"gap: rank {r} {a!r} has negative gap {g}")
+            t[r] += g
+            gapped[r] = True
         d = cost(r, a)
         if d < 0:
             raise ValueError(f"durations: rank {r} {a!r} has negative duration {d}")
@@ -222,6 +230,7 @@ def _run(sched, cost, latency: float, eager: bool = False) -> list:
         ops.append(PlannedOp(r, a.kind, a.mb, t[r], end, a.chunk))
         t[r] = end
         pc[r] += 1
+        gapped[r] = False
         return True
 
     progress = True
@@ -251,7 +260,8 @@ def check(sched) -> None:
     _run(sched, _cost(None), 0.0)
 
 
-def simulate(sched, durations=None, latency: float = 0.0, protocol: str = "rendezvous") -> list:
+def simulate(sched, durations=None, latency: float = 0.0, protocol: str = "rendezvous",
+             gap=None) -> list:
     """The planned timeline: one PlannedOp per action, sorted by rank then start time.
 
     durations: None for unit costs (fwd 1, bwd 2, bwd_in 1, bwd_w 1, opt 0, communication
@@ -260,11 +270,14 @@ def simulate(sched, durations=None, latency: float = 0.0, protocol: str = "rende
     (rank, Action) -> seconds, e.g. measured per-op medians. Communication durations are the
     local cost of the call; the wire time of every message is `latency`. protocol: "rendezvous"
     (a send waits for its receive; the default, and what `check` uses) or "eager".
+    gap: None, or a callable (rank, Action, the rank's previous Action or None) -> seconds the
+    rank spends before the action starts (an executor's own time between two actions: it
+    delays a communication call's post, unlike the call's duration, which follows it).
     """
     if protocol not in ("rendezvous", "eager"):
         raise ValueError(f"protocol={protocol!r}: allowed rendezvous, eager")
     _static(sched)
-    return _run(sched, _cost(durations), float(latency), protocol == "eager")
+    return _run(sched, _cost(durations), float(latency), protocol == "eager", gap)
 
 
 def makespan(ops) -> float:
