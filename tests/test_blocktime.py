@@ -5,15 +5,15 @@ import contextlib
 
 import torch
 
-from harness import config
+from harness import config, runformat
 from harness.core import stage
 from harness.trace import blocktime
 
 
 def test_rows_timed_are_the_batch_fractions_and_the_runs_own():
-    assert blocktime.rows_to_time(256, 32) == [16, 32, 64, 128, 256]
-    assert blocktime.rows_to_time(48, 12) == [3, 6, 12, 24, 48]
-    assert blocktime.rows_to_time(8, 8) == [1, 2, 4, 8]
+    assert runformat.block_time_rows(256, 32) == [16, 32, 64, 128, 256]
+    assert runformat.block_time_rows(48, 12) == [3, 6, 12, 24, 48]
+    assert runformat.block_time_rows(8, 8) == [1, 2, 4, 8]
 
 
 def _stage(rank, *args):

@@ -21,15 +21,9 @@ import time
 import torch
 
 from ..core.splitgrad import Split
+from ..runformat import block_time_rows
 
 REPEATS = 5
-FRACTIONS = (1, 2, 4, 8, 16)   # rows = batch / f: the microbatch sizes of m = 1, 2, 4, 8, 16
-
-
-def rows_to_time(batch: int, mb_rows: int) -> list[int]:
-    """The microbatch sizes measured: batch/f for each f in FRACTIONS (at least 1 row) and the
-    run's own microbatch size, ascending."""
-    return sorted({max(1, batch // f) for f in FRACTIONS} | {mb_rows})
 
 
 def _median(ts: list) -> float:
@@ -60,7 +54,7 @@ def measure(stage, chunk_stages: list, last_stage: int, batch: int, mb_rows: int
     """This rank's blocks timed (module docstring) -> meta.json's block_times: {"rows": [...],
     "chunks": [time_chunk's result per chunk of the rank]}. stage: the rank's
     harness.core.stage.Stage; chunk_stages: the global stage of each of its chunks."""
-    rows_list = rows_to_time(batch, mb_rows)
+    rows_list = block_time_rows(batch, mb_rows)
     x_all, y_all = stage.data(0)
     k, chunks = 0, []
     for c, (first, end) in enumerate(stage.chunks):
