@@ -1,0 +1,137 @@
+"""The executor's gaps between actions and the messages' times, for a target configuration.
+
+Gaps (calibrate.py measures them per rank and transition: previous action kind -> kind) are
+looked up for each transition the target's schedule has, from the most to the least specific
+measurement, and every step that is not the first is said in `assumed`:
+
+1. the same rank and transition (a target rank maps onto the calibration rank of the same
+   position: first, last, or in between, proportionally);
+2. the same transition on any calibration rank;
+3. the same kinds of action, whatever stream they carry (send_act ~ send_grad) or however the
+   backward is split (bwd_in, bwd_w ~ bwd);
+4. blocking and non-blocking calls alike (isend ~ send, irecv ~ recv, wait_send ~ send ...:
+   overlap=true from a run without it);
+5. the median of every gap into an action of that class on the rank, then of all its gaps;
+6. zero (nothing measured at all).
+
+Messages: seconds per message as c + k·bytes through the median transfer time of each measured
+message size (through the origin for one size), times the step's own transfers over those
+medians (a step whose messages ran slow keeps them slow). A run without messages (one process)
+takes ASSUMED_MESSAGE, said so.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from analysis.costs import fit
+
+# a message on the development VM's MPICH shared memory: ~20 µs + bytes / 3 GB/s
+# (a 64 KiB message measured 40-45 µs between two ranks, docs/results.md)
+ASSUMED_MESSAGE = (20e-6, 1 / 3e9)
+
+
+def _cls(kind: str) -> str:
+    """A kind without its stream and without how the backward is split."""
+    if kind in ("bwd_in", "bwd_w"):
+        return "bwd"
+    for s in ("_act", "_grad"):
+        if kind.endswith(s):
+            return kind[: -len(s)]
+    return kind
+
+
+def _blocking(kind: str) -> str:
+    """_cls, with non-blocking calls and their waits as blocking calls."""
+    c = _cls(kind)
+    return {"isend": "send", "irecv": "recv", "wait_send": "send", "wait_recv": "recv"}.get(c, c)
+
+
+def _median(vals) -> float:
+    return float(np.median(vals)) if len(vals) else float("nan")
+
+
+class Gaps:
+    """Per target (rank, prev, kind): which measured gap stands for it (module docstring)."""
+
+    def __init__(self, steps: list, p_cal: int, assumed: set):
+        self.assumed, self.p_cal = assumed, p_cal
+        per = {}
+        for st in steps:
+            for key, v in st.gap.items():
+                per.setdefault(key, []).append(v)
+        self.typical = {k: _median(v) for k, v in per.items()}
+        self.memo = {}
+
+    def cal_rank(self, r: int, p: int) -> int:
+        """The calibration rank in the same position in the pipeline as target rank r of p."""
+        if p == self.p_cal or p <= 1:
+            return min(r, self.p_cal - 1)
+        return int(round(r * (self.p_cal - 1) / (p - 1)))
+
+    def source(self, r: int, p: int, prev: str, kind: str):
+        """-> a measured key (rank, prev, kind) or a number of seconds, for the transition."""
+        key = (r, p, prev, kind)
+        if key not in self.memo:
+            self.memo[key] = self._resolve(r, p, prev, kind)
+        return self.memo[key]
+
+    def _resolve(self, r, p, prev, kind):
+        rc, typ = self.cal_rank(r, p), self.typical
+        if (rc, prev, kind) in typ:
+            return (rc, prev, kind)
+        say = f"gap {prev} -> {kind} on rank {r}: not measured; "
+        on_any = [k for k in typ if k[1:] == (prev, kind)]
+        if on_any:
+            return on_any[0]
+        for level, norm, what in ((3, _cls, "its stream or split ignored"),
+                                  (4, _blocking, "non-blocking calls taken as blocking")):
+            for rank_ok in (lambda k: k[0] == rc, lambda k: True):
+                like = [k for k in typ if rank_ok(k) and norm(k[1]) == norm(prev)
+                        and norm(k[2]) == norm(kind)]
+                if like:
+                    self.assumed.add(say + f"took {like[0][1]} -> {like[0][2]} "
+                                     f"({typ[like[0]] * 1e6:.0f} µs; {what})")
+                    return like[0]
+        into = [v for k, v in typ.items() if k[0] == rc and _blocking(k[2]) == _blocking(kind)]
+        vals = into or [v for k, v in typ.items() if k[0] == rc] or list(typ.values())
+        v = _median(vals) if vals else 0.0
+        self.assumed.add(say + (f"took the median gap into a {_blocking(kind)} ({v * 1e6:.0f} µs)"
+                                if into else f"took the rank's median gap ({v * 1e6:.0f} µs)"
+                                if vals else "took 0"))
+        return v
+
+    def of(self, st, r: int, p: int, prev: str, kind: str) -> float:
+        """The gap in step st (its own value of the measured transition that stands for it)."""
+        src = self.source(r, p, prev, kind)
+        if not isinstance(src, tuple):
+            return src
+        return st.gap.get(src, self.typical[src])
+
+
+class Messages:
+    """Seconds per message, per step (module docstring)."""
+
+    def __init__(self, steps: list, assumed: set):
+        per = {}
+        for st in steps:
+            for b, v in st.msg.items():
+                per.setdefault(b, []).append(v)
+        self.typical = {b: _median(v) for b, v in per.items()}
+        if self.typical:
+            self.line = fit(pd.Series({b: self.typical[b] for b in sorted(self.typical)}))
+            if len(self.typical) == 1:
+                assumed.add(f"messages: time proportional to bytes (one size measured: "
+                            f"{next(iter(self.typical))} B)")
+        else:
+            self.line = ASSUMED_MESSAGE
+            assumed.add(f"messages: none measured; assumed {ASSUMED_MESSAGE[0] * 1e6:.0f} µs + "
+                        f"bytes / {1 / ASSUMED_MESSAGE[1] / 1e9:.0f} GB/s")
+
+    def seconds(self, st, nbytes: float) -> float:
+        c, k = self.line
+        base = max(0.0, c + k * nbytes)
+        have = [b for b in st.msg if b in self.typical and self.typical[b] > 0]
+        if not have:
+            return base
+        return base * sum(st.msg[b] for b in have) / sum(self.typical[b] for b in have)
