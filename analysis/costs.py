@@ -16,6 +16,8 @@ microbatches, split, world size, ...):
 - split backward from a full one: a block's B and W are its backward times the set-up ratios
   B/backward and W/backward (the first stage's B computes nothing: its W is its backward, as
   harness.core.splitgrad does it); a full backward from a split one is B + W;
+- recomputation the calibration run did not have: each recomputed block's backward (B) reruns
+  its share of its forward first (analysis/target.py says which share);
 - gaps and messages: analysis/gaps.py.
 
 Everything the model had to assume rather than read from the runs is added to `assumed`
@@ -134,6 +136,8 @@ class Target:
     overlap: bool
     split: list
     scales: tuple = ()
+    recompute: dict = None  # layer -> share of its forward rerun in its backward (B), if the
+    #                         target recomputes what the calibration run did not
 
     @property
     def rows(self) -> int:
@@ -183,7 +187,15 @@ class StepModel:
         return x1 / x0
 
     def unit(self, st: StepCosts, layer: int, kind: str, stage: int) -> float:
-        """Busy seconds of one block (layer) in one `kind` action of global stage `stage`."""
+        """Busy seconds of one block (layer) in one `kind` action of global stage `stage`,
+        with the forward it reruns first if the target recomputes it."""
+        share = (self.t.recompute or {}).get(layer, 0.0)
+        again = 0.0
+        if share and kind in ("bwd", "bwd_in") and (layer, "fwd") in st.layer:
+            again = share * st.layer[layer, "fwd"] * self.scale(st, layer, "fwd")
+        return again + self._unit(st, layer, kind, stage)
+
+    def _unit(self, st: StepCosts, layer: int, kind: str, stage: int) -> float:
         f = st.layer.get
         if (layer, kind) in st.layer:
             return f((layer, kind)) * self.scale(st, layer, kind)

@@ -118,17 +118,19 @@ class Messages:
             for b, v in st.msg.items():
                 per.setdefault(b, []).append(v)
         self.typical = {b: _median(v) for b, v in per.items()}
-        if self.typical:
-            self.line = fit(pd.Series({b: self.typical[b] for b in sorted(self.typical)}))
-            if len(self.typical) == 1:
-                assumed.add(f"messages: time proportional to bytes (one size measured: "
-                            f"{next(iter(self.typical))} B)")
-        else:
-            self.line = ASSUMED_MESSAGE
-            assumed.add(f"messages: none measured; assumed {ASSUMED_MESSAGE[0] * 1e6:.0f} µs + "
-                        f"bytes / {1 / ASSUMED_MESSAGE[1] / 1e9:.0f} GB/s")
+        self.assumed = assumed
+        self.line = fit(pd.Series({b: self.typical[b] for b in sorted(self.typical)})) \
+            if self.typical else ASSUMED_MESSAGE
 
-    def seconds(self, st, nbytes: float) -> float:
+    def seconds(self, st, nbytes: float, p: int = 2) -> float:
+        """Seconds of a message of `nbytes` in step st (p: the target's ranks; with one there
+        is no message, and nothing to assume)."""
+        if p > 1 and not self.typical:
+            self.assumed.add(f"messages: none measured; assumed {ASSUMED_MESSAGE[0] * 1e6:.0f} "
+                             f"µs + bytes / {1 / ASSUMED_MESSAGE[1] / 1e9:.0f} GB/s")
+        elif p > 1 and len(self.typical) == 1 and nbytes not in self.typical:
+            self.assumed.add(f"messages: time proportional to bytes (one size measured, "
+                             f"{next(iter(self.typical))} B; predicted {nbytes:.0f} B)")
         c, k = self.line
         base = max(0.0, c + k * nbytes)
         have = [b for b in st.msg if b in self.typical and self.typical[b] > 0]

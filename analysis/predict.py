@@ -54,7 +54,7 @@ class Prediction:
 
 def target_of(cal: Calibration, schedule: str, m: int, batch: int | None = None,
               overlap: bool = False, scales=(), virtual: int | None = None,
-              p: int | None = None, split=None) -> Target:
+              p: int | None = None, split=None, recompute=None) -> Target:
     """The Target of a what-if; split: (first, end) per global stage (default the calibration
     run's, which needs the same number of global stages)."""
     batch = batch or cal.batch
@@ -68,18 +68,19 @@ def target_of(cal: Calibration, schedule: str, m: int, batch: int | None = None,
     if len(split) != pl.stages:
         raise ValueError(f"{pl.stages} stages ({p} ranks x {pl.v} chunks) but the split has "
                          f"{len(split)}: give pipeline.split")
-    return Target(schedule, m, batch, p, pl, overlap, split, tuple(scales))
+    return Target(schedule, m, batch, p, pl, overlap, split, tuple(scales), recompute)
 
 
 def predict(cal: Calibration, schedule: str, m: int, batch: int | None = None,
             overlap: bool = False, scales=(), protocol: str | None = None,
             virtual: int | None = None, p: int | None = None, split=None,
-            stage_bytes=None) -> Prediction:
+            stage_bytes=None, recompute=None) -> Prediction:
     """The step of `schedule` with m microbatches of batch/m rows on p ranks (default the
     calibration run's) with `split` (first, end) per global stage. stage_bytes: activation
     bytes one microbatch leaves on each global stage (default: the calibration run's per rank,
-    scaled to the rows; needed when the split or world size differs)."""
-    t = target_of(cal, schedule, m, batch, overlap, scales, virtual, p, split)
+    scaled to the rows; needed when the split or world size differs). recompute: {layer:
+    share of its forward its backward reruns} (analysis.target.recompute_share)."""
+    t = target_of(cal, schedule, m, batch, overlap, scales, virtual, p, split, recompute)
     if not cal.steps:
         raise ValueError("no steady step to replay (the run needs two complete steps)")
     sched = S.build(schedule, t.p, m, overlap, virtual=t.placement.v)
@@ -107,7 +108,7 @@ def predict(cal: Calibration, schedule: str, m: int, batch: int | None = None,
             cost[r, k, c] = (wall * factor(r, k), busy * factor(r, k))
         gap = lambda r, a, prev, st=st: 0.0 if prev is None else gaps.of(  # noqa: E731
             st, r, t.p, prev.kind, a.kind)
-        lat = msgs.seconds(st, nbytes)
+        lat = msgs.seconds(st, nbytes, t.p)
         ops = simulate(sched, lambda r, a, cost=cost: cost[r, a.kind, a.chunk][0]
                        if a.kind in KINDS else 0.0, lat, protocol=proto, gap=gap)
         comp = [o for o in ops if o.kind in KINDS]

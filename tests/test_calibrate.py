@@ -105,3 +105,35 @@ def test_continuous_steps_reproduce_their_own_step(tmp_path):
     run = _run(tmp_path, "c", schedule="1f1b", m=4, xfer=70 * US, continuous=True)
     pred = predict(calibrate([run]), "1f1b", 4)
     assert pred.step_s == pytest.approx(measured(run)["step_s"], rel=1e-9)
+
+
+def test_another_world_size_composes_stages_from_their_blocks(tmp_path):
+    # 2 ranks x 3 blocks -> 3 ranks x 2 blocks of the same 6-block model: each stage is the sum
+    # of its blocks; opt shared out by parameters (equal per block: 0.6 ms of 3 blocks -> 0.4)
+    from analysis.whatif import what_if
+    kw = dict(xfer=70 * US, gaps=30 * US, layers_per_stage=3)
+    cal_run = _run(tmp_path, "p2", schedule="gpipe", m=4, p=2, t_opt=6 * MS // 10, **kw)
+    kw["layers_per_stage"] = 2
+    truth = measured(_run(tmp_path, "p3", schedule="1f1b", m=4, p=3, t_opt=4 * MS // 10, **kw))
+    _, pred = what_if([cal_run], ["ranks=3", "schedule=1f1b"])
+    assert pred.split == [(0, 2), (2, 4), (4, 6)]
+    assert pred.step_s == pytest.approx(truth["step_s"], rel=1e-9)
+    assert any(a.startswith("optimizer step") for a in pred.assumed)
+    # a synthetic run has no formula for another split's bytes: said, not guessed
+    assert pred.peak_act_bytes == [None] * 3 and any("peak" in a for a in pred.assumed)
+
+
+def test_a_pipeline_predicted_from_one_process(tmp_path):
+    # one process ran the whole 4-block model: no message was measured, so the assumed
+    # message time is said; with the truth's messages that long (a boundary of 64 floats per
+    # row, 16 rows), the prediction is exact
+    from analysis.gaps import ASSUMED_MESSAGE
+    from analysis.whatif import what_if
+    one = _run(tmp_path, "one", schedule="naive", m=1, p=1, layers_per_stage=4, gaps=30 * US,
+               t_opt=MS, block_times=True)
+    xfer = round(1e9 * (ASSUMED_MESSAGE[0] + ASSUMED_MESSAGE[1] * 64 * 4 * 16))
+    truth = measured(_run(tmp_path, "two", schedule="gpipe", m=4, p=2, layers_per_stage=2,
+                          gaps=30 * US, t_opt=MS // 2, xfer=xfer))
+    _, pred = what_if([one], ["ranks=2", "schedule=gpipe", "m=4"])
+    assert pred.step_s == pytest.approx(truth["step_s"], rel=1e-6)
+    assert any(a.startswith("messages: none measured") for a in pred.assumed)
