@@ -9,7 +9,7 @@ measurement, and every step that is not the first is said in `assumed`:
 2. the same transition on any calibration rank;
 3. the same kinds of action, whatever stream they carry (send_act ~ send_grad) or however the
    backward is split (bwd_in, bwd_w ~ bwd);
-4. blocking and non-blocking calls alike (isend ~ send, irecv ~ recv, wait_send ~ send ...:
+4. blocking and non-blocking posts alike (isend ~ send, irecv ~ recv; a wait ~ any wait:
    overlap=true from a run without it);
 5. the median of every gap into an action of that class on the rank, then of all its gaps;
 6. zero (nothing measured at all).
@@ -42,9 +42,9 @@ def _cls(kind: str) -> str:
 
 
 def _blocking(kind: str) -> str:
-    """_cls, with non-blocking calls and their waits as blocking calls."""
+    """_cls, with non-blocking posts as blocking calls and every wait as one kind."""
     c = _cls(kind)
-    return {"isend": "send", "irecv": "recv", "wait_send": "send", "wait_recv": "recv"}.get(c, c)
+    return {"isend": "send", "irecv": "recv", "wait_send": "wait", "wait_recv": "wait"}.get(c, c)
 
 
 def _median(vals) -> float:

@@ -78,12 +78,14 @@ def parse(items, meta: dict) -> dict:
     if out["batch"] % out["m"]:
         raise ValueError(f"pipeline.microbatches={out['m']}: must divide "
                          f"data.batch_size={out['batch']}")
-    if "virtual" not in out["given"]:     # what the schedule takes, if the run's does not do
-        chunked = S.REGISTRY[out["schedule"]].chunked
-        if not chunked:
-            out["virtual"] = 1
-        elif out["virtual"] < 2:
-            out["virtual"] = 2
+    if "virtual" not in out["given"]:     # the run's chunks per rank if the schedule takes
+        for v in (out["virtual"], 1, 2):  # them, else what it takes
+            try:
+                S.build(out["schedule"], 2, out["m"], out["overlap"], virtual=v)
+            except ValueError:
+                continue
+            out["virtual"] = v
+            break
     return out
 
 

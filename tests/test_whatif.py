@@ -167,3 +167,11 @@ def test_help_lists_every_what_if_with_an_example(capsys):
                     "pipeline.recompute=full", "--scale rank=1", "--also RUN2 schedule=gpipe",
                     "data.batch_size=512", "schedule=interleaved"):
         assert f"python -m analysis.whatif " in text and example in text, example
+
+
+def test_accuracy_prints_signed_errors_their_median_and_signs():
+    from benchmarks.whatif_accuracy import signed_summary
+    line = signed_summary({"gpipe-4": 0.02, "1f1b-8": -0.01, "naive-1": 0.04})
+    assert "gpipe-4 +2.0 1f1b-8 -1.0 naive-1 +4.0" in line
+    assert "median +2.0 %" in line and "2 too long, 1 too short" in line
+    assert "median |error| 2.0 %" in line

@@ -8,8 +8,11 @@ its blocks only at its own microbatch size; this adds the shape of each block's 
 Per block and microbatch size `rows`: the forward, the backward (`y.backward(g)`: input and
 weight gradients), and at the run's own size the split backward's two halves as the executor
 runs them (harness.core.splitgrad: B = the input gradient, W = the weight gradient). The loss
-(on the rank holding the last stage) is timed as one more block, index L. Each time is the median
-of `repeats` after one warm-up call, so a cold cache or a first allocation does not count.
+(on the rank holding the last stage) is timed as one more block, index L. Each time is the
+shortest of `repeats` after one warm-up call (timeit's rule: a deterministic computation is
+only ever slowed by what else runs; on a host shared with other jobs the median of five still
+caught 60-190 ms preemptions in a 1 ms backward), so a cold cache, a first allocation or a
+neighbour's burst does not count. The what-if uses these times as ratios between sizes.
 
 The result goes into meta.json `ranks[r].block_times` (docs/run-format.md): measured before
 the test knobs (debug.slow_*) slow the blocks down, so it is the blocks' own cost.
@@ -26,13 +29,9 @@ from ..runformat import block_time_rows
 REPEATS = 5
 
 
-def _median(ts: list) -> float:
-    return sorted(ts)[len(ts) // 2]
-
-
 def _timed(fn, repeats: int, setup=None, sync=None) -> float:
-    """Median seconds of fn(setup()) (fn() without setup; setup untimed) over `repeats` calls
-    after one warm-up call."""
+    """Shortest seconds of fn(setup()) (fn() without setup; setup untimed) over `repeats`
+    calls after one warm-up call."""
     ts = []
     sync = sync or (lambda: None)
     for _ in range(repeats + 1):
@@ -42,7 +41,7 @@ def _timed(fn, repeats: int, setup=None, sync=None) -> float:
         fn(arg) if setup else fn()
         sync()
         ts.append(time.perf_counter() - t0)
-    return _median(ts[1:])
+    return min(ts[1:])
 
 
 def _float_input(x):
@@ -151,4 +150,4 @@ def _split_times(out: dict, k: int, blk, xin, g, repeats: int, sync=None) -> Non
         t2 = time.perf_counter()
         tb.append(t1 - t0)
         tw.append(t2 - t1)
-    out["bwd_in"][k], out["bwd_w"][k] = _median(tb[1:]), _median(tw[1:])
+    out["bwd_in"][k], out["bwd_w"][k] = min(tb[1:]), min(tw[1:])
