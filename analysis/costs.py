@@ -54,10 +54,13 @@ class StepCosts:
     extra: dict             # (rank, chunk, kind) -> (interpreter s per action, spans per action)
     opt: dict               # rank -> s of opt with its statistics
     gap: dict               # (rank, previous kind, kind) -> s
-    msg: dict               # bytes -> transfer s ({"whole": ..., "all": ...} until chosen)
+    msg: dict               # bytes -> transfer s, the receiver's ({"whole": ..., "all": ...,
+    #                         "send": ..., "send_eager": ...} until chosen)
+    send: dict = None       # bytes -> s until the send completed (the sender's)
 
-    def with_messages(self, which: str) -> "StepCosts":
-        return replace(self, msg=dict(self.msg.get(which, {})))
+    def with_messages(self, which: str, send: str = "send") -> "StepCosts":
+        return replace(self, msg=dict(self.msg.get(which, {})),
+                       send=dict(self.msg.get(send, {})))
 
 
 @dataclass

@@ -16,8 +16,9 @@ measurement, and every step that is not the first is said in `assumed`:
 
 Messages: seconds per message as c + k·bytes through the median transfer time of each measured
 message size (through the origin for one size), times the step's own transfers over those
-medians (a step whose messages ran slow keeps them slow). A run without messages (one process)
-takes ASSUMED_MESSAGE, said so.
+medians (a step whose messages ran slow keeps them slow); the same, apart, for the time until
+the send completes (later than the receive on a loaded host). A run without messages (one
+process) takes ASSUMED_MESSAGE, said so.
 """
 from __future__ import annotations
 
@@ -110,30 +111,45 @@ class Gaps:
 
 
 class Messages:
-    """Seconds per message, per step (module docstring)."""
+    """Seconds per message, per step, until the receive and until the send completes (module
+    docstring)."""
 
     def __init__(self, steps: list, assumed: set):
-        per = {}
-        for st in steps:
-            for b, v in st.msg.items():
-                per.setdefault(b, []).append(v)
-        self.typical = {b: _median(v) for b, v in per.items()}
+        self.recv, self.send = _Line(steps, "msg"), _Line(steps, "send")
+        self.typical = self.recv.typical
         self.assumed = assumed
-        self.line = fit(pd.Series({b: self.typical[b] for b in sorted(self.typical)})) \
-            if self.typical else ASSUMED_MESSAGE
 
-    def seconds(self, st, nbytes: float, p: int = 2) -> float:
-        """Seconds of a message of `nbytes` in step st (p: the target's ranks; with one there
-        is no message, and nothing to assume)."""
+    def seconds(self, st, nbytes: float, p: int = 2) -> tuple[float, float]:
+        """(receiver's, sender's) seconds of a message of `nbytes` in step st (p: the target's
+        ranks; with one there is no message, and nothing to assume). Without sends measured,
+        the sender's is the receiver's."""
         if p > 1 and not self.typical:
             self.assumed.add(f"messages: none measured; assumed {ASSUMED_MESSAGE[0] * 1e6:.0f} "
                              f"µs + bytes / {1 / ASSUMED_MESSAGE[1] / 1e9:.0f} GB/s")
         elif p > 1 and len(self.typical) == 1 and nbytes not in self.typical:
             self.assumed.add(f"messages: time proportional to bytes (one size measured, "
                              f"{next(iter(self.typical))} B; predicted {nbytes:.0f} B)")
+        r = self.recv.seconds(st.msg, nbytes)
+        return r, (self.send.seconds(st.send or {}, nbytes) if self.send.typical else r)
+
+
+class _Line:
+    """c + k·bytes through the median over steps of each size's time (`field` of StepCosts),
+    times a step's own times over those medians."""
+
+    def __init__(self, steps: list, field: str):
+        per = {}
+        for st in steps:
+            for b, v in (getattr(st, field) or {}).items():
+                per.setdefault(b, []).append(v)
+        self.typical = {b: _median(v) for b, v in per.items()}
+        self.line = fit(pd.Series({b: self.typical[b] for b in sorted(self.typical)})) \
+            if self.typical else ASSUMED_MESSAGE
+
+    def seconds(self, mine: dict, nbytes: float) -> float:
         c, k = self.line
         base = max(0.0, c + k * nbytes)
-        have = [b for b in st.msg if b in self.typical and self.typical[b] > 0]
+        have = [b for b in mine if b in self.typical and self.typical[b] > 0]
         if not have:
             return base
-        return base * sum(st.msg[b] for b in have) / sum(self.typical[b] for b in have)
+        return base * sum(mine[b] for b in have) / sum(self.typical[b] for b in have)

@@ -44,12 +44,14 @@ class Prediction:
     idle: list                    # per rank, the median idle share
     peak_act_bytes: list          # per rank: bytes per microbatch x most microbatches in flight
     frame: pd.DataFrame           # rank, kind, mb, start, end (s) of the median step
-    latency_s: float              # seconds per message (median over steps)
+    latency_s: float              # seconds per message until its receive completes (median
+    #                               over steps; latency_send_s: until its send completes)
     protocol: str
     spread: tuple = (0.0, 0.0)    # 25th and 75th percentile of the replayed steps' spans
     p: int = 0
     split: list = field(default_factory=list)
     assumed: list = field(default_factory=list)   # what was not measured, one line each
+    latency_send_s: float = 0.0
 
 
 def target_of(cal: Calibration, schedule: str, m: int, batch: int | None = None,
@@ -115,7 +117,8 @@ def predict(cal: Calibration, schedule: str, m: int, batch: int | None = None,
         span = max(o.end for o in comp) - min(o.start for o in comp)
         busy = [sum(cost[r, a.kind, a.chunk][1] for a in acts if a.kind in KINDS)
                 for r, acts in enumerate(sched)]
-        runs.append((span, [(span - b) / span if span else 0.0 for b in busy], ops, lat))
+        runs.append((span, [(span - b) / span if span else 0.0 for b in busy], ops, lat[0],
+                     lat[1]))
     spans = np.array([x[0] for x in runs])
     mid = runs[int(np.argmin(np.abs(spans - np.median(spans))))]
     idle = [float(np.median([x[1][r] for x in runs])) for r in range(t.p)]
@@ -126,7 +129,7 @@ def predict(cal: Calibration, schedule: str, m: int, batch: int | None = None,
                       _peaks(cal, t, sched, stage_bytes), fr,
                       float(np.median([x[3] for x in runs])), proto,
                       (float(np.percentile(spans, 25)), float(np.percentile(spans, 75))),
-                      t.p, t.split, sorted(assumed))
+                      t.p, t.split, sorted(assumed), float(np.median([x[4] for x in runs])))
 
 
 def _message_bytes(cal: Calibration, t: Target) -> float:

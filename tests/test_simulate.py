@@ -87,6 +87,21 @@ def test_gap_delays_each_action_once_even_a_blocked_one():
         simulate(sched, gap=lambda r, a, prev: -1.0)
 
 
+def test_a_send_can_complete_later_than_its_receive():
+    """latency=(receiver's, sender's): under MPI a send completes when its receiver next makes
+    progress, which on a loaded host is long after the receive; the sender waits that long."""
+    sched = build("naive", 2, 1)
+    ops = simulate(sched, {"fwd": 1.0, "bwd": 2.0}, latency=(0.5, 2.0))
+    send = next(o for o in ops if o.kind == "send_act")
+    recv = next(o for o in ops if o.kind == "recv_act")
+    assert recv.end == pytest.approx(1.5) and send.end == pytest.approx(3.0)
+    # rank 1: fwd 1.5-2.5, bwd -4.5, its send of the gradient until 6.5; rank 0 receives it
+    # at 5.0 and ends its backward at 7.0
+    assert makespan(ops) == pytest.approx(7.0)
+    assert makespan(simulate(sched, {"fwd": 1.0, "bwd": 2.0}, latency=(0.5, 0.5))) == \
+        pytest.approx(makespan(simulate(sched, {"fwd": 1.0, "bwd": 2.0}, latency=0.5)))
+
+
 def test_overlap_hides_latency_in_gpipe():
     plain = makespan(simulate(build("gpipe", 4, 8), latency=0.5))
     ov = makespan(simulate(build("gpipe", 4, 8, overlap=True), latency=0.5))
