@@ -1,34 +1,36 @@
-"""Costs of a pipeline, calibrated from measured runs, as a function of the microbatch size.
+"""A pipeline's costs, calibrated from measured runs: what the what-if replays (analysis/predict.py).
 
-What the what-if (analysis/whatif.py) replays through harness.simulate. One `Calibration`
-holds, per rank (stage), everything the simulator needs for any schedule and microbatch count:
+The measured step time a user compares with is the median over the steady steps of the step's
+span (analysis.metrics). A prediction from mean action times predicts the mean step instead,
+and on a shared CPU, where a step now and then runs slow, the mean is the longer: calibrated
+on means, the what-if missed its own calibration runs by +6 to +10 % (issue 22; by +30 % on a
+loaded host). So the costs are kept per step: each kept steady step of the calibration run(s)
+is one `StepCosts`, the prediction replays every one of them through harness.simulate and
+takes the median, the same statistic as the measurement (analysis/predict.py).
 
-- compute: per action kind (fwd incl. the loss, bwd incl. the loss backward, opt incl. the
-  statistics "norms"; under split backward bwd_in incl. the loss backward, and bwd_w) and per
-  model chunk of the rank (pipeline.virtual; told apart by the layers meta.json's split gives
-  each global stage) the wall time of one action, first layer start to last layer end, as
-  a + b·rows (rows = samples per microbatch). With runs of two or more microbatch sizes, a
-  least-squares line through the medians of each size. With one run, a = the action's
-  interpreter time between its layer spans (wall - busy: hooks, Python; it does not grow with
-  rows) and b·rows = its layer spans (matmuls: proportional to rows). opt does not depend on rows.
-  `busy` is the same for the layer spans only (what the bubble counts as compute).
-- gap: the median time a rank spends between one event's end and the next compute action's
-  start (the executor's loop; fixed per action), and between a compute action's end and the
-  communication call that follows it.
-- messages: bytes per message as a line in rows (proportional with one microbatch size), and
-  seconds per message as c + k·bytes, fitted on the measured receive transfers
-  (recv end - max(recv block, send start)) of the steady steps, mean per size (a busy CPU gives
-  transfers a long tail that a step pays on average); with one message size in the
-  runs, k = median transfer / bytes (proportional). Only receives that were already blocked
-  when their send began count (when any were): a message that landed before its receive
-  blocked shows the receive only the end of its transfer, often nothing (1F1B's steady
-  state, the zero-bubble schedules' pre-posted receives).
-- activations: per microbatch, the bytes of the pebbles (saved tensors) of one microbatch split
-  into those whose leading dimension is the microbatch (they scale with rows) and the rest
-  (fixed, e.g. a 4-byte loss scale); meta.json's pebbles_theory bytes_per_microbatch when the
-  run has no pebbles (then all of it scales with rows).
-- protocol: "eager" if some measured send returned before its receive was posted (the MPI
-  library buffered it), else "rendezvous" (harness.simulate's conservative default).
+Per step (seconds; means over the step's actions, analysis/actions.py):
+- layer: per (layer, action kind) a block's busy time in one action: its spans (fwd; bwd; the
+  split backward's bwd_in per layer and bwd_w per chunk on the chunk's first layer; the loss is
+  layer L, in fwd and in bwd or bwd_in). Layer -1: a whole stage (per-layer tracing off).
+- extra: per (rank, chunk, kind) the action's wall time less its spans (the interpreter between
+  layers), and its spans' count; opt: per rank the optimizer step with its statistics.
+- gap: per (rank, previous action kind, action kind) the time between the two.
+- msg: per message size the transfer time, recv end - max(recv block, send start), of the
+  receives that were already blocked when their send began (when any were: a message that
+  landed before its receive blocked shows the receive only the end of its transfer); and
+  the sender's: send end - max(send post, recv post) (eager: send end - send post), of the
+  sends whose receive was posted first (when any were). A send
+  can complete well after its receive (the receiver acknowledges at its next MPI call): equal
+  on a quiet host (40-45 µs for 64 KiB), 75 µs against 1 ms at load 6, and the critical path
+  runs through the sender's next action (a replay with one time for both missed GPipe m=2 by
+  -12 %, with both by -3 %).
+A run of any length keeps at most KEEP steps, every `stride`-th steady step (the stride
+doubles as steps arrive), so the replay's cost and memory are bounded and chunks merge.
+
+Also, pooled over every steady step (what the summary reports): per (rank, kind, chunk) the
+mean wall and busy time as a + b·rows (`wall`, `busy`), message bytes, activation bytes per
+microbatch from each rank's first microbatch of pebbles, and the MPI protocol seen ("eager"
+if a send returned before its receive was posted).
 """
 from __future__ import annotations
 
@@ -38,30 +40,29 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from analysis.spill import Spill
-from analysis.stages import layer_chunk, placement
+from analysis.actions import action_gaps, action_times, layer_times, schedule_table
+from analysis.costs import RunFacts, StepCosts, fit
+from analysis.first import first_pebbles, merge_first
+from analysis.stages import placement
 from analysis.waits import recv_split, send_split
 from analysis.windows import steady
+from harness import schedule as S
 
 KINDS = ("fwd", "bwd", "opt", "bwd_in", "bwd_w")
-# event kind -> the schedule action it belongs to (the loss runs inside the last stage's fwd
-# and bwd actions, the statistics after opt)
-ACTION_OF = {"fwd": "fwd", "loss": None, "bwd": "bwd", "opt": "opt", "norms": "opt",
-             "bwd_in": "bwd_in", "bwd_w": "bwd_w"}
+KEEP = 32       # calibration steps replayed at most
 
 
 @dataclass
 class Calibration:
-    """Per-rank costs (seconds) as functions of rows per microbatch; see the module docstring."""
+    """Per-step costs of the calibration run(s) (module docstring) and pooled summaries."""
     p: int
     batch: int                      # samples per step in the calibration run(s)
     rows: list                      # rows per microbatch of each calibration run
-    wall: dict                      # (rank, kind) -> (a, b): a + b*rows seconds per action
-    #                                 of chunk 0; (rank, kind, chunk) for chunks 1, 2, ...
+    runs: list                      # RunFacts per calibration run
+    steps: list                     # StepCosts of the kept steps
+    wall: dict                      # (rank, kind[, chunk]) -> (a, b): a + b*rows s per action
     busy: dict                      # the same keys -> (a, b): the layer spans only
-    gap: dict                       # rank -> s before each compute action
-    gap_comm: dict                  # rank -> s from a compute action's end to a comm call
-    latency: tuple                  # (c, k): c + k*bytes seconds per message
+    latency: tuple                  # (c, k): c + k*bytes seconds per message (pooled)
     msg_bytes: tuple                # (fixed, per row): boundary message bytes
     act_fixed: list                 # per rank: activation bytes per microbatch, fixed part
     act_per_row: list               # per rank: ... bytes per row
@@ -72,12 +73,9 @@ class Calibration:
     chunk_share: dict = field(default_factory=dict)  # rank -> each chunk's share of its bytes
 
     def cost(self, table: str, rank: int, kind: str, rows: float, chunk: int = 0) -> float:
+        """Pooled mean seconds of one action (table wall or busy) at `rows` rows."""
         a, b = getattr(self, table).get((rank, kind) + ((chunk,) if chunk else ()), (0.0, 0.0))
         return a + b * (0.0 if kind == "opt" else rows)
-
-    def message_s(self, rows: float) -> float:
-        c, k = self.latency
-        return max(0.0, c + k * self.message_bytes(rows))
 
     def message_bytes(self, rows: float) -> float:
         return self.msg_bytes[0] + self.msg_bytes[1] * rows
@@ -86,108 +84,17 @@ class Calibration:
         return round(self.act_fixed[rank] + self.act_per_row[rank] * rows)
 
 
-def action_times(events: pd.DataFrame, steps, meta: dict | None = None) -> pd.DataFrame:
-    """One row per (rank, step, mb, chunk, kind) action of the given steps: wall (first start
-    to last end of its spans) and busy (sum of its spans), seconds. opt/norms have mb -1.
-    chunk: the rank's model chunk (from meta's split; 0 without meta or with one chunk)."""
-    kind = events["kind"]
-    codes, kinds = pd.factorize(kind)
-    # the action of each event kind, mapped once per distinct kind; the loss forward belongs
-    # to fwd, its backward is recorded as kind bwd (bwd_in) already. Grouped by the actions'
-    # codes in name order (so the rows come in the order grouping by name gives)
-    act = [ACTION_OF.get(k, "") or "fwd" if k in ACTION_OF else None for k in kinds]
-    names = sorted(set(a for a in act if a))
-    k_of = np.array([names.index(a) if a else -1 for a in act] + [-1], np.int64)
-    k = k_of[codes]                        # code -1 (an empty kind) takes the last slot
-    use = (k >= 0) & np.isin(events["step"].to_numpy(), np.asarray(list(steps)))
-    col = lambda c: events[c].to_numpy()[use]   # noqa: E731
-    rank, step, mb, k = col("rank"), col("step"), col("mb"), k[use]
-    start, end = col("start"), col("end")
-    chunk = layer_chunk(meta, col("layer")) if meta else np.zeros(len(rank), int)
-    cols = ["rank", "step", "mb", "chunk", "kind", "s", "e", "busy", "wall"]
-    if not len(rank):
-        return pd.DataFrame({c: [] for c in cols})
-    # one sort by (rank, step, mb, chunk, action), stable: groups in the order groupby gives
-    keys = (rank, step, mb, chunk, k)
-    order = np.lexsort(keys[::-1])
-    srt = [x[order] for x in keys]
-    first = np.flatnonzero(np.r_[True, np.any([x[1:] != x[:-1] for x in srt], axis=0)])
-    s_, e_, d_ = start[order], end[order], (end - start)[order]
-    out = pd.DataFrame({"rank": srt[0][first], "step": srt[1][first], "mb": srt[2][first],
-                        "chunk": srt[3][first],
-                        "kind": np.array(names, dtype=object)[srt[4][first]],
-                        "s": np.minimum.reduceat(s_, first), "e": np.maximum.reduceat(e_, first),
-                        "busy": np.add.reduceat(d_, first)})
-    out["wall"] = out["e"] - out["s"]
-    return out
-
-
-def gap_values(events: pd.DataFrame, acts: pd.DataFrame) -> dict:
-    """Per rank, before taking medians: (idle before each compute action after whatever ended
-    last on the rank, its action's step; time from a compute action's end to a communication
-    call posted right after it (nothing else in between), its call's step). A step's first
-    action follows the step's bookkeeping, not the schedule, and is left out.
-
-    events: the send and receive events (rank, lane, step, start, end); acts: action_times."""
-    out = {}
-    comm_all = events[events["lane"].isin(("send", "recv"))]
-    for r, a in acts.groupby("rank"):
-        a = a.sort_values("s")
-        comm = comm_all[comm_all["rank"] == r]
-        # every end on the rank, and whether it ended a compute action
-        ends = np.r_[a["e"].to_numpy(), comm["end"].to_numpy()]
-        is_comp = np.r_[np.ones(len(a), bool), np.zeros(len(comm), bool)]
-        o = np.argsort(ends, kind="stable")
-        ends, is_comp = ends[o], is_comp[o]
-        d, _ = _since_last_end(ends, is_comp, a["s"].to_numpy())
-        keep = a.duplicated(["step"]).to_numpy() & (d >= 0)
-        dc, after_comp = _since_last_end(ends, is_comp, comm["start"].to_numpy())
-        keep_c = after_comp & (dc >= 0)
-        out[int(r)] = (d[keep], a["step"].to_numpy()[keep], dc[keep_c],
-                       comm["step"].to_numpy()[keep_c])
-    return out
-
-
-def gaps(events: pd.DataFrame, acts: pd.DataFrame) -> tuple[dict, dict]:
-    """Per rank: the median of each of gap_values' two (0 without any)."""
-    g = gap_values(events, acts)
-    med = lambda x: float(np.median(x)) if len(x) else 0.0   # noqa: E731
-    return {r: med(v[0]) for r, v in g.items()}, {r: med(v[2]) for r, v in g.items()}
-
-
-def _since_last_end(ends, is_comp, t):
-    """(time since the latest of `ends` at or before each t, NaN if none; was that a compute
-    action's end). ends sorted."""
-    k = np.searchsorted(ends, t, "right") - 1
-    ok = k >= 0
-    kk = np.maximum(k, 0)
-    return np.where(ok, t - ends[kk], np.nan), ok & is_comp[kk]
-
-
-def _line(x, y, how: str = "mean") -> tuple[float, float]:
-    """(a, b) of y = a + b x through per-x means (or medians); through the origin for one x."""
-    df = pd.DataFrame({"x": x, "y": y}).groupby("x")["y"].agg(how)
-    return _fit(df)
-
-
-def _fit(df: pd.Series) -> tuple[float, float]:
-    """(a, b) through the per-x values of `df` (indexed by x); through the origin for one x."""
-    if len(df) == 1:
-        return 0.0, float(df.iloc[0] / df.index[0]) if df.index[0] else 0.0
-    b, a = np.polyfit(df.index.to_numpy(float), df.to_numpy(float), 1)
-    return float(a), float(b)
-
-
 class CalStats:
-    """One run's calibration statistics, added up a chunk of steps at a time (`add`), so that
-    a run of any length calibrates in the memory of a chunk. What calibrate() needs of the
-    steady steps: per (rank, chunk, kind) the count and sums of the actions' wall and busy
-    times (means), the gaps' values (medians: kept in a Spill), per message size the count and
-    sum of transfer times (means) and the message sizes' counts (their median), whether any
-    send was buffered, and the pebbles of each rank's first microbatch."""
+    """One run's calibration statistics, added up a chunk of steps at a time (`add`), so that a
+    run of any length calibrates in the memory of a chunk; `merge` joins two chunks' (in any
+    order). Pooled: per (rank, chunk, kind) the count and sums of wall and busy times, per
+    message size the count and sum of transfers, the message sizes' counts, whether any send
+    was buffered, the pebbles of each rank's first microbatch. Per kept step: its StepCosts."""
 
-    def __init__(self, meta: dict, path, spill, key: str = "cal"):
-        self.meta, self.path, self.spill, self.key = meta, str(path), spill, key
+    def __init__(self, meta: dict, path, spill=None, key: str = "cal"):
+        # spill: unused (kept for the callers' signature: every value kept here is a sum, a
+        # count or one of at most KEEP steps)
+        self.meta, self.path, self.key = meta, str(path), key
         self.p = int(meta.get("world_size") or 1)
         sch = meta.get("schedule") or {}
         self.rows = int((meta.get("model") or {}).get("batch_size") or 0) // int(
@@ -197,31 +104,35 @@ class CalStats:
         self.eager = self.any_whole = False
         self.first: dict = {}   # rank -> [its first step, {mb: (fixed bytes, bytes per row
         #                         times rows)} of that step, its lowest mb over the run]
+        self.stride, self.kept = 1, {}          # step -> StepCosts (every stride-th step)
+        self._table = None
+
+    def table(self) -> pd.DataFrame:
+        """The run's schedule as a table (analysis.actions.schedule_table), built once."""
+        if self._table is None:
+            sch = self.meta.get("schedule") or {}
+            pl = placement(self.meta)
+            sched = S.build(sch.get("name") or "naive", self.p, int(sch.get("microbatches") or 1),
+                            bool(sch.get("overlap")), virtual=pl.v)
+            self._table = schedule_table(sched)
+        return self._table
 
     def add(self, events, pebbles, steady, own, rs=None, ss=None) -> None:
         """The statistics of steps `own` (those of them that are steady) from frames that hold
-        them and their neighbours (a step's first gap follows the step before it). rs, ss:
-        waits.recv_split and send_split of (at least) those steps' events, if known."""
+        them. rs, ss: waits.recv_split and send_split of (at least) those steps' events, if
+        known."""
         steady, own = set(int(s) for s in steady), set(int(s) for s in own)
-        here = sorted(steady & set(int(s) for s in pd.unique(events["step"])))
-        mine = sorted(steady & own)
-        a = action_times(events, here, self.meta)
-        msg = (events["step"].isin(here) & events["lane"].isin(("send", "recv"))).to_numpy()
-        for r, (d, ds, dc, dcs) in gap_values(
-                events.loc[msg, ["rank", "lane", "step", "start", "end"]], a).items():
-            self.spill.add(f"{self.key}.gap.r{r}", d[np.isin(ds, mine)])
-            self.spill.add(f"{self.key}.gapc.r{r}", dc[np.isin(dcs, mine)])
-        a = a[a["step"].isin(mine)]
+        mine = sorted(steady & own & set(int(s) for s in pd.unique(events["step"])))
+        a = action_times(events, mine, self.meta)
         for (r, c, k), d in a.groupby(["rank", "chunk", "kind"]):
             acc = self.act.setdefault((int(r), int(c), k), [0, [], []])
             acc[0] += len(d)
             acc[1].append(float(d["wall"].sum()))
             acc[2].append(float(d["busy"].sum()))
+        msg = (events["step"].isin(mine) & events["lane"].isin(("send", "recv"))).to_numpy()
         if rs is None or ss is None:
-            mine_msg = (events["step"].isin(mine)
-                        & events["lane"].isin(("send", "recv"))).to_numpy()
-            ev = events.loc[mine_msg, ["rank", "step", "mb", "kind", "pair", "start", "end",
-                                       "tb", "peer", "bytes"]]
+            ev = events.loc[msg, ["rank", "step", "mb", "kind", "pair", "start", "end", "tb",
+                                  "peer", "bytes"]]
             rs, ss = recv_split(ev), send_split(ev)
         rs = rs[(rs["step"].isin(mine) & rs["matched"]).to_numpy()]
         ss = ss[ss["step"].isin(mine).to_numpy()]
@@ -230,46 +141,79 @@ class CalStats:
         else:                         # as a join on the pair id gives them (a row per match)
             rs = rs.drop(columns="bytes").merge(rs[["pair", "bytes"]], on="pair")
         whole = (rs["tb"].fillna(rs["start"]) <= rs["send_start"]).to_numpy()  # saw it all
-        self.any_whole |= bool(whole.any())
-        for name, sel in (("whole", whole), ("all", np.ones(len(rs), bool))):
-            m = rs[sel & (rs["bytes"] > 0).to_numpy()]
+        rs = rs.assign(whole=whole)[(rs["bytes"] > 0).to_numpy()]
+        self.any_whole |= bool(rs["whole"].any())
+        for name, m in (("whole", rs[rs["whole"]]), ("all", rs)):
             for b, t in m.groupby("bytes")["transfer"]:
                 acc = self.msg[name].setdefault(int(b), [0, []])
                 acc[0] += len(t)
                 acc[1].append(float(t.sum()))
         self.eager |= bool((ss["matched"] & (ss["end"] < ss["recv_start"])).any())
-        # each rank's first microbatch of pebbles: its first step, the run's lowest mb (only
-        # the rows of a rank whose first step could be here)
-        pst, prk = pebbles["step"].to_numpy(), pebbles["rank"].to_numpy()
-        own_rows = np.isin(pst, np.asarray(sorted(own)))
-        mine_rows = own_rows.copy()
-        for r, f in self.first.items():      # lowest mb: every row; the rest: earlier steps
-            mine_rows &= ~((prk == r) & (pst >= f[0]))
-        for r in np.unique(prk[own_rows & ~mine_rows]).tolist():
-            f = self.first[int(r)]
-            sel = own_rows & (prk == r)
-            lo_mb = int(pebbles["mb"].to_numpy()[sel].min())
-            f[2] = lo_mb if f[2] is None else min(f[2], lo_mb)
-        peb = pebbles[mine_rows]
-        for r, d in peb.groupby("rank"):
-            f = self.first.setdefault(int(r), [None, {}, None])
-            lo_mb = int(d["mb"].min())
-            f[2] = lo_mb if f[2] is None else min(f[2], lo_mb)
-            step = int(d["step"].min())
-            if f[0] is not None and f[0] <= step:
-                continue
-            one = d[d["step"] == step]
-            lead = one["shape"].astype(str).str.split("x").str[0]
-            scales = lead.eq(str(self.rows)).to_numpy()
-            b = one["bytes"].to_numpy(float)
-            mbs = one["mb"].to_numpy()
-            f[0], f[1] = step, {int(m): (float(b[(mbs == m) & ~scales].sum()),
-                                         float(b[(mbs == m) & scales].sum()))
-                                for m in np.unique(mbs)}
+        first_pebbles(self.first, pebbles, own, self.rows)
+        keep = self._room([s for s in mine if s % self.stride == 0])
+        if keep:
+            self._keep_steps(events, events.loc[msg], a, rs, ss, keep)
 
+    def _room(self, new: list) -> list:
+        """The steps of `new` to keep: the stride doubles until the kept ones and these fit
+        in KEEP (before any of their costs is computed)."""
+        while len(self.kept) + len(new) > KEEP:
+            self.stride *= 2
+            new = [s for s in new if s % self.stride == 0]
+            self._thin()
+        return new
+
+    def _keep_steps(self, events, comm, a, rs, ss, keep) -> None:
+        """StepCosts of the steps `keep` (module docstring)."""
+        a = a[a["step"].isin(keep)]
+        steps = {s: StepCosts(self.key, s, self.rows, {}, {}, {}, {}, {"whole": {}, "all": {}})
+                 for s in keep}
+        lt = layer_times(events, keep)
+        for s, layer, k, b, n in lt[["step", "layer", "kind", "busy", "n"]].itertuples(
+                index=False):
+            steps[s].layer[int(layer), k] = float(b / n)
+        comp = a[a["kind"] != "opt"].assign(x=a["wall"] - a["busy"])
+        for (s, r, c, k), x, n in comp.groupby(["step", "rank", "chunk", "kind"])[
+                ["x", "spans"]].mean().itertuples():
+            steps[s].extra[int(r), int(c), k] = (float(x), float(n))
+        for (s, r), w in a[a["kind"] == "opt"].groupby(["step", "rank"])["wall"].mean().items():
+            steps[s].opt[int(r)] = float(w)
+        rs = rs[rs["step"].isin(keep).to_numpy()]
+        for name, m in (("whole", rs[rs["whole"]]), ("all", rs)):
+            for (s, b), t in m.groupby(["step", "bytes"])["transfer"].mean().items():
+                steps[s].msg[name][int(b)] = float(t)
+        # the sender's side, as the simulator times it: until its send completed, from when
+        # both sides had posted (rendezvous), or from its own post (eager: the simulator's
+        # sender needs no receiver). Only sends that show it: blocked since before that
+        # moment (a wait entered later shows nothing), and of those the ones whose receive
+        # was posted first when there are any (a receive posted mid-transfer shortens what
+        # an eager sender shows)
+        ss = ss[(ss["step"].isin(keep) & ss["matched"] & (ss["bytes"] > 0)).to_numpy()]
+        tb = ss["tb"].fillna(ss["start"])
+        both = np.maximum(ss["start"], ss["recv_start"])
+        ss = ss.assign(both=ss["end"] - both, own=ss["end"] - ss["start"],
+                       shows=tb <= both, shows_own=tb <= ss["start"],
+                       first=ss["recv_start"] <= ss["start"])
+        for s, d in ss.groupby("step"):
+            for name, col, shows in (("send", "both", "shows"), ("send_eager", "own", "shows_own")):
+                d2 = d[d[shows]]
+                if name == "send" and d2["first"].any():
+                    d2 = d2[d2["first"]]
+                steps[s].msg[name] = {int(b): float(t) for b, t in
+                                      d2.groupby("bytes")[col].mean().items()}
+        g = action_gaps(comm[comm["step"].isin(keep).to_numpy()], a, self.table())
+        g = g.dropna(subset=["gap"])
+        for (s, r, p_, k), v in g.groupby(["step", "rank", "prev", "kind"])["gap"].mean().items():
+            steps[s].gap[int(r), p_, k] = float(v)
+        self.kept.update(steps)
+
+    def _thin(self) -> None:
+        while len(self.kept) > KEEP:
+            self.stride *= 2
+            self.kept = {s: c for s, c in self.kept.items() if s % self.stride == 0}
 
     def merge(self, other: "CalStats") -> None:
-        """Add another chunk's statistics of the same run (their values are in the spill)."""
+        """Add another chunk's statistics of the same run."""
         for key, acc in other.act.items():
             mine = self.act.setdefault(key, [0, [], []])
             mine[0] += acc[0]
@@ -282,11 +226,11 @@ class CalStats:
                 mine[1] += acc[1]
         self.eager |= other.eager
         self.any_whole |= other.any_whole
-        for r, (step, by_mb, lo_mb) in other.first.items():
-            f = self.first.setdefault(r, [None, {}, None])
-            f[2] = lo_mb if f[2] is None else min(f[2], lo_mb)
-            if f[0] is None or step < f[0]:
-                f[0], f[1] = step, by_mb
+        merge_first(self.first, other.first)
+        self.stride = max(self.stride, other.stride)
+        self.kept = {s: c for s, c in {**self.kept, **other.kept}.items()
+                     if s % self.stride == 0}
+        self._thin()
 
 
 def _mean(acc) -> float:
@@ -294,12 +238,11 @@ def _mean(acc) -> float:
 
 
 def calibrate(runs) -> Calibration:
-    """Calibrate from one or more loaded runs (analysis.load_run) of one model and world size;
-    only their steady steps are used (windows.steady: the first complete step is warm-up)."""
+    """Calibrate from one or more loaded runs (analysis.load_run) of one model; only their
+    steady steps are used (windows.steady: the first complete step is warm-up)."""
     stats = []
-    spill = Spill()
     for i, run in enumerate(runs):
-        s = CalStats(run.meta, run.path, spill, f"cal{i}")
+        s = CalStats(run.meta, run.path, None, f"cal{i}")
         steps = run.steps or sorted(run.events["step"].unique())
         s.add(run.events, run.pebbles, steady(steps)[1], pd.unique(run.events["step"]))
         stats.append(s)
@@ -308,39 +251,13 @@ def calibrate(runs) -> Calibration:
 
 def combine(stats: list) -> Calibration:
     """The Calibration of one or more runs' statistics (CalStats)."""
-    p = stats[0].p
-    if any(s.p != p for s in stats):
-        raise ValueError("calibration runs differ in world size: "
-                         + ", ".join(f"{s.path}: {s.p}" for s in stats))
+    first = stats[0]
+    p = first.p
     for s in stats:
         if s.rows <= 0:
             raise ValueError(f"{s.path}: meta.json has no model.batch_size")
     rows_of = [s.rows for s in stats]
-    # per (rank, kind, rows): the mean over the steady steps and microbatches (a step adds its
-    # actions up, so an occasional slow one counts; medians predicted 10-17 % short)
-    groups = {}
-    for s in stats:
-        for key, acc in s.act.items():
-            groups.setdefault(key, {}).setdefault(s.rows, []).append(acc)
-    wall, busy = {}, {}
-    for (r, c, k) in sorted(groups):
-        by_rows = groups[(r, c, k)]
-        mean = {x: ([sum(a[0] for a in accs), [v for a in accs for v in a[1]],
-                     [v for a in accs for v in a[2]]]) for x, accs in by_rows.items()}
-        key = (int(r), k) + ((int(c),) if c else ())
-        if k == "opt":
-            w = _mean_all(mean, 1)
-            b = _mean_all(mean, 2)
-            wall[key], busy[key] = (w, 0.0), (b, 0.0)
-        elif len(mean) > 1:
-            xs = sorted(mean)
-            wall[key] = _fit(pd.Series([_mean((mean[x][0], mean[x][1])) for x in xs], xs))
-            busy[key] = _fit(pd.Series([_mean((mean[x][0], mean[x][2])) for x in xs], xs))
-        else:  # one microbatch size: interpreter time fixed, layer spans proportional
-            (x, acc), = mean.items()
-            w, b = _mean((acc[0], acc[1])), _mean((acc[0], acc[2]))
-            wall[key] = (w - b, b / x)
-            busy[key] = (0.0, b / x)
+    wall, busy = _pooled_lines(stats)
     per_x, counts = {}, {}
     for s in stats:
         msg = s.msg["whole"] if s.any_whole else s.msg["all"]
@@ -350,10 +267,9 @@ def combine(stats: list) -> Calibration:
             per_x[b][1] += acc[1]
             counts.setdefault(s.rows, {}).setdefault(b, 0)
             counts[s.rows][b] += acc[0]
-    lat = _fit(pd.Series({b: _mean(per_x[b]) for b in sorted(per_x)})) if per_x else (0.0, 0.0)
-    mb = _fit(pd.Series({x: _median_of_counts(counts[x]) for x in sorted(counts)})) \
+    lat = fit(pd.Series({b: _mean(per_x[b]) for b in sorted(per_x)})) if per_x else (0.0, 0.0)
+    mb = fit(pd.Series({x: _median_of_counts(counts[x]) for x in sorted(counts)})) \
         if counts else (0.0, 0.0)
-    first = stats[0]
     theory = (first.meta.get("pebbles_theory") or {}).get("bytes_per_microbatch") or [0] * p
     fixed, per_row = [], []
     for r in range(p):
@@ -365,34 +281,54 @@ def combine(stats: list) -> Calibration:
         else:
             fixed.append(0.0)
             per_row.append(theory[r] / first.rows if r < len(theory) else 0.0)
-    notes = [f"calibrated on {len(stats)} run(s), rows per microbatch {sorted(set(rows_of))}"]
-    if len(set(rows_of)) == 1:
-        notes.append("one microbatch size: compute = fixed interpreter time + layer spans "
-                     "proportional to rows; message time proportional to bytes")
-
-    def gap(kind, r):
-        per = []
-        for s in stats:
-            m = s.spill.median(f"{s.key}.{kind}.r{r}")
-            per.append(0.0 if m != m else m)
-        return float(np.median(per))
+    eager = any(s.eager for s in stats)
+    steps = []
+    for s in stats:   # each run's steps, told apart by its any_whole choice of messages
+        for c in sorted(s.kept.values(), key=lambda c: c.step):
+            steps.append(c.with_messages("whole" if s.any_whole else "all",
+                                         "send_eager" if eager else "send"))
+    notes = [f"calibrated on {len(stats)} run(s) ({', '.join(s.path for s in stats)}), rows "
+             f"per microbatch {sorted(set(rows_of))}, {len(steps)} steady steps replayed"]
     meta = first.meta
     return Calibration(p=p, batch=int(meta["model"]["batch_size"]), rows=rows_of,
-                       wall=wall, busy=busy,
-                       gap={r: gap("gap", r) for r in range(p)},
-                       gap_comm={r: gap("gapc", r) for r in range(p)},
-                       latency=lat, msg_bytes=mb, act_fixed=fixed, act_per_row=per_row,
-                       protocol="eager" if any(s.eager for s in stats) else "rendezvous",
+                       runs=[RunFacts.of(s.meta, s.key) for s in stats], steps=steps,
+                       wall=wall, busy=busy, latency=lat, msg_bytes=mb, act_fixed=fixed,
+                       act_per_row=per_row,
+                       protocol="eager" if eager else "rendezvous",
                        notes=notes, virtual=placement(meta).v,
                        chunk_share=_chunk_share(meta, p),
                        blocks={r: int(hi - lo) for r, (lo, hi) in
                                enumerate(meta.get("split") or [])})
 
 
-def _mean_all(mean: dict, i: int) -> float:
-    """The mean over every rows size of the sums at position i (opt: one mean over all)."""
-    n = sum(v[0] for v in mean.values())
-    return math.fsum(x for v in mean.values() for x in v[i]) / n
+def _pooled_lines(stats) -> tuple[dict, dict]:
+    """Per (rank, kind[, chunk]) of the runs with the first run's world size: the pooled mean
+    wall and busy time per action as a + b·rows (a line through the means of two or more
+    microbatch sizes; with one, the interpreter time fixed and the spans proportional)."""
+    groups = {}
+    for s in stats:
+        if s.p != stats[0].p:
+            continue
+        for key, acc in s.act.items():
+            groups.setdefault(key, {}).setdefault(s.rows, []).append(acc)
+    wall, busy = {}, {}
+    for (r, c, k) in sorted(groups):
+        mean = {x: [sum(a[0] for a in accs), [v for a in accs for v in a[1]],
+                    [v for a in accs for v in a[2]]] for x, accs in groups[(r, c, k)].items()}
+        key = (int(r), k) + ((int(c),) if c else ())
+        if k == "opt":
+            n = sum(v[0] for v in mean.values())
+            wall[key] = (math.fsum(x for v in mean.values() for x in v[1]) / n, 0.0)
+            busy[key] = (math.fsum(x for v in mean.values() for x in v[2]) / n, 0.0)
+        elif len(mean) > 1:
+            xs = sorted(mean)
+            wall[key] = fit(pd.Series([_mean((mean[x][0], mean[x][1])) for x in xs], xs))
+            busy[key] = fit(pd.Series([_mean((mean[x][0], mean[x][2])) for x in xs], xs))
+        else:
+            (x, acc), = mean.items()
+            w, b = _mean((acc[0], acc[1])), _mean((acc[0], acc[2]))
+            wall[key], busy[key] = (w - b, b / x), (0.0, b / x)
+    return wall, busy
 
 
 def _median_of_counts(counts: dict) -> float:
@@ -416,3 +352,6 @@ def _chunk_share(meta: dict, p: int) -> dict:
         b = per[r] if r < len(per) and sum(per[r]) else [1] * v
         out[r] = [x / sum(b) for x in b]
     return out
+
+
+__all__ = ["Calibration", "CalStats", "KEEP", "KINDS", "action_times", "calibrate", "combine"]

@@ -1,17 +1,14 @@
-"""python -m analysis.whatif RUN [key=value ...] [--scale rank=R,kind=K,factor=F ...]
+"""python -m analysis.whatif RUN [key=value ...] [--scale rank=R,kind=K,factor=F ...] [--also RUN2]
 
-Predict what a measured run would cost with another schedule, microbatch count or a faster or
-slower stage: the run's costs are calibrated per stage, action kind and microbatch size
-(analysis/calibrate.py), the new schedule (harness.schedule.build) is replayed through
-harness.simulate with them, and the predicted step time, bubble and peak activations are printed
-beside the run's measured ones. The predicted timeline is drawn under the measured one
-(whatif-<what>.png) and the numbers written to whatif-<what>.json, in RUN/analysis by default.
-
-Keys: schedule (naive|gpipe|1f1b|interleaved|zb_h1|zbv: chunks per rank as in the run),
-pipeline.microbatches (or m), pipeline.overlap, data.batch_size. --scale multiplies the compute
-time of one stage (rank=all for every stage) and action kind (fwd, bwd, bwd_in, bwd_w, opt or
-all) by factor: 0.8 = 20 % faster. --also RUN2 calibrates on
-more runs of the same model (two microbatch sizes fit a + b·rows instead of assuming it).
+Predict what a measured run would cost with another schedule, microbatch count, split, world
+size, recomputation, or a faster or slower stage: the run's steady steps are calibrated
+(analysis/calibrate.py: per block and action kind, per transition between actions, per
+message), each is replayed through harness.simulate in the new configuration
+(analysis/predict.py), and the median of those predicted steps is printed beside the run's
+measured numbers with the bubble and the peak activations. The predicted timeline is drawn
+under the measured one (whatif-<what>.png) and the numbers written to whatif-<what>.json, in
+RUN/analysis by default. Everything the prediction had to assume rather than read from the
+given runs is printed under "assumed". Options and key=value overrides go in any order.
 Exit status: 0 done, 2 a bad argument or not a run (one line on stderr).
 """
 from __future__ import annotations
@@ -29,19 +26,43 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no screen
 import matplotlib.pyplot as plt  # noqa: E402
 
-from analysis import metrics, style  # noqa: E402
+from analysis import metrics, style, target  # noqa: E402
 from analysis.calibrate import KINDS, Calibration, calibrate  # noqa: E402
 from analysis.load import RunFormatError, load_run  # noqa: E402
 from analysis.pages import small_pages  # noqa: E402
 from analysis.plots.whatif import measured_and_predicted  # noqa: E402
 from analysis.predict import Prediction, Scale, predict  # noqa: E402
-from harness import schedule as S  # noqa: E402
 
 __all__ = ["main", "measured", "parse_scale", "parse_overrides", "predict", "Scale",
-           "Prediction", "table"]
+           "Prediction", "table", "what_if"]
 
-KEYS = {"schedule": "schedule", "pipeline.microbatches": "m", "m": "m",
-        "pipeline.overlap": "overlap", "data.batch_size": "batch"}
+KEYS = target.KEYS
+WHAT_IFS = """what-ifs (keys combine; options and keys in any order):
+  another microbatch count     python -m analysis.whatif RUN m=8
+  another schedule             python -m analysis.whatif RUN schedule=1f1b m=8
+  zero bubble (B and W split)  python -m analysis.whatif RUN schedule=zb_h1
+  chunks per rank              python -m analysis.whatif RUN schedule=interleaved pipeline.virtual=2
+  overlap on                   python -m analysis.whatif RUN pipeline.overlap=true
+  another split                python -m analysis.whatif RUN pipeline.split=[5,3]
+  split balanced by time       python -m analysis.whatif RUN pipeline.balance=time
+  more or fewer ranks          python -m analysis.whatif RUN ranks=4
+  a pipeline from one process  python -m analysis.whatif ONE_PROCESS_RUN ranks=2 schedule=gpipe m=4
+  recomputation (GPT)          python -m analysis.whatif RUN pipeline.recompute=full
+  another batch size           python -m analysis.whatif RUN data.batch_size=512
+  a faster or slower stage     python -m analysis.whatif RUN --scale rank=1,kind=fwd,factor=0.8
+  calibrate on more runs       python -m analysis.whatif RUN --also RUN2 schedule=gpipe
+
+keys: schedule (naive|gpipe|1f1b|interleaved|zb_h1|zbv|dualpipev), m or pipeline.microbatches,
+pipeline.overlap (true|false), pipeline.split ([blocks per stage]), pipeline.balance
+(params|time), pipeline.virtual (chunks per rank), ranks, pipeline.recompute (none|full|
+attention), data.batch_size. Defaults: the run's own. --scale multiplies the compute time of one
+stage (rank=all: every stage) and action kind (fwd, bwd, bwd_in, bwd_w, opt or all) by factor
+(0.8 = 20 % faster). --also RUN2 calibrates on more runs of the same model (two microbatch
+sizes fit a line in rows where the runs have no set-up block times).
+Other microbatch counts are scaled with each block's set-up times (meta.json
+ranks[r].block_times); another split, world size or recomputation takes the activation bytes
+from the harness's formulas for the built-in models (the MLP, the GPT).
+"""
 
 
 def measured(run) -> dict:
@@ -80,32 +101,9 @@ def parse_scale(text: str) -> Scale:
 
 
 def parse_overrides(items, meta: dict) -> dict:
-    """key=value list -> {schedule, m, overlap, batch}, defaults from the run's meta.json."""
-    sch = meta.get("schedule") or {}
-    out = {"schedule": sch.get("name") or "naive", "m": int(sch.get("microbatches") or 1),
-           "overlap": bool(sch.get("overlap")),
-           "batch": int((meta.get("model") or {}).get("batch_size") or 0)}
-    for it in items:
-        k, eq, v = it.partition("=")
-        if not eq or k not in KEYS:
-            raise ValueError(f"{it!r}: unknown key; allowed {', '.join(KEYS)} (key=value)")
-        field_ = KEYS[k]
-        if field_ == "schedule":
-            if v not in S.SCHEDULES:
-                raise ValueError(f"schedule={v!r}: allowed {', '.join(S.SCHEDULES)}")
-            out[field_] = v
-        elif field_ == "overlap":
-            if v.lower() not in ("true", "false"):
-                raise ValueError(f"{k}={v!r}: allowed true, false")
-            out[field_] = v.lower() == "true"
-        else:
-            if not v.isdigit() or int(v) < 1:
-                raise ValueError(f"{k}={v!r}: must be an integer >= 1")
-            out[field_] = int(v)
-    if out["batch"] % out["m"]:
-        raise ValueError(f"pipeline.microbatches={out['m']}: must divide "
-                         f"data.batch_size={out['batch']}")
-    return out
+    """key=value list -> the what-if's settings (analysis.target.parse), defaults from the
+    run's meta.json; ValueError naming the key and what is allowed."""
+    return target.parse(items, meta)
 
 
 def _slug(items, scales_text) -> str:
@@ -115,23 +113,55 @@ def _slug(items, scales_text) -> str:
     return "-".join(parts).replace("/", "_") or "same"
 
 
+def what_if(runs, items=(), scales=(), protocol: str | None = None
+            ) -> tuple[Calibration, Prediction]:
+    """Calibrate on `runs` (loaded; the first is the one asked about) and predict it with the
+    key=value `items` and Scales: the command line's work without its I/O."""
+    ov = parse_overrides(items, runs[0].meta)
+    cal = calibrate(runs)
+    assumed = set()
+    stages = ov["p"] * ov["virtual"]
+    split = target.bounds(ov, runs[0].meta, stages, cal.runs[0].curves, assumed)
+    cfg = target.run_config(runs[0].path, runs[0].meta)
+    before = (runs[0].meta.get("schedule") or {}).get("recompute") or "none"
+    share = target.recompute_share(cfg, before, ov["recompute"], assumed)
+    layout = (split != cal.runs[0].split or ov["p"] != cal.p or ov["virtual"] != cal.virtual
+              or ov["recompute"] != before)
+    sbytes = target.stage_bytes(cfg, split, ov["batch"] // ov["m"], ov["recompute"]) \
+        if layout else None
+    if layout and sbytes is None:
+        assumed.add("peak activations: not predicted (no formula for this model's bytes in "
+                    "another split or with recomputation)")
+    pred = predict(cal, ov["schedule"], ov["m"], ov["batch"], ov["overlap"], scales, protocol,
+                   ov["virtual"], ov["p"], split, sbytes, share)
+    pred.assumed = sorted(set(pred.assumed) | assumed)
+    return cal, pred
+
+
 def table(meas: dict, pred: Prediction, cal: Calibration) -> str:
-    ms = lambda x: "-" if x is None else f"{x * 1e3:.2f} ms"
-    mib = lambda x: "-" if x is None else f"{x / 2**20:.3f} MiB"
-    lines = [f"{'':<26}{'measured':>16}{'predicted':>16}",
+    ms = lambda x: "-" if x is None else f"{x * 1e3:.2f} ms"   # noqa: E731
+    mib = lambda x: "-" if x is None else f"{x / 2**20:.3f} MiB"   # noqa: E731
+    lines = [f"{'':<26}{'this run':>16}{'predicted':>16}",
              f"{'step time':<26}{ms(meas['step_s']):>16}{ms(pred.step_s):>16}",
              f"{'bubble':<26}{meas['bubble'] * 100:>15.1f}%{pred.bubble * 100:>15.1f}%"]
-    for r, (a, b) in enumerate(zip(meas["peak_act_bytes"], pred.peak_act_bytes)):
+    peaks = list(meas["peak_act_bytes"]) + [None] * (pred.p - len(meas["peak_act_bytes"]))
+    for r, (a, b) in enumerate(zip(peaks, pred.peak_act_bytes)):
         lines.append(f"{f'peak activations r{r}':<26}{mib(a):>16}{mib(b):>16}")
     lines.append(f"predicted: {pred.schedule}, m={pred.m} ({pred.rows} rows per microbatch), "
-                 f"overlap={pred.overlap}, {pred.protocol} messages of "
-                 f"{pred.latency_s * 1e6:.0f} µs")
-    return "\n".join(lines + cal.notes)
+                 f"{pred.p} ranks, split {[list(b) for b in pred.split]}, overlap={pred.overlap}, "
+                 f"{pred.protocol} messages of {pred.latency_s * 1e6:.0f} µs; the calibration "
+                 f"steps replayed gave {pred.spread[0] * 1e3:.2f}-{pred.spread[1] * 1e3:.2f} ms "
+                 f"(25-75 %)")
+    lines += cal.notes
+    lines.append("assumed (not measured in the given runs):" if pred.assumed else
+                 "assumed: nothing (every quantity was measured in the given runs)")
+    lines += [f"  - {x}" for x in pred.assumed]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m analysis.whatif",
-                                 description=__doc__.split("\n\n")[1],
+                                 description=__doc__.split("\n\n")[1], epilog=WHAT_IFS,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", help="measured run directory")
     ap.add_argument("overrides", nargs="*", help="key=value: " + ", ".join(KEYS))
@@ -143,7 +173,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="output folder (default RUN/analysis)")
     ap.add_argument("--format", default="png", help="figure formats, comma-separated")
     ap.add_argument("--json", action="store_true", help="print the prediction as JSON")
-    a = ap.parse_args(argv)
+    a = ap.parse_intermixed_args(argv)   # RUN --also RUN2 schedule=gpipe: any order
     small_pages()
 
     def fail(msg):
@@ -157,14 +187,12 @@ def main(argv=None) -> int:
         return fail(e)
     if any(r.events.empty for r in runs):
         return fail(f"{a.run}: no events to calibrate on")
-    p = runs[0].world_size
     for s in scales:
-        if s.rank is not None and not 0 <= s.rank < p:
-            return fail(f"--scale rank={s.rank}: no such rank in a run of {p} ranks")
+        if s.rank is not None and not 0 <= s.rank < ov["p"]:
+            return fail(f"--scale rank={s.rank}: no such rank in a pipeline of {ov['p']} ranks")
     try:
-        cal = calibrate(runs)
-        pred = predict(cal, ov["schedule"], ov["m"], ov["batch"], ov["overlap"], scales,
-                       None if a.protocol == "auto" else a.protocol)
+        cal, pred = what_if(runs, a.overrides, scales,
+                            None if a.protocol == "auto" else a.protocol)
     except ValueError as e:
         return fail(e)
     meas = measured(runs[0])
@@ -175,10 +203,12 @@ def main(argv=None) -> int:
     res = {"run": str(runs[0].path), "also": a.also, "overrides": a.overrides, "scale": a.scale,
            "measured": {k: v for k, v in meas.items() if k != "steady"},
            "predicted": {"schedule": pred.schedule, "microbatches": pred.m, "rows": pred.rows,
-                         "overlap": pred.overlap, "step_s": pred.step_s, "bubble": pred.bubble,
+                         "ranks": pred.p, "split": [list(b) for b in pred.split],
+                         "overlap": pred.overlap, "step_s": pred.step_s,
+                         "step_s_25_75": list(pred.spread), "bubble": pred.bubble,
                          "idle_per_rank": pred.idle, "peak_act_bytes": pred.peak_act_bytes,
                          "latency_s": pred.latency_s, "protocol": pred.protocol},
-           "notes": cal.notes}
+           "assumed": pred.assumed, "notes": cal.notes}
     (out / f"{name}.json").write_text(json.dumps(res, indent=1))
     if a.json:
         print(json.dumps(res["predicted"]))

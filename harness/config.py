@@ -116,6 +116,10 @@ class TraceCfg:
     per_layer: bool = doc("one span and pebble attribution per layer (else per stage)", True)
     sample_interval_ms: float = doc("memory sampling interval of the background thread", 10.0)
     clock_exchanges: int = doc("ping-pong exchanges per rank for clock-offset estimation", 10)
+    block_times: bool = doc("time each block's forward and backward alone at set-up, at the "
+                            "microbatch sizes of m = 1, 2, 4, 8, 16 and the run's own "
+                            "(meta.json ranks[r].block_times): what analysis.whatif predicts "
+                            "other microbatch counts, splits and split backward from", True)
     kineto: str = doc("START:END: record a torch.profiler (Kineto) trace on every rank for steps "
                       "START..END (inclusive) into trace/kineto.r<R>.json; the analysis merges "
                       "it into trace.json. Empty = off", "")

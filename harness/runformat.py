@@ -34,6 +34,16 @@ TRACE_TYPES = {
     "memory": {"t": "int64", "source": "dict", "bytes": "int64"},
 }
 # per-rank stats (ranks/stats.r<R>.csv) and their merge (stats.csv)
+# meta.json ranks[r].block_times: the microbatch sizes each block is timed at, batch / f
+BLOCK_TIME_FRACTIONS = (1, 2, 4, 8, 16)   # the sizes of m = 1, 2, 4, 8, 16
+
+
+def block_time_rows(batch: int, mb_rows: int) -> list[int]:
+    """The microbatch sizes timed at set-up: batch/f for each f in BLOCK_TIME_FRACTIONS (at
+    least 1 row) and the run's own microbatch size, ascending."""
+    return sorted({max(1, batch // f) for f in BLOCK_TIME_FRACTIONS} | {mb_rows})
+
+
 STATS_COLS = ("step", "rank", "loss", "grad_norm", "update_norm", "step_time")
 
 # the lane (row of the timeline) of each event kind

@@ -131,7 +131,8 @@ def pipeline_frames(p=2, m=1, schedule="naive", steps=3, layers_per_stage=2, *,
                     t_fwd=1 * MS, t_bwd=2 * MS, t_loss=MS // 2, t_opt=MS // 2, xfer=MS // 10,
                     act_bytes=4096, step_gap=MS, sample_ns=MS, rss_base=100 << 20,
                     overlap=False, scale_rows=False, batch=32, virtual=1,
-                    t_bwd_in=None, t_bwd_w=None, continuous=False, slow=None) -> dict:
+                    t_bwd_in=None, t_bwd_w=None, continuous=False, slow=None,
+                    per_row=None, gaps=None, block_times=False) -> dict:
     """Play `schedule` for `steps` steps; return frames in true time (ns) plus meta and schedule.
 
     Each step is one `harness.simulate` run (eager messages, latency `xfer`, communication calls
@@ -153,10 +154,19 @@ def pipeline_frames(p=2, m=1, schedule="naive", steps=3, layers_per_stage=2, *,
     rows = batch // m
     t_bwd_in = t_bwd // 2 if t_bwd_in is None else t_bwd_in
     t_bwd_w = t_bwd - t_bwd // 2 if t_bwd_w is None else t_bwd_w
+    given = {FWD: t_fwd, BWD: t_bwd, BWD_IN: t_bwd_in, BWD_W: t_bwd_w, "loss": t_loss}
+
+    def layer_ns(kind, x):          # one layer's (or the loss's) cost at x rows
+        t = given[kind] * x // batch if scale_rows else given[kind]
+        return t + (per_row or {}).get(kind, 0) * x
     if scale_rows:
         t_fwd, t_bwd, t_bwd_in, t_bwd_w, t_loss, xfer, act_bytes = (
             x // m for x in (t_fwd, t_bwd, t_bwd_in, t_bwd_w, t_loss, xfer, act_bytes))
     shape = f"{rows}x{act_bytes // 4 // rows}" if scale_rows else f"{act_bytes // 4}"
+    per_row = per_row or {}
+    t_fwd, t_bwd, t_bwd_in, t_bwd_w, t_loss = (
+        t + per_row.get(k, 0) * rows for t, k in ((t_fwd, FWD), (t_bwd, BWD), (t_bwd_in, BWD_IN),
+                                                 (t_bwd_w, BWD_W), (t_loss, "loss")))
     per_layer = {FWD: t_fwd, BWD: t_bwd, BWD_IN: t_bwd_in, BWD_W: t_bwd_w}
 
     def last(r, a):       # does this action's chunk hold the loss (the last global stage)?
@@ -170,9 +180,11 @@ def pipeline_frames(p=2, m=1, schedule="naive", steps=3, layers_per_stage=2, *,
         loss = t_loss if last(r, a) and a.kind in (FWD, BWD, BWD_IN) else 0
         return layers_per_stage * per_layer[a.kind] + loss
 
-    ops = simulate(sched, cost, latency=xfer, protocol="eager")
+    gap = None if gaps is None else (lambda r, a, prev: 0 if prev is None else (
+        gaps if not isinstance(gaps, dict) else gaps.get((prev.kind, a.kind), 0)))
+    ops = simulate(sched, cost, latency=xfer, protocol="eager", gap=gap)
     if continuous:
-        per_step = _continuous(sched, pl, steps, m, cost, xfer)
+        per_step = _continuous(sched, pl, steps, m, cost, xfer, gap)
     ev, peb = [], []
     clock = [BASE_NS] * p
     for step in range(steps):
@@ -263,11 +275,27 @@ def pipeline_frames(p=2, m=1, schedule="naive", steps=3, layers_per_stage=2, *,
     meta = make_meta(p, layers_per_stage, schedule, m, theory=theory, batch=batch,
                      virtual=pl.v, placement=pl.style)
     meta["schedule"]["overlap"] = overlap
+    if block_times:
+        xs = F.block_time_rows(batch, rows)
+        for r in range(p):
+            chunks = []
+            for c in range(pl.v):
+                g = pl.stage(r, c)
+                top = g == pl.stages - 1
+                idx = list(range(g * layers_per_stage, (g + 1) * layers_per_stage)) + [L] * top
+                kinds = [FWD] * layers_per_stage + ["loss"] * top
+                t = lambda k, x: layer_ns(k, x) / 1e9   # noqa: E731
+                chunks.append({"blocks": idx,
+                               "fwd": [[t(k, x) for x in xs] for k in kinds],
+                               "bwd": [[t(BWD if k == FWD else k, x) for x in xs] for k in kinds],
+                               "bwd_in": [t(BWD_IN if k == FWD else k, rows) for k in kinds],
+                               "bwd_w": [t(BWD_W, rows) if k == FWD else 0.0 for k in kinds]})
+            meta["ranks"][r]["block_times"] = {"rows": xs, "repeats": 1, "chunks": chunks}
     return {"events": events, "pebbles": pebbles, "memory": pd.concat(mem, ignore_index=True),
             "stats": stats, "meta": meta, "schedule": to_json(sched, schedule, m, overlap)}
 
 
-def _continuous(sched, pl, steps: int, m: int, cost, xfer) -> list:
+def _continuous(sched, pl, steps: int, m: int, cost, xfer, gap=None) -> list:
     """`steps` copies of the schedule run back to back on each rank (microbatch k of step s
     simulated as s*m + k), as one harness.simulate run -> per step, its actions (PlannedOp,
     times since the first step's start) with their microbatches of the step."""
@@ -276,7 +304,7 @@ def _continuous(sched, pl, steps: int, m: int, cost, xfer) -> list:
                          for k in range(steps) for a in acts] for acts in sched], pl)
     out = [[] for _ in range(steps)]
     opts = {}
-    for o in _run(multi, _cost(cost), float(xfer), True):
+    for o in _run(multi, _cost(cost), float(xfer), True, gap):
         if o.mb >= 0:
             k, mb = divmod(o.mb, m)
         else:                                  # a rank's k-th opt ends its step k

@@ -27,6 +27,7 @@ from .models.digest import METHOD, first_difference
 from .ops import debug_knobs, malloc
 from .ops.watchdog import Watchdog
 from .runformat import weights_file
+from .trace import blocktime
 from .trace import clock as tclock
 from .trace import open_trace
 from .trace.kineto import KinetoWindow
@@ -69,6 +70,13 @@ class Worker:
         check_boundaries(st)
         st.info["digests"] = digest_record(st, self.model)
         layers = st.layers.to(device)
+        pl = schedule.placement
+        # the blocks' own cost at several microbatch sizes (what the what-if scales with),
+        # timed before the test knobs slow them down
+        self.block_times = blocktime.measure(
+            st, [pl.stage(rank, c) for c in range(pl.v)], pl.stages - 1, cfg.data.batch_size,
+            self.mb_rows, device, lambda: stage.autocast(cfg, device.type)) \
+            if cfg.trace.enabled and cfg.trace.block_times else None
         debug_knobs.apply(cfg.debug, rank, layers)  # test knobs (debug.slow_*), no-op by default
         opt = torch.optim.SGD(layers.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum)
 
@@ -104,7 +112,8 @@ class Worker:
             "local_dir": str(base) if cfg.run.local_dir else None,
             # the test knob's parameters, so a test can compute the true offset it injected
             "clock_knob": ({"offset_ns": self.clock.skew_ns, "drift_ppm": d.clock_drift_ppm,
-                            "origin_ns": self.clock.origin} if skewed else None)}
+                            "origin_ns": self.clock.origin} if skewed else None),
+            "block_times": self.block_times}
         self.summary = (f"rank {rank}/{size} on {self.info['host']} pid {self.info['pid']}: "
                         f"{device}, {threads} threads, layers "
                         f"{' '.join(f'{a}..{b - 1}' for a, b in st.chunks)}, "

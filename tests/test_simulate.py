@@ -67,6 +67,41 @@ def test_callable_durations_and_latency():
     assert recv.end == send.end == pytest.approx(1.5)  # rendezvous: both sides end together
 
 
+def test_gap_delays_each_action_once_even_a_blocked_one():
+    """A gap is the executor's own time before an action: a communication call is posted
+    only after it, and a call that blocks pays it once, not again when it resumes."""
+    sched = build("naive", 2, 1)
+    gaps = {("fwd", "send_act"): 0.25, ("recv_act", "fwd"): 0.125}
+
+    def gap(r, a, prev):
+        return gaps.get((prev.kind, a.kind), 0.0) if prev else 0.0
+    ops = simulate(sched, {"fwd": 1.0, "bwd": 2.0}, latency=0.5, gap=gap)
+    send = next(o for o in ops if o.kind == "send_act")
+    recv = next(o for o in ops if o.kind == "recv_act")
+    assert send.start == pytest.approx(1.25) and recv.end == pytest.approx(1.75)
+    fwd1 = next(o for o in ops if o.kind == "fwd" and o.rank == 1)
+    assert fwd1.start == pytest.approx(1.875)      # once, after the receive that blocked
+    # fwd 1 + gap .25 + message .5 + gap .125 + fwd 1 + bwd 2 + message .5 + bwd 2
+    assert makespan(ops) == pytest.approx(7.375)
+    with pytest.raises(ValueError, match="negative gap"):
+        simulate(sched, gap=lambda r, a, prev: -1.0)
+
+
+def test_a_send_can_complete_later_than_its_receive():
+    """latency=(receiver's, sender's): under MPI a send completes when its receiver next makes
+    progress, which on a loaded host is long after the receive; the sender waits that long."""
+    sched = build("naive", 2, 1)
+    ops = simulate(sched, {"fwd": 1.0, "bwd": 2.0}, latency=(0.5, 2.0))
+    send = next(o for o in ops if o.kind == "send_act")
+    recv = next(o for o in ops if o.kind == "recv_act")
+    assert recv.end == pytest.approx(1.5) and send.end == pytest.approx(3.0)
+    # rank 1: fwd 1.5-2.5, bwd -4.5, its send of the gradient until 6.5; rank 0 receives it
+    # at 5.0 and ends its backward at 7.0
+    assert makespan(ops) == pytest.approx(7.0)
+    assert makespan(simulate(sched, {"fwd": 1.0, "bwd": 2.0}, latency=(0.5, 0.5))) == \
+        pytest.approx(makespan(simulate(sched, {"fwd": 1.0, "bwd": 2.0}, latency=0.5)))
+
+
 def test_overlap_hides_latency_in_gpipe():
     plain = makespan(simulate(build("gpipe", 4, 8), latency=0.5))
     ov = makespan(simulate(build("gpipe", 4, 8, overlap=True), latency=0.5))

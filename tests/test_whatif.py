@@ -132,3 +132,46 @@ def test_accuracy_noise_lines_from_plain_numbers():
     # one-microbatch medians 40 and 38 ms: mean 39, farthest 1 ms away = 2.6 %
     assert "naive-1 40.0 ms" in same and "gpipe-1 38.0 ms" in same and "±2.6 %" in same
     assert noise({"slow": [0.1]}) == []
+
+
+def test_cli_takes_options_and_keys_in_any_order(tmp_path, capsys):
+    # `RUN --also RUN2 schedule=gpipe` was "unrecognized arguments" (argparse's positionals
+    # after an option); now any order, and both runs calibrate
+    a = make_run(tmp_path / "a", schedule="gpipe", m=2, steps=3, scale_rows=True)
+    b = make_run(tmp_path / "b", schedule="gpipe", m=4, steps=3, scale_rows=True)
+    out = tmp_path / "out"
+    assert main([str(a), "--also", str(b), "schedule=gpipe", "--out", str(out), "m=8",
+                 "--scale", "rank=0,factor=1", "--json"]) == 0
+    text = capsys.readouterr().out
+    assert "calibrated on 2 run(s)" in text and "predicted: gpipe, m=8" in text
+
+
+def test_cli_prints_what_it_assumed(tmp_path, capsys):
+    # one run without set-up block times: another m assumes compute proportional to rows
+    run = make_run(tmp_path / "r", schedule="gpipe", m=2, steps=3)
+    assert main([str(run), "m=4", "--out", str(tmp_path / "o")]) == 0
+    text = capsys.readouterr().out
+    assert "assumed (not measured in the given runs):" in text
+    assert "proportional to rows" in text
+    capsys.readouterr()
+    assert main([str(run), "--out", str(tmp_path / "o")]) == 0   # its own configuration
+    assert "assumed: nothing" in capsys.readouterr().out
+
+
+def test_help_lists_every_what_if_with_an_example(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for example in ("m=8", "schedule=zb_h1", "pipeline.overlap=true", "pipeline.split=[5,3]",
+                    "pipeline.balance=time", "ranks=2 schedule=gpipe m=4",
+                    "pipeline.recompute=full", "--scale rank=1", "--also RUN2 schedule=gpipe",
+                    "data.batch_size=512", "schedule=interleaved"):
+        assert f"python -m analysis.whatif " in text and example in text, example
+
+
+def test_accuracy_prints_signed_errors_their_median_and_signs():
+    from benchmarks.whatif_accuracy import signed_summary
+    line = signed_summary({"gpipe-4": 0.02, "1f1b-8": -0.01, "naive-1": 0.04})
+    assert "gpipe-4 +2.0 1f1b-8 -1.0 naive-1 +4.0" in line
+    assert "median +2.0 %" in line and "2 too long, 1 too short" in line
+    assert "median |error| 2.0 %" in line

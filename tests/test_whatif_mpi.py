@@ -10,7 +10,7 @@ from helpers import REPO, SMALL, ok, run_harness
 
 
 def test_whatif_cli_on_a_real_run(tmp_path):
-    d = ok(run_harness(2, *SMALL, "schedule=gpipe", "pipeline.microbatches=2", "train.steps=4",
+    d = ok(run_harness(2, *SMALL, "schedule=gpipe", "pipeline.microbatches=2", "train.steps=6",
                        f"run.dir={tmp_path / 'run'}"))
     env = dict(os.environ, PYTHONPATH=str(REPO))
 
@@ -22,9 +22,13 @@ def test_whatif_cli_on_a_real_run(tmp_path):
     same = whatif()
     assert same.returncode == 0, same.stderr
     res = json.loads(next((tmp_path / "out").glob("whatif-same.json")).read_text())
-    # the run's own configuration: peak activations exactly what the run measured
+    # the run's own configuration: peak activations exactly what the run measured, and the
+    # step (the median of its steady steps replayed) within the measured steps' range
     assert res["predicted"]["peak_act_bytes"] == [int(x) for x in res["measured"]["peak_act_bytes"]]
     assert res["predicted"]["step_s"] > 0 and 0 <= res["predicted"]["bubble"] < 1
+    spans = _steady_spans(d)
+    assert min(spans) <= res["predicted"]["step_s"] <= max(spans), (spans, res["predicted"])
+    assert res["assumed"] == [], res["assumed"]
     other = whatif("schedule=1f1b", "m=4", "--scale", "rank=0,kind=bwd,factor=1.5")
     assert other.returncode == 0, other.stderr
     pred = json.loads(other.stdout.strip().splitlines()[-2])
@@ -35,3 +39,16 @@ def test_whatif_cli_on_a_real_run(tmp_path):
     assert list((tmp_path / "out").glob("whatif-schedule=1f1b-m=4-*.png"))
     bad = whatif("m=5")
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
+    # another microbatch count from this one run: compute scaled by the set-up block times
+    # (meta.json ranks[r].block_times), nothing assumed about it
+    m8 = whatif("m=8")
+    assert m8.returncode == 0, m8.stderr
+    assert "proportional to rows" not in m8.stdout and "assumed" in m8.stdout
+
+
+def _steady_spans(d) -> list:
+    """The run's steady steps' spans (s), as analysis.metrics measures them."""
+    from analysis import load_run, metrics
+    run = load_run(d)
+    s = metrics.summarize(run.events, run.pebbles, run.memory, run.meta, run.steps)
+    return [r["span"] for r in s["per_step"] if r["step"] in s["steps"]["steady"]]

@@ -12,16 +12,19 @@ from analysis.plots.timeline import LANE_GAP, _lanes, timeline
 
 
 def predicted_lanes(ax, frame, scale: float, unit: str, title: str):
-    """Per rank a compute lane (fwd, bwd, opt) and a communication lane (blocking calls and
-    waits, from post to done) of a simulated step (harness.simulate ops, seconds)."""
+    """Per rank a compute lane (fwd, bwd, opt; a split backward's B and W in bwd's colour, W
+    lighter) and a communication lane (blocking calls and waits, from post to done) of a
+    simulated step (harness.simulate ops, seconds)."""
     kinds = frame["kind"].astype(str)
     yc = frame["rank"].to_numpy() * LANE_GAP
     x0, x1 = frame["start"].to_numpy() * scale, frame["end"].to_numpy() * scale
-    for kind in ("fwd", "bwd", "opt"):
+    compute = ("fwd", "bwd", "bwd_in", "bwd_w", "opt")
+    for kind in compute:
         k = (kinds == kind).to_numpy()
         add_boxes(ax, x0[k], x1[k], yc[k] - 0.4, yc[k] + 0.4, gid=f"predicted-{kind}",
-                  facecolor=style.KIND[kind], edgecolor="white", linewidth=0.2)
-    comm = ~kinds.isin(("fwd", "bwd", "opt")).to_numpy() & (x1 > x0)
+                  facecolor=style.KIND.get(kind, style.KIND["bwd"]), edgecolor="white",
+                  linewidth=0.2, alpha=0.6 if kind == "bwd_w" else 1.0)
+    comm = ~kinds.isin(compute).to_numpy() & (x1 > x0)
     send = comm & kinds.str.contains("send").to_numpy()
     recv = comm & ~send
     add_boxes(ax, x0[send], x1[send], yc[send] + 0.6, yc[send] + 1, gid="predicted-send",
@@ -40,7 +43,7 @@ def measured_and_predicted(events, steps, frame, title: str, fig=None,
     ev = events[events["step"].isin(steps) & (events["lane"] != "step")]
     win = step_windows(ev)
     m_span = float(ev["end"].max() - win["start"].min())
-    comp = frame["kind"].isin(("fwd", "bwd", "opt"))
+    comp = frame["kind"].isin(("fwd", "bwd", "bwd_in", "bwd_w", "opt"))
     t0 = float(frame.loc[comp, "start"].min())
     fr = frame.assign(start=frame["start"] - t0, end=frame["end"] - t0)
     fr = fr[fr["end"] > 0].assign(start=lambda d: np.maximum(d["start"], 0.0))

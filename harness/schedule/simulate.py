@@ -166,9 +166,12 @@ class _Msg:
         self.post = {"send": None, "recv": None}
 
 
-def _run(sched, cost, latency: float, eager: bool = False) -> list:
-    """Execute every rank's list against the message model; raise DeadlockError if stuck."""
+def _run(sched, cost, latency, eager: bool = False, gap=None) -> list:
+    """Execute every rank's list against the message model; raise DeadlockError if stuck.
+    latency: seconds, or (receiver's, sender's) seconds; gap(rank, Action, previous Action or
+    None): local time before the action starts."""
     p = len(sched)
+    lat_recv, lat_send = (latency, latency) if not isinstance(latency, tuple) else latency
     pl = placement_of(sched)
     msgs, count = {}, {}     # (stream, mb, src, dst, chunk) -> [_Msg]; (key, side) -> posts so far
     pc, t = [0] * p, [0.0] * p
@@ -189,9 +192,16 @@ def _run(sched, cost, latency: float, eager: bool = False) -> list:
         return box[n], side
 
     blocked = [None] * p           # (msg, side) a rank registered for its current blocking call
+    gapped = [False] * p           # the rank's current action has had its gap already
 
     def step(r) -> bool:
         a = sched[r][pc[r]]
+        if gap is not None and not gapped[r]:   # once, not again after being blocked
+            g = gap(r, a, sched[r][pc[r] - 1] if pc[r] else None)
+            if g < 0:
+                raise ValueError(f"gap: rank {r} {a!r} has negative gap {g}")
+            t[r] += g
+            gapped[r] = True
         d = cost(r, a)
         if d < 0:
             raise ValueError(f"durations: rank {r} {a!r} has negative duration {d}")
@@ -209,19 +219,21 @@ def _run(sched, cost, latency: float, eager: bool = False) -> list:
                 else:
                     side = role[len("wait_"):]
                     msg = mine[r][COMM[a.kind][0], side, a.chunk, a.mb][0]
+                lat = lat_send if side == "send" else lat_recv
                 if eager and side == "send":    # the message leaves without its receiver
-                    end = max(end, msg.post["send"] + latency)
+                    end = max(end, msg.post["send"] + lat)
                 else:
                     other = msg.post["recv" if side == "send" else "send"]
                     if other is None:
                         return False
-                    end = max(end, max(msg.post.values()) + latency)
+                    end = max(end, max(msg.post.values()) + lat)
                 blocked[r] = None
                 if role.startswith("wait"):
                     mine[r][COMM[a.kind][0], side, a.chunk, a.mb].pop(0)
         ops.append(PlannedOp(r, a.kind, a.mb, t[r], end, a.chunk))
         t[r] = end
         pc[r] += 1
+        gapped[r] = False
         return True
 
     progress = True
@@ -251,20 +263,28 @@ def check(sched) -> None:
     _run(sched, _cost(None), 0.0)
 
 
-def simulate(sched, durations=None, latency: float = 0.0, protocol: str = "rendezvous") -> list:
+def simulate(sched, durations=None, latency: float = 0.0, protocol: str = "rendezvous",
+             gap=None) -> list:
     """The planned timeline: one PlannedOp per action, sorted by rank then start time.
 
     durations: None for unit costs (fwd 1, bwd 2, bwd_in 1, bwd_w 1, opt 0, communication
     calls 0); a dict
     kind -> seconds (needs fwd and bwd; other kinds default to 0); or a callable
     (rank, Action) -> seconds, e.g. measured per-op medians. Communication durations are the
-    local cost of the call; the wire time of every message is `latency`. protocol: "rendezvous"
+    local cost of the call; the wire time of every message is `latency`, or a pair (seconds
+    until the receive completes, until the send completes): under MPI a send can complete
+    later than its receive (the receiver acknowledges at its next MPI call; on a loaded host
+    much later). protocol: "rendezvous"
     (a send waits for its receive; the default, and what `check` uses) or "eager".
+    gap: None, or a callable (rank, Action, the rank's previous Action or None) -> seconds the
+    rank spends before the action starts (an executor's own time between two actions: it
+    delays a communication call's post, unlike the call's duration, which follows it).
     """
     if protocol not in ("rendezvous", "eager"):
         raise ValueError(f"protocol={protocol!r}: allowed rendezvous, eager")
     _static(sched)
-    return _run(sched, _cost(durations), float(latency), protocol == "eager")
+    latency = tuple(map(float, latency)) if isinstance(latency, (tuple, list)) else float(latency)
+    return _run(sched, _cost(durations), latency, protocol == "eager", gap)
 
 
 def makespan(ops) -> float:
