@@ -9,25 +9,33 @@ import sys
 from helpers import REPO, SMALL, ok, run_harness
 
 
-def test_whatif_cli_on_a_real_run(tmp_path):
+def test_whatif_cli_on_a_real_run(tmp_path, capsys):
     d = ok(run_harness(2, *SMALL, "schedule=gpipe", "pipeline.microbatches=2", "train.steps=6",
                        f"run.dir={tmp_path / 'run'}"))
     env = dict(os.environ, PYTHONPATH=str(REPO))
 
     def whatif(*args):
-        return subprocess.run([sys.executable, "-m", "analysis.whatif", str(d), *args, "--json",
-                               "--out", str(tmp_path / "out")], check=False, capture_output=True,
-                              text=True,
-                              env=env, cwd=REPO, timeout=120)
-    same = whatif()
+        """The command in this process (its start-up, torch's import, paid once: the first
+        call below runs it as `python -m` does)."""
+        from analysis.whatif import main
+        capsys.readouterr()
+        rc = main([str(d), *args, "--json", "--out", str(tmp_path / "out")])
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(args, rc, out, err)
+    same = subprocess.run([sys.executable, "-m", "analysis.whatif", str(d), "--json", "--out",
+                           str(tmp_path / "out")], check=False, capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=120)
     assert same.returncode == 0, same.stderr
     res = json.loads(next((tmp_path / "out").glob("whatif-same.json")).read_text())
     # the run's own configuration: peak activations exactly what the run measured, and the
-    # step (the median of its steady steps replayed) within the measured steps' range
+    # step (its steady steps' median costs replayed) of the measured steps' size. How close is
+    # the benchmark's to measure on a quiet host (benchmarks.whatif_accuracy): here the ranks
+    # may share the cores with other tests, and every measured step then holds waits that no
+    # replay of median costs has, so only the order of magnitude is the code's to assert.
     assert res["predicted"]["peak_act_bytes"] == [int(x) for x in res["measured"]["peak_act_bytes"]]
     assert res["predicted"]["step_s"] > 0 and 0 <= res["predicted"]["bubble"] < 1
     spans = _steady_spans(d)
-    assert min(spans) <= res["predicted"]["step_s"] <= max(spans), (spans, res["predicted"])
+    assert min(spans) / 2 <= res["predicted"]["step_s"] <= 2 * max(spans), (spans, res["predicted"])
     assert res["assumed"] == [], res["assumed"]
     other = whatif("schedule=1f1b", "m=4", "--scale", "rank=0,kind=bwd,factor=1.5")
     assert other.returncode == 0, other.stderr
