@@ -4,6 +4,9 @@
 - a failure policy (harness.ops.failure): what happens when anything goes wrong, on any thread;
 - a worker (harness.worker): this rank's stage, trace, transport and executor.
 
+Which collectives the job uses (MPI's, harness.core.comm, by default), which worker runs the
+steps and which failure policy ends the job are the Run's parts to choose; the loop is the same.
+
 The order matters: rank 0 creates the run directory and shares it; every rank builds its stage,
 writes its traces and stats while training, and rank 0 marks the run complete only after every
 rank has finished. An exception on any rank is printed once (by that rank), recorded in
@@ -20,12 +23,17 @@ from .worker import Worker
 
 
 class Run:
-    """Rank `rank` of `size` training `schedule` (the run's one Schedule) as `cfg` says."""
+    """Rank `rank` of `size` training `schedule` (the run's one Schedule) as `cfg` says.
+    comm: the job's collectives (default MPI's); worker(cfg, schedule, rank, base, on_timeout):
+    builds the rank's worker (harness.worker.Worker's interface; its `schedule` is what the run
+    records as planned); policy: the FailurePolicy class."""
 
-    def __init__(self, cfg, schedule: S.Schedule, rank: int, size: int):
+    def __init__(self, cfg, schedule: S.Schedule, rank: int, size: int, comm=comm,
+                 worker=Worker, policy=FailurePolicy):
         self.cfg, self.schedule, self.rank, self.size = cfg, schedule, rank, size
-        self.session = Session(cfg, rank, size)
-        self.failure = FailurePolicy(cfg, rank, size, self.session)
+        self.comm, self.make_worker = comm, worker
+        self.session = Session(cfg, rank, size, comm)
+        self.failure = policy(cfg, rank, size, self.session, comm)
         self.worker = None
 
     def main(self) -> int:
@@ -41,11 +49,12 @@ class Run:
             return self.failure.on_exception(e)
 
     def setup(self):
-        self.worker = w = Worker(self.cfg, self.schedule, self.rank, self.session.base,
-                                 self.failure.on_timeout)
+        self.worker = w = self.make_worker(self.cfg, self.schedule, self.rank, self.session.base,
+                                           self.failure.on_timeout)
+        self.schedule = w.schedule   # what the worker runs is what the run records as planned
         self.failure.watch(w.watchdog, w.tracer)
         self.session.files.log(w.summary)
-        self.session.start(self.schedule, w.stage, w.info, w.cuda_aware)
+        self.session.start(self.schedule, w.stage, w.info, w.cuda_aware, w.runtime)
         w.start()
 
     def train(self):
@@ -67,7 +76,7 @@ class Run:
         w.close()
         session.complete(w.clock_start, clock_end, nonfinite)
         self.failure.done = True
-        comm.barrier()  # meta.json says complete before anyone says the run is done
+        self.comm.barrier()  # meta.json says complete before anyone says the run is done
         self.failure.close()
         session.close()
         if self.rank == self.size - 1:

@@ -31,13 +31,12 @@ class Worker:
     one Schedule). base: where this rank writes its files; on_timeout(what): called by the
     watchdog thread when a blocking call outlives comm.timeout_s."""
 
+    comm = comm          # the job's collectives (harness.core.comm: MPI)
+    runtime = {"name": "ours"}   # meta.json "runtime": which executor ran the schedule
+
     def __init__(self, cfg, schedule: S.Schedule, rank: int, base, on_timeout):
         self.cfg, self.schedule, self.rank = cfg, schedule, rank
-        size = len(schedule)
-        self.malloc = malloc.apply(cfg.malloc)   # before the model's tensors come and go
-        local_rank, local_size = comm.local_rank_size()
-        threads = cfg.threads or max(1, config.cores_available() // local_size)
-        torch.set_num_threads(threads)
+        local_rank, local_size, threads = self._process()
         if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
             device = torch.device("cpu")
         else:
@@ -54,31 +53,55 @@ class Worker:
         debug_knobs.apply(cfg.debug, rank, layers)  # test knobs (debug.slow_*), no-op by default
         opt = torch.optim.SGD(layers.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum)
 
-        d = cfg.debug
-        skewed = d.clock_rank == rank
-        self.clock = tclock.Clock(int(d.clock_offset_ms * 1e6) if skewed else 0,
-                                  d.clock_drift_ppm if skewed else 0.0)
-        timer = (tclock.CudaTimer(self.clock, device) if device.type == "cuda"
-                 else tclock.HostTimer(self.clock))
-        tracker, self.tracer, self.sampler, mem_status = open_trace(
-            cfg.trace.enabled, base, rank, timer, self.clock.now,
-            layers.parameters(), device, cfg.trace.sample_interval_ms / 1000)
-        self.watchdog = Watchdog(cfg.comm.timeout_s, on_timeout)
-        self.watchdog.start()
+        tracker, timer, mem_status = self._trace(base, layers.parameters(), device, on_timeout)
         p2p = comm.P2P(self.tracer, self.clock.now, self.watchdog, device, cuda_aware,
                        cfg.comm.wait, cfg.comm.poll_us, cfg.comm.spin_us)
-        self.kineto = (KinetoWindow(config.parse_steps(cfg.trace.kineto), base, rank, device,
-                                    self.clock.now) if cfg.trace.kineto else None)
         self.executor = StageExecutor(
             st, schedule, rank, p2p=p2p, tracer=self.tracer, tracker=tracker, optimizer=opt,
             device=device, pipeline=cfg.pipeline, train=cfg.train, trace=cfg.trace,
             where=self.watchdog.where, autocast=lambda: stage.autocast(cfg, device.type))
         self.run_step = debug_knobs.wrap(self.executor, cfg.debug, rank).run_step
+        self.info, self.summary = self._describe(base, device, local_rank, local_size, threads,
+                                                 timer, mem_status, f"cuda-aware MPI {cuda_aware}")
+
+    # -- the parts every runtime's worker sets up the same way ---------------------------------
+    def _process(self) -> tuple[int, int, int]:
+        """The allocator policy (before the model's tensors come and go) and the thread count:
+        -> (local rank, ranks on this host, threads)."""
+        self.malloc = malloc.apply(self.cfg.malloc)
+        local_rank, local_size = self.comm.local_rank_size()
+        threads = self.cfg.threads or max(1, config.cores_available() // local_size)
+        torch.set_num_threads(threads)
+        return local_rank, local_size, threads
+
+    def _trace(self, base, params, device, on_timeout):
+        """The clock (debug.clock_* skews it), timer, trace files, memory sampler, watchdog and
+        Kineto window of this rank -> (pebble tracker, timer, memory sources' status)."""
+        cfg, d = self.cfg, self.cfg.debug
+        skewed = d.clock_rank == self.rank
+        self.clock = tclock.Clock(int(d.clock_offset_ms * 1e6) if skewed else 0,
+                                  d.clock_drift_ppm if skewed else 0.0)
+        timer = (tclock.CudaTimer(self.clock, device) if device.type == "cuda"
+                 else tclock.HostTimer(self.clock))
+        tracker, self.tracer, self.sampler, mem_status = open_trace(
+            cfg.trace.enabled, base, self.rank, timer, self.clock.now, params, device,
+            cfg.trace.sample_interval_ms / 1000)
+        self.watchdog = Watchdog(cfg.comm.timeout_s, on_timeout)
+        self.watchdog.start()
+        self.kineto = (KinetoWindow(config.parse_steps(cfg.trace.kineto), base, self.rank, device,
+                                    self.clock.now) if cfg.trace.kineto else None)
         self.thread_error = None
         self.clock_start = None
+        return tracker, timer, mem_status
 
-        self.info = {
-            "rank": rank, "host": socket.gethostname(), "pid": os.getpid(),
+    def _describe(self, base, device, local_rank, local_size, threads, timer, mem_status,
+                  transport: str):
+        """-> (meta.json's entry for this rank, the one-line summary it logs); transport: how
+        its messages move, as the summary says it."""
+        cfg, d, st, sched = self.cfg, self.cfg.debug, self.stage, self.schedule
+        skewed = d.clock_rank == self.rank
+        info = {
+            "rank": self.rank, "host": socket.gethostname(), "pid": os.getpid(),
             "device": str(device), "local_rank": local_rank, "local_size": local_size,
             "cores": config.cores_available(), "threads": threads, "malloc": self.malloc,
             "timer": timer.kind if cfg.trace.enabled else None, "memory_sources": mem_status,
@@ -87,16 +110,17 @@ class Worker:
             # the test knob's parameters, so a test can compute the true offset it injected
             "clock_knob": ({"offset_ns": self.clock.skew_ns, "drift_ppm": d.clock_drift_ppm,
                             "origin_ns": self.clock.origin} if skewed else None)}
-        self.summary = (f"rank {rank}/{size} on {self.info['host']} pid {self.info['pid']}: "
-                        f"{device}, {threads} threads, layers "
-                        f"{' '.join(f'{a}..{b - 1}' for a, b in st.chunks)}, "
-                        f"schedule {schedule.name} m={schedule.microbatches}, "
-                        f"cuda-aware MPI {cuda_aware}, memory sources {mem_status}")
+        summary = (f"rank {self.rank}/{len(sched)} on {info['host']} pid {info['pid']}: "
+                   f"{device}, {threads} threads, layers "
+                   f"{' '.join(f'{a}..{b - 1}' for a, b in st.chunks)}, "
+                   f"schedule {sched.name} m={sched.microbatches}, {transport}, "
+                   f"memory sources {mem_status}")
+        return info, summary
 
     def start(self) -> None:
         """Collective, right before the first step: the clocks' offsets to rank 0, then memory
         sampling."""
-        self.clock_start = comm.clock_offsets(self.clock.now, self.cfg.trace.clock_exchanges)
+        self.clock_start = self.comm.clock_offsets(self.clock.now, self.cfg.trace.clock_exchanges)
         if self.sampler:
             self.sampler.write_rows = self._kept_errors(self.sampler.write_rows)
             self.sampler.start()
@@ -131,14 +155,14 @@ class Worker:
 
     def save_weights(self, base) -> None:
         """run.save_weights: this rank's blocks' final weights, keyed by global block index."""
-        ex = self.executor
+        st = self.stage
         state = {gi: {k: v.detach().cpu() for k, v in blk.state_dict().items()}
-                 for gi, blk in zip(ex.layer_ids, ex.layers)}
+                 for gi, blk in zip((i for b in st.chunks for i in range(*b)), st.layers)}
         torch.save(state, base / weights_file(self.rank))
 
     def clock_offsets(self):
         """Collective: the clocks' offsets to rank 0 again (at the end)."""
-        return comm.clock_offsets(self.clock.now, self.cfg.trace.clock_exchanges)
+        return self.comm.clock_offsets(self.clock.now, self.cfg.trace.clock_exchanges)
 
     def close(self) -> None:
         if self.sampler:
@@ -149,9 +173,10 @@ class Worker:
         self.watchdog.stop()
 
 
-def check_boundaries(st) -> None:
+def check_boundaries(st, comm=comm) -> None:
     """Every rank probed the boundary shapes itself; they must agree before the first step
-    (a model whose blocks depend on something rank-local would otherwise hang or garble)."""
+    (a model whose blocks depend on something rank-local would otherwise hang or garble).
+    comm: the job's collectives."""
     views = comm.allgather(st.boundary)
     bad = [r for r, v in enumerate(views) if v != views[0]]
     if bad:
