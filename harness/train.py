@@ -4,8 +4,10 @@
 - a failure policy (harness.ops.failure): what happens when anything goes wrong, on any thread;
 - a worker (harness.worker): this rank's stage, trace, transport and executor.
 
-Which collectives the job uses (MPI's, harness.core.comm, by default), which worker runs the
-steps and which failure policy ends the job are the Run's parts to choose; the loop is the same.
+Which collectives the job uses (MPI's, harness.core.comm; or torch.distributed's under torchrun,
+harness.torchpipe.dist), which worker runs the steps (ours, or PyTorch's pipeline:
+harness.torchpipe.worker) and which failure policy ends the job are the Run's parts to choose;
+the loop is the same.
 
 The order matters: rank 0 creates the run directory and shares it; every rank builds its stage,
 writes its traces and stats while training, and rank 0 marks the run complete only after every
@@ -51,7 +53,7 @@ class Run:
     def setup(self):
         self.worker = w = self.make_worker(self.cfg, self.schedule, self.rank, self.session.base,
                                            self.failure.on_timeout)
-        self.schedule = w.schedule   # what the worker runs is what the run records as planned
+        self.schedule = w.schedule   # PyTorch's own plan, when PyTorch's pipeline runs it
         self.failure.watch(w.watchdog, w.tracer)
         self.session.files.log(w.summary)
         self.session.start(self.schedule, w.stage, w.info, w.cuda_aware, w.runtime)

@@ -8,11 +8,13 @@ import pytest
 # tests/ on sys.path so tests can `import helpers`
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-# What launches real MPI jobs: the harness under mpirun (helpers.run_harness, harness.ops.launch),
-# or a sweep with its real launcher. A test whose own code or any of its fixtures' code
-# says one of these gets the `mpi` marker, so `pytest -m "not mpi"` is the fast, pure tier; so
-# does every test of a `*_mpi.py` module (where launching hides in a helper class).
-_LAUNCHES = re.compile(r"\b(run_harness|launch|mpirun)\s*\(|run_sweep\((?![^)]*launcher=)")
+# What launches real multi-process jobs: the harness under mpirun (helpers.run_harness,
+# harness.ops.launch) or torchrun (helpers.run_torch), or a sweep with its real launcher. A test
+# whose own code or any of its fixtures' code says one of these gets the `mpi` marker, so
+# `pytest -m "not mpi"` is the fast, pure tier; so does every test of a `*_mpi.py` module (where
+# launching hides in a helper class).
+_LAUNCHES = re.compile(r"\b(run_harness|run_torch|launch|mpirun|torchrun)\s*\("
+                       r"|run_sweep\((?![^)]*launcher=)")
 
 
 def pytest_configure(config):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from harness.ops.launch import mpirun
+from harness.ops.launch import mpirun, torchrun
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -29,6 +29,16 @@ def run_harness(n: int | None, *args: str, timeout: float = 240, cwd=None):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                           cwd=cwd or REPO, env=env)
+
+
+def run_torch(n: int, *args: str, timeout: float = 240):
+    """PyTorch's pipeline on n ranks as its users start it: `torchrun --nproc-per-node n -m
+    harness.run runtime=torch ...` (harness.torchpipe)."""
+    cmd = [torchrun(), "--standalone", f"--nproc-per-node={n}", "-m", "harness.run",
+           "runtime=torch", *args]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env=env)
 
 
 def trace_frame(run_dir, kind: str, rank: int):

@@ -46,7 +46,7 @@ STAGE_PROPERTIES = ("is_first", "is_last")
 SCHEDULE_METHODS = {"_compute_loss": ("output", "target")}
 SCHEDULE_ATTRS = ("_n_microbatches", "pipeline_order")
 SINGLE_ATTRS = ("_stage",)
-RUNTIME_ATTRS = ("_stages", "stage_index_to_group_rank", "pipeline_order_with_comms")
+RUNTIME_ATTRS = ("_stages", "pipeline_order_with_comms")
 RUNTIME_METHODS = {"_assert_unsharded": ("stage",)}
 # the plan's action type and the computation types the plan conversion maps
 ACTION_FIELDS = ("stage_index", "computation_type", "microbatch_index", "sub_actions")

@@ -48,12 +48,11 @@ def from_torch(sched, name: str | None = None) -> Schedule:
     named `name` (ours, e.g. "1f1b": the theory the analysis compares against)."""
     st = stages_of(sched)[0]
     p, m = st.group_size, sched._n_microbatches
+    pl = placement(st.stage_index_to_group_rank, p)   # the schedule set it on every stage
     if hasattr(sched, "pipeline_order_with_comms"):
-        pl = placement(sched.stage_index_to_group_rank, p)
         order = sched.pipeline_order_with_comms
         ranks = [_runtime_rank(order[r], r, pl) for r in range(p)]
     else:
-        pl = placement(st.stage_index_to_group_rank, p)
         make = _gpipe if type(sched).__name__ == "ScheduleGPipe" else _one_f_one_b
         ranks = [make(r, p, m) for r in range(p)]
     return Schedule(ranks, pl, name, m, True)
