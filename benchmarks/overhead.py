@@ -65,7 +65,8 @@ def interleaved(steps: int, overrides: list[str], ranks: int) -> tuple[float, fl
 
     with tempfile.TemporaryDirectory() as tmp:
         runners = {True: make(True, Path(tmp)), False: make(False, Path(tmp))}
-        actions = S.build("naive", 1, 1)[0]
+        # every microbatch of the step (naive when pipeline.microbatches=1)
+        actions = S.build("gpipe", 1, cfg.pipeline.microbatches)[0]
         times = {True: [], False: []}
         for i in range(steps):
             for traced in ((True, False) if i % 2 else (False, True)):
