@@ -1,9 +1,12 @@
 """python -m analysis.compare RUN_A RUN_B [--out DIR] [--format png]
 
 Two runs side by side: the per-rank medians of each (metrics.summarize), their differences
-B - A printed as a table and written to compare.csv, and the two timelines (the last three
-steps of each, drawn from each run's step start) on one time axis in compare.png, with their
-critical paths. Default DIR: RUN_B/analysis/compare-<name of RUN_A>.
+B - A printed as a table and written to compare.csv; action by action, each rank's time per
+step in each kind of action (one forward, one backward, ..., the receives' wait and transfer)
+and per action, A, B and B - A, printed and written to compare-actions.csv; and the two
+timelines (the last three steps of each, drawn from each run's step start) on one time axis in
+compare.png, with their critical paths. A run of PyTorch's pipeline (`runtime=torch`) says so in
+its title. Default DIR: RUN_B/analysis/compare-<name of RUN_A>.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from analysis import critical, metrics, style, waits  # noqa: E402
 from analysis.load import RunFormatError, load_run  # noqa: E402
 from analysis.pages import small_pages  # noqa: E402
 from analysis.plots import timeline  # noqa: E402
-from analysis.windows import step_windows  # noqa: E402
+from analysis.windows import steady, step_windows  # noqa: E402
 
 # per-rank medians compared (seconds unless the name says otherwise)
 COLUMNS = ["span", "compute", "idle", "idle_warmup", "idle_steady", "idle_cooldown",
@@ -68,6 +71,66 @@ def text(d: pd.DataFrame, name_a: str, name_b: str) -> str:
     return "\n".join(lines)
 
 
+ACTIONS = ("fwd", "loss", "bwd", "bwd_in", "bwd_w", "opt", "norms")
+
+
+def action_times(events: pd.DataFrame, steps: list) -> pd.DataFrame:
+    """Per rank and kind of action, over `steps`: the median per step of the time spent in it
+    (s), and per step the microbatches it ran for (compute; opt and norms: 1) or the messages
+    (a receive split into its wait and transfer, waits.recv_split). Long table: rank, action,
+    per_step, count."""
+    ev = events[events["step"].isin(steps)]
+    comp = ev[ev["kind"].isin(ACTIONS)]
+    d = (comp["end"] - comp["start"]).rename("s")
+    rows = []
+    per = comp.assign(s=d).groupby(["rank", "kind", "step"], observed=True)
+    tot = per["s"].sum()
+    cnt = comp.groupby(["rank", "kind", "step"], observed=True)["mb"].nunique()
+    for (r, k), t in tot.groupby(level=[0, 1]):
+        rows.append({"rank": int(r), "action": k, "per_step": float(t.median()),
+                     "count": float(cnt.loc[(r, k)].median())})
+    rs = waits.recv_split(ev)
+    for col in ("wait", "transfer"):
+        t = rs.groupby(["rank", "step"])[col].sum()
+        n = rs.groupby(["rank", "step"])[col].size()
+        for r, x in t.groupby(level=0):
+            rows.append({"rank": int(r), "action": f"recv {col}", "per_step": float(x.median()),
+                         "count": float(n.loc[r].median())})
+    return pd.DataFrame(rows, columns=["rank", "action", "per_step", "count"])
+
+
+def action_table(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
+    """action_times of two runs joined: rank, action, a, b (ms per step), b - a, and the same
+    per action (per step / count)."""
+    m = a.merge(b, on=["rank", "action"], how="outer", suffixes=("_a", "_b"))
+    out = pd.DataFrame({"rank": m["rank"], "action": m["action"],
+                        "a_ms": m["per_step_a"] * 1e3, "b_ms": m["per_step_b"] * 1e3})
+    out["diff_ms"] = out["b_ms"] - out["a_ms"]
+    out["a_each_ms"] = out["a_ms"] / m["count_a"]
+    out["b_each_ms"] = out["b_ms"] / m["count_b"]
+    order = {k: i for i, k in enumerate((*ACTIONS, "recv wait", "recv transfer"))}
+    return out.sort_values(["rank", "action"], key=lambda c: c.map(order) if c.name ==
+                           "action" else c).reset_index(drop=True)
+
+
+def action_text(t: pd.DataFrame) -> str:
+    lines = ["action by action (ms per step, median over steady steps; 'each': per microbatch "
+             "for compute, all of the rank's chunks together, per message for receives)"]
+    head = f"{'rank':>4} {'action':<14} {'A':>8} {'B':>8} {'B-A':>8} {'A each':>8} {'B each':>8}"
+    lines.append(head)
+    for x in t.itertuples():
+        lines.append(f"{x.rank:>4} {x.action:<14} " + " ".join(
+            "       -" if pd.isna(v) else f"{v:8.2f}"
+            for v in (x.a_ms, x.b_ms, x.diff_ms, x.a_each_ms, x.b_each_ms)))
+    return "\n".join(lines)
+
+
+def runtime_of(meta: dict) -> str:
+    """'ours', or "PyTorch's <class>" for a run of torch.distributed.pipelining."""
+    rt = meta.get("runtime") or {"name": "ours"}
+    return f"PyTorch's {rt.get('class')}" if rt.get("name") == "torch" else "ours"
+
+
 def two_timelines(runs: list, titles: list, fig=None):
     """runs: [(events, steps, critical path, note)]; both on one time axis (the longer one's
     length, the same unit). Returns (fig, axes)."""
@@ -110,23 +173,29 @@ def main(argv=None) -> int:
         return 1
     out = Path(a.out) if a.out else runs[1].path / "analysis" / f"compare-{runs[0].path.name}"
     out.mkdir(parents=True, exist_ok=True)
-    sums, drawn, titles = [], [], []
+    sums, drawn, titles, acts = [], [], [], []
     for r, label in zip(runs, "AB"):
         steps = r.steps or sorted(int(s) for s in r.events["step"].unique())
         s = metrics.summarize(r.events, r.pebbles, r.memory, r.meta, steps)
         sums.append(s)
+        acts.append(action_times(r.events, steady(steps)[1]))
         shown = steps[-3:]
         sch = r.meta.get("schedule") or {}
-        titles.append(f"{label}: {r.path.name} ({sch.get('name')}, m={sch.get('microbatches')}, "
-                      f"overlap={sch.get('overlap')}; step {s['pipeline']['step_span_s'] * 1e3:.1f}"
-                      f" ms)")
+        titles.append(f"{label}: {r.path.name} ({runtime_of(r.meta)}, {sch.get('name')}, "
+                      f"m={sch.get('microbatches')}, overlap={sch.get('overlap')}; step "
+                      f"{s['pipeline']['step_span_s'] * 1e3:.1f} ms)")
         drawn.append((r.events, shown, critical.critical_path(r.events, shown),
                       waits.warning_line(s["clock"])))
     d = diff_table(*sums)
     d.insert(0, "b_run", str(runs[1].path))
     d.insert(0, "a_run", str(runs[0].path))
     d.to_csv(out / "compare.csv", index=False)
-    print(text(d, str(runs[0].path), str(runs[1].path)))
+    print(text(d, f"{runs[0].path} (runtime: {runtime_of(runs[0].meta)})",
+               f"{runs[1].path} (runtime: {runtime_of(runs[1].meta)})"))
+    at = action_table(*acts)
+    at.to_csv(out / "compare-actions.csv", index=False)
+    print()
+    print(action_text(at))
     with plt.rc_context(style.RC):
         fig, _ = two_timelines(drawn, titles)
         for f in [x for x in a.format.split(",") if x]:

@@ -1,6 +1,11 @@
 """What tracing costs, measured two ways in one invocation.
 
     python -m benchmarks.overhead [--pairs 5] [--steps 40] [--ranks 2] [key=value ...]
+    python -m benchmarks.overhead runtime=torch schedule=1f1b pipeline.microbatches=4 ...
+
+With `runtime=torch` it measures our instrument on PyTorch's pipeline (harness.torchpipe): in
+1., the whole model as a one-rank PyTorch schedule of the config's class (gloo, world of one),
+with the Probe and traced against PyTorch's objects untouched; in 2., `torchrun` runs.
 
 1. Interleaved, in one process: the whole model of the config (the MLP by default, `exp=gpt` for
    the GPT, any model.factory), with the thread count one of `--ranks` ranks gets, built twice —
@@ -60,7 +65,8 @@ def interleaved(steps: int, overrides: list[str], ranks: int) -> tuple[float, fl
 
     with tempfile.TemporaryDirectory() as tmp:
         runners = {True: make(True, Path(tmp)), False: make(False, Path(tmp))}
-        actions = S.build("naive", 1, 1)[0]
+        # every microbatch of the step (naive when pipeline.microbatches=1)
+        actions = S.build("gpipe", 1, cfg.pipeline.microbatches)[0]
         times = {True: [], False: []}
         for i in range(steps):
             for traced in ((True, False) if i % 2 else (False, True)):
@@ -78,6 +84,41 @@ def interleaved(steps: int, overrides: list[str], ranks: int) -> tuple[float, fl
             statistics.median(a / b for a, b in zip(tr, un)))
 
 
+def interleaved_torch(steps: int, overrides: list[str], ranks: int):
+    """`interleaved` for runtime=torch: two TorchWorkers of the whole model on one rank (a gloo
+    world of one), one recording through the Probe and one with PyTorch's objects untouched
+    (trace.enabled=false), stepping alternately."""
+    # here, not at the top: torch.distributed and the pipelining runtime, for runtime=torch only
+    import torch.distributed as dist
+
+    from harness.torchpipe.dist import DistComm
+    from harness.torchpipe.worker import TorchWorker
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        comm = DistComm()
+        workers = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for traced in (True, False):
+                cfg, sched = config.load_with_schedule(
+                    [*overrides, f"trace.enabled={str(traced).lower()}"], world_size=1)
+                # the threads one rank of a `ranks`-rank run gets on this host
+                cfg.threads = cfg.threads or max(1, config.cores_available() // ranks)
+                workers[traced] = w = TorchWorker(cfg, sched, 0, Path(tmp) / str(traced),
+                                                  print, comm)
+                w.start()
+            times = {True: [], False: []}
+            for i in range(steps):
+                for traced in ((True, False) if i % 2 else (False, True)):
+                    times[traced].append(workers[traced].step(i)[1])
+            for w in workers.values():
+                w.close()
+    finally:
+        dist.destroy_process_group()
+    tr, un = times[True][2:], times[False][2:]
+    return (statistics.median(tr), statistics.median(un),
+            statistics.median(a / b for a, b in zip(tr, un)))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pairs", type=int, default=5, help="traced/untraced run pairs (default 5)")
@@ -86,7 +127,9 @@ def main(argv=None):
     ap.add_argument("overrides", nargs="*", help="harness key=value overrides for both variants")
     a = ap.parse_args(argv)
 
-    tr, un, ratio = interleaved(a.steps, a.overrides, a.ranks)
+    torch_runtime = config.load(a.overrides, world_size=a.ranks).runtime == "torch"
+    measure = interleaved_torch if torch_runtime else interleaved
+    tr, un, ratio = measure(a.steps, a.overrides, a.ranks)
     print(f"1. interleaved in one process (whole model, threads of 1 of {a.ranks} ranks, "
           f"{a.steps} steps each): traced {tr * 1e3:.1f} ms, untraced {un * 1e3:.1f} ms, median "
           f"ratio {ratio:.3f}", flush=True)
@@ -94,7 +137,7 @@ def main(argv=None):
     # cost per step (a fixed number of hooks, spans and rows per block) stands out of the noise.
     gpt = config.load(a.overrides, world_size=a.ranks).model.name == "gpt"
     tiny = ["gpt.d=32", "gpt.heads=2", "gpt.seq=16"] if gpt else ["model.width=64"]
-    tr64, un64, _ = interleaved(5 * a.steps, [*a.overrides, *tiny], a.ranks)
+    tr64, un64, _ = measure(5 * a.steps, [*a.overrides, *tiny], a.ranks)
     cost = tr64 - un64
     print(f"   absolute cost per step (tiny copy, {' '.join(tiny)}, {5 * a.steps} steps): "
           f"{cost * 1e6:.0f} us "

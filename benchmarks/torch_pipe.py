@@ -9,7 +9,8 @@ per-step wall times (max over ranks) and the losses to OUT.json from rank 0.
 
 Virtual stages: a rank's chunks become one PipelineStage each, numbered by our placement
 (harness.schedule.Placement: loop for interleaved, V for zbv and dualpipev — PyTorch's "loop"/"v" mapping), so
-both sides hold the same blocks on the same rank.
+both sides hold the same blocks on the same rank (harness.torchpipe.worker.torch_schedule, which
+`harness.run runtime=torch` builds its runs with; this one records only step times and losses).
 """
 from __future__ import annotations
 
@@ -19,22 +20,13 @@ import time
 
 import torch
 import torch.distributed as dist
-from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
-                                           ScheduleDualPipeV, ScheduleInterleaved1F1B,
-                                           ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble)
 
 from harness import config
 from harness.core.executor import step_norms
 from harness.core.stage import build as build_stage
 from harness.ops import malloc
-
-# our schedule -> PyTorch's class. zb_h1 is the zero-bubble paper's ZB-H1, which PyTorch runs as
-# ScheduleInterleavedZeroBubble (the paper's ZB1P) with one stage per rank: the same F, B and W
-# in the same order on every rank (tests/test_schedule_peer.py), as for the other MULTI classes.
-PEER = {"gpipe": ScheduleGPipe, "naive": ScheduleGPipe, "1f1b": Schedule1F1B,
-        "interleaved": ScheduleInterleaved1F1B, "zb_h1": ScheduleInterleavedZeroBubble,
-        "zbv": ScheduleZBVZeroBubble, "dualpipev": ScheduleDualPipeV}
-MULTI = {"interleaved", "zb_h1", "zbv", "dualpipev"}   # PipelineScheduleMulti: a list of stages
+# our schedule -> PyTorch's class, and the classes that take a list of stages (harness.torchpipe)
+from harness.torchpipe.build import MULTI, PEER, torch_schedule  # noqa: F401
 
 
 def main(schedule: str, m: int, steps: int, out: str, overrides: list[str]):
@@ -48,19 +40,9 @@ def main(schedule: str, m: int, steps: int, out: str, overrides: list[str]):
     # the same stage as ours (harness.core.stage: any model, same split, init and data)
     pl = ours.placement
     st = build_stage(cfg, rank, pl, cfg.data.batch_size // m)
-    n_stages = pl.p * pl.v
-    mods, stages, i = [], [], 0
-    for c, (first, end) in enumerate(st.chunks):   # st.layers: all chunks' blocks, in order
-        mods.append(torch.nn.Sequential(*st.layers[i:i + end - first]))
-        i += end - first
-        stages.append(PipelineStage(mods[-1], pl.stage(rank, c), n_stages, torch.device("cpu")))
-    first_rank, last_rank = pl.where(0)[0], pl.where(n_stages - 1)[0]
-    # loss per microbatch; the schedule scales gradients by 1/m (scale_grads=True)
-    if schedule in MULTI:
-        sched = PEER[schedule](stages, n_microbatches=m, loss_fn=st.loss)
-    else:
-        sched = PEER[schedule](stages[0], n_microbatches=m, loss_fn=st.loss)
-    params = [q for mod in mods for q in mod.parameters()]
+    sched, _ = torch_schedule(schedule, st, pl, rank, m)
+    first_rank, last_rank = pl.where(0)[0], pl.where(pl.stages - 1)[0]
+    params = list(st.layers.parameters())
     opt = torch.optim.SGD(params, lr=cfg.train.lr, momentum=cfg.train.momentum)
     times, losses = [], []
     for step in range(steps):

@@ -177,6 +177,9 @@ class Config:
                         "naive")
     precision: str = doc("fp32, or bf16: each forward under torch.autocast (matmuls in bf16; "
                          "bf16 boundary tensors travel as same-size int16 views)", "fp32")
+    runtime: str = doc("ours (our executor, under mpirun) or torch: torch.distributed."
+                       "pipelining's class for the schedule runs the same stages, started by "
+                       "torchrun, and is recorded the same way (docs/torchpipe.md)", "ours")
     run: RunCfg = doc("", factory=RunCfg)
     train: TrainCfg = doc("", factory=TrainCfg)
     data: DataCfg = doc("", factory=DataCfg)
@@ -405,6 +408,7 @@ def validate(cfg: Config, world_size: int) -> S.Schedule:
         sched = S.build(cfg.schedule, world_size, p.microbatches, p.overlap, p.virtual)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    _check_runtime(cfg)
     # run.dir is checked by rank 0 when it creates the directory (rundir.choose): checking it
     # here would race with rank 0 creating it.
     _check(math.isfinite(cfg.debug.slow_ms) and cfg.debug.slow_ms >= 0,
@@ -430,6 +434,26 @@ def validate(cfg: Config, world_size: int) -> S.Schedule:
         _check(-1 <= v < world_size, f"debug.{k}={v}: no such rank in a world of {world_size} "
                f"(-1 = off)")
     return sched
+
+
+def _check_runtime(cfg: Config) -> None:
+    """runtime=torch runs what PyTorch's classes run: the keys that change our executor's
+    behaviour have no counterpart there (docs/torchpipe.md, "What runtime=torch does not do")."""
+    _check(cfg.runtime in ("ours", "torch"), f"runtime={cfg.runtime!r}: allowed ours, torch")
+    if cfg.runtime != "torch":
+        return
+    p = cfg.pipeline
+    for bad, msg in (
+            (p.overlap, "pipeline.overlap=true: PyTorch's sends and receives are always "
+                        "non-blocking"),
+            (not (p.recv_requires_grad and p.detach), "pipeline.recv_requires_grad and "
+             "pipeline.detach: the ablations change our executor, not PyTorch's"),
+            (cfg.precision != "fp32", f"precision={cfg.precision}: fp32 only"),
+            (p.recompute != "none", f"pipeline.recompute={p.recompute}: none only"),
+            (cfg.device == "cuda", "device=cuda: CPU only (gloo) in this version"),
+            (cfg.run.local_dir, "run.local_dir: the files' transfer to rank 0 needs MPI"),
+            (cfg.debug.mismatch_rank != -1, "debug.mismatch_rank: our executor's knob")):
+        _check(not bad, f"runtime=torch: {msg}")
 
 
 def parse_steps(text: str) -> tuple[int, int]:

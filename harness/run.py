@@ -1,4 +1,6 @@
-"""Entry point: `[mpirun -n P] python -m harness.run [exp=NAME] [key=value ...]`.
+"""Entry point: `[mpirun -n P] python -m harness.run [exp=NAME] [key=value ...]`, or, to run
+PyTorch's own pipeline (torch.distributed.pipelining) on the same stages and record it the same
+way, `torchrun --nproc-per-node P -m harness.run runtime=torch ...` (harness.torchpipe).
 
 One process per pipeline stage. The config is validated, and the schedule built from it, before
 any MPI communication; the ranks then agree on the verdict (the job's first communication), and
@@ -11,6 +13,7 @@ import sys
 
 from . import config
 from .ops import signals
+from .torchpipe.env import under_torchrun
 
 
 def main(argv: list[str] | None = None, on_run=None) -> int:
@@ -23,6 +26,10 @@ def main(argv: list[str] | None = None, on_run=None) -> int:
         print(config.help_text())
         return 0
     signals.block()  # before MPI and torch start threads: they inherit the blocked mask
+    if under_torchrun():  # runtime=torch: PyTorch's pipeline under torchrun, no MPI world
+        # imported only now: torch.distributed, which --help and our runs never need
+        from .torchpipe.launch import main as torch_main
+        return torch_main(argv)
     # imported only now: they start MPI and torch (and their threads), which --help never needs
     from .core import comm
     from .train import Run
@@ -43,6 +50,9 @@ def main(argv: list[str] | None = None, on_run=None) -> int:
         error = str(e)
     # Every rank validates on its own and should reach the same verdict; agreeing on it (the
     # job's first communication) makes sure no rank trains while another has quit.
+    if error is None and cfg.runtime == "torch":
+        error = (f"runtime=torch runs torch.distributed.pipelining, which torchrun starts: "
+                 f"torchrun --nproc-per-node {size} -m harness.run runtime=torch ...")
     errors = comm.allgather(error)
     if any(errors):
         first = next(r for r, e in enumerate(errors) if e)

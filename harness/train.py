@@ -4,6 +4,11 @@
 - a failure policy (harness.ops.failure): what happens when anything goes wrong, on any thread;
 - a worker (harness.worker): this rank's stage, trace, transport and executor.
 
+Which collectives the job uses (MPI's, harness.core.comm; or torch.distributed's under torchrun,
+harness.torchpipe.dist), which worker runs the steps (ours, or PyTorch's pipeline:
+harness.torchpipe.worker) and which failure policy ends the job are the Run's parts to choose;
+the loop is the same.
+
 The order matters: every rank builds and checks the whole model (a model refused is said
 once, before any file is written); rank 0 creates the run directory and shares it; every rank
 builds its stage, writes its traces and stats while training, and rank 0 marks the run complete
@@ -22,12 +27,17 @@ from .worker import Worker
 
 
 class Run:
-    """Rank `rank` of `size` training `schedule` (the run's one Schedule) as `cfg` says."""
+    """Rank `rank` of `size` training `schedule` (the run's one Schedule) as `cfg` says.
+    comm: the job's collectives (default MPI's); worker(cfg, schedule, rank, on_timeout):
+    builds the rank's worker (harness.worker.Worker's interface; its `schedule` is what the run
+    records as planned); policy: the FailurePolicy class."""
 
-    def __init__(self, cfg, schedule: S.Schedule, rank: int, size: int):
+    def __init__(self, cfg, schedule: S.Schedule, rank: int, size: int, comm=comm,
+                 worker=Worker, policy=FailurePolicy):
         self.cfg, self.schedule, self.rank, self.size = cfg, schedule, rank, size
-        self.session = Session(cfg, rank, size)
-        self.failure = FailurePolicy(cfg, rank, size, self.session)
+        self.comm, self.make_worker = comm, worker
+        self.session = Session(cfg, rank, size, comm)
+        self.failure = policy(cfg, rank, size, self.session, comm)
         self.worker = None
 
     def main(self, catch_signals: bool = True) -> int:
@@ -36,7 +46,8 @@ class Run:
         try:
             # the process and the whole model, checked on every rank before the run directory
             # exists: a model refused is said once, like a bad configuration
-            self.worker = Worker(self.cfg, self.schedule, self.rank, self.failure.on_timeout)
+            self.worker = self.make_worker(self.cfg, self.schedule, self.rank,
+                                           self.failure.on_timeout)
             if self.worker.model is None:
                 return 2
             if not self.session.open():
@@ -51,9 +62,10 @@ class Run:
     def setup(self):
         w = self.worker
         w.open(self.session.base)
+        self.schedule = w.schedule   # PyTorch's own plan, when PyTorch's pipeline runs it
         self.failure.watch(w.watchdog, w.tracer)
         self.session.files.log(w.summary)
-        self.session.start(self.schedule, w.stage, w.info, w.cuda_aware)
+        self.session.start(self.schedule, w.stage, w.info, w.cuda_aware, w.runtime)
         w.start()
 
     def train(self):
@@ -75,7 +87,7 @@ class Run:
         w.close()
         session.complete(w.clock_start, clock_end, nonfinite)
         self.failure.done = True
-        comm.barrier()  # meta.json says complete before anyone says the run is done
+        self.comm.barrier()  # meta.json says complete before anyone says the run is done
         self.failure.close()
         session.close()
         if self.rank == self.size - 1:

@@ -41,21 +41,25 @@ class Worker:
     Two phases. Constructing it is collective and writes no file: the process (allocator,
     threads) and the whole model, built and checked on every rank (`agreed_model`);
     `model` is None when the model was refused (said once). `open(base)` builds the rest, where
-    base is where this rank writes its files."""
+    base is where this rank writes its files. PyTorch's pipeline (harness.torchpipe.worker)
+    runs on the same parts with another `open`."""
+
+    comm = comm          # the job's collectives (harness.core.comm: MPI)
+    runtime = {"name": "ours"}   # meta.json "runtime": which executor ran the schedule
 
     def __init__(self, cfg, schedule: S.Schedule, rank: int, on_timeout):
         self.cfg, self.schedule, self.rank, self.on_timeout = cfg, schedule, rank, on_timeout
         self.malloc = malloc.apply(cfg.malloc)   # before the model's tensors come and go
-        self.local_rank, self.local_size = comm.local_rank_size()
+        self.local_rank, self.local_size = self.comm.local_rank_size()
         self.threads = cfg.threads or max(1, config.cores_available() // self.local_size)
         torch.set_num_threads(self.threads)
         self.mb_rows = cfg.data.batch_size // cfg.pipeline.microbatches
-        self.model = agreed_model(cfg, schedule.placement.stages, self.mb_rows, rank)
+        self.model = agreed_model(cfg, schedule.placement.stages, self.mb_rows, rank, self.comm)
 
     def open(self, base) -> None:
         """Collective: this rank's stage, optimizer, trace (into base), transport, executor."""
         cfg, schedule, rank = self.cfg, self.schedule, self.rank
-        size, local_rank, threads = len(schedule), self.local_rank, self.threads
+        local_rank = self.local_rank
         if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
             device = torch.device("cpu")
         else:
@@ -70,42 +74,61 @@ class Worker:
         check_boundaries(st)
         st.info["digests"] = digest_record(st, self.model)
         layers = st.layers.to(device)
-        pl = schedule.placement
-        # the blocks' own cost at several microbatch sizes (what the what-if scales with),
-        # timed before the test knobs slow them down
-        self.block_times = blocktime.measure(
-            st, [pl.stage(rank, c) for c in range(pl.v)], pl.stages - 1, cfg.data.batch_size,
-            self.mb_rows, device, lambda: stage.autocast(cfg, device.type)) \
-            if cfg.trace.enabled and cfg.trace.block_times else None
+        self.block_times = self._block_times(st, device)
         debug_knobs.apply(cfg.debug, rank, layers)  # test knobs (debug.slow_*), no-op by default
         opt = torch.optim.SGD(layers.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum)
 
-        d = cfg.debug
-        skewed = d.clock_rank == rank
-        self.clock = tclock.Clock(int(d.clock_offset_ms * 1e6) if skewed else 0,
-                                  d.clock_drift_ppm if skewed else 0.0)
-        timer = (tclock.CudaTimer(self.clock, device) if device.type == "cuda"
-                 else tclock.HostTimer(self.clock))
-        tracker, self.tracer, self.sampler, mem_status = open_trace(
-            cfg.trace.enabled, base, rank, timer, self.clock.now,
-            layers.parameters(), device, cfg.trace.sample_interval_ms / 1000)
-        self.watchdog = Watchdog(cfg.comm.timeout_s, self.on_timeout)
-        self.watchdog.start()
+        tracker, timer, mem_status = self._trace(base, layers.parameters(), device)
         p2p = comm.P2P(self.tracer, self.clock.now, self.watchdog, device, cuda_aware,
                        cfg.comm.wait, cfg.comm.poll_us, cfg.comm.spin_us)
-        self.kineto = (KinetoWindow(config.parse_steps(cfg.trace.kineto), base, rank, device,
-                                    self.clock.now) if cfg.trace.kineto else None)
         self.executor = StageExecutor(
             st, schedule, rank, p2p=p2p, tracer=self.tracer, tracker=tracker, optimizer=opt,
             device=device, pipeline=cfg.pipeline, train=cfg.train, trace=cfg.trace,
             where=self.watchdog.where, autocast=lambda: stage.autocast(cfg, device.type))
         self.run_step = debug_knobs.wrap(self.executor, cfg.debug, rank).run_step
+        self.info, self.summary = self._describe(base, device, timer, mem_status,
+                                                 f"cuda-aware MPI {cuda_aware}")
+
+    # -- the parts every runtime's worker sets up the same way ---------------------------------
+    def _block_times(self, st, device):
+        """The blocks' own cost at several microbatch sizes (what the what-if scales with),
+        timed before the test knobs slow them down (harness.trace.blocktime), or None."""
+        cfg, pl = self.cfg, self.schedule.placement
+        if not (cfg.trace.enabled and cfg.trace.block_times):
+            return None
+        return blocktime.measure(
+            st, [pl.stage(self.rank, c) for c in range(pl.v)], pl.stages - 1,
+            cfg.data.batch_size, self.mb_rows, device, lambda: stage.autocast(cfg, device.type))
+
+    def _trace(self, base, params, device):
+        """The clock (debug.clock_* skews it), timer, trace files, memory sampler, watchdog and
+        Kineto window of this rank -> (pebble tracker, timer, memory sources' status)."""
+        cfg, d = self.cfg, self.cfg.debug
+        skewed = d.clock_rank == self.rank
+        self.clock = tclock.Clock(int(d.clock_offset_ms * 1e6) if skewed else 0,
+                                  d.clock_drift_ppm if skewed else 0.0)
+        timer = (tclock.CudaTimer(self.clock, device) if device.type == "cuda"
+                 else tclock.HostTimer(self.clock))
+        tracker, self.tracer, self.sampler, mem_status = open_trace(
+            cfg.trace.enabled, base, self.rank, timer, self.clock.now, params, device,
+            cfg.trace.sample_interval_ms / 1000)
+        self.watchdog = Watchdog(cfg.comm.timeout_s, self.on_timeout)
+        self.watchdog.start()
+        self.kineto = (KinetoWindow(config.parse_steps(cfg.trace.kineto), base, self.rank, device,
+                                    self.clock.now) if cfg.trace.kineto else None)
         self.thread_error = None
         self.clock_start = None
+        return tracker, timer, mem_status
 
-        self.info = {
-            "rank": rank, "host": socket.gethostname(), "pid": os.getpid(),
-            "device": str(device), "local_rank": local_rank, "local_size": self.local_size,
+    def _describe(self, base, device, timer, mem_status, transport: str):
+        """-> (meta.json's entry for this rank, the one-line summary it logs); transport: how
+        its messages move, as the summary says it."""
+        cfg, d, st, sched = self.cfg, self.cfg.debug, self.stage, self.schedule
+        skewed = d.clock_rank == self.rank
+        threads = self.threads
+        info = {
+            "rank": self.rank, "host": socket.gethostname(), "pid": os.getpid(),
+            "device": str(device), "local_rank": self.local_rank, "local_size": self.local_size,
             "cores": config.cores_available(), "threads": threads, "malloc": self.malloc,
             "timer": timer.kind if cfg.trace.enabled else None, "memory_sources": mem_status,
             # where this rank wrote its files, when not in the run directory (run.local_dir)
@@ -114,16 +137,17 @@ class Worker:
             "clock_knob": ({"offset_ns": self.clock.skew_ns, "drift_ppm": d.clock_drift_ppm,
                             "origin_ns": self.clock.origin} if skewed else None),
             "block_times": self.block_times}
-        self.summary = (f"rank {rank}/{size} on {self.info['host']} pid {self.info['pid']}: "
-                        f"{device}, {threads} threads, layers "
-                        f"{' '.join(f'{a}..{b - 1}' for a, b in st.chunks)}, "
-                        f"schedule {schedule.name} m={schedule.microbatches}, "
-                        f"cuda-aware MPI {cuda_aware}, memory sources {mem_status}")
+        summary = (f"rank {self.rank}/{len(sched)} on {info['host']} pid {info['pid']}: "
+                   f"{device}, {threads} threads, layers "
+                   f"{' '.join(f'{a}..{b - 1}' for a, b in st.chunks)}, "
+                   f"schedule {sched.name} m={sched.microbatches}, {transport}, "
+                   f"memory sources {mem_status}")
+        return info, summary
 
     def start(self) -> None:
         """Collective, right before the first step: the clocks' offsets to rank 0, then memory
         sampling."""
-        self.clock_start = comm.clock_offsets(self.clock.now, self.cfg.trace.clock_exchanges)
+        self.clock_start = self.comm.clock_offsets(self.clock.now, self.cfg.trace.clock_exchanges)
         if self.sampler:
             self.sampler.write_rows = self._kept_errors(self.sampler.write_rows)
             self.sampler.start()
@@ -158,14 +182,14 @@ class Worker:
 
     def save_weights(self, base) -> None:
         """run.save_weights: this rank's blocks' final weights, keyed by global block index."""
-        ex = self.executor
+        st = self.stage
         state = {gi: {k: v.detach().cpu() for k, v in blk.state_dict().items()}
-                 for gi, blk in zip(ex.layer_ids, ex.layers)}
+                 for gi, blk in zip((i for b in st.chunks for i in range(*b)), st.layers)}
         torch.save(state, base / weights_file(self.rank))
 
     def clock_offsets(self):
         """Collective: the clocks' offsets to rank 0 again (at the end)."""
-        return comm.clock_offsets(self.clock.now, self.cfg.trace.clock_exchanges)
+        return self.comm.clock_offsets(self.clock.now, self.cfg.trace.clock_exchanges)
 
     def close(self) -> None:
         if self.sampler:
@@ -176,9 +200,10 @@ class Worker:
         self.watchdog.stop()
 
 
-def check_boundaries(st) -> None:
+def check_boundaries(st, comm=comm) -> None:
     """Every rank probed the boundary shapes itself; they must agree before the first step
-    (a model whose blocks depend on something rank-local would otherwise hang or garble)."""
+    (a model whose blocks depend on something rank-local would otherwise hang or garble).
+    comm: the job's collectives."""
     views = comm.allgather(st.boundary)
     bad = [r for r, v in enumerate(views) if v != views[0]]
     if bad:
@@ -186,7 +211,7 @@ def check_boundaries(st) -> None:
                          f"{views[0]}, rank {bad[0]} {views[bad[0]]}")
 
 
-def agreed_model(cfg, stages: int, mb_rows: int, rank: int) -> stage.Model | None:
+def agreed_model(cfg, stages: int, mb_rows: int, rank: int, comm=comm) -> stage.Model | None:
     """Collective, before the run directory exists: every rank builds and checks the whole
     model (harness.core.stage.prepare), then the ranks agree on one verdict, so a refusal is
     said once, by the lowest rank that found it, and no rank goes on. None when refused: a
@@ -209,7 +234,7 @@ def agreed_model(cfg, stages: int, mb_rows: int, rank: int) -> stage.Model | Non
     return None if verdict else model
 
 
-def digest_record(st, model: stage.Model) -> dict:
+def digest_record(st, model: stage.Model, comm=comm) -> dict:
     """Collective: meta.json's model.digests (docs/run-format.md): every block's digest and
     whether the ranks compared them (agreed_model did, for a model every rank built whole)."""
     if model.digests:

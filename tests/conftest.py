@@ -8,12 +8,12 @@ import pytest
 # tests/ on sys.path so tests can `import helpers`
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-# What launches processes: the harness under mpirun or alone (helpers.run_harness, run_batch,
-# Batches, harness.ops.launch), a sweep with its real launcher, or any other command. A test
-# whose own code or any of its fixtures' code says one of these gets the `mpi` marker, so
-# `pytest -m "not mpi"` is the fast tier, in one process; so does every test of a `*_mpi.py`
-# module (where launching hides in a helper class), and a test marked by hand.
-_LAUNCHES = re.compile(r"\b(run_harness|run_batch|Batches|launch|mpirun)\s*\(|"
+# What launches processes: the harness under mpirun, torchrun or alone (helpers.run_harness,
+# run_torch, run_batch, Batches, harness.ops.launch), a sweep with its real launcher, or any
+# other command. A test whose own code or any of its fixtures' code says one of these gets the
+# `mpi` marker, so `pytest -m "not mpi"` is the fast tier, in one process; so does every test of
+# a `*_mpi.py` module (where launching hides in a helper class), and a test marked by hand.
+_LAUNCHES = re.compile(r"\b(run_harness|run_torch|run_batch|Batches|launch|mpirun|torchrun)\s*\(|"
                        r"run_sweep\((?![^)]*launcher=)|subprocess\.(run|Popen)\(")
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from harness.ops.launch import mpirun
+from harness.ops.launch import mpirun, torchrun
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -62,6 +62,16 @@ class Batches:
             group = {k: args for k, (m, args) in self.runs.items() if m == n}
             self.dirs.update(run_batch(n, group, self.base / f"n{n or 1}"))
         return self.dirs[name]
+
+
+def run_torch(n: int, *args: str, timeout: float = 240):
+    """PyTorch's pipeline on n ranks as its users start it: `torchrun --nproc-per-node n -m
+    harness.run runtime=torch ...` (harness.torchpipe)."""
+    cmd = [torchrun(), "--standalone", f"--nproc-per-node={n}", "-m", "harness.run",
+           "runtime=torch", *args]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env=env)
 
 
 def trace_frame(run_dir, kind: str, rank: int):

@@ -40,10 +40,11 @@ class Diverged(Stopped):
 
 class FailurePolicy:
     """One rank's answer to failures. cfg: the run's config (None in tests); session: its
-    harness.ops.session.Session (directories and files, None until known)."""
+    harness.ops.session.Session (directories and files, None until known); comm: the job's
+    collectives (harness.core.comm: MPI)."""
 
-    def __init__(self, cfg, rank: int, size: int, session):
-        self.cfg, self.rank, self.size, self.session = cfg, rank, size, session
+    def __init__(self, cfg, rank: int, size: int, session, comm=comm):
+        self.cfg, self.rank, self.size, self.session, self.comm = cfg, rank, size, session, comm
         self.step = -1   # the step in progress (-1: setting up); steps are numbered from 0
         self.done = False  # meta.json says complete: a late signal is no failure any more
         self.watchdog = self.tracer = None
@@ -94,7 +95,7 @@ class FailurePolicy:
 
     def nonfinite_everywhere(self) -> list:
         """Collective: on rank 0 every rank's first non-finite value (empty elsewhere)."""
-        return [x for x in comm.gather(self.nonfinite) or [] if x]
+        return [x for x in self.comm.gather(self.nonfinite) or [] if x]
 
     def on_exception(self, e: BaseException) -> int:
         """The main thread's exception, whatever it is: say it once, record it, end the job."""
@@ -125,7 +126,7 @@ class FailurePolicy:
         arrive before that peer's death is visible (the kernel closes a killed process's
         sockets and shared memory before it becomes a zombie) or before its failure is in
         meta.json: for an MPI error, look again for up to settle_s."""
-        deadline = time.monotonic() + (settle_s if isinstance(e, MPI.Exception) else 0.0)
+        deadline = time.monotonic() + (settle_s if self.comm_error(e) else 0.0)
         while True:
             died = self.dead_peer()
             first = None if died else self.failed_first(e)
@@ -164,13 +165,17 @@ class FailurePolicy:
                 pass
 
     @staticmethod
-    def abort(code: int):
+    def comm_error(e: BaseException) -> bool:
+        """Is `e` an error of the job's message library (which a peer's end can cause)?"""
+        return isinstance(e, MPI.Exception)
+
+    def abort(self, code: int):
         """MPI_Abort the job, a moment after this rank's last words: mpiexec kills every process
         at once, and a line still on its way through the launcher's stderr forwarding would be
         lost (seen: a rank's one-line error never reaching the terminal)."""
         sys.stderr.flush()
         time.sleep(0.3)
-        comm.abort(code)
+        self.comm.abort(code)
 
     def dead_peer(self) -> str | None:
         """'died: rank R last seen at step N, T s ago' if another rank's process is gone (its
@@ -190,8 +195,13 @@ class FailurePolicy:
         already records another rank's failure (that rank aborted the job, and its exit broke a
         transfer in progress here, e.g. a shared-memory copy from its address space), else None.
         Then the cause is the other rank's, and this rank's traceback would only bury it."""
+        return self.other_failed() if self.comm_error(e) else None
+
+    def other_failed(self) -> str | None:
+        """'rank R failed first (Type: message)' when meta.json records another rank's
+        failure, else None."""
         run_dir = self.session.run_dir
-        if not isinstance(e, MPI.Exception) or not run_dir:
+        if not run_dir:
             return None
         try:
             err = json.loads((run_dir / "meta.json").read_text()).get("error") or {}

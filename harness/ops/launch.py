@@ -1,4 +1,5 @@
-"""Launching runs from Python: one `mpirun -n P python -m harness.run ...` per run.
+"""Launching runs from Python: one `mpirun -n P python -m harness.run ...` per run (or, for
+`runtime=torch`, `torchrun --nproc-per-node P -m harness.run ...`).
 
 Used by the lessons script, the sweep runner and the benchmarks — never inside mpirun.
 """
@@ -15,16 +16,31 @@ from pathlib import Path
 import psutil
 
 
-def mpirun() -> str:
-    """The mpirun beside this Python (PyPI's mpich installs it into the venv), else on PATH."""
-    here = Path(sys.executable).parent / "mpirun"
-    found = str(here) if here.exists() else shutil.which("mpirun")
+def _beside_python(name: str, hint: str) -> str:
+    """The program `name` beside this Python (installed into the venv), else on PATH."""
+    here = Path(sys.executable).parent / name
+    found = str(here) if here.exists() else shutil.which(name)
     if not found:
-        raise FileNotFoundError("mpirun not found: install the project with its [mpi] extra")
+        raise FileNotFoundError(f"{name} not found: {hint}")
     return found
 
 
+def mpirun() -> str:
+    """The mpirun beside this Python (PyPI's mpich installs it into the venv), else on PATH."""
+    return _beside_python("mpirun", "install the project with its [mpi] extra")
+
+
+def torchrun() -> str:
+    """The torchrun beside this Python (torch installs it), else on PATH."""
+    return _beside_python("torchrun", "it comes with torch")
+
+
 def command(ranks: int, args: list[str], run_dir: Path) -> list[str]:
+    """mpirun for our executor; torchrun for `runtime=torch` (PyTorch's pipeline), with a
+    rendezvous of its own on a free port (--standalone), so that two jobs never collide."""
+    if "runtime=torch" in args:
+        return [torchrun(), "--standalone", f"--nproc-per-node={ranks}", "-m", "harness.run",
+                *args, "quiet=true", f"run.dir={run_dir}"]
     return [mpirun(), "-n", str(ranks), sys.executable, "-m", "harness.run", *args,
             "quiet=true", f"run.dir={run_dir}"]
 
@@ -45,7 +61,8 @@ def launch(ranks: int, args: list[str], run_dir: Path, timeout: float | None = N
         stop(proc)
         raise
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[3:])} failed (exit {proc.returncode}):\n"
+        raise RuntimeError(f"{' '.join(cmd[cmd.index('-m') - 1:])} failed (exit "
+                           f"{proc.returncode}):\n"
                            f"{err[-3000:]}")
     return run_dir
 

@@ -26,14 +26,15 @@ from .heartbeat import Heartbeat
 
 
 class Session:
-    """The run directory as rank `rank` of `size` sees it. Until `open`: all None.
+    """The run directory as rank `rank` of `size` sees it. Until `open`: all None. comm: the
+    job's collectives (harness.core.comm, or harness.torchpipe.dist.DistComm under torchrun).
 
     run_path: the run directory's name, known on every rank; run_dir: the same where this rank
     can reach it through the file system (debug.no_shared_fs: rank 0 only, else None); base:
     where this rank writes its own files; bases: every rank's base, as this rank names it."""
 
-    def __init__(self, cfg, rank: int, size: int):
-        self.cfg, self.rank, self.size = cfg, rank, size
+    def __init__(self, cfg, rank: int, size: int, comm=comm):
+        self.cfg, self.rank, self.size, self.comm = cfg, rank, size, comm
         self.run_path = self.run_dir = self.base = self.bases = None
         self.files = self.heartbeat = self.meta = self.start_time = None
 
@@ -48,7 +49,7 @@ class Session:
                 decision = (str(path), notice, None)
             except OSError as e:
                 decision = (None, None, str(e))
-        path, notice, error = comm.bcast(decision)
+        path, notice, error = self.comm.bcast(decision)
         if error:
             if rank == 0:
                 print(f"harness.run: error: {error}", file=sys.stderr, flush=True)
@@ -63,7 +64,7 @@ class Session:
         # on a host that does not share its file system must say so, not create one of its own
         blind = (rank != 0 and self.run_dir is not None and not cfg.run.local_dir
                  and not sees_dir(self.run_path))
-        views = comm.allgather((str(self.base), host, blind))
+        views = self.comm.allgather((str(self.base), host, blind))
         if any(b for _, _, b in views):
             if rank == 0:
                 print(f"harness.run: error: {unreachable(views, self.run_path)}", file=sys.stderr,
@@ -84,18 +85,21 @@ class Session:
         self.start_time = rundir.now_iso()
         return True
 
-    def start(self, schedule: S.Schedule, stage, info: dict, cuda_aware: bool) -> None:
+    def start(self, schedule: S.Schedule, stage, info: dict, cuda_aware: bool,
+              runtime: dict | None = None) -> None:
         """Collective: every rank's `info` to rank 0, which writes config.yaml, schedule.json
-        and meta.json ("running") and warns about oversubscribed hosts."""
-        infos = comm.gather(info)
+        and meta.json ("running") and warns about oversubscribed hosts. runtime: meta.json's
+        "runtime" (which executor ran the schedule; ours by default)."""
+        infos = self.comm.gather(info)
         if self.rank == 0:
             d = self.run_dir
             rundir.write_atomic(d / "config.yaml", config.to_yaml(self.cfg))
             rundir.write_json(d / "schedule.json", S.to_json(schedule))
-            self.meta = start_meta(self.cfg, schedule, stage, infos, self.start_time, cuda_aware)
+            self.meta = start_meta(self.cfg, schedule, stage, infos, self.start_time, cuda_aware,
+                                   self.comm.library(), runtime or {"name": "ours"})
             rundir.write_json(d / "meta.json", self.meta)
             warn_oversubscribed(infos)
-        comm.barrier()
+        self.comm.barrier()
 
     def record(self, step: int, out: dict, dt: float) -> None:
         """A finished step: its stats row and the heartbeat."""
@@ -119,9 +123,9 @@ class Session:
         run directory, checked); rank 0 merges stats.csv and marks meta.json complete with the
         clock estimates and where training went non-finite, if it did."""
         self.files.close()
-        comm.barrier()  # every rank's files are complete
+        self.comm.barrier()  # every rank's files are complete
         if self.cfg.run.local_dir:  # they travel to rank 0's run directory, checked
-            out = localdir.gather(self.base, self.run_dir, self.rank, self.size, comm)
+            out = localdir.gather(self.base, self.run_dir, self.rank, self.size, self.comm)
             if self.rank == 0 and out:
                 raise RuntimeError("file transfer to the run directory failed (the files stay "
                                    "in the ranks' run.local_dir): " + "; ".join(out))
@@ -145,8 +149,9 @@ class Session:
 
 
 def start_meta(cfg, schedule: S.Schedule, stage, infos: list, start_time: str,
-               cuda_aware: bool) -> dict:
-    """meta.json at the start of a run (docs/run-format.md): status "running"."""
+               cuda_aware: bool, library: str, runtime: dict) -> dict:
+    """meta.json at the start of a run (docs/run-format.md): status "running". library: the
+    message library's version line; runtime: which executor ran the schedule."""
     pl = schedule.placement
     return {
         "format": runformat.FORMAT, "experiment": cfg.exp, "status": "running", "error": None,
@@ -168,7 +173,8 @@ def start_meta(cfg, schedule: S.Schedule, stage, infos: list, start_time: str,
                   "sample_interval_ms": cfg.trace.sample_interval_ms},
         "clock": {"method": "ping-pong with rank 0, minimum round trip (Score-P)",
                   "exchanges": cfg.trace.clock_exchanges, "estimates": []},
-        "versions": versions(), "mpi_library": comm.library(), "cuda_aware_mpi": cuda_aware,
+        "runtime": runtime,
+        "versions": versions(), "mpi_library": library, "cuda_aware_mpi": cuda_aware,
         "comm": {"wait": cfg.comm.wait,
                  "poll_us": cfg.comm.poll_us if cfg.comm.wait != "spin" else None,
                  "spin_us": cfg.comm.spin_us if cfg.comm.wait == "backoff" else None},

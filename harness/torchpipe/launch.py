@@ -1,0 +1,50 @@
+"""`torchrun --nproc-per-node P -m harness.run runtime=torch [exp=NAME] [key=value ...]`: the
+run of harness.run, with PyTorch's pipeline as the executor.
+
+harness.run hands a process that torchrun started to `main` here. The config is validated
+first, on every rank alone (as under mpirun, and before any communication), then the default
+process group (gloo, for PyTorch's pipeline) and our own collectives (harness.torchpipe.dist)
+are set up and the usual Run trains with the torch worker and the torchrun failure policy.
+"""
+from __future__ import annotations
+
+import sys
+from datetime import timedelta
+from functools import partial
+
+import torch.distributed as dist
+
+from .. import config
+from ..train import Run
+from .dist import DistComm
+from .env import rank_size
+from .failure import TorchFailurePolicy
+from .worker import TorchWorker
+
+
+def main(argv: list[str]) -> int:
+    rank, size = rank_size()
+
+    def error(msg: str) -> int:   # every rank reaches the same verdict; rank 0 says it
+        if rank == 0:
+            print(f"harness.run: error: {msg}", file=sys.stderr, flush=True)
+        return 2
+    if rank == 0:
+        for w in config.unreadable_warnings():
+            print(w, file=sys.stderr, flush=True)
+    try:
+        cfg, sched = config.load_with_schedule(argv, world_size=size)
+    except config.ConfigError as e:
+        return error(str(e))
+    if cfg.runtime != "torch":
+        return error(f"torchrun started this job, so it runs torch.distributed.pipelining: add "
+                     f"runtime=torch (runtime={cfg.runtime} is our executor, started with "
+                     f"mpirun -n {size} python -m harness.run ...)")
+    # a gloo operation that never completes raises after this; our watchdog (comm.timeout_s)
+    # explains a blocked receive first
+    dist.init_process_group("gloo", timeout=timedelta(seconds=2 * cfg.comm.timeout_s + 30))
+    comm = DistComm()
+    code = Run(cfg, sched, rank, size, comm=comm, worker=partial(TorchWorker, comm=comm),
+               policy=TorchFailurePolicy).main()
+    dist.destroy_process_group()
+    return code
