@@ -1,4 +1,5 @@
-"""Several runs in one MPI job: `[mpirun -n P] python -m harness.batch FILE`.
+"""Several runs in one job: `[mpirun -n P] python -m harness.batch FILE` (or, for PyTorch's
+pipeline, `torchrun --nproc-per-node P -m harness.batch FILE` with runtime=torch runs).
 
 FILE is a JSON list of argument lists, each what `python -m harness.run` would take
 (`[["schedule=gpipe", "run.dir=r/a"], ["schedule=1f1b", "run.dir=r/b"]]`). The runs go one

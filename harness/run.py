@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None, on_run=None) -> int:
     if under_torchrun():  # runtime=torch: PyTorch's pipeline under torchrun, no MPI world
         # imported only now: torch.distributed, which --help and our runs never need
         from .torchpipe.launch import main as torch_main
-        return torch_main(argv)
+        return torch_main(argv, on_run)
     # imported only now: they start MPI and torch (and their threads), which --help never needs
     from .core import comm
     from .train import Run

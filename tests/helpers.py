@@ -31,15 +31,20 @@ def run_harness(n: int | None, *args: str, timeout: float = 240, cwd=None):
                           cwd=cwd or REPO, env=env)
 
 
-def run_batch(n: int | None, runs: dict[str, list[str]], base: Path, timeout: float = 600):
+def run_batch(n: int | None, runs: dict[str, list[str]], base: Path, timeout: float = 600,
+              torchpipe: bool = False):
     """Several runs in one job (`harness.batch`: one start-up for all): run `name` writes into
-    base/name. Returns {name: run directory}; a failed batch fails with its output."""
+    base/name. torchpipe: PyTorch's pipeline under torchrun (runtime=torch added to every run).
+    Returns {name: run directory}; a failed batch fails with its output."""
     base.mkdir(parents=True, exist_ok=True)
     spec = base / "batch.json"
-    spec.write_text(json.dumps([[*args, f"run.dir={base / str(name)}"]
-                                for name, args in runs.items()]))
+    spec.write_text(json.dumps([[*(["runtime=torch"] if torchpipe else []), *args,
+                                 f"run.dir={base / str(name)}"] for name, args in runs.items()]))
     cmd = [sys.executable, "-m", "harness.batch", str(spec)]
-    if n is not None:
+    if torchpipe:
+        cmd = [torchrun(), "--standalone", f"--nproc-per-node={n}", "-m", "harness.batch",
+               str(spec)]
+    elif n is not None:
         cmd = [mpirun(), "-n", str(n), *cmd]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
                           env=dict(os.environ, PYTHONPATH=str(REPO)))

@@ -1,8 +1,9 @@
-"""The peer comparison of benchmarks.schedules, checked: PyTorch's own schedule classes
-(torch.distributed.pipelining under torchrun, gloo), built on our chunks by
-benchmarks/torch_pipe.py, compute the same losses as our runs of the same schedule, for every
-schedule with a PyTorch counterpart. A second implementation of each schedule agreeing with ours
-to 1e-5 is what makes the step-time ratio a comparison of the same work."""
+"""The peer comparison of benchmarks.schedules, checked: benchmarks/torch_pipe.py (PyTorch's own
+schedule classes, torch.distributed.pipelining under torchrun, gloo, built on our chunks by
+harness.torchpipe.build) computes the same losses as our run of the same schedule. That every
+class does is tested on the recorded runtime (tests/test_torchpipe_mpi.py, which builds the
+classes the same way): here one schedule of each kind checks the benchmark's own path, whose
+agreement to 1e-5 is what makes its step-time ratio a comparison of the same work."""
 import pytest
 
 from analysis import load_run, metrics
@@ -11,8 +12,7 @@ from helpers import Batches
 
 SMALL = ["model.layers=8", "model.width=64", "model.in_features=32", "data.batch_size=32",
          "threads=1"]
-CASES = [("gpipe", 2), ("1f1b", 4), ("interleaved", 4), ("zb_h1", 4), ("zbv", 4),
-         ("dualpipev", 4)]
+CASES = [("gpipe", 2), ("zbv", 4)]   # a plain schedule; a V with split backward
 
 
 def _args(name):

@@ -24,7 +24,7 @@ import pytest
 from analysis import load_run
 from analysis.live import live_bytes
 from harness import schedule as S
-from helpers import REPO, losses, meta, ok, run_harness, run_torch
+from helpers import REPO, losses, meta, run_batch, run_harness, run_torch
 
 STEPS = ["train.steps=3", "quiet=true"]
 MODELS = {"mlp": ["model.layers=8", "model.width=64", "model.in_features=32",
@@ -39,17 +39,17 @@ IDS = [f"{m}-{s}" for m, s in CASES]
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """(model, schedule, runtime) -> run directory; each pair run once, when first asked for."""
+    """(model, schedule, runtime) -> run directory. Every case of one runtime runs in one job
+    (harness.batch: ours under mpirun, PyTorch's under torchrun), the first time one is asked
+    for: each run is the same as alone, the start-up is paid once."""
     base, done = tmp_path_factory.mktemp("torchpipe"), {}
 
     def get(model, sched, runtime):
-        key = (model, sched, runtime)
-        if key not in done:
-            args = [*MODELS[model], *SCHEDULES[sched], f"schedule={sched}",
-                    "pipeline.microbatches=4", *STEPS, f"run.dir={base / '-'.join(key)}"]
-            done[key] = ok(run_torch(2, *args) if runtime == "torch" else
-                           run_harness(2, *args))
-        return done[key]
+        if runtime not in done:
+            group = {f"{m}-{s}": [*MODELS[m], *SCHEDULES[s], f"schedule={s}",
+                                  "pipeline.microbatches=4", *STEPS] for m, s in CASES}
+            done[runtime] = run_batch(2, group, base / runtime, torchpipe=runtime == "torch")
+        return done[runtime][f"{model}-{sched}"]
     return get
 
 

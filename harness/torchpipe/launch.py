@@ -22,7 +22,8 @@ from .failure import TorchFailurePolicy
 from .worker import TorchWorker
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], on_run=None) -> int:
+    """One run (on_run: as harness.run.main's, for harness.batch)."""
     rank, size = rank_size()
 
     def error(msg: str) -> int:   # every rank reaches the same verdict; rank 0 says it
@@ -42,9 +43,16 @@ def main(argv: list[str]) -> int:
                      f"mpirun -n {size} python -m harness.run ...)")
     # a gloo operation that never completes raises after this; our watchdog (comm.timeout_s)
     # explains a blocked receive first
-    dist.init_process_group("gloo", timeout=timedelta(seconds=2 * cfg.comm.timeout_s + 30))
+    # (a batch's runs, harness.batch, share the first run's group: gloo's re-initialisation
+    # in one process can hang)
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=timedelta(seconds=2 * cfg.comm.timeout_s + 30))
     comm = DistComm()
-    code = Run(cfg, sched, rank, size, comm=comm, worker=partial(TorchWorker, comm=comm),
-               policy=TorchFailurePolicy).main()
-    dist.destroy_process_group()
+    run = Run(cfg, sched, rank, size, comm=comm, worker=partial(TorchWorker, comm=comm),
+              policy=TorchFailurePolicy)
+    if on_run is not None:
+        on_run(run)
+    code = run.main(catch_signals=on_run is None)
+    if on_run is None:
+        dist.destroy_process_group()
     return code
