@@ -91,9 +91,13 @@ class CalStats:
     message size the count and sum of transfers, the message sizes' counts, whether any send
     was buffered, the pebbles of each rank's first microbatch. Per kept step: its StepCosts."""
 
-    def __init__(self, meta: dict, path, spill=None, key: str = "cal"):
+    def __init__(self, meta: dict, path, spill=None, key: str = "cal", steady=None):
         # spill: unused (kept for the callers' signature: every value kept here is a sum, a
-        # count or one of at most KEEP steps)
+        # count or one of at most KEEP steps). steady: the run's steady steps, when known
+        # before its chunks arrive (the one-pass analysis): the stride is then the run's from
+        # the start, so every chunk computes the costs of its share of the KEEP steps only
+        # (not KEEP of its own, thinned later), and the steps kept are those a whole-run
+        # calibration keeps
         self.meta, self.path, self.key = meta, str(path), key
         self.p = int(meta.get("world_size") or 1)
         sch = meta.get("schedule") or {}
@@ -105,6 +109,10 @@ class CalStats:
         self.first: dict = {}   # rank -> [its first step, {mb: (fixed bytes, bytes per row
         #                         times rows)} of that step, its lowest mb over the run]
         self.stride, self.kept = 1, {}          # step -> StepCosts (every stride-th step)
+        if steady is not None:
+            st = [int(x) for x in steady]
+            while sum(x % self.stride == 0 for x in st) > KEEP:
+                self.stride *= 2
         self._table = None
 
     def table(self) -> pd.DataFrame:
@@ -165,6 +173,10 @@ class CalStats:
 
     def _keep_steps(self, events, comm, a, rs, ss, keep) -> None:
         """StepCosts of the steps `keep` (module docstring)."""
+        # only the kept steps' rows from here on: their cost is that of KEEP steps, not of
+        # the chunk's
+        events = events.loc[events["step"].isin(keep).to_numpy()]
+        comm = comm.loc[comm["step"].isin(keep).to_numpy()]
         a = a[a["step"].isin(keep)]
         steps = {s: StepCosts(self.key, s, self.rows, {}, {}, {}, {}, {"whole": {}, "all": {}})
                  for s in keep}

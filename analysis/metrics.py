@@ -164,7 +164,7 @@ def partial(events, pebbles, memory, meta: dict, spill, own=None, steady_steps=(
     mem = memory[((memory["time"] >= t_range[0]) & (memory["time"] < t_range[1])).to_numpy()]
     dev = {k: int(v) for k, v in mem.groupby(["rank", "source"], observed=True)["bytes"]
            .max().items()} if len(mem) else {}
-    cal, err = CalStats(meta, meta.get("run_dir", "run"), spill), None
+    cal, err = CalStats(meta, meta.get("run_dir", "run"), spill, steady=steady_steps), None
     try:
         cal.add(events, pebbles, steady_steps, own, rs, ss)
     except Exception as e:   # recorded, not raised: the measured numbers stand without it
