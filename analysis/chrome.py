@@ -34,8 +34,8 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
-from analysis.live import live_bytes
-from analysis.waits import _lookup, recv_split
+from analysis.measure.live import live_bytes
+from analysis.measure.waits import _lookup, recv_split
 
 TID = {"compute": 0, "send": 1, "recv": 2, "copy": 3, "step": 4, "other": 5, "critical": 6,
        "recompute": 7}
@@ -500,7 +500,7 @@ def write_chrome(f, events, pebbles, memory, meta: dict | None = None,
     """Write the whole run as a trace to the open file `f` (text or binary); returns the
     number of trace events.
 
-    critical: analysis.critical.critical_path segments, shown as a "critical path" track
+    critical: analysis.measure.critical.critical_path segments, shown as a "critical path" track
     (tid 6) in each rank the path passes through: one slice per segment, named by what ran.
 
     Streams in chunks of CHUNK events, so a million-event run never holds all its text."""
@@ -528,7 +528,7 @@ _TAIL = b'\n],"displayTimeUnit"'
 def append_events(path, lines: list) -> int:
     """Add trace events (JSON strings) to a trace.json written by `write_chrome`, in place:
     they go before its closing `]`, and the tail (displayTimeUnit, otherData) is kept.
-    -> the number added. Used to merge Kineto's events (analysis.kineto)."""
+    -> the number added. Used to merge Kineto's events (analysis.read.kineto)."""
     if not lines:
         return 0
     with open(path, "r+b") as f:

@@ -14,7 +14,9 @@ import pandas as pd
 import torch
 from matplotlib.ticker import NullFormatter, ScalarFormatter
 
-from analysis import metrics, style
+from analysis import style
+
+from analysis import metrics
 from harness.models import gpt as G
 from harness.models import gpt_memory as GM
 from harness.trace.pebbles import PebbleTracker

@@ -18,7 +18,7 @@ Definitions (FIELD.md; one line each in docs/analysis.md). All times in seconds.
                         what the zero-bubble paper reports, computed from averaged timings)
 - bubble (simulated)  = harness.simulate replaying the run's own schedule with the run's own
                         per-stage, per-chunk action times, gaps and message times
-                        (analysis.calibrate + analysis.whatif.predict): what the simulator
+                        (analysis.predict.calibrate + analysis.whatif.predict): what the simulator
                         predicts for this run
 - send                = |union of [tb, end] of sends| (time the rank was blocked sending)
 - receive wait        = Scalasca late sender: max(0, min(s.start, r.end) - r.tb)
@@ -37,15 +37,15 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from analysis import blame as bl_mod
-from analysis import critical, waits
-from analysis.calibrate import CalStats, combine
-from analysis.live import live_bytes, memory_by_step
-from analysis.predict import predict
-from analysis.spill import Spill
-from analysis.steptable import _step_table, step_table
-from analysis.waits import clock_check, recv_split
-from analysis.windows import COMPUTE, step_windows, steady
+from analysis.measure import blame as bl_mod
+from analysis.measure import critical, waits
+from analysis.predict.calibrate import CalStats, combine
+from analysis.measure.live import live_bytes, memory_by_step
+from analysis.predict.replay import predict
+from analysis.measure.spill import Spill
+from analysis.measure.steptable import _step_table, step_table
+from analysis.measure.waits import clock_check, recv_split
+from analysis.measure.windows import COMPUTE, step_windows, steady
 from harness import schedule as S
 
 # the ground floor's names, for the callers that import them from here
@@ -65,8 +65,8 @@ SPLIT = ("zb_h1", "zbv", "dualpipev")   # schedules whose theory takes F/B/W tim
 
 def simulated(cal, meta: dict, p: int, error: str | None = None) -> dict:
     """What harness.simulate predicts for this run: the run calibrated on itself (`cal`,
-    analysis.calibrate on its steady steps) and its own schedule, m, v and overlap replayed
-    (analysis.predict). Also the mean F, B, W times per chunk-microbatch (the layer spans) and
+    analysis.predict.calibrate on its steady steps) and its own schedule, m, v and overlap replayed
+    (analysis.predict.replay). Also the mean F, B, W times per chunk-microbatch (the layer spans) and
     the zero-bubble theory with them. On failure (e.g. a run without batch size or compute
     events) the values are None and `error` says why."""
     sch = meta.get("schedule") or {}
@@ -123,7 +123,7 @@ def partial(events, pebbles, memory, meta: dict, spill, own=None, steady_steps=(
             critical_path=None, rank_times=None, t_range=(-np.inf, np.inf),
             lb=None) -> Partial:
     """The chunk's share of the summary: its own steps `own` (default: every step of the
-    frames) from frames that also hold their neighbours (analysis.scan.Chunk). steady_steps:
+    frames) from frames that also hold their neighbours (analysis.read.scan.Chunk). steady_steps:
     the run's steady steps (the run's, not the chunk's: the warm-up step is the run's first
     complete one). critical_path: critical.critical_path(events) for (at least) the own steps
     when the caller has it; rank_times: the critical.RankTimes(events) it was walked on.
@@ -245,7 +245,7 @@ def summary_of(parts: list, meta: dict, steps: list, spill, table_ranks) -> dict
                           "error": sim["error"],
                           "how": "harness.simulate replaying this run's schedule with its own "
                                  "per-chunk action times, gaps and message times "
-                                 "(analysis.calibrate, analysis.predict)"},
+                                 "(analysis.predict.calibrate, analysis.predict.replay)"},
             "bubble_definition": "per step: mean over ranks of idle/span, idle = span - "
                                  "|union of compute spans|, span = last end - first start of "
                                  "compute over all ranks; median over steady steps",
@@ -263,7 +263,7 @@ def summarize(events, pebbles, memory, meta: dict, steps: list | None = None,
               critical_path=None, rank_times=None) -> dict:
     """Everything metrics.json holds, of a run held in memory (one chunk: partial and finish).
     `steps`: the complete steps (Run.steps); default all. critical_path:
-    analysis.critical.critical_path(events) when the caller has it already (it covers every
+    analysis.measure.critical.critical_path(events) when the caller has it already (it covers every
     step; the summary takes the steady ones); rank_times: the critical.RankTimes(events) it was
     walked on, if so (the blame reads the same)."""
     all_steps = sorted(int(s) for s in pd.unique(events["step"]))

@@ -31,13 +31,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis import chrome, kineto, metrics, report, stream, waits
+from analysis import chrome, report, stream
+
+from analysis import metrics
+
+from analysis.measure import waits
+
+from analysis.read import kineto
 from analysis.dims import MEMORY_SIZE, columns_for
 from analysis.pages import small_pages
-from analysis.plan import planned_from
-from analysis.runmeta import ranges
-from analysis.scan import open_run
-from analysis.tracefile import RunFormatError
+from analysis.measure.plan import planned_from
+from analysis.read.runmeta import ranges
+from analysis.read.scan import open_run
+from analysis.read.tracefile import RunFormatError
 
 OUTPUTS = ["metrics.json", "steps.csv", "trace.json", "pebble", "timeline", "memory"]
 # a trace.json above this many bytes gets a note: Perfetto's in-browser UI holds ~2 GB of
@@ -417,7 +423,7 @@ def _write_trace(idx, target: Path, res, window: bool, log) -> list[str]:
 
 
 class _KinetoRun:
-    """What analysis.kineto reads of a run."""
+    """What analysis.read.kineto reads of a run."""
 
     def __init__(self, idx):
         self.path, self.meta, self.origin_ns = idx.path, idx.meta, idx.origin

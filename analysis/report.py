@@ -1,7 +1,7 @@
 """The terminal table: metrics.json's summary as fixed-width text (pure: dict in, str out)."""
 from __future__ import annotations
 
-from analysis.waits import warning_line
+from analysis.measure.waits import warning_line
 from harness.schedule import BUBBLE_FORMULA
 
 MIB = 2**20

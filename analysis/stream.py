@@ -1,6 +1,6 @@
 """One pass over a run of any length: its chunks of steps analysed one at a time, in parallel.
 
-`analyse(index, opts)` plans chunks of steps (analysis.scan), and for each chunk, in a worker
+`analyse(index, opts)` plans chunks of steps (analysis.read.scan), and for each chunk, in a worker
 process (forked; `workers=1`: in this one), reads its frames and computes its share of
 everything analysis.pebble writes:
 
@@ -33,14 +33,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis import chrome, critical, metrics
-from analysis.live import live_bytes
-from analysis.decimate import MemoryCurves
-from analysis.plan import action_totals
-from analysis.scan import TARGET, RunIndex
-from analysis.spill import Spill
-from analysis.waits import recv_split
-from analysis.windows import steady, step_windows
+from analysis import chrome
+
+from analysis import metrics
+
+from analysis.measure import critical
+from analysis.measure.live import live_bytes
+from analysis.measure.decimate import MemoryCurves
+from analysis.measure.plan import action_totals
+from analysis.read.scan import TARGET, RunIndex
+from analysis.measure.spill import Spill
+from analysis.measure.waits import recv_split
+from analysis.measure.windows import steady, step_windows
 from harness.ops import malloc
 
 FLOW_IDS = 1 << 24        # flow ids of a trace window: its first step x this + 1, ...

@@ -26,7 +26,7 @@ from harness.config import keys as config_keys
 
 ID = ["point", "repeat", "tag", "exp", "p", "schedule", "v", "m", "overlap", "oversubscribed"]
 # where a rank's step goes: these add up to the step's span (other_idle is the rest)
-# (send split like the receive: late-receiver wait and transfer, analysis/waits.py)
+# (send split like the receive: late-receiver wait and transfer, analysis/measure/waits.py)
 PARTS = ["compute", "recv_wait", "recv_transfer", "send_wait", "send_transfer", "other_idle"]
 
 

@@ -2,9 +2,9 @@
 
 Predict what a measured run would cost with another schedule, microbatch count, split, world
 size, recomputation, or a faster or slower stage: the run's steady steps are calibrated
-(analysis/calibrate.py: per block and action kind, per transition between actions, per
+(analysis/predict/calibrate.py: per block and action kind, per transition between actions, per
 message), each is replayed through harness.simulate in the new configuration
-(analysis/predict.py), and the median of those predicted steps is printed beside the run's
+(analysis/predict/replay.py), and the median of those predicted steps is printed beside the run's
 measured numbers with the bubble and the peak activations. The predicted timeline is drawn
 under the measured one (whatif-<what>.png) and the numbers written to whatif-<what>.json, in
 RUN/analysis by default. Everything the prediction had to assume rather than read from the
@@ -26,12 +26,16 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no screen
 import matplotlib.pyplot as plt  # noqa: E402
 
-from analysis import metrics, style, target  # noqa: E402
-from analysis.calibrate import KINDS, Calibration, calibrate  # noqa: E402
-from analysis.load import RunFormatError, load_run  # noqa: E402
+from analysis import style  # noqa: E402
+
+from analysis import metrics  # noqa: E402
+
+from analysis.predict import target  # noqa: E402
+from analysis.predict.calibrate import KINDS, Calibration, calibrate  # noqa: E402
+from analysis.read.load import RunFormatError, load_run  # noqa: E402
 from analysis.pages import small_pages  # noqa: E402
 from analysis.plots.whatif import measured_and_predicted  # noqa: E402
-from analysis.predict import Prediction, Scale, predict  # noqa: E402
+from analysis.predict.replay import Prediction, Scale, predict  # noqa: E402
 
 __all__ = ["main", "measured", "parse_scale", "parse_overrides", "predict", "Scale",
            "Prediction", "table", "what_if"]
@@ -101,7 +105,7 @@ def parse_scale(text: str) -> Scale:
 
 
 def parse_overrides(items, meta: dict) -> dict:
-    """key=value list -> the what-if's settings (analysis.target.parse), defaults from the
+    """key=value list -> the what-if's settings (analysis.predict.target.parse), defaults from the
     run's meta.json; ValueError naming the key and what is allowed."""
     return target.parse(items, meta)
 

@@ -83,7 +83,7 @@ def inside_share(spans: list, items: list) -> float:
 def kernels_vs_spans(run) -> list[tuple[int, float, float]]:
     """Per rank: (rank, share of kernel time inside compute spans, kernel time / span time)
     over the Kineto steps."""
-    from analysis import kineto
+    from analysis.read import kineto
     a, b = (int(x) for x in KINETO.split("=")[1].split(":"))
     ev = run.events
     out = []

@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import compare, load_run
-from analysis.windows import steady
+from analysis.measure.windows import steady
 from benchmarks.common import launch, median_step_time
 
 

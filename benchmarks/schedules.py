@@ -10,7 +10,7 @@ For each (schedule, m) it runs ours (`mpirun -n P python -m harness.run`) and Py
 same machine state, `--repeats` times alternating who goes first, and prints the median step
 time (first 2 steps are warm-up), the median of the per-pair ratios, our measured bubble
 (analysis.metrics) split by phase (warm-up / steady / cool-down: the share of the step each
-rank idles in that phase, mean over ranks; analysis/phases.py) and the theory. Our naive is
+rank idles in that phase, mean over ranks; analysis/measure/phases.py) and the theory. Our naive is
 PyTorch's GPipe with m=1; interleaved (pipeline.virtual=2) runs ScheduleInterleaved1F1B, zbv
 ScheduleZBVZeroBubble and dualpipev ScheduleDualPipeV, all with our chunks as their stages, and
 zb_h1 runs ScheduleInterleavedZeroBubble with one stage per rank (benchmarks/torch_pipe.py).
@@ -28,7 +28,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from analysis import load_run, metrics
+from analysis import load_run
+
+from analysis import metrics
 from benchmarks.common import launch, median_step_time
 from harness.schedule import theory
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from analysis import chrome, load_run
-from analysis.live import live_bytes
+from analysis.measure.live import live_bytes
 from harness.synthetic import MS, make_run
 
 

@@ -1,7 +1,7 @@
 """The run-directory and trace contract (docs/run-format.md), written down once.
 
 Everything that a writer (harness.trace.writer, harness.rundir, harness.run, harness.executor,
-harness.synthetic) and a reader (analysis.load) must agree on lives here and only here: the format
+harness.synthetic) and a reader (analysis.read.load) must agree on lives here and only here: the format
 version, the column lists, the file paths, the message tag and the send/receive pair id.
 Pure Python, no third-party imports, so both sides (and tests) can import it cheaply.
 """

@@ -83,7 +83,7 @@ def trace_frame(run_dir, kind: str, rank: int):
     """A rank's trace file (either format) as pandas.read_csv read the CSV ones: local int ns,
     text as str, an empty integer as NaN. The file as written, without the analysis's
     alignment or sorting."""
-    from analysis.load import read_table
+    from analysis.read.load import read_table
     from harness import runformat as F
     p = Path(run_dir) / F.trace_file(kind, rank)
     if not p.exists():

@@ -130,7 +130,7 @@ def _reference(events, pebbles, memory, meta, critical):
 def test_trace_text_equals_dict_per_event_construction(tmp_path, how):
     """The writer renders text from templates for speed; its events must be exactly those a
     dict per event would give (json.loads equality: names, times rounded to the ns, args)."""
-    from analysis.critical import critical_path
+    from analysis.measure.critical import critical_path
     kw = {"gpipe-skew": dict(p=3, m=3, schedule="gpipe", clocks={2: (70_000, 90_000)}),
           "1f1b-overlap": dict(p=4, m=6, schedule="1f1b", overlap=True),
           "a rank's events missing": dict(p=3, m=2, schedule="1f1b")}[how]
@@ -211,7 +211,7 @@ def test_written_the_same_to_binary_text_and_string_files(tmp_path, run):
 
 
 def test_events_appended_to_a_written_trace_follow_its_own(tmp_path, run):
-    """analysis.kineto merges by append_events, which finds the tail after the last event:
+    """analysis.read.kineto merges by append_events, which finds the tail after the last event:
     the padded rows leave it where it was."""
     from analysis.chrome import append_events, write_chrome
     path = tmp_path / "trace.json"

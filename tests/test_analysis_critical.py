@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import critical as C
+from analysis.measure import critical as C
 from analysis import load_run
 from harness.synthetic import make_run
 

@@ -253,7 +253,7 @@ def test_divergence_looks_for_the_loss_on_the_rank_that_holds_it():
     is not divergence there, rank 0's is."""
     import pandas as pd
 
-    from analysis.load import divergence
+    from analysis.read.load import divergence
     nan = float("nan")
     stats = pd.DataFrame({"step": [0, 0], "rank": [0, 1], "loss": [2.3, nan],
                           "grad_norm": [1.0, 1.0]})
@@ -305,7 +305,7 @@ def test_fast_reader_reads_what_pandas_reads(csv_dir):
     import pandas as pd
     from pandas._libs.parsers import STR_NA_VALUES
 
-    from analysis.load import _NA_VALUES
+    from analysis.read.load import _NA_VALUES
     assert sorted(_NA_VALUES) == sorted(STR_NA_VALUES)
     run_dir = csv_dir
     clean = load_run(run_dir)

@@ -3,9 +3,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import intervals as iv
+from analysis.measure import intervals as iv
 from analysis import metrics as M
-from analysis.load import clock_offset_ns, load_run
+from analysis.read.load import clock_offset_ns, load_run
 
 from harness.runformat import LANE
 from harness.synthetic import make_run

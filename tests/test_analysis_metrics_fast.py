@@ -4,11 +4,11 @@ unsorted inputs: step_table's unions and phase idle, blame's wait walk, the inte
 import numpy as np
 import pytest
 
-from analysis import blame as B
-from analysis import critical as C
-from analysis import intervals as iv
+from analysis.measure import blame as B
+from analysis.measure import critical as C
+from analysis.measure import intervals as iv
 from analysis import metrics as M
-from analysis.load import load_run
+from analysis.read.load import load_run
 from harness.runformat import COMPUTE
 from harness.synthetic import pipeline_frames, write_run
 

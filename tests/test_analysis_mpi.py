@@ -79,7 +79,7 @@ def test_naive_critical_path_runs_through_every_stage(runs):
     got = {(x["rank"], x["what"]) for x in cp["per_rank_what"]}
     assert {(r, k) for r in range(2) for k in ("fwd", "bwd")} <= got
     # second way: per step the path's segments add up to the step's span (step_windows)
-    from analysis.critical import critical_path
+    from analysis.measure.critical import critical_path
     run = load_run(d)
     path = critical_path(run.events, run.steps)
     got = (path["end"] - path["start"]).groupby(path["step"]).sum()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from analysis import load_run
-from analysis.calibrate import calibrate
+from analysis.predict.calibrate import calibrate
 from analysis.whatif import measured, predict
 from harness.synthetic import MS, make_run
 
@@ -127,7 +127,7 @@ def test_a_pipeline_predicted_from_one_process(tmp_path):
     # one process ran the whole 4-block model: no message was measured, so the assumed
     # message time is said; with the truth's messages that long (a boundary of 64 floats per
     # row, 16 rows), the prediction is exact
-    from analysis.gaps import ASSUMED_MESSAGE
+    from analysis.predict.gaps import ASSUMED_MESSAGE
     from analysis.whatif import what_if
     one = _run(tmp_path, "one", schedule="naive", m=1, p=1, layers_per_stage=4, gaps=30 * US,
                t_opt=MS, block_times=True)

@@ -166,3 +166,20 @@ def test_function_level_imports_say_why():
                         bad.append(f"{path.relative_to(REPO)}:{node.lineno}: "
                                    f"{lines[node.lineno - 1].strip()}")
     assert not bad, "function-level imports without a comment saying why:\n" + "\n".join(bad)
+
+
+def test_the_analysis_layers_go_one_way():
+    """analysis.read (files to frames) uses nothing above it; analysis.measure (numbers from
+    frames) never a figure, the command lines or the what-if; analysis.predict never a figure or
+    a command line. So a number never depends on a figure module (or on matplotlib)."""
+    def layer_of(m):
+        parts = m.split(".")
+        return parts[1] if len(parts) > 1 and parts[0] == "analysis" else None
+    forbidden = {"read": ("measure", "predict", "plots", "stream", "pebble", "whatif",
+                          "compare", "figures"),
+                 "measure": ("predict", "plots", "stream", "pebble", "whatif", "compare",
+                             "figures"),
+                 "predict": ("plots", "stream", "pebble", "whatif", "compare", "figures")}
+    bad = [f"{m} imports {t}" for m, ts in import_graph().items() if layer_of(m) in forbidden
+           for t in ts if layer_of(t) in forbidden[layer_of(m)] or t.startswith("matplotlib")]
+    assert not bad, bad

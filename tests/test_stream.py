@@ -1,6 +1,6 @@
 """A run analysed a chunk of steps at a time gives what one pass over the whole run gives.
 
-Steps are independent beyond their neighbours (analysis/scan.py, analysis/stream.py): every
+Steps are independent beyond their neighbours (analysis/read/scan.py, analysis/stream.py): every
 summary number, steps.csv and every figure of a run cut into chunks must equal the run's in one
 piece, on runs whose chunk boundaries fall inside a step's window (ranks a step apart, a
 receive of step k posted while its sender is still in step k-1), with skewed clocks and with
@@ -16,12 +16,16 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
-from analysis import load_run, metrics, scan  # noqa: E402
-from analysis.decimate import Curve  # noqa: E402
+from analysis import load_run  # noqa: E402
+
+from analysis import metrics  # noqa: E402
+
+from analysis.read import scan  # noqa: E402
+from analysis.measure.decimate import Curve  # noqa: E402
 from analysis.pebble import main  # noqa: E402
 from analysis.plots.common import band, envelope  # noqa: E402
-from analysis.spill import Spill  # noqa: E402
-from analysis.windows import steady, step_windows  # noqa: E402
+from analysis.measure.spill import Spill  # noqa: E402
+from analysis.measure.windows import steady, step_windows  # noqa: E402
 from harness.synthetic import MS, make_run, pipeline_frames, write_run  # noqa: E402
 
 # runs whose steps overlap in time: each rank starts its next step when it is done with its
@@ -178,7 +182,7 @@ def test_spilled_medians_are_np_median(tmp_path):
     """Medians by selection over values kept on disk (passes over 16 bits at a time) equal
     np.median of the values in memory, with virtual zeros added, for any split of the values
     over writers and files."""
-    import analysis.spill as S
+    import analysis.measure.spill as S
     rng = np.random.default_rng(1)
     old = S.SMALL, S.BLOCK
     S.SMALL, S.BLOCK = 500, 333          # force several passes and blocks
@@ -203,7 +207,7 @@ def test_spilled_medians_are_np_median(tmp_path):
 
 @pytest.mark.parametrize("step", [False, True])
 def test_curves_cut_in_pieces_equal_band_and_envelope_of_the_whole(step):
-    """A curve added in pieces (analysis.decimate.Curve, merged) gives array for array what
+    """A curve added in pieces (analysis.measure.decimate.Curve, merged) gives array for array what
     plots.common.band and envelope give on the whole curve."""
     rng = np.random.default_rng(2)
     for trial in range(25):

@@ -22,7 +22,7 @@ import sys
 import pytest
 
 from analysis import load_run
-from analysis.live import live_bytes
+from analysis.measure.live import live_bytes
 from harness import schedule as S
 from helpers import REPO, losses, meta, run_batch, run_harness, run_torch
 

@@ -184,9 +184,9 @@ def test_a_column_like_the_last_batches_is_written_again_right(tmp_path):
 
 
 def test_writer_and_reader_agree_on_the_run_format(tmp_path):
-    """The harness's Tracer writes, analysis.load reads: same files, columns and values. A column
+    """The harness's Tracer writes, analysis.read.load reads: same files, columns and values. A column
     added to one side only, a renamed file or a changed header fails here."""
-    from analysis.load import read_trace
+    from analysis.read.load import read_trace
     from harness import runformat as F
     from harness.trace.pebbles import PebbleTracker
 

@@ -10,7 +10,7 @@ import json
 import pytest
 
 from analysis import load_run
-from analysis.calibrate import calibrate
+from analysis.predict.calibrate import calibrate
 from analysis.whatif import Scale, main, measured, parse_scale, predict
 from harness.synthetic import MS, make_run
 

@@ -26,8 +26,8 @@ import numpy as np
 from matplotlib.patches import FancyArrowPatch, Rectangle, Wedge
 
 from analysis import style
-from analysis.waits import recv_split
-from analysis.windows import COMPUTE, step_windows
+from analysis.measure.waits import recv_split
+from analysis.measure.windows import COMPUTE, step_windows
 
 FWD_Y, PEB_Y, BWD_Y, OPT_Y = 2.3, 1.45, 0.6, -0.2   # row centres, data units
 BOX_W, BOX_H, PEB_R, GAP = 0.8, 0.6, 0.24, 1.6       # op box, pebble radius, space between ranks

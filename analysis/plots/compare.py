@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from analysis import style
-from analysis.windows import step_windows
+from analysis.measure.windows import step_windows
 from analysis.plots.pebble import _legend, pebble_graph
 
 

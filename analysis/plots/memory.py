@@ -2,7 +2,7 @@
 samples (RSS on CPU; CUDA/NVML sources on GPU) below, on one time axis.
 
 `memory_plot(pebbles, memory)` draws a run held in memory. A run of any length is drawn from
-`analysis.decimate.MemoryCurves`, filled a time range at a time (analysis.pebble: each chunk of
+`analysis.measure.decimate.MemoryCurves`, filled a time range at a time (analysis.pebble: each chunk of
 steps adds its own), which cuts every curve to the figure's columns as it goes: the same
 picture, in memory that does not grow with the run.
 """
@@ -14,7 +14,7 @@ from matplotlib.collections import PolyCollection
 from matplotlib.lines import Line2D
 
 from analysis import style
-from analysis.decimate import MemoryCurves
+from analysis.measure.decimate import MemoryCurves
 from analysis.plots.common import columns
 
 DASHES = {"rss": "-", "cuda_allocated": "--", "cuda_reserved": ":", "nvml_used": "-.",

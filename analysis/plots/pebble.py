@@ -18,12 +18,12 @@ from matplotlib.colors import to_rgba
 from matplotlib.lines import Line2D
 from matplotlib.patches import ConnectionPatch, Patch
 
-from analysis import intervals as iv
+from analysis.measure import intervals as iv
 from analysis import style
-from analysis.live import live_bytes
-from analysis.stages import placement
-from analysis.waits import recv_split
-from analysis.windows import COMPUTE, step_windows
+from analysis.measure.live import live_bytes
+from analysis.measure.stages import placement
+from analysis.measure.waits import recv_split
+from analysis.measure.windows import COMPUTE, step_windows
 from analysis.plots.common import add_boxes, step_curve
 
 

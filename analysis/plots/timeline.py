@@ -14,10 +14,10 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from analysis import style
-from analysis.plan import planned_frame
+from analysis.measure.plan import planned_frame
 from analysis.plots.common import add_boxes
-from analysis.waits import recv_split, send_split
-from analysis.windows import COMPUTE, step_windows
+from analysis.measure.waits import recv_split, send_split
+from analysis.measure.windows import COMPUTE, step_windows
 
 LANE_GAP = 2.6  # y distance between ranks (two lanes of height ~1 plus a gap)
 
@@ -36,8 +36,8 @@ def timeline(events, steps=None, planned: pd.DataFrame | None = None, fig=None,
              span: float | None = None, title: str = "measured"):
     """Draw `steps` (default: the last three) of a run; `planned` from planned_frame().
 
-    critical: analysis.critical.critical_path segments, drawn as a black line along the path;
-    note: a warning printed under the title (e.g. an unreliable clock, analysis.waits);
+    critical: analysis.measure.critical.critical_path segments, drawn as a black line along the path;
+    note: a warning printed under the title (e.g. an unreliable clock, analysis.measure.waits);
     span: seconds the time axis shows (give two timelines the same value to compare them).
     A step starts where metrics.step_windows says (its first compute), like every metric."""
     all_steps = sorted(events["step"].unique())

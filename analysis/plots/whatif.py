@@ -6,7 +6,7 @@ import numpy as np
 from matplotlib.patches import Patch
 
 from analysis import style
-from analysis.windows import step_windows
+from analysis.measure.windows import step_windows
 from analysis.plots.common import add_boxes
 from analysis.plots.timeline import LANE_GAP, _lanes, timeline
 

@@ -7,7 +7,7 @@ straggler (debug.slow_*). With every knob off (the default) the executor runs as
 
 `debug.slow_rank=R debug.slow_ms=X` makes rank R a straggler by a known amount: every block of
 its stage sleeps X ms in its forward and X ms in its backward. The analysis's straggler blame
-(analysis/blame.py) must then put the extra waiting of the other ranks on rank R.
+(analysis/measure/blame.py) must then put the extra waiting of the other ranks on rank R.
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ The profiler records CPU operators (and, on CUDA, kernels and memcpys) and our a
 window opens and closes with a few empty ranges named `harness:clock:<t>`, where t is our
 trace clock (ns) just before the range began: offset = max over anchors of (t − ts·1000)
 (a range starts after its stamp, so the largest difference is the least delayed).
-analysis.kineto reads that back and merges the events into trace.json.
+analysis.read.kineto reads that back and merges the events into trace.json.
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Every wait state is caused by another rank being late (Scalasca's wait states, F
 - a receive blocked before its matching send began waits [tb, min(send.start, end)] on the
   sender;
 - a rendezvous send blocked until its receive was posted waits [tb, min(recv.start, end)] on
-  the receiver (analysis.waits).
+  the receiver (analysis.measure.waits).
 The cause is what the late rank was doing during that interval, found the way Scalasca's
 root-cause analysis propagates waits (Böhme et al. 2010): the part of the interval the late
 rank spent computing is blamed on (that rank, the compute kind: fwd, bwd, loss, opt); the
@@ -24,10 +24,10 @@ from bisect import bisect_right
 import numpy as np
 import pandas as pd
 
-from analysis import intervals as iv
-from analysis.critical import RankTimes, paused_gc
-from analysis.spill import Spill
-from analysis.windows import COMPUTE, windows
+from analysis.measure import intervals as iv
+from analysis.measure.critical import RankTimes, paused_gc
+from analysis.measure.spill import Spill
+from analysis.measure.windows import COMPUTE, windows
 
 _COMPUTE = frozenset(COMPUTE)
 MAX_DEPTH = 16  # wait chains longer than the pipeline is deep cannot happen; a guard only

@@ -1,4 +1,4 @@
-"""A run's measured spans as the schedule's actions: what the calibration (analysis/calibrate.py)
+"""A run's measured spans as the schedule's actions: what the calibration (analysis/predict/calibrate.py)
 takes its costs from.
 
 - `action_times`: one row per compute action (fwd incl. the loss, bwd incl. the loss backward,
@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from analysis.stages import layer_chunk
+from analysis.measure.stages import layer_chunk
 from harness import schedule as S
 
 # event kind -> the schedule action it belongs to (the loss runs inside the last stage's fwd

@@ -1,6 +1,6 @@
-"""What one calibration step's costs become under another configuration (analysis/predict.py).
+"""What one calibration step's costs become under another configuration (analysis/predict/replay.py).
 
-A `StepCosts` (analysis/calibrate.py) holds one measured step: per block and action kind its
+A `StepCosts` (analysis/predict/calibrate.py) holds one measured step: per block and action kind its
 busy time, per action the interpreter time between blocks, the optimizer step, the gaps
 between actions and the message times. `StepModel` maps them onto a `Target` (schedule,
 microbatches, split, world size, ...):
@@ -17,8 +17,8 @@ microbatches, split, world size, ...):
   B/backward and W/backward (the first stage's B computes nothing: its W is its backward, as
   harness.core.splitgrad does it); a full backward from a split one is B + W;
 - recomputation the calibration run did not have: each recomputed block's backward (B) reruns
-  its share of its forward first (analysis/target.py says which share);
-- gaps and messages: analysis/gaps.py.
+  its share of its forward first (analysis/predict/target.py says which share);
+- gaps and messages: analysis/predict/gaps.py.
 
 Everything the model had to assume rather than read from the runs is added to `assumed`
 (one line each), which analysis.whatif prints.

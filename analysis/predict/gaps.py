@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from analysis.costs import fit
+from analysis.predict.costs import fit
 
 # a message on the development VM's MPICH shared memory: ~20 µs + bytes / 3 GB/s
 # (a 64 KiB message measured 40-45 µs between two ranks, docs/results.md)

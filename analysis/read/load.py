@@ -2,7 +2,7 @@
 
 All times in the returned frames are float **seconds since the run's start**, on rank 0's clock:
 each rank's local nanoseconds get that rank's clock offset (meta.clock.estimates, linear
-interpolation between the "start" and "end" estimates, Score-P's method; analysis.align), then
+interpolation between the "start" and "end" estimates, Score-P's method; analysis.read.align), then
 the earliest aligned event start becomes 0. Frames (one row one thing, long form):
 
 - events:  rank, step, mb, layer, kind, lane, start, end, tb, peer, tag, bytes, pair
@@ -13,7 +13,7 @@ the earliest aligned event start becomes 0. Frames (one row one thing, long form
 - stats:   step, rank, loss, grad_norm, update_norm, step_time  (step_time in seconds)
 
 `load_run` holds the whole run in memory: for notebooks and small runs. A run of any length is
-read in chunks of steps with `analysis.scan.open_run(path)` (`.chunk(a, b)`, `.plan()`), which
+read in chunks of steps with `analysis.read.scan.open_run(path)` (`.chunk(a, b)`, `.plan()`), which
 is what `python -m analysis.pebble` does.
 
 The loader reads partial runs (a crashed or running job): it loads what is there, drops a
@@ -31,10 +31,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.align import clock_offset_ns
-from analysis.runmeta import divergence
-from analysis.scan import EVENT_FRAME, MEMORY_FRAME, PEBBLE_FRAME, build_frames, open_run
-from analysis.tracefile import _NA_VALUES, RunFormatError, read_table, read_trace
+from analysis.read.align import clock_offset_ns
+from analysis.read.runmeta import divergence
+from analysis.read.scan import EVENT_FRAME, MEMORY_FRAME, PEBBLE_FRAME, build_frames, open_run
+from analysis.read.tracefile import _NA_VALUES, RunFormatError, read_table, read_trace
 
 __all__ = ["Run", "RunFormatError", "load_run", "clock_offset_ns", "divergence", "read_table",
            "read_trace", "EVENT_FRAME", "PEBBLE_FRAME", "MEMORY_FRAME", "_NA_VALUES"]

@@ -4,7 +4,7 @@ Each rank's `trace/kineto.r<R>.json` is torch's Chrome-trace export: CPU operato
 our action ranges (`user_annotation`, `PP:0F1`) and, on CUDA, kernels, memcpys and the runtime
 calls. Kineto's clock (µs) is mapped onto the rank's trace clock with the `harness:clock:<ns>`
 anchor ranges the harness recorded when the window opened and closed (harness.trace.kineto),
-then aligned to rank 0 like every other time (analysis.load.clock_offset_ns). The events go
+then aligned to rank 0 like every other time (analysis.read.load.clock_offset_ns). The events go
 into trace.json under our spans: the same process (pid = rank), on lanes of their own —
 `kineto cpu <thread>` (tid 100+) and `kineto gpu <stream>` (tid 200+) — since Kineto's slices
 nest within its threads, not with our lanes.
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis.align import clock_offset_ns
+from analysis.read.align import clock_offset_ns
 from analysis.chrome import append_events
 from harness.runformat import kineto_file
 from harness.trace.kineto import ANCHOR

@@ -34,8 +34,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from analysis.spill import Spill
-from analysis.windows import COMPUTE, step_windows
+from analysis.measure.spill import Spill
+from analysis.measure.windows import COMPUTE, step_windows
 
 KINDS = ("compute", "transfer", "wait", "other")
 

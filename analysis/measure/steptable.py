@@ -3,18 +3,18 @@
 Each row: one rank in one step, the quantities metrics.py's docstring defines: span, compute,
 send, receive (wait and transfer split, Scalasca), copy, idle (and its split by pipeline phase),
 utilisation, overlap, peak activation bytes. All interval arithmetic is vectorised over every
-(step, rank) group at once (analysis.intervals).
+(step, rank) group at once (analysis.measure.intervals).
 """
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
-from analysis import intervals as iv
-from analysis import phases as ph
-from analysis import waits
-from analysis.live import live_bytes
-from analysis.windows import COMPUTE, windows
+from analysis.measure import intervals as iv
+from analysis.measure import phases as ph
+from analysis.measure import waits
+from analysis.measure.live import live_bytes
+from analysis.measure.windows import COMPUTE, windows
 
 
 def step_table(events: pd.DataFrame, pebbles: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -62,7 +62,7 @@ def _step_table(events, pebbles, rs, ss, lb=None) -> pd.DataFrame:
     for c in ("wait", "transfer"):
         out["recv_" + c] = np.bincount(tcode(rs), weights=rs[c].fillna(0).to_numpy(),
                                        minlength=n)[:n] if len(rs) else 0.0
-    # late receiver (Scalasca), analysis/waits.py
+    # late receiver (Scalasca), analysis/measure/waits.py
     for c in ("wait", "transfer"):
         out["send_" + c] = np.bincount(tcode(ss), weights=ss[c].fillna(0).to_numpy(),
                                        minlength=n)[:n] if len(ss) else 0.0
@@ -76,7 +76,7 @@ def _step_table(events, pebbles, rs, ss, lb=None) -> pd.DataFrame:
     with np.errstate(invalid="ignore", divide="ignore"):
         out["overlap_pct"] = rows(np.where(
             commt > 0, np.maximum(compute + commt - both, 0.0) / commt * 100, np.nan))
-    # the idle split by pipeline phase (analysis/phases.py); where the rank did no compute,
+    # the idle split by pipeline phase (analysis/measure/phases.py); where the rank did no compute,
     # all of its idle is steady
     kind = events["kind"]
     sw = np.tile(np.arange(S_), R)   # each group's step

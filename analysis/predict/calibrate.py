@@ -1,4 +1,4 @@
-"""A pipeline's costs, calibrated from measured runs: what the what-if replays (analysis/predict.py).
+"""A pipeline's costs, calibrated from measured runs: what the what-if replays (analysis/predict/replay.py).
 
 The measured step time a user compares with is the median over the steady steps of the step's
 span (analysis.metrics). A prediction from mean action times predicts the mean step instead,
@@ -6,9 +6,9 @@ and on a shared CPU, where a step now and then runs slow, the mean is the longer
 on means, the what-if missed its own calibration runs by +6 to +10 % (issue 22; by +30 % on a
 loaded host). So the costs are kept per step: each kept steady step of the calibration run(s)
 is one `StepCosts`, the prediction replays every one of them through harness.simulate and
-takes the median, the same statistic as the measurement (analysis/predict.py).
+takes the median, the same statistic as the measurement (analysis/predict/replay.py).
 
-Per step (seconds; means over the step's actions, analysis/actions.py):
+Per step (seconds; means over the step's actions, analysis/predict/actions.py):
 - layer: per (layer, action kind) a block's busy time in one action: its spans (fwd; bwd; the
   split backward's bwd_in per layer and bwd_w per chunk on the chunk's first layer; the loss is
   layer L, in fwd and in bwd or bwd_in). Layer -1: a whole stage (per-layer tracing off).
@@ -40,12 +40,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from analysis.actions import action_gaps, action_times, layer_times, schedule_table
-from analysis.costs import RunFacts, StepCosts, fit
-from analysis.first import first_pebbles, merge_first
-from analysis.stages import placement
-from analysis.waits import recv_split, send_split
-from analysis.windows import steady
+from analysis.predict.actions import action_gaps, action_times, layer_times, schedule_table
+from analysis.predict.costs import RunFacts, StepCosts, fit
+from analysis.predict.first import first_pebbles, merge_first
+from analysis.measure.stages import placement
+from analysis.measure.waits import recv_split, send_split
+from analysis.measure.windows import steady
 from harness import schedule as S
 
 KINDS = ("fwd", "bwd", "opt", "bwd_in", "bwd_w")
@@ -116,7 +116,7 @@ class CalStats:
         self._table = None
 
     def table(self) -> pd.DataFrame:
-        """The run's schedule as a table (analysis.actions.schedule_table), built once."""
+        """The run's schedule as a table (analysis.predict.actions.schedule_table), built once."""
         if self._table is None:
             sch = self.meta.get("schedule") or {}
             pl = placement(self.meta)

@@ -1,7 +1,7 @@
 """A what-if's configuration from `key=value` overrides, as the harness would build it.
 
 `parse(items, meta)` reads the overrides against the measured run's meta.json (the defaults);
-`layout(...)` turns them into what analysis.predict needs: the split (pipeline.split, or the
+`layout(...)` turns them into what analysis.predict.replay needs: the split (pipeline.split, or the
 harness's own rule for pipeline.balance: the MLP and the default balance parameters, `time`
 the blocks' forward + backward at the target's rows, from the set-up block times), and each
 stage's activation bytes per microbatch from the harness's own formulas for the built-in

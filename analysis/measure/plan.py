@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from analysis.waits import recv_split
+from analysis.measure.waits import recv_split
 from harness.schedule import from_json
 from harness.schedule.simulate import simulate, to_frame
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from analysis.spill import Spill
+from analysis.measure.spill import Spill
 
 SHARE_LIMIT = 0.10  # uncertainty / median transfer above which a split is flagged unreliable
 

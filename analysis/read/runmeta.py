@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.tracefile import RunFormatError, parse_rows
+from analysis.read.tracefile import RunFormatError, parse_rows
 from harness.ops.heartbeat import judge
 from harness.runformat import FORMATS, STATS_COLS
 

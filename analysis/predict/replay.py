@@ -2,8 +2,8 @@
 schedule, microbatch count, split, world size, or a faster or slower stage (what
 analysis.whatif prints and the summary's `bubble_simulated` is).
 
-Each kept calibration step (analysis/calibrate.py) becomes one predicted step: its costs mapped
-onto the target (analysis/costs.py, analysis/gaps.py), simulated. The prediction is the median
+Each kept calibration step (analysis/predict/calibrate.py) becomes one predicted step: its costs mapped
+onto the target (analysis/predict/costs.py, analysis/predict/gaps.py), simulated. The prediction is the median
 over them, as the measured step time is the median over steady steps; the interquartile range
 says how much the calibration steps differed.
 """
@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from analysis.calibrate import KINDS, Calibration
-from analysis.costs import StepModel, Target
-from analysis.gaps import Gaps, Messages
+from analysis.predict.calibrate import KINDS, Calibration
+from analysis.predict.costs import StepModel, Target
+from analysis.predict.gaps import Gaps, Messages
 from harness import schedule as S
 from harness.schedule.simulate import simulate
 
@@ -81,7 +81,7 @@ def predict(cal: Calibration, schedule: str, m: int, batch: int | None = None,
     calibration run's) with `split` (first, end) per global stage. stage_bytes: activation
     bytes one microbatch leaves on each global stage (default: the calibration run's per rank,
     scaled to the rows; needed when the split or world size differs). recompute: {layer:
-    share of its forward its backward reruns} (analysis.target.recompute_share)."""
+    share of its forward its backward reruns} (analysis.predict.target.recompute_share)."""
     t = target_of(cal, schedule, m, batch, overlap, scales, virtual, p, split, recompute)
     if not cal.steps:
         raise ValueError("no steady step to replay (the run needs two complete steps)")

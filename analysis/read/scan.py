@@ -6,7 +6,7 @@ ends in the file; per step the events it has and when they start and end (aligne
 clock); which steps every rank completed; the run's origin (its first event); and the pebbles
 that outlive the step after theirs (never freed, or held across steps, as with
 pipeline.detach=false), which are kept aside. Then `RunIndex.chunk(a, b)` hands out the frames
-of steps a..b (the columns and order of `analysis.load.Run`'s) with the context every analysis
+of steps a..b (the columns and order of `analysis.read.load.Run`'s) with the context every analysis
 of those steps needs:
 
 - the neighbouring steps: a step's window can hold another step's work (a receive posted in
@@ -40,9 +40,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pacompute
 
-from analysis import align as A
-from analysis import runmeta
-from analysis.tracefile import ARROW, DTYPES, TraceFile, nullable
+from analysis.read import align as A
+from analysis.read import runmeta
+from analysis.read.tracefile import ARROW, DTYPES, TraceFile, nullable
 from harness.ops import malloc
 from harness.runformat import LANE, TRACE_COLS, trace_file
 
@@ -52,7 +52,7 @@ TARGET = 400_000      # rows (events + pebbles) per chunk, by default
 _NONE = np.iinfo(np.int64).max   # a batch with no row to hand out: its key range is empty
 _TIMES = ("t0", "t1", "tb", "t_store", "t_free", "t")
 
-# the frames' columns (analysis.load's docstring)
+# the frames' columns (analysis.read.load's docstring)
 EVENT_FRAME = ("rank", "step", "mb", "layer", "kind", "lane", "start", "end", "tb", "peer", "tag",
                "bytes", "pair")
 PEBBLE_FRAME = ("rank", "step", "mb", "layer", "kind", "bytes", "stored", "freed", "module",
@@ -104,7 +104,7 @@ class FileIndex:
 class Chunk:
     """Frames of steps lo..hi (inclusive) with their context steps lo_ctx..hi_ctx, and the
     chunk's own time range [t_lo, t_hi) in seconds since the run's origin (-inf/inf at the run's
-    ends). Frames as analysis.load.Run's."""
+    ends). Frames as analysis.read.load.Run's."""
     lo: int
     hi: int
     lo_ctx: int
@@ -531,7 +531,7 @@ def _scan_memory(tf: TraceFile, rank: int, meta: dict):
 
 def build_frames(parts: dict, meta: dict, origin: int):
     """Per kind {rank: pyarrow table} -> the events, pebbles and memory frames of a Run
-    (analysis.load's docstring): times aligned, in seconds since `origin`, rows sorted by
+    (analysis.read.load's docstring): times aligned, in seconds since `origin`, rows sorted by
     (rank, start) / (rank, stored) / (rank, source, time), text as categoricals."""
     ev = _cat(parts["events"], "events", meta)
     peb = _cat(parts["pebbles"], "pebbles", meta)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from analysis import intervals as iv
+from analysis.measure import intervals as iv
 from harness import runformat
 
 COMPUTE = runformat.COMPUTE  # fwd, bwd, loss, opt, norms (the run's gradient/update statistics)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from analysis.live import live_bytes
+from analysis.measure.live import live_bytes
 
 
 class Curve:
