@@ -11,6 +11,7 @@ import pytest
 from analysis import load_run
 from analysis.predict.calibrate import calibrate
 from analysis.whatif import measured, predict
+from harness import schedule as S
 from harness.synthetic import MS, make_run
 
 US = MS // 1000
@@ -147,7 +148,6 @@ BY_CATEGORY = {(True, True): 40 * US, (True, False): 80 * US, (False, True): 20 
 
 
 def _category_gaps(*schedules):
-    from harness import schedule as S
     out = {}
     for sch, m in schedules:
         for acts in S.build(sch, 2, m, False):
