@@ -107,10 +107,16 @@ def sleep_length(seconds: float, n: int = 200) -> float:
     return statistics.mean(took)
 
 
-def slow_factor(cal, rank: int, added_s: float, kind: str, rows: int) -> float:
+def slow_factor(pred, rank: int, added_s: float, kind: str) -> float:
     """The straggler knob as a --scale factor: the rank's `kind` action takes added_s longer,
-    so (wall + added_s) / wall at the predicted microbatch size."""
-    w = cal.cost("wall", rank, kind, rows)
+    so (wall + added_s) / wall, wall the action as the unslowed prediction `pred` has it (the
+    mean over its actions in the median step): the factor multiplies that cost, not another
+    estimate of it (the calibration's pooled line in rows, through the origin for one size,
+    said 2.18 ms for a backward the prediction costs 2.41 ms from the block times: the factor
+    then added 10.1 ms, not the 9.1 measured)."""
+    fr = pred.frame
+    d = fr[(fr["rank"] == rank) & (fr["kind"] == kind)]
+    w = float((d["end"] - d["start"]).mean()) if len(d) else 0.0
     return (w + added_s) / w if w else 1.0
 
 
@@ -195,7 +201,6 @@ def schedule_table(a, dirs, loaded, slept) -> tuple[dict, list]:
     cals = a.calibrate.split(",")
     cal_runs = [loaded(x) for c in cals for x in dirs[c]]
     notes, errs, steps = [], {}, {}
-    cal = None
     print(f"\n1. calibrated on {a.calibrate} ({len(cal_runs)} runs)\n{HEAD}")
     for name in [n for n in dirs if n in [f"{s}-{m}" for s, m in SCHEDULES] + ["slow"]]:
         runs = [loaded(x) for x in dirs[name]]
@@ -205,13 +210,12 @@ def schedule_table(a, dirs, loaded, slept) -> tuple[dict, list]:
         items = [f"schedule={sch['name']}", f"m={sch['microbatches']}"]
         scales = []
         if name == "slow":
-            cal = cal or what_if(cal_runs, items)[0]
-            rows = cal.batch // SLOW[1]
+            cal, plain = what_if(cal_runs, items)
             blocks = cal.blocks.get(SLOW[2], 0)
             added = ({k: blocks * slept for k in ("fwd", "bwd")} if a.straggler == "sleep" else
                      added_per_action(runs, [loaded(x) for x in dirs[f"{SLOW[0]}-{SLOW[1]}"]],
                                       SLOW[2]))
-            scales = [Scale(SLOW[2], k, slow_factor(cal, SLOW[2], add, k, rows))
+            scales = [Scale(SLOW[2], k, slow_factor(plain, SLOW[2], add, k))
                       for k, add in added.items()]
             notes += [f"straggler: rank {SLOW[2]}'s {sc.kind} {added[sc.kind] * 1e3:+.3f} ms per "
                       f"action ({a.straggler}) -> --scale factor {sc.factor:.3f}" for sc in scales]

@@ -122,6 +122,25 @@ def test_straggler_factor_read_from_traces(tmp_path, rank):
     assert added_per_action([base], [base], rank)["bwd"] == 0.0
 
 
+def test_straggler_factor_scales_the_predictions_own_action(tmp_path):
+    # the factor that adds `added` to an action must be (w + added) / w with w the action as
+    # the prediction costs it (per block from the set-up times: 0.2 ms + 4 µs per row here),
+    # not the calibration's pooled line in rows (through the origin for one size: 0.2 ms +
+    # 4 µs x 32 rows taken as 10.25 µs per row, 0.164 ms at 16 rows against 0.264 ms), which
+    # added 60 % more than measured (the prediction +24 % here)
+    from benchmarks.whatif_accuracy import slow_factor
+    from analysis.whatif import what_if
+    kw = dict(p=2, layers_per_stage=3, batch=64, xfer=0, t_bwd=3 * MS // 10,
+              per_row={"fwd": 4 * MS // 1000, "bwd": 9 * MS // 1000}, block_times=True)
+    cal = _run(tmp_path, "g2", schedule="gpipe", m=2, t_fwd=MS // 5, **kw)
+    slow = _run(tmp_path, "slow", schedule="gpipe", m=4, t_fwd=MS // 5 + MS // 2, **kw)
+    _, plain = what_if([cal], ["schedule=gpipe", "m=4"])
+    added = 3 * 0.5e-3                      # 3 blocks per stage, each 0.5 ms slower forward
+    scales = [Scale(r, "fwd", slow_factor(plain, r, added, "fwd")) for r in (0, 1)]
+    _, pred = what_if([cal], ["schedule=gpipe", "m=4"], scales)
+    assert pred.step_s == pytest.approx(measured(slow)["step_s"], rel=1e-9)
+
+
 def test_accuracy_noise_lines_from_plain_numbers():
     from benchmarks.whatif_accuracy import noise
     steps = {"naive-1": [0.040, 0.044, 0.036], "gpipe-1": [0.038, 0.038, 0.038],

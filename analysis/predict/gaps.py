@@ -11,8 +11,16 @@ measurement, and every step that is not the first is said in `assumed`:
    backward is split (bwd_in, bwd_w ~ bwd);
 4. blocking and non-blocking posts alike (isend ~ send, irecv ~ recv; a wait ~ any wait:
    overlap=true from a run without it);
-5. the median of every gap into an action of that class on the rank, then of all its gaps;
-6. zero (nothing measured at all).
+5. the median of the rank's gaps into an action of that class from an action of the same
+   category as the previous one (compute, or a message call: a post, a wait, a blocking send
+   or receive); else the median of the gaps between the same categories (the rank's, then any
+   rank's): what the executor does between two actions depends mostly on what it just
+   finished: after a compute action it frees the graph and books the step (~50-100 µs on the
+   development VM), after a post it goes on at once (5-35 µs), so a 1F1B's irecv -> isend or
+   wait -> wait from a GPipe run is a gap between two message calls, not the median gap into a
+   send (which follows a backward there: 2-4x too long, measured);
+6. the median of every gap into an action of that class on the rank, then of all its gaps;
+7. zero (nothing measured at all).
 
 Messages: seconds per message as c + k·bytes through the median transfer time of each measured
 message size (through the origin for one size), times the step's own transfers over those
@@ -46,6 +54,18 @@ def _blocking(kind: str) -> str:
     """_cls, with non-blocking posts as blocking calls and every wait as one kind."""
     c = _cls(kind)
     return {"isend": "send", "irecv": "recv", "wait_send": "wait", "wait_recv": "wait"}.get(c, c)
+
+
+COMPUTE = ("fwd", "bwd", "opt", "bwd_in", "bwd_w")
+
+
+def _compute(kind: str) -> bool:
+    """Whether an action computes (else it is a message call: a post, a wait, a send/recv)."""
+    return kind in COMPUTE
+
+
+def _what(compute: bool) -> str:
+    return "compute action" if compute else "message call"
 
 
 def _median(vals) -> float:
@@ -94,6 +114,24 @@ class Gaps:
                     self.assumed.add(say + f"took {like[0][1]} -> {like[0][2]} "
                                      f"({typ[like[0]] * 1e6:.0f} µs; {what})")
                     return like[0]
+        # the gap is mostly the executor's work after the previous action (a compute action
+        # frees its graph, a post returns at once): keep its category (compute or message)
+        cat = (_compute(prev), _compute(kind))
+        into = [v for k, v in typ.items() if k[0] == rc and _blocking(k[2]) == _blocking(kind)
+                and _compute(k[1]) == cat[0]]
+        if into:
+            v = _median(into)
+            self.assumed.add(say + f"took the median gap from a {_what(cat[0])} into a "
+                                   f"{_blocking(kind)} ({v * 1e6:.0f} µs)")
+            return v
+        for rank_ok in (lambda k: k[0] == rc, lambda k: True):
+            same = [v for k, v in typ.items() if rank_ok(k) and (_compute(k[1]),
+                                                                _compute(k[2])) == cat]
+            if same:
+                v = _median(same)
+                self.assumed.add(say + f"took the median gap from a {_what(cat[0])} into a "
+                                       f"{_what(cat[1])} ({v * 1e6:.0f} µs)")
+                return v
         into = [v for k, v in typ.items() if k[0] == rc and _blocking(k[2]) == _blocking(kind)]
         vals = into or [v for k, v in typ.items() if k[0] == rc] or list(typ.values())
         v = _median(vals) if vals else 0.0
