@@ -103,8 +103,8 @@ def interleaved_torch(steps: int, overrides: list[str], ranks: int):
                     [*overrides, f"trace.enabled={str(traced).lower()}"], world_size=1)
                 # the threads one rank of a `ranks`-rank run gets on this host
                 cfg.threads = cfg.threads or max(1, config.cores_available() // ranks)
-                workers[traced] = w = TorchWorker(cfg, sched, 0, Path(tmp) / str(traced),
-                                                  print, comm)
+                workers[traced] = w = TorchWorker(cfg, sched, 0, print, comm)
+                w.open(Path(tmp) / str(traced))
                 w.start()
             times = {True: [], False: []}
             for i in range(steps):
