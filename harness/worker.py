@@ -70,13 +70,8 @@ class Worker:
                       else cfg.comm.cuda_aware == "true") and device.type == "cuda"
         self.cuda_aware = cuda_aware
 
-        self.stage = st = stage.build(cfg, rank, schedule.placement, self.mb_rows,
-                                      agree=comm.bcast, model=self.model)
-        check_boundaries(st)
-        st.info["digests"] = digest_record(st, self.model)
-        layers = st.layers.to(device)
-        self.block_times = self._block_times(st, device)
-        debug_knobs.apply(cfg.debug, rank, layers)  # test knobs (debug.slow_*), no-op by default
+        st = self._stage(device)
+        layers = st.layers
         opt = torch.optim.SGD(layers.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum)
 
         tracker, timer, mem_status = self._trace(base, layers.parameters(), device)
@@ -91,6 +86,21 @@ class Worker:
                                                  f"cuda-aware MPI {cuda_aware}")
 
     # -- the parts every runtime's worker sets up the same way ---------------------------------
+    def _stage(self, device):
+        """Collective: this rank's stage of the agreed model on `device`, its boundary tensors
+        checked against the other ranks', its blocks' digests recorded and timed alone
+        (set-up block times), then the test knobs that slow it down (debug.slow_*, no-op by
+        default) -> the stage (also self.stage)."""
+        cfg, comm = self.cfg, self.comm
+        self.stage = st = stage.build(cfg, self.rank, self.schedule.placement, self.mb_rows,
+                                      agree=comm.bcast, model=self.model)
+        check_boundaries(st, comm)
+        st.info["digests"] = digest_record(st, self.model, comm)
+        st.layers.to(device)
+        self.block_times = self._block_times(st, device)
+        debug_knobs.apply(cfg.debug, self.rank, st.layers)
+        return st
+
     def _block_times(self, st, device):
         """The blocks' own cost at several microbatch sizes (what the what-if scales with),
         timed before the test knobs slow them down (harness.trace.blocktime), or None."""

@@ -15,10 +15,9 @@ from types import SimpleNamespace
 import torch
 
 from .. import schedule as S
-from ..core import stage
 from ..core.executor import step_norms
 from ..ops import debug_knobs
-from ..worker import Worker, check_boundaries, digest_record
+from ..worker import Worker
 from . import plan
 from .build import torch_schedule
 from .probe import NoProbe, Probe
@@ -36,16 +35,11 @@ class TorchWorker(Worker):
     def open(self, base) -> None:
         """Collective: this rank's stage, PyTorch's schedule on it, the optimizer and the trace
         (into base), the probe that records PyTorch's actions."""
-        cfg, rank, comm, schedule = self.cfg, self.rank, self.comm, self.schedule
+        cfg, rank, schedule = self.cfg, self.rank, self.schedule
         device = torch.device("cpu")   # gloo's CPU tensors (config refuses device=cuda)
         self.cuda_aware = False
         pl, m = schedule.placement, cfg.pipeline.microbatches
-        self.stage = st = stage.build(cfg, rank, pl, self.mb_rows, agree=comm.bcast,
-                                      model=self.model)
-        check_boundaries(st, comm)
-        st.info["digests"] = digest_record(st, self.model, comm)
-        self.block_times = self._block_times(st, device)
-        debug_knobs.apply(cfg.debug, rank, st.layers)  # test knobs (debug.slow_*)
+        st = self._stage(device)
         self.sched, blocks = torch_schedule(cfg.schedule, st, pl, rank, m, device)
         self.first, self.last = 0 in blocks, pl.stages - 1 in blocks
         self.params = list(st.layers.parameters())
