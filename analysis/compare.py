@@ -20,15 +20,12 @@ matplotlib.use("Agg")  # files only, no screen
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from analysis import style  # noqa: E402
-
-from analysis import metrics  # noqa: E402
-
+from analysis import metrics, style  # noqa: E402
 from analysis.measure import critical, waits  # noqa: E402
-from analysis.read.load import RunFormatError, load_run  # noqa: E402
+from analysis.measure.windows import steady, step_windows  # noqa: E402
 from analysis.pages import small_pages  # noqa: E402
 from analysis.plots import timeline  # noqa: E402
-from analysis.measure.windows import steady, step_windows  # noqa: E402
+from analysis.read.load import RunFormatError, load_run  # noqa: E402
 
 # per-rank medians compared (seconds unless the name says otherwise)
 COLUMNS = ["span", "compute", "idle", "idle_warmup", "idle_steady", "idle_cooldown",

@@ -35,9 +35,7 @@ import pandas as pd  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from analysis import lessons, load_run, style  # noqa: E402
-
-from analysis import metrics, sweep_stats  # noqa: E402
+from analysis import lessons, load_run, metrics, style, sweep_stats  # noqa: E402
 from analysis.metrics import steady, step_windows  # noqa: E402
 from analysis.pages import small_pages  # noqa: E402
 from analysis.plots import (breakdown_plot, bubble_plot, peak_memory_plot,  # noqa: E402

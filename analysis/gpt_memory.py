@@ -14,9 +14,7 @@ import pandas as pd
 import torch
 from matplotlib.ticker import NullFormatter, ScalarFormatter
 
-from analysis import style
-
-from analysis import metrics
+from analysis import metrics, style
 from harness.models import gpt as G
 from harness.models import gpt_memory as GM
 from harness.trace.pebbles import PebbleTracker

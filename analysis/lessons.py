@@ -11,9 +11,7 @@ import matplotlib.pyplot as plt
 import torch
 from omegaconf import OmegaConf
 
-from analysis import load_run, style
-
-from analysis import metrics
+from analysis import load_run, metrics, style
 from analysis.plots import detach_lesson, requires_grad_lesson
 from harness import config
 from harness.models import mlp as model

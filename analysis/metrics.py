@@ -37,15 +37,14 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from analysis.measure import blame as bl_mod
-from analysis.measure import critical, waits
-from analysis.predict.calibrate import CalStats, combine
+from analysis.measure import blame as bl_mod, critical, waits
 from analysis.measure.live import live_bytes, memory_by_step
-from analysis.predict.replay import predict
 from analysis.measure.spill import Spill
 from analysis.measure.steptable import _step_table, step_table
 from analysis.measure.waits import clock_check, recv_split
 from analysis.measure.windows import COMPUTE, step_windows, steady
+from analysis.predict.calibrate import CalStats, combine
+from analysis.predict.replay import predict
 from harness import schedule as S
 
 # the ground floor's names, for the callers that import them from here

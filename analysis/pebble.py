@@ -29,18 +29,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
-from analysis import chrome, report, stream
-
-from analysis import metrics
-
-from analysis.measure import waits
-
-from analysis.read import kineto
+from analysis import chrome, metrics, report, stream
 from analysis.dims import MEMORY_SIZE, columns_for
-from analysis.pages import small_pages
+from analysis.measure import waits
 from analysis.measure.plan import planned_from
+from analysis.pages import small_pages
+from analysis.read import kineto
 from analysis.read.runmeta import ranges
 from analysis.read.scan import open_run
 from analysis.read.tracefile import RunFormatError

@@ -33,18 +33,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis import chrome
-
-from analysis import metrics
-
+from analysis import chrome, metrics
 from analysis.measure import critical
-from analysis.measure.live import live_bytes
 from analysis.measure.decimate import MemoryCurves
+from analysis.measure.live import live_bytes
 from analysis.measure.plan import action_totals
-from analysis.read.scan import TARGET, RunIndex
 from analysis.measure.spill import Spill
 from analysis.measure.waits import recv_split
 from analysis.measure.windows import steady, step_windows
+from analysis.read.scan import TARGET, RunIndex
 from harness.ops import malloc
 
 FLOW_IDS = 1 << 24        # flow ids of a trace window: its first step x this + 1, ...

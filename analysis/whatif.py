@@ -26,16 +26,13 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no screen
 import matplotlib.pyplot as plt  # noqa: E402
 
-from analysis import style  # noqa: E402
-
-from analysis import metrics  # noqa: E402
-
-from analysis.predict import target  # noqa: E402
-from analysis.predict.calibrate import KINDS, Calibration, calibrate  # noqa: E402
-from analysis.read.load import RunFormatError, load_run  # noqa: E402
+from analysis import metrics, style  # noqa: E402
 from analysis.pages import small_pages  # noqa: E402
 from analysis.plots.whatif import measured_and_predicted  # noqa: E402
+from analysis.predict import target  # noqa: E402
+from analysis.predict.calibrate import KINDS, Calibration, calibrate  # noqa: E402
 from analysis.predict.replay import Prediction, Scale, predict  # noqa: E402
+from analysis.read.load import RunFormatError, load_run  # noqa: E402
 
 __all__ = ["main", "measured", "parse_scale", "parse_overrides", "predict", "Scale",
            "Prediction", "table", "what_if"]

@@ -28,9 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from analysis import load_run
-
-from analysis import metrics
+from analysis import load_run, metrics
 from benchmarks.common import launch, median_step_time
 from harness.schedule import theory
 

@@ -33,9 +33,9 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import load_run
+from analysis.measure.windows import steady
 from analysis.predict.calibrate import action_times
 from analysis.whatif import Scale, measured, what_if
-from analysis.measure.windows import steady
 from benchmarks.common import launch
 
 MODEL = ["model.layers=8", "model.width=512", "model.in_features=512", "data.batch_size=256",

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.measure import critical as C
 from analysis import load_run
+from analysis.measure import critical as C
 from harness.synthetic import make_run
 
 CASES = [("1f1b", 4, 1), ("gpipe", 2, 1), ("interleaved", 2, 2), ("zbv", 3, 2), ("zb_h1", 3, 1)]

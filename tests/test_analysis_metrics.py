@@ -3,8 +3,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.measure import intervals as iv
 from analysis import metrics as M
+from analysis.measure import intervals as iv
 from analysis.read.load import clock_offset_ns, load_run
 
 from harness.runformat import LANE

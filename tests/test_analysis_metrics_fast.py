@@ -4,10 +4,8 @@ unsorted inputs: step_table's unions and phase idle, blame's wait walk, the inte
 import numpy as np
 import pytest
 
-from analysis.measure import blame as B
-from analysis.measure import critical as C
-from analysis.measure import intervals as iv
 from analysis import metrics as M
+from analysis.measure import blame as B, critical as C, intervals as iv
 from analysis.read.load import load_run
 from harness.runformat import COMPUTE
 from harness.synthetic import pipeline_frames, write_run

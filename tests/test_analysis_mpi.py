@@ -7,8 +7,7 @@ import sys
 
 import pytest
 
-from analysis import load_run
-from analysis import metrics as M
+from analysis import load_run, metrics as M
 from helpers import REPO, SMALL, Batches
 
 

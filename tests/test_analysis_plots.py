@@ -102,8 +102,8 @@ def test_mb_colors_are_mb_color_of_each():
 
 
 def test_median_durations_match_a_groupby(run):
-    from analysis.metrics import COMPUTE
     from analysis.measure.plan import _median_durations
+    from analysis.metrics import COMPUTE
     for ev in (run.events, run.events[run.events["step"].isin(run.steps[1:])],
                run.events[run.events["kind"] != "opt"]):
         # the formulation it replaced: sum per (rank, step, action, mb), median per (rank, action)

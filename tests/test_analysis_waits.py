@@ -10,12 +10,9 @@ import pytest
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from analysis.measure import blame as B  # noqa: E402
-from analysis.measure import critical as C  # noqa: E402
-from analysis import load_run, style  # noqa: E402
-from analysis import metrics as M  # noqa: E402
-from analysis.measure import waits as W  # noqa: E402
+from analysis import load_run, metrics as M, style  # noqa: E402
 from analysis.chrome import TID, chrome_json  # noqa: E402
+from analysis.measure import blame as B, critical as C, waits as W  # noqa: E402
 from analysis.measure.phases import phase_idle  # noqa: E402
 from analysis.plots import timeline  # noqa: E402
 from harness.runformat import LANE  # noqa: E402

@@ -12,10 +12,7 @@ import pytest
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from analysis import load_run, style  # noqa: E402
-
-from analysis import metrics, sweep_stats  # noqa: E402
-from analysis import figures as figs  # noqa: E402
+from analysis import figures as figs, load_run, metrics, style, sweep_stats  # noqa: E402
 from analysis.plots import (breakdown_plot, bubble_plot, frame_states,  # noqa: E402
                             pebble_animation, peak_memory_plot, schedules_side_by_side)
 from experiments import sweep  # noqa: E402

@@ -5,9 +5,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from analysis import figures as figs  # noqa: E402
-from analysis import style  # noqa: E402
-from analysis import sweep_stats  # noqa: E402
+from analysis import figures as figs, style, sweep_stats  # noqa: E402
 from analysis.plots import bubble_plot, peak_memory_plot  # noqa: E402
 from experiments import sweep  # noqa: E402
 from helpers import render_png, run_batch  # noqa: E402

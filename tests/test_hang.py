@@ -188,8 +188,8 @@ def test_gather_moves_and_tidies(tmp_path, monkeypatch):
 
 
 def test_kineto_events_land_on_the_aligned_clock(tmp_path):
-    from analysis.read import kineto
     from analysis.chrome import append_events
+    from analysis.read import kineto
     from harness.runformat import kineto_file
     # Kineto's clock runs 1e9 ns ahead of the rank's; rank 1's clock is 5 ms behind rank 0's
     evs = [{"ph": "X", "cat": "user_annotation", "name": f"harness:clock:{t}", "ts": (t + 1e9) / 1e3,

@@ -6,9 +6,7 @@ classes the same way): here one schedule of each kind checks the benchmark's own
 agreement to 1e-5 is what makes its step-time ratio a comparison of the same work."""
 import pytest
 
-from analysis import load_run
-
-from analysis import metrics
+from analysis import load_run, metrics
 from benchmarks.schedules import VIRTUAL, torch_run, usable
 from helpers import Batches
 

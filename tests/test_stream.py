@@ -7,7 +7,6 @@ receive of step k posted while its sender is still in step k-1), with skewed clo
 pebbles that outlive their step. Plus the pieces that make it bounded: exact medians from
 spilled values, curves cut to pixel columns from pieces, the trace's window of steps."""
 import json
-import shutil
 
 import matplotlib
 
@@ -16,16 +15,13 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
-from analysis import load_run  # noqa: E402
-
-from analysis import metrics  # noqa: E402
-
-from analysis.read import scan  # noqa: E402
+from analysis import load_run, metrics  # noqa: E402
 from analysis.measure.decimate import Curve  # noqa: E402
-from analysis.pebble import main  # noqa: E402
-from analysis.plots.common import band, envelope  # noqa: E402
 from analysis.measure.spill import Spill  # noqa: E402
 from analysis.measure.windows import steady, step_windows  # noqa: E402
+from analysis.pebble import main  # noqa: E402
+from analysis.plots.common import band, envelope  # noqa: E402
+from analysis.read import scan  # noqa: E402
 from harness.synthetic import MS, make_run, pipeline_frames, write_run  # noqa: E402
 
 # runs whose steps overlap in time: each rank starts its next step when it is done with its

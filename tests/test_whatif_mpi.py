@@ -56,8 +56,7 @@ def test_whatif_cli_on_a_real_run(tmp_path, capsys):
 
 def _steady_spans(d) -> list:
     """The run's steady steps' spans (s), as analysis.metrics measures them."""
-    from analysis import load_run
-    from analysis import metrics
+    from analysis import load_run, metrics
     run = load_run(d)
     s = metrics.summarize(run.events, run.pebbles, run.memory, run.meta, run.steps)
     return [r["span"] for r in s["per_step"] if r["step"] in s["steps"]["steady"]]

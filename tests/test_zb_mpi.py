@@ -8,9 +8,7 @@ import json
 import pytest
 import torch
 
-from analysis import load_run
-
-from analysis import metrics
+from analysis import load_run, metrics
 from analysis.metrics import live_bytes
 from harness import config
 from helpers import Batches, hand_bubble, losses, meta, run_harness, weights

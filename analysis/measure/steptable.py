@@ -10,9 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from analysis.measure import intervals as iv
-from analysis.measure import phases as ph
-from analysis.measure import waits
+from analysis.measure import intervals as iv, phases as ph, waits
 from analysis.measure.live import live_bytes
 from analysis.measure.windows import COMPUTE, windows
 

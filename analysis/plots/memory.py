@@ -14,7 +14,7 @@ from matplotlib.collections import PolyCollection
 from matplotlib.lines import Line2D
 
 from analysis import style
-from analysis.measure.decimate import MemoryCurves
+from analysis.measure.decimate import Curve, MemoryCurves
 from analysis.plots.common import columns
 
 DASHES = {"rss": "-", "cuda_allocated": "--", "cuda_reserved": ":", "nvml_used": "-.",

@@ -18,8 +18,8 @@ from matplotlib.colors import to_rgba
 from matplotlib.lines import Line2D
 from matplotlib.patches import ConnectionPatch, Patch
 
-from analysis.measure import intervals as iv
 from analysis import style
+from analysis.measure import intervals as iv
 from analysis.measure.live import live_bytes
 from analysis.measure.stages import placement
 from analysis.measure.waits import recv_split

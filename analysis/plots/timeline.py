@@ -14,10 +14,9 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from analysis import style
-from analysis.measure.plan import planned_frame
-from analysis.plots.common import add_boxes
 from analysis.measure.waits import recv_split, send_split
 from analysis.measure.windows import COMPUTE, step_windows
+from analysis.plots.common import add_boxes
 
 LANE_GAP = 2.6  # y distance between ranks (two lanes of height ~1 plus a gap)
 

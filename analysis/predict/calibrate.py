@@ -40,12 +40,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from analysis.predict.actions import action_gaps, action_times, layer_times, schedule_table
-from analysis.predict.costs import RunFacts, StepCosts, fit
-from analysis.predict.first import first_pebbles, merge_first
 from analysis.measure.stages import placement
 from analysis.measure.waits import recv_split, send_split
 from analysis.measure.windows import steady
+from analysis.predict.actions import action_gaps, action_times, layer_times, schedule_table
+from analysis.predict.costs import RunFacts, StepCosts, fit
+from analysis.predict.first import first_pebbles, merge_first
 from harness import schedule as S
 
 KINDS = ("fwd", "bwd", "opt", "bwd_in", "bwd_w")

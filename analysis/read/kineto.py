@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis.read.align import clock_offset_ns
 from analysis.chrome import append_events
+from analysis.read.align import clock_offset_ns
 from harness.runformat import kineto_file
 from harness.trace.kineto import ANCHOR
 

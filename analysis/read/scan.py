@@ -40,8 +40,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pacompute
 
-from analysis.read import align as A
-from analysis.read import runmeta
+from analysis.read import align as A, runmeta
 from analysis.read.tracefile import ARROW, DTYPES, TraceFile, nullable
 from harness.ops import malloc
 from harness.runformat import LANE, TRACE_COLS, trace_file
