@@ -55,6 +55,9 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 MpiDefault=none
 ReturnToService=2
+# a finished job's record stays this long (s; Slurm's default 300): the sbatch jobs are
+# submitted before the suite's first test and read when their test comes, minutes later
+MinJobAge=3600
 SlurmdParameters=config_overrides
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
