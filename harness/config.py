@@ -8,6 +8,7 @@ Hydra itself is not used: its `@hydra.main` would make every rank create an outp
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
@@ -202,12 +203,28 @@ def read_yaml(path: Path):
         raise ConfigError(f"{where}: YAML syntax error: {what}") from None
 
 
+_SCANNED: dict = {}   # the files' (path, mtime, size, inode) -> what _scan found in them
+
+
 def _scan() -> tuple[dict, dict]:
     """-> ({name: description} of the runnable experiments, {name: error} of unreadable files).
 
-    One broken file must not break every command: it is reported, and only asking for it fails."""
+    One broken file must not break every command: it is reported, and only asking for it fails.
+    Reading every file is most of a config's load time (OmegaConf builds each one), so the
+    answer is kept until a file is added, removed or changed."""
+    paths = sorted(EXPERIMENTS_DIR.glob("*.yaml"))
+    key = tuple((str(p), st.st_mtime_ns, st.st_size, st.st_ino)
+                for p in paths for st in [p.stat()])
+    if key not in _SCANNED:
+        _SCANNED.clear()
+        _SCANNED[key] = _read_experiments(paths)
+    ok, broken = _SCANNED[key]
+    return dict(ok), dict(broken)
+
+
+def _read_experiments(paths) -> tuple[dict, dict]:
     ok, broken = {}, {}
-    for p in sorted(EXPERIMENTS_DIR.glob("*.yaml")):
+    for p in paths:
         try:
             y = read_yaml(p)
         except ConfigError as e:
@@ -275,7 +292,7 @@ def load_with_schedule(argv: list[str], world_size: int = 1) -> tuple[Config, S.
         raise ConfigError(f"exp={exp!r}: no experiments/{exp}.yaml; "
                           f"allowed: {', '.join(known) or '(none found)'}")
     try:
-        schema = OmegaConf.structured(Config)
+        schema = _schema()      # merge copies its first argument: the cached one stays clean
         cli = OmegaConf.from_dotlist(overrides)
         merged = OmegaConf.merge(schema, *_experiment_chain(exp, known), cli, {"exp": exp})
         cfg: Config = OmegaConf.to_object(merged)
@@ -288,6 +305,11 @@ def load_with_schedule(argv: list[str], world_size: int = 1) -> tuple[Config, S.
         msg = str(e).splitlines()[0]
         raise ConfigError(f"{key}: {msg}" + (f" (expected {want})" if want else "")) from None
     return cfg, validate(cfg, world_size)
+
+
+@functools.cache
+def _schema():
+    return OmegaConf.structured(Config)
 
 
 def _experiment_chain(exp: str, known) -> list:

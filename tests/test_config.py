@@ -60,6 +60,30 @@ def test_world_sizes_declared_by_an_experiment_are_enforced(tmp_path, monkeypatc
         config.load(["exp=two_only"], world_size=3)
 
 
+def test_the_experiment_list_follows_files_changed_added_and_removed(tmp_path, monkeypatch):
+    """_scan keeps what it read until a file changes: a same-size edit (only its mtime tells),
+    a new file and a removed one are each seen at the next load."""
+    import os
+    monkeypatch.setattr(config, "EXPERIMENTS_DIR", tmp_path)
+    a = tmp_path / "a.yaml"
+    a.write_text("description: one\n")
+    assert config.experiments() == {"a": "one"}
+    st = a.stat()
+    a.write_text("description: two\n")                         # the same size
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert config.experiments() == {"a": "two"}
+    (tmp_path / "b.yaml").write_text("description: [unclosed\n")
+    assert config.experiments() == {"a": "two"} and len(config.unreadable_warnings()) == 1
+    (tmp_path / "b.yaml").unlink()
+    assert config.unreadable_warnings() == []
+    # a caller that changes what it was given does not change the next answer
+    config.experiments()["c"] = "x"
+    assert config.experiments() == {"a": "two"}
+    # the cached schema is copied by every load: one run's values never reach the next
+    assert config.load(["exp=a", "train.steps=7"]).train.steps == 7
+    assert config.load(["exp=a"]).train.steps == config.TrainCfg().steps
+
+
 def test_help_lists_experiments_and_every_key_with_its_meaning():
     text = config.help_text()
     assert "deep_mlp" in text
