@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     ap.add_argument("--step", type=int, help="step drawn in the pebble graph and ending the "
                     "timeline (default: the last complete step)")
     ap.add_argument("--format", default="png,pdf", help="figure formats, comma-separated "
-                    "(default: png,pdf)")
+                    "(default: png,pdf); none: the numbers and trace.json, no figure")
     ap.add_argument("--no-trace", action="store_true", help="skip trace.json")
     ap.add_argument("--trace", choices=("auto", "all"), default="auto",
                     help="steps in trace.json: auto (all of a run of up to --trace-max-events "
@@ -182,7 +182,7 @@ def _write(a, idx, out, ident, steps, step, trace, log) -> int:
     side: the pebble graph and the timeline with trace.json in forked processes, the metrics
     and the memory figure here."""
     out.mkdir(parents=True, exist_ok=True)
-    formats = [f.strip() for f in a.format.split(",") if f.strip()]
+    formats = [f.strip() for f in a.format.split(",") if f.strip() not in ("", "none")]
     serial = a.serial
     shown = [s for s in steps if s <= step][-3:] or [step]
     stead = metrics.steady(steps)[1]
@@ -196,8 +196,9 @@ def _write(a, idx, out, ident, steps, step, trace, log) -> int:
                               trace_steps=trace, slowest=window, folder=tmp,
                               target=a.chunk_rows, workers=1 if serial else _cores())
         drawing = _Drawing()    # matplotlib, imported while the pass runs (it waits here)
-        res = stream.analyse(idx, opts, log, on_started=drawing.start)
-        drawing.ready()
+        res = stream.analyse(idx, opts, log, on_started=drawing.start if formats else None)
+        if formats:
+            drawing.ready()
         return _outputs(a, idx, out, ident, steps, step, shown, formats, serial, res, window,
                         log)
     finally:
@@ -349,7 +350,10 @@ def _guarded(job) -> tuple[int, list[str]]:
 
 
 def _draw(out: Path, formats, log, figures) -> list[str]:
-    """Draw each (name, draw) and save it in every format (_writing each file)."""
+    """Draw each (name, draw) and save it in every format (_writing each file); with no
+    format, nothing is drawn."""
+    if not formats:
+        return []
     # both imported already (_Drawing): not at the top, so that the start-up is without them
     import matplotlib.pyplot as plt
     from analysis import style

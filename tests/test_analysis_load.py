@@ -1,5 +1,6 @@
 """The loader on complete, partial (crashed / running) and corrupt run directories, and the CLI."""
 import json
+import os
 import shutil
 
 import numpy as np
@@ -152,7 +153,13 @@ def test_cli_partial_run_and_errors(run_dir, tmp_path, capsys):
     m = json.loads((run_dir / "analysis" / "metrics.json").read_text())
     assert m["warnings"] and m["steps"]["warmup"] == [0]
     assert np.isclose(m["pipeline"]["bubble_theory"], 1 / 3)       # gpipe p=2 m=2
-    assert main([str(run_dir), "--format", "png", "-q"]) == 0      # re-run into its own folder
+    for f in ("pebble.png", "timeline.png", "memory.png"):
+        (run_dir / "analysis" / f).unlink()
+    os.utime(run_dir / "analysis" / "metrics.json", (0, 0))
+    assert main([str(run_dir), "--format", "none", "-q"]) == 0     # re-run into its own folder
+    got = {p.name for p in (run_dir / "analysis").iterdir()}
+    assert (run_dir / "analysis" / "metrics.json").stat().st_mtime > 0     # written again
+    assert not {g for g in got if g.endswith((".png", ".pdf"))}            # and no figure
     other = make_run(tmp_path / "other", p=2, steps=2)
     with pytest.raises(SystemExit, match="another run"):
         main([str(other), "--out", str(run_dir / "analysis"), "-q"])
@@ -201,9 +208,8 @@ def test_outputs_that_fail_in_both_children_are_still_one_line(run_dir, capfd):
     """Here metrics.json and steps.csv are written, and each forked child fails (a directory
     stands where its figure goes): one error line in all, not one per process."""
     out = run_dir / "analysis"
-    assert main([str(run_dir), "--format", "pdf", "--no-trace", "-q"]) == 0
+    assert main([str(run_dir), "--format", "none", "--no-trace", "-q"]) == 0    # its folder
     for name in ("pebble.pdf", "timeline.pdf"):
-        (out / name).unlink()
         (out / name).mkdir()
     capfd.readouterr()
     assert main([str(run_dir), "--format", "pdf", "--no-trace", "-q"]) == 1
@@ -283,18 +289,19 @@ def test_trace_written_beside_the_figures_equals_the_serial_one(run_dir, tmp_pat
 def test_trace_that_cannot_be_written_is_one_error_line(run_dir, capsys, serial):
     # the forked writer's error comes back to this process: one line naming trace.json, exit
     # status 1, the other outputs written
-    extra = ["--serial"] if serial else []
-    assert main([str(run_dir), "--format", "png", "-q", *extra]) == 0
+    extra = ["--format", "none", "-q", *(["--serial"] if serial else [])]
+    assert main([str(run_dir), *extra]) == 0
     out = run_dir / "analysis"
     (out / "trace.json").unlink()
     (out / "trace.json").mkdir()           # opening it for writing fails
+    os.utime(out / "metrics.json", (0, 0))
     capsys.readouterr()
-    assert main([str(run_dir), "--format", "png", "-q", *extra]) == 1
+    assert main([str(run_dir), *extra]) == 1
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "cannot write" in lines[0] and "trace.json" in lines[0], err
     assert "Traceback" not in err
-    assert (out / "trace.json").is_dir() and (out / "memory.png").stat().st_size > 0
+    assert (out / "trace.json").is_dir() and (out / "metrics.json").stat().st_mtime > 0
 
 
 def test_fast_reader_reads_what_pandas_reads(csv_dir):
@@ -329,14 +336,14 @@ def test_a_trace_too_big_for_the_browser_gets_a_note(run_dir, capsys, monkeypatc
     # past BIG_TRACE bytes (1 GiB; here lowered to this run's size less one) stderr says how
     # to open trace.json; at or under it, nothing
     import analysis.pebble as P
-    extra = ["--serial"] if serial else []
-    assert main([str(run_dir), "--format", "png", "-q", *extra]) == 0
+    extra = ["--format", "none", "-q", *(["--serial"] if serial else [])]
+    assert main([str(run_dir), *extra]) == 0
     assert "note:" not in capsys.readouterr().err
     size = (run_dir / "analysis" / "trace.json").stat().st_size
     monkeypatch.setattr(P, "BIG_TRACE", size)
-    assert main([str(run_dir), "--format", "png", "-q", *extra]) == 0
+    assert main([str(run_dir), *extra]) == 0
     assert "note:" not in capsys.readouterr().err        # exactly at the limit: no note
     monkeypatch.setattr(P, "BIG_TRACE", size - 1)
-    assert main([str(run_dir), "--format", "png", "-q", *extra]) == 0
+    assert main([str(run_dir), *extra]) == 0
     notes = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("note:")]
     assert len(notes) == 1 and "trace.json" in notes[0] and "trace_processor" in notes[0]
