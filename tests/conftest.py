@@ -42,6 +42,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.mpi)
 
 
+def pytest_collection_finish(session):
+    # helpers.Batches: the modules whose tests run this session (their declared runs are made
+    # together, one job per world size; a module deselected has its runs left out)
+    import helpers
+    helpers.SESSION["modules"] = {item.module.__name__ for item in session.items
+                                  if getattr(item, "module", None) is not None}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _batch_folder(tmp_path_factory):
+    import helpers
+    helpers.SESSION["base"] = tmp_path_factory.mktemp("batches")
+
+
 # -- the Slurm cluster of tests/test_slurm_mpi.py ------------------------------------------------
 # Its two sbatch jobs wait about a minute each for Slurm's 30 s clock (a time limit, a warning
 # signal). Submitted before the suite's first test, that minute passes while the suite runs.

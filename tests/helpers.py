@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -53,20 +54,39 @@ def run_batch(n: int | None, runs: dict[str, list[str]], base: Path, timeout: fl
     return dict(zip(runs, dirs))
 
 
+_DECLARED: dict[str, dict] = {}   # test module -> {name: (n, args)} (declare_runs)
+_DIRS: dict[tuple, Path] = {}      # (test module, name) -> the run's directory
+SESSION: dict = {"base": None, "modules": None}   # set by conftest: tmp folder, modules run
+
+
+def declare_runs(module: str, runs: dict[object, tuple[int | None, list[str]]]) -> None:
+    """A test module's successful runs, declared when it is imported: name -> (n ranks, or
+    None for one process without mpirun; the harness's arguments). Batches(module) runs them."""
+    _DECLARED[module] = runs
+
+
 class Batches:
-    """Named runs, each on `n` ranks (None: one process, no mpirun), run as one harness.batch
-    job per n the first time any of that n's runs is asked for: `batches[name]` is its run
-    directory. Tests that assert on different runs of one world size share one job's start-up."""
+    """The runs a module declared (declare_runs): `batches[name]` is its run directory. The
+    first time a run on n ranks is asked for, the n-rank runs of every module this session
+    runs (conftest.py) are made in one harness.batch job, so that the session pays one
+    start-up per world size, not one per module and world size."""
 
-    def __init__(self, base: Path, runs: dict[str, tuple[int | None, list[str]]]):
-        self.base, self.runs, self.dirs = base, runs, {}
+    def __init__(self, module: str):
+        self.module = module
 
-    def __getitem__(self, name: str) -> Path:
-        if name not in self.dirs:
-            n = self.runs[name][0]
-            group = {k: args for k, (m, args) in self.runs.items() if m == n}
-            self.dirs.update(run_batch(n, group, self.base / f"n{n or 1}"))
-        return self.dirs[name]
+    def __getitem__(self, name) -> Path:
+        key = (self.module, name)
+        if key not in _DIRS:
+            n = _DECLARED[self.module][name][0]
+            wanted = SESSION["modules"]
+            todo = [(m, k, args) for m, runs in _DECLARED.items()
+                    if wanted is None or m in wanted or m == self.module
+                    for k, (w, args) in runs.items() if w == n and (m, k) not in _DIRS]
+            base = SESSION["base"] or Path(tempfile.mkdtemp(prefix="batches-"))
+            dirs = run_batch(n, {f"{m}.{k}": args for m, k, args in todo},
+                             base / f"n{n or 1}-{len(_DIRS)}")
+            _DIRS.update({(m, k): dirs[f"{m}.{k}"] for m, k, _ in todo})
+        return _DIRS[key]
 
 
 def run_torch(n: int, *args: str, timeout: float = 240):

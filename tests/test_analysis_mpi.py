@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from analysis import load_run, metrics as M
-from helpers import REPO, SMALL, Batches
+from helpers import REPO, SMALL, Batches, declare_runs
 
 
 BLAME = [("naive", 1, 2, 0), ("gpipe", 4, 2, 1), ("1f1b", 4, 2, 0)]
@@ -19,9 +19,7 @@ def _blame_args(schedule, m):
     return SMALL + [f"schedule={schedule}", f"pipeline.microbatches={m}", "train.steps=8"]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Every run of this module, in one harness.batch job (all on 2 ranks)."""
+def _todo():
     todo = {"1f1b-default": (2, ["schedule=1f1b", "pipeline.microbatches=4", "train.steps=4",
                                  "quiet=true"]),
             "naive": (2, [*SMALL, "train.steps=4"]),
@@ -32,7 +30,16 @@ def runs(tmp_path_factory):
         todo[f"{schedule}-base"] = (n, _blame_args(schedule, m))
         todo[f"{schedule}-slow"] = (n, [*_blame_args(schedule, m), f"debug.slow_rank={slow}",
                                         "debug.slow_ms=10"])
-    return Batches(tmp_path_factory.mktemp("analysis"), todo)
+    return todo
+
+
+declare_runs(__name__, _todo())
+
+
+@pytest.fixture(scope="module")
+def runs():
+    """Every run of this module (all on 2 ranks), made with the session's other runs."""
+    return Batches(__name__)
 
 
 def _summary(d):

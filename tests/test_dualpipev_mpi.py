@@ -6,7 +6,7 @@ import pytest
 from test_zb_mpi import GPT, MLP, _matches, _peak_pebbles_equal_theory, _w_keeps_activations_past_b
 
 from analysis import load_run
-from helpers import Batches, run_harness
+from helpers import Batches, declare_runs, run_harness
 
 DUALPIPEV = ["schedule=dualpipev", "pipeline.virtual=2"]
 CASES = [("mlp", 2, 4), ("mlp", 2, 8), ("mlp", 3, 6), ("mlp", 4, 8), ("gpt", 2, 4)]
@@ -15,14 +15,15 @@ CASES = [("mlp", 2, 4), ("mlp", 2, 8), ("mlp", 3, 6), ("mlp", 4, 8), ("gpt", 2, 
 IDS = [f"{a}-p{p}-m{m}" for a, p, m in CASES]
 
 
+# the references and every case
+declare_runs(__name__, {"mlp": (None, MLP), "gpt": (None, GPT), **{
+    name: (p, [*(MLP if model == "mlp" else GPT), *DUALPIPEV, f"pipeline.microbatches={m}"])
+    for name, (model, p, m) in zip(IDS, CASES)}})
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """The references and every case: one harness.batch job per world size."""
-    todo = {"mlp": (None, MLP), "gpt": (None, GPT)}
-    for name, (model, p, m) in zip(IDS, CASES):
-        todo[name] = (p, [*(MLP if model == "mlp" else GPT), *DUALPIPEV,
-                          f"pipeline.microbatches={m}"])
-    return Batches(tmp_path_factory.mktemp("dualpipev"), todo)
+def runs():
+    return Batches(__name__)
 
 
 @pytest.mark.parametrize("model, p, m", CASES, ids=IDS)

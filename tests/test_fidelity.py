@@ -15,7 +15,7 @@ from harness.core import stage
 from harness.core.executor import StageExecutor
 from harness.trace import clock as C
 from harness.trace import open_trace
-from helpers import SMALL, Batches, meta, trace_frame
+from helpers import SMALL, Batches, declare_runs, meta, trace_frame
 
 STEPS = 3
 
@@ -24,13 +24,16 @@ def raw(run_dir, kind, rank):
     return trace_frame(run_dir, kind, rank)
 
 
+declare_runs(__name__, {
+    **{m: (2, [*SMALL, "schedule=gpipe", f"pipeline.microbatches={m}", f"train.steps={STEPS}"])
+       for m in (1, 2, 4)},
+    "no_detach": (2, [*SMALL, "pipeline.detach=false", f"train.steps={STEPS}"])})
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """This module's runs, in one harness.batch job on 2 ranks."""
-    todo = {m: (2, [*SMALL, "schedule=gpipe", f"pipeline.microbatches={m}",
-                    f"train.steps={STEPS}"]) for m in (1, 2, 4)}
-    todo["no_detach"] = (2, [*SMALL, "pipeline.detach=false", f"train.steps={STEPS}"])
-    return Batches(tmp_path_factory.mktemp("fidelity"), todo)
+def runs():
+    """This module's runs (on 2 ranks), made with the session's other runs."""
+    return Batches(__name__)
 
 
 @pytest.fixture(params=[1, 2, 4])

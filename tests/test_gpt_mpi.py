@@ -9,7 +9,8 @@ import torch
 
 from harness import config
 from harness.core import stage
-from helpers import Batches, losses, meta, run_harness, trace_frame, weights
+from helpers import (Batches, declare_runs, losses, meta, run_harness, trace_frame,
+                     weights)
 
 # 4 blocks (embedding, 2 transformer blocks, head): small enough for ~import-time runs
 GPT = ["model.name=gpt", "gpt.layers=2", "gpt.d=32", "gpt.heads=2", "gpt.seq=16", "gpt.vocab=64",
@@ -23,9 +24,7 @@ FACTORY = ["model.factory=examples.my_model:build", "data.batch_size=16", "threa
            "quiet=true", "train.steps=3", "train.lr=0.05"]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Every successful run of this module: one harness.batch job per world size."""
+def _todo():
     todo = {"ref": (None, GPT), "split4": (4, GPT),
             "factory-one": (None, FACTORY), "factory-two": (2, FACTORY),
             "balance-time": (2, [*GPT, "pipeline.balance=time"])}
@@ -33,7 +32,16 @@ def runs(tmp_path_factory):
                  for mode in ("full", "attention")})
     todo.update({name: (p, [*GPT, f"schedule={sched}", f"pipeline.microbatches={m}"])
                  for name, (p, sched, m) in zip(IDS, CASES)})
-    return Batches(tmp_path_factory.mktemp("gpt"), todo)
+    return todo
+
+
+declare_runs(__name__, _todo())
+
+
+@pytest.fixture(scope="module")
+def runs():
+    """Every successful run of this module, made with the session's other runs."""
+    return Batches(__name__)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 
 from analysis import load_run, metrics
 from benchmarks.schedules import VIRTUAL, torch_run, usable
-from helpers import Batches
+from helpers import Batches, declare_runs
 
 SMALL = ["model.layers=8", "model.width=64", "model.in_features=32", "data.batch_size=32",
          "threads=1"]
@@ -19,12 +19,15 @@ def _args(name):
     return [*SMALL, *VIRTUAL.get(name, [])]
 
 
+# our side of every case, as benchmarks.schedules.ours launches it
+declare_runs(__name__, {name: (2, [f"schedule={name}", f"pipeline.microbatches={m}",
+                                   "train.steps=3", *_args(name), "quiet=true"])
+                        for name, m in CASES})
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Our side of every case, as benchmarks.schedules.ours launches it, in one batch job."""
-    return Batches(tmp_path_factory.mktemp("ours"), {
-        name: (2, [f"schedule={name}", f"pipeline.microbatches={m}", "train.steps=3",
-                   *_args(name), "quiet=true"]) for name, m in CASES})
+def runs():
+    return Batches(__name__)
 
 
 @pytest.mark.parametrize("name, m", CASES, ids=[f"{n}-m{m}" for n, m in CASES])

@@ -3,22 +3,29 @@ tensors travel at half the bytes, and the pebbles each stage holds equal the byt
 the code (harness/models/mlp.py activation_bytes, harness/models/gpt_memory.py with dtype_bytes=2)."""
 import pytest
 
-from helpers import SMALL, Batches, losses, meta, trace_frame
+from helpers import SMALL, Batches, declare_runs, losses, meta, trace_frame
 
 GPT = ["model.name=gpt", "gpt.layers=2", "gpt.d=32", "gpt.heads=2", "gpt.seq=16", "gpt.vocab=64",
        "data.batch_size=8", "train.lr=0.05", "threads=1", "quiet=true"]
 MODELS = {"mlp": SMALL, "gpt": GPT}
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Every run of this module: one harness.batch job per world size."""
+def _todo():
     todo = {"weights": (2, [*SMALL, "train.steps=2", "precision=bf16", "schedule=gpipe",
                             "pipeline.microbatches=2"])}
     for name, args in MODELS.items():
         todo[f"{name}-one"] = (None, [*args, "precision=bf16", "train.steps=3"])
         todo[f"{name}-two"] = (2, [*args, "precision=bf16", "train.steps=3"])
-    return Batches(tmp_path_factory.mktemp("bf16"), todo)
+    return todo
+
+
+declare_runs(__name__, _todo())
+
+
+@pytest.fixture(scope="module")
+def runs():
+    """Every run of this module, made with the session's other runs."""
+    return Batches(__name__)
 
 
 def _pebbles_equal_theory(d, world):

@@ -6,7 +6,7 @@ import platform
 import pytest
 import torch
 
-from helpers import SMALL, Batches, losses, meta, ok, run_harness, weights
+from helpers import SMALL, Batches, declare_runs, losses, meta, ok, run_harness, weights
 
 STEPS = ["train.steps=4"]
 
@@ -16,15 +16,22 @@ WAITS = [("sleep", ["comm.poll_us=20"], {"wait": "sleep", "poll_us": 20.0, "spin
           {"wait": "backoff", "poll_us": 100.0, "spin_us": 0.0})]
 
 
-@pytest.fixture(scope="module")
-def batches(tmp_path_factory):
-    """This module's successful runs: one harness.batch job per world size."""
+def _todo():
     todo = {n: (None if n == 1 else n, [*SMALL, *STEPS, "run.save_weights=true"])
             for n in (1, 2, 3)}
     todo["untraced"] = (2, [*SMALL, *STEPS, "trace.enabled=false"])
     todo.update({f"wait-{w}": (2, [*SMALL, *STEPS, f"comm.wait={w}", *extra])
                  for w, extra, _ in WAITS})
-    return Batches(tmp_path_factory.mktemp("runs"), todo)
+    return todo
+
+
+declare_runs(__name__, _todo())
+
+
+@pytest.fixture(scope="module")
+def batches():
+    """This module's successful runs, made with the session's other runs."""
+    return Batches(__name__)
 
 
 @pytest.fixture(scope="module")

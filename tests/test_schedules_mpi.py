@@ -8,7 +8,7 @@ import torch
 
 from analysis import load_run
 from analysis.metrics import live_bytes
-from helpers import SMALL, Batches, losses, meta, trace_frame, weights
+from helpers import SMALL, Batches, declare_runs, losses, meta, trace_frame, weights
 
 STEPS = ["train.steps=3", "run.save_weights=true"]
 CASES = [(p, "naive", 1, False) for p in (2, 3)]
@@ -20,9 +20,7 @@ def _name(p, sched, m, overlap):
     return f"p{p}-{sched}-m{m}{'-overlap' if overlap else ''}"
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Every run of this module: one harness.batch job per world size."""
+def _todo():
     todo = {"ref": (None, [*SMALL, *STEPS]),
             "no_requires_grad": (3, [*SMALL, *STEPS, "exp=no_requires_grad"]),
             "no_detach": (2, [*SMALL, "train.steps=4", "run.save_weights=true",
@@ -31,7 +29,16 @@ def runs(tmp_path_factory):
         todo[_name(p, sched, m, overlap)] = (p, [*SMALL, *STEPS, f"schedule={sched}",
                                                  f"pipeline.microbatches={m}",
                                                  f"pipeline.overlap={str(overlap).lower()}"])
-    return Batches(tmp_path_factory.mktemp("sched"), todo)
+    return todo
+
+
+declare_runs(__name__, _todo())
+
+
+@pytest.fixture(scope="module")
+def runs():
+    """Every run of this module, made with the session's other runs."""
+    return Batches(__name__)
 
 
 @pytest.fixture(scope="module")

@@ -6,16 +6,21 @@ import numpy as np
 import pytest
 
 from analysis import load_run
-from helpers import SMALL, meta, ok, run_harness, trace_frame
+from helpers import SMALL, Batches, declare_runs, meta, run_harness, trace_frame
 
 STEPS = 3
 LAYERS, WIDTH, IN, CLASSES, BATCH = 6, 64, 32, 10, 32  # must match helpers.SMALL
 
 
+declare_runs(__name__, {
+    **{n: (n, [*SMALL, f"train.steps={STEPS}"]) for n in (2, 3)},
+    "skew": (2, [*SMALL, "train.steps=3", "debug.clock_rank=1", "debug.clock_offset_ms=40",
+                 "debug.clock_drift_ppm=300"])})
+
+
 @pytest.fixture(scope="module", params=[2, 3])
-def run(request, tmp_path_factory):
-    d = tmp_path_factory.mktemp(f"trace{request.param}") / "run"
-    return ok(run_harness(request.param, *SMALL, f"train.steps={STEPS}", f"run.dir={d}"))
+def run(request):
+    return Batches(__name__)[request.param]
 
 
 def raw(run_dir, kind, rank):
@@ -113,10 +118,8 @@ def test_memory_samples_and_meta_describe_the_trace(run):
     assert all(e["rtt_ns"] > 0 for e in est)
 
 
-def test_an_injected_clock_offset_and_drift_are_recovered(tmp_path):
-    d = tmp_path / "skew"
-    ok(run_harness(2, *SMALL, "train.steps=3", "debug.clock_rank=1", "debug.clock_offset_ms=40",
-                   "debug.clock_drift_ppm=300", f"run.dir={d}"))
+def test_an_injected_clock_offset_and_drift_are_recovered():
+    d = Batches(__name__)["skew"]
     m = meta(d)
     knob = m["ranks"][1]["clock_knob"]
     assert knob["offset_ns"] == 40_000_000

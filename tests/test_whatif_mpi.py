@@ -6,12 +6,14 @@ import os
 import subprocess
 import sys
 
-from helpers import REPO, SMALL, ok, run_harness
+from helpers import REPO, SMALL, Batches, declare_runs
+
+declare_runs(__name__, {"gpipe": (2, [*SMALL, "schedule=gpipe", "pipeline.microbatches=2",
+                                      "train.steps=6"])})
 
 
 def test_whatif_cli_on_a_real_run(tmp_path, capsys):
-    d = ok(run_harness(2, *SMALL, "schedule=gpipe", "pipeline.microbatches=2", "train.steps=6",
-                       f"run.dir={tmp_path / 'run'}"))
+    d = Batches(__name__)["gpipe"]
     env = dict(os.environ, PYTHONPATH=str(REPO))
 
     def whatif(*args):

@@ -11,7 +11,7 @@ import torch
 from analysis import load_run, metrics
 from analysis.metrics import live_bytes
 from harness import config
-from helpers import Batches, hand_bubble, losses, meta, run_harness, weights
+from helpers import Batches, declare_runs, hand_bubble, losses, meta, run_harness, weights
 
 # 8 blocks, so that 4 ranks x 2 chunks each get one; batch 48 splits into m = 2, 3, 4, 6, 8
 MLP = ["model.layers=8", "model.width=64", "model.in_features=32", "data.batch_size=48",
@@ -31,16 +31,23 @@ def _name(model, p, sched, m):
     return f"{model}-p{p}-{sched}-m{m}"
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Every case of this module, one harness.batch job per world size (the references: one
-    process, no mpirun)."""
+def _todo():
     todo = {"ref-mlp": (None, MLP), "ref-gpt": (None, GPT)}
     for model, base, cases in (("mlp", MLP, MLP_CASES), ("gpt", GPT, GPT_CASES)):
         for p, sched, m in cases:
             todo[_name(model, p, sched, m)] = (p, [*base, *SCHED[sched],
                                                    f"pipeline.microbatches={m}"])
-    return Batches(tmp_path_factory.mktemp("zb"), todo)
+    return todo
+
+
+declare_runs(__name__, _todo())
+
+
+@pytest.fixture(scope="module")
+def runs():
+    """Every case of this module (the references: one process, no mpirun), made with the
+    session's other runs."""
+    return Batches(__name__)
 
 
 def _matches(ref, d, p):
