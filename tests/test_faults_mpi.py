@@ -83,8 +83,26 @@ class Job:
         except ProcessLookupError:
             pass
         self.proc.wait(timeout=30)
-        psutil.wait_procs(self.procs, timeout=30)
+        # until each is gone or a zombie (psutil.wait_procs would wait, polling ever more
+        # slowly, for the init process to reap zombies it has adopted: ~2 s a test)
+        _wait_gone(self.procs, 30)
         self.err.close()
+
+
+def _alive(p) -> bool:
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _wait_gone(procs, timeout: float) -> list:
+    """Until each of procs is gone or a zombie (dead, not yet reaped by the init process that
+    adopted it, which psutil.wait_procs waits for); -> those still alive at the timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(map(_alive, procs)):
+        time.sleep(0.02)
+    return [p for p in procs if _alive(p)]
 
 
 @pytest.fixture
@@ -231,7 +249,7 @@ def test_a_killed_sweep_runner_takes_its_job_down(tmp_path):
         assert len(family) >= 3                      # mpirun, its proxy, the ranks
         runner.kill()
         runner.wait(timeout=30)
-        gone, alive = psutil.wait_procs(family, timeout=60)
+        alive = _wait_gone(family, 60)
         assert not alive, f"left running after the sweep runner died: {alive}"
         run_dir = next(out.glob("runs/*-r0"))
         m = meta(run_dir)
@@ -249,7 +267,7 @@ def test_a_killed_sweep_runner_takes_its_job_down(tmp_path):
             pass
         runner.wait(timeout=30)
         runner.stderr.close()
-        psutil.wait_procs(family, timeout=30)
+        _wait_gone(family, 30)
 
 
 def test_a_full_disk_is_a_recorded_failure_with_no_half_state(tmp_path):
