@@ -5,7 +5,6 @@ import types
 import weakref
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 

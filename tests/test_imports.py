@@ -2,6 +2,7 @@
 no cycles, function-level imports included; the pipeline's core never reaches into operations;
 a function-level import in harness/ says why it is not at the top of its file."""
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -48,7 +49,9 @@ def _imports(name: str, path: Path, known) -> list[tuple[str, ast.stmt]]:
     return out
 
 
+@functools.cache
 def import_graph() -> dict[str, set[str]]:
+    """Module -> the modules it imports (read once: several tests ask, none changes it)."""
     mods = _modules()
     return {name: {t for t, _ in _imports(name, path, mods)} for name, path in mods.items()}
 

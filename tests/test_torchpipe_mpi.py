@@ -16,15 +16,14 @@ the same config under mpirun. Independent checks of the recording:
 - a failure on one rank ends the torchrun job with one line, recorded in meta.json.
 """
 import json
-import subprocess
-import sys
 
 import pytest
 
 from analysis import load_run
 from analysis.measure.live import live_bytes
 from harness import schedule as S
-from helpers import REPO, losses, meta, run_batch, run_harness, run_torch
+from helpers import (Batches, declare_runs, losses, meta, run_batch, run_harness,
+                     run_torch)
 
 STEPS = ["train.steps=3", "quiet=true"]
 MODELS = {"mlp": ["model.layers=8", "model.width=64", "model.in_features=32",
@@ -37,18 +36,24 @@ CASES = [(model, s) for model in MODELS for s in SCHEDULES]
 IDS = [f"{m}-{s}" for m, s in CASES]
 
 
+GROUP = {f"{m}-{s}": [*MODELS[m], *SCHEDULES[s], f"schedule={s}", "pipeline.microbatches=4",
+                      *STEPS] for m, s in CASES}
+declare_runs(__name__, {name: (2, args) for name, args in GROUP.items()})     # ours
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """(model, schedule, runtime) -> run directory. Every case of one runtime runs in one job
-    (harness.batch: ours under mpirun, PyTorch's under torchrun), the first time one is asked
-    for: each run is the same as alone, the start-up is paid once."""
+    (harness.batch: ours under mpirun, with the session's other runs, PyTorch's under
+    torchrun), the first time one is asked for: each run is the same as alone, the start-up
+    is paid once."""
     base, done = tmp_path_factory.mktemp("torchpipe"), {}
 
     def get(model, sched, runtime):
+        if runtime == "ours":
+            return Batches(__name__)[f"{model}-{sched}"]
         if runtime not in done:
-            group = {f"{m}-{s}": [*MODELS[m], *SCHEDULES[s], f"schedule={s}",
-                                  "pipeline.microbatches=4", *STEPS] for m, s in CASES}
-            done[runtime] = run_batch(2, group, base / runtime, torchpipe=runtime == "torch")
+            done[runtime] = run_batch(2, GROUP, base / runtime, torchpipe=True)
         return done[runtime][f"{model}-{sched}"]
     return get
 
@@ -132,12 +137,11 @@ def test_messages_pair_and_the_measured_order_is_pytorchs_plan(runs, sched):
 
 
 def test_analysis_draws_and_measures_pytorchs_run(runs, tmp_path):
+    # in this process (test_analysis_mpi runs the commands as `python -m` on a run of ours)
+    from analysis.pebble import main
     d = runs("gpt", "zbv", "torch")
     out = tmp_path / "a"
-    proc = subprocess.run([sys.executable, "-m", "analysis.pebble", str(d), "--out", str(out),
-                           "--format", "png"], capture_output=True, text=True, cwd=REPO,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    assert main([str(d), "--out", str(out), "--format", "png", "-q"]) == 0
     for f in ("pebble.png", "timeline.png", "memory.png", "trace.json", "metrics.json"):
         assert (out / f).stat().st_size > 0, f
     mj = json.loads((out / "metrics.json").read_text())
@@ -145,13 +149,13 @@ def test_analysis_draws_and_measures_pytorchs_run(runs, tmp_path):
     assert "critical" in json.dumps(mj) and "caused_idle" in json.dumps(mj)
 
 
-def test_compare_puts_ours_and_pytorchs_on_one_axis(runs, tmp_path):
+def test_compare_puts_ours_and_pytorchs_on_one_axis(runs, tmp_path, capsys):
+    from analysis.compare import main
     a, b = runs("mlp", "1f1b", "ours"), runs("mlp", "1f1b", "torch")
-    proc = subprocess.run([sys.executable, "-m", "analysis.compare", str(a), str(b), "--out",
-                           str(tmp_path)], capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    assert main([str(a), str(b), "--out", str(tmp_path)]) == 0
     assert (tmp_path / "compare.png").stat().st_size > 0
-    assert "runtime" in proc.stdout and "torch" in proc.stdout
+    out = capsys.readouterr().out
+    assert "runtime" in out and "torch" in out
 
 
 def test_a_failure_on_one_rank_ends_the_job_in_one_line(tmp_path):

@@ -185,7 +185,7 @@ def test_help_lists_every_what_if_with_an_example(capsys):
                     "pipeline.balance=time", "ranks=2 schedule=gpipe m=4",
                     "pipeline.recompute=full", "--scale rank=1", "--also RUN2 schedule=gpipe",
                     "data.batch_size=512", "schedule=interleaved"):
-        assert f"python -m analysis.whatif " in text and example in text, example
+        assert "python -m analysis.whatif " in text and example in text, example
 
 
 def test_accuracy_prints_signed_errors_their_median_and_signs():
