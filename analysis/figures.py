@@ -106,13 +106,15 @@ class MixedSweep(ValueError):
 
 
 def make(sweep_dir, out, formats=("png", "pdf"), gif=True, log=None) -> dict:
-    """Every figure of the set from a sweep directory; returns what numbers.json holds."""
+    """Every figure of the set from a sweep directory (or what load_sweep returned for it);
+    returns what numbers.json holds."""
     t0 = time.perf_counter()
     log = log or (lambda s: print(f"[{time.perf_counter() - t0:5.1f} s] {s}", file=sys.stderr,
                                   flush=True))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    sw = load_sweep(sweep_dir)
+    sw = sweep_dir if isinstance(sweep_dir, dict) else load_sweep(sweep_dir)
+    sweep_dir = sw["dir"]
     log(f"loaded {len(sw['runs'])} complete runs of {len(sw['index'])} index rows")
     runs, ranks, cores = sw["runs"], sw["ranks"], sw["cores"]
     mixed = sweep_stats.configs(runs) if len(runs) else []

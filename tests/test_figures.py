@@ -173,7 +173,7 @@ def test_fig6_one_frame_per_event_group_empty_at_both_ends(sw, schedule):
 
 def test_make_writes_the_whole_set(sw, tmp_path):
     out = tmp_path / "figs"
-    n = figs.make(sw["dir"], out, formats=("png",), log=lambda s: None)
+    n = figs.make(sw, out, formats=("png",), log=lambda s: None)   # loaded once, by `sw`
     assert not n["skipped"]
     for name in ("fig1_schedules", "fig2_bubble", "fig3_memory", "fig4_breakdown",
                  "fig7_zb_schedules", "fig8_zb_bubble", "fig9_zb_memory",
@@ -236,9 +236,14 @@ def zb_sweep(tmp_path_factory):
     return out
 
 
-def test_zb_figures_written_and_their_numbers_right(zb_sweep, tmp_path):
+@pytest.fixture(scope="module")
+def zb_loaded(zb_sweep):
+    return figs.load_sweep(zb_sweep)
+
+
+def test_zb_figures_written_and_their_numbers_right(zb_loaded, tmp_path):
     out = tmp_path / "figs"
-    n = figs.make(zb_sweep, out, formats=("png",), gif=False, log=lambda s: None)
+    n = figs.make(zb_loaded, out, formats=("png",), gif=False, log=lambda s: None)
     for name in ("fig7_zb_schedules", "fig8_zb_bubble", "fig9_zb_memory"):
         img = plt.imread(out / f"{name}.png")
         assert img.shape[1] > 300 and img[..., :3].std() > 0.05, name
@@ -272,8 +277,8 @@ def test_zb_figures_written_and_their_numbers_right(zb_sweep, tmp_path):
         assert f"]({f})" in md
 
 
-def test_bubble_plot_by_schedule_draws_each_theory_with_its_v(zb_sweep):
-    sw_ = figs.load_sweep(zb_sweep)
+def test_bubble_plot_by_schedule_draws_each_theory_with_its_v(zb_loaded):
+    sw_ = zb_loaded
     t = sweep_stats.bubble_table(sw_["runs"])
     with plt.rc_context(style.RC):
         fig, axes = bubble_plot(t, sw_["cores"], by="schedule")
