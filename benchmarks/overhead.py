@@ -33,6 +33,7 @@ from harness import config
 from harness import schedule as S
 from harness.core import stage
 from harness.core.executor import StageExecutor
+from harness.core.sgd import SGD
 from harness.ops import malloc
 from harness.trace import clock, open_trace
 
@@ -49,8 +50,7 @@ def interleaved(steps: int, overrides: list[str], ranks: int) -> tuple[float, fl
 
     def make(traced: bool, tmp: Path):
         st = stage.build(cfg, 0, sched.placement, rows)
-        opt = torch.optim.SGD(st.layers.parameters(), lr=cfg.train.lr,
-                              momentum=cfg.train.momentum)
+        opt = SGD(st.layers.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum)
         clk = clock.Clock()
         tracker, tracer, sampler, _ = open_trace(
             traced, tmp, 0, clock.HostTimer(clk), clk.now, st.layers.parameters(),

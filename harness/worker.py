@@ -23,6 +23,7 @@ from . import config
 from . import schedule as S
 from .core import comm, stage
 from .core.executor import StageExecutor
+from .core.sgd import SGD
 from .models.base import ModelError, UserCodeError, set_recompute_observer
 from .models.digest import METHOD, first_difference
 from .ops import debug_knobs, malloc
@@ -72,7 +73,7 @@ class Worker:
 
         st = self._stage(device)
         layers = st.layers
-        opt = torch.optim.SGD(layers.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum)
+        opt = SGD(layers.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum)
 
         tracker, timer, mem_status = self._trace(base, layers.parameters(), device)
         p2p = comm.P2P(self.tracer, self.clock.now, self.watchdog, device, cuda_aware,

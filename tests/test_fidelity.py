@@ -12,6 +12,7 @@ from harness import config
 from harness import schedule as S
 from harness.core import stage
 from harness.core.executor import StageExecutor
+from harness.core.sgd import SGD
 from harness.trace import clock as C
 from harness.trace import open_trace
 from helpers import SMALL, Batches, declare_runs, meta, trace_frame
@@ -90,7 +91,7 @@ def _single_stage(overrides, tmp_path, timer=None):
     cfg, sched = config.load_with_schedule([*SMALL, *overrides], world_size=1)
     st = stage.build(cfg, 0, sched.placement, cfg.data.batch_size // cfg.pipeline.microbatches)
     layers = st.layers
-    opt = torch.optim.SGD(layers.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum)
+    opt = SGD(layers.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum)   # as the harness
     clk = C.Clock()
     tracker, tracer, _, _ = open_trace(True, tmp_path, 0, timer or C.HostTimer(clk), clk.now,
                                        layers.parameters(), torch.device("cpu"), 1.0)
