@@ -11,6 +11,9 @@ first time they run (`step` through `_use_grad_for_differentiable`, `add_param_g
 costs 0.7-0.9 s of CPU here, as much as importing torch itself, in every rank of every run; the
 harness never compiles an optimizer. (PyTorch's own pipeline, runtime=torch, imports
 `torch._dynamo` anyway and keeps torch.optim.SGD: harness.torchpipe.)
+
+Nor are torch.optim's step hooks and its profiler range (`Optimizer.step#SGD.step`) here: in a
+torch.profiler trace the step is the harness's own OPT range (harness.trace.ranges).
 """
 from __future__ import annotations
 
