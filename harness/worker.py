@@ -160,8 +160,8 @@ class Worker:
         """Collective, right before the first step: the set-up's objects frozen out of the
         garbage collector's reach, the clocks' offsets to rank 0, then memory sampling.
 
-        torch's import and the set-up leave ~10^5 Python objects; a full collection walks them
-        all (~0.1 s here) at an allocation count it picks, in the middle of some step: one step
+        torch's import and the set-up leave ~2.5 x 10^5 Python objects; a full collection walks
+        them all (~0.13 s here) at an allocation count it picks, in the middle of some step: one step
         in a short run then measured 20-50 times its neighbours. gc.freeze() moves them to a
         generation the collector never scans, so a collection during training walks only what
         training made (CPython's own advice for long-lived processes)."""

@@ -27,23 +27,23 @@ POINTS = [p for p in map(sweep.check, sweep.expand(SPEC)) if not p.skip]
 # the sweep's runs, made with the session's other runs (one start-up, not 14); the sweep then
 # finds them complete, in its folder, and indexes them as it does a resumed sweep's
 # (tests/test_sweep.py runs sweeps with their real launcher)
-declare_runs(__name__, {f"{p.id}-r{k}": (p.ranks, [*p.args(), "quiet=true"])
-                        for p in POINTS for k in range(p.repeats)})
+RUNS = {f"{p.id}-r{k}": (p.ranks, [*p.args(), "quiet=true"])
+        for p in POINTS for k in range(p.repeats)}
+declare_runs(__name__, RUNS)
 
 
 @pytest.fixture(scope="module")
 def sw(tmp_path_factory):
     import shutil
     out = tmp_path_factory.mktemp("sweep") / "quick"
-    spec = SPEC
     assert {p.ranks for p in POINTS} == {2}
     made = Batches(__name__)
-    for name in [f"{p.id}-r{k}" for p in POINTS for k in range(p.repeats)]:
+    for name in RUNS:
         shutil.copytree(made[name], out / "runs" / name)
 
     def no_launch(*a):
         raise AssertionError(f"every run was made beforehand: {a}")
-    idx = sweep.run_sweep(spec, out, launcher=no_launch, log=lambda *a, **k: None)
+    idx = sweep.run_sweep(SPEC, out, launcher=no_launch, log=lambda *a, **k: None)
     assert (idx.loc[idx["status"] != "skipped", "status"] == "complete").all(), idx["message"]
     return figs.load_sweep(out)
 

@@ -47,14 +47,14 @@ def runs(tmp_path_factory):
     (harness.batch: ours under mpirun, with the session's other runs, PyTorch's under
     torchrun), the first time one is asked for: each run is the same as alone, the start-up
     is paid once."""
-    base, done = tmp_path_factory.mktemp("torchpipe"), {}
+    base, torch_runs = tmp_path_factory.mktemp("torchpipe"), {}
 
     def get(model, sched, runtime):
         if runtime == "ours":
             return Batches(__name__)[f"{model}-{sched}"]
-        if runtime not in done:
-            done[runtime] = run_batch(2, GROUP, base / runtime, torchpipe=True)
-        return done[runtime][f"{model}-{sched}"]
+        if not torch_runs:
+            torch_runs.update(run_batch(2, GROUP, base / "torch", torchpipe=True))
+        return torch_runs[f"{model}-{sched}"]
     return get
 
 

@@ -8,7 +8,7 @@ are bit-identical after every step (tests/test_sgd.py).
 The class is not torch's because torch.optim.Optimizer's methods import `torch._dynamo` the
 first time they run (`step` through `_use_grad_for_differentiable`, `add_param_group` and
 `zero_grad` through `torch._disable_dynamo`), to keep torch.compile out of them. That import
-costs 0.7-0.9 s of CPU here, as much as importing torch itself, in every rank of every run; the
+costs 1.0-1.2 s of CPU here, as much as importing torch itself, in every rank of every run; the
 harness never compiles an optimizer. (PyTorch's own pipeline, runtime=torch, imports
 `torch._dynamo` anyway and keeps torch.optim.SGD: harness.torchpipe.)
 
