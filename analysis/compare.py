@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from analysis import metrics, style  # noqa: E402
+from analysis.dims import figure_formats  # noqa: E402
 from analysis.measure import critical, waits  # noqa: E402
 from analysis.measure.windows import steady, step_windows  # noqa: E402
 from analysis.pages import small_pages  # noqa: E402
@@ -161,12 +162,14 @@ def main(argv=None) -> int:
     ap.add_argument("run_a")
     ap.add_argument("run_b")
     ap.add_argument("--out", help="output folder (default RUN_B/analysis/compare-<RUN_A>)")
-    ap.add_argument("--format", default="png", help="figure formats, comma-separated")
+    ap.add_argument("--format", default="png", help="figure formats, comma-separated; none: "
+                    "no figure")
     a = ap.parse_args(argv)
     small_pages()
     try:
+        fmts = figure_formats(a.format)
         runs = [load_run(p) for p in (a.run_a, a.run_b)]
-    except RunFormatError as e:
+    except (RunFormatError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if any(r.events.empty for r in runs):
@@ -197,11 +200,12 @@ def main(argv=None) -> int:
     at.to_csv(out / "compare-actions.csv", index=False)
     print()
     print(action_text(at))
-    with plt.rc_context(style.RC):
-        fig, _ = two_timelines(drawn, titles)
-        for f in [x for x in a.format.split(",") if x]:
-            fig.savefig(out / f"compare.{f}")
-        plt.close(fig)
+    if fmts:
+        with plt.rc_context(style.RC):
+            fig, _ = two_timelines(drawn, titles)
+            for f in fmts:
+                fig.savefig(out / f"compare.{f}")
+            plt.close(fig)
     print(out)
     return 0
 

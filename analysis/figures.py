@@ -36,6 +36,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from analysis import lessons, load_run, metrics, style, sweep_stats  # noqa: E402
+from analysis.dims import figure_formats  # noqa: E402
 from analysis.metrics import steady, step_windows  # noqa: E402
 from analysis.pages import small_pages  # noqa: E402
 from analysis.plots import (breakdown_plot, bubble_plot, peak_memory_plot,  # noqa: E402
@@ -87,13 +88,19 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sweep", help="sweep directory (holds sweep.csv)")
     ap.add_argument("--out", help="output folder (default SWEEP_DIR/figures)")
-    ap.add_argument("--format", default="png,pdf", help="static figure formats (png,pdf)")
+    ap.add_argument("--format", default="png,pdf", help="static figure formats, comma-separated; "
+                    "none: no static figure")
     ap.add_argument("--no-gif", action="store_true", help="skip the animation (figure 6)")
     a = ap.parse_args(argv)
     small_pages()
     out = Path(a.out) if a.out else Path(a.sweep) / "figures"
     try:
-        make(a.sweep, out, [f for f in a.format.split(",") if f], gif=not a.no_gif)
+        fmts = figure_formats(a.format)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        make(a.sweep, out, fmts, gif=not a.no_gif)
     except MixedSweep as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

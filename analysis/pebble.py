@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from analysis import chrome, metrics, report, stream
-from analysis.dims import MEMORY_SIZE, columns_for
+from analysis.dims import MEMORY_SIZE, columns_for, figure_formats
 from analysis.measure import waits
 from analysis.measure.plan import planned_from
 from analysis.pages import small_pages
@@ -114,6 +114,11 @@ def main(argv=None) -> int:
                     f"(default {stream.TARGET:,})")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     a = ap.parse_args(argv)
+    try:
+        a.format = figure_formats(a.format)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     small_pages()     # before the first large array: huge pages cost more than they give here
     log = _Progress(a.quiet)
 
@@ -182,7 +187,7 @@ def _write(a, idx, out, ident, steps, step, trace, log) -> int:
     side: the pebble graph and the timeline with trace.json in forked processes, the metrics
     and the memory figure here."""
     out.mkdir(parents=True, exist_ok=True)
-    formats = [f.strip() for f in a.format.split(",") if f.strip() not in ("", "none")]
+    formats = a.format
     serial = a.serial
     shown = [s for s in steps if s <= step][-3:] or [step]
     stead = metrics.steady(steps)[1]

@@ -26,6 +26,7 @@ matplotlib.use("Agg")  # files only, no screen
 import matplotlib.pyplot as plt  # noqa: E402
 
 from analysis import metrics, style  # noqa: E402
+from analysis.dims import figure_formats  # noqa: E402
 from analysis.pages import small_pages  # noqa: E402
 from analysis.plots.whatif import measured_and_predicted  # noqa: E402
 from analysis.predict import target  # noqa: E402
@@ -171,7 +172,8 @@ def main(argv=None) -> int:
     ap.add_argument("--protocol", choices=("auto", "eager", "rendezvous"), default="auto",
                     help="message model (auto: what the calibration run showed)")
     ap.add_argument("--out", help="output folder (default RUN/analysis)")
-    ap.add_argument("--format", default="png", help="figure formats, comma-separated")
+    ap.add_argument("--format", default="png", help="figure formats, comma-separated; none: "
+                    "no figure")
     ap.add_argument("--json", action="store_true", help="print the prediction as JSON")
     a = ap.parse_intermixed_args(argv)   # RUN --also RUN2 schedule=gpipe: any order
     small_pages()
@@ -180,6 +182,7 @@ def main(argv=None) -> int:
         print(f"error: {msg}", file=sys.stderr)
         return 2
     try:
+        fmts = figure_formats(a.format)
         runs = [load_run(p) for p in [a.run] + a.also]
         scales = [parse_scale(s) for s in a.scale]
         ov = parse_overrides(a.overrides, runs[0].meta)
@@ -213,6 +216,9 @@ def main(argv=None) -> int:
     if a.json:
         print(json.dumps(res["predicted"]))
     steps = meas["steady"][-1:] or runs[0].steps[-1:]
+    if not fmts:
+        print(out / f"{name}.json")
+        return 0
     with plt.rc_context(style.RC):
         fig, _ = measured_and_predicted(runs[0].events, steps, pred.frame,
                                         f"predicted: {pred.schedule}, m={pred.m}, "
@@ -221,8 +227,8 @@ def main(argv=None) -> int:
                                         + (f"; scaled {', '.join(a.scale)}" if a.scale else ""),
                                         measured_title=f"measured: {a.run}, step {steps[-1]} "
                                         f"(median step {meas['step_s'] * 1e3:.1f} ms)")
-        style.save(fig, out, name, [f for f in a.format.split(",") if f])
-    print(out / f"{name}.{a.format.split(',')[0]}")
+        style.save(fig, out, name, fmts)
+    print(out / f"{name}.{fmts[0]}")
     return 0
 
 

@@ -167,6 +167,29 @@ def test_cli_partial_run_and_errors(run_dir, tmp_path, capsys):
     assert "not a run directory" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("cli", ["pebble", "whatif", "compare", "figures"])
+def test_a_format_matplotlib_cannot_write_is_one_line_before_any_work(run_dir, tmp_path, capsys,
+                                                                      cli):
+    import importlib
+    args = {"pebble": [run_dir], "whatif": [run_dir, "m=4"], "compare": [run_dir, run_dir],
+            "figures": [tmp_path]}[cli]
+    out = tmp_path / "out"
+    main_ = importlib.import_module(f"analysis.{cli}").main
+    assert main_([*map(str, args), "--format", "png, PDF,none,jpgg", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: --format png, PDF,none,jpgg: cannot write 'jpgg' (one of png, pdf, "
+                   "svg, svgz, eps, ps, pgf, jpg, jpeg, tif, tiff, webp, or none)")
+    assert not out.exists()
+
+
+def test_the_formats_offered_are_ones_matplotlib_writes():
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    from analysis.dims import FORMATS, figure_formats
+    assert set(FORMATS) <= set(FigureCanvasBase.get_supported_filetypes())
+    assert figure_formats(" PNG,pdf,png,, none") == ["png", "pdf"] and figure_formats("none") == []
+
+
 def test_analysis_into_a_full_disk_is_one_line_naming_the_path(run_dir, tmp_path, capsys):
     from helpers import fill, small_tmpfs
     with small_tmpfs(tmp_path / "disk", "256k") as disk:

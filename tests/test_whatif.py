@@ -92,12 +92,21 @@ def test_cli_writes_prediction_and_figure(tmp_path, capsys):
     (["schedule=naive", "m=2"], "naive"),
     (["--scale", "rank=5,factor=2"], "no such rank"),
     (["--scale", "rank=1,kind=loss,factor=2"], "kind='loss'"),
+    (["--format", "png,jpgg"], "cannot write 'jpgg'"),
 ])
 def test_cli_errors_are_one_line_exit_2(tmp_path, capsys, args, says):
     run = make_run(tmp_path / "r", schedule="gpipe", m=2, steps=3)
     assert main([str(run), *args]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and says in err and "\n" not in err
+
+
+def test_cli_format_none_writes_the_numbers_and_no_figure(tmp_path, capsys):
+    run = make_run(tmp_path / "r", schedule="gpipe", m=2, steps=3)
+    out = tmp_path / "out"
+    assert main([str(run), "m=4", "--format", "none", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip().endswith("whatif-m=4.json")
+    assert [p.name for p in out.iterdir()] == ["whatif-m=4.json"]
 
 
 def test_cli_not_a_run(tmp_path, capsys):
