@@ -22,11 +22,16 @@ def pytest_configure(config):
                             "command (set automatically by conftest.py)")
 
 
-def _source(fn) -> str:
-    try:
-        return inspect.getsource(fn)
-    except (OSError, TypeError):
-        return ""
+_SAYS: dict = {}    # function -> whether its source launches (one getsource per function)
+
+
+def _launches(fn) -> bool:
+    if fn not in _SAYS:
+        try:
+            _SAYS[fn] = bool(_LAUNCHES.search(inspect.getsource(fn)))
+        except (OSError, TypeError):
+            _SAYS[fn] = False
+    return _SAYS[fn]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -38,7 +43,7 @@ def pytest_collection_modifyitems(config, items):
         info = getattr(item, "_fixtureinfo", None)
         for defs in (info.name2fixturedefs.values() if info else ()):
             fns += [d.func for d in defs]
-        if any(_LAUNCHES.search(_source(f)) for f in fns if f is not None):
+        if any(_launches(f) for f in fns if f is not None):
             item.add_marker(pytest.mark.mpi)
 
 
