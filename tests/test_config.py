@@ -103,6 +103,17 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     assert back == cfg
 
 
+@pytest.mark.parametrize("exp", sorted(config.experiments()))
+def test_config_yaml_is_what_omegaconf_writes(exp):
+    # to_yaml dumps the dataclass with OmegaConf's dumper; OmegaConf's structured config is
+    # the second way, on every experiment and strings that YAML would read as another type
+    from omegaconf import OmegaConf
+    cfg = config.load([f"exp={exp}", "pipeline.split=null", "trace.kineto=1:2"], world_size=2)
+    for d in ("1e3", "yes", "null", "a: b", "${x}", "12:30", "é/r"):
+        cfg.run.dir = d
+        assert config.to_yaml(cfg) == OmegaConf.to_yaml(OmegaConf.structured(cfg)), d
+
+
 def test_an_experiment_starts_from_its_base_and_overrides_it(tmp_path, monkeypatch):
     (tmp_path / "a.yaml").write_text("description: a\ntrain: {steps: 7, lr: 0.5}\n")
     (tmp_path / "b.yaml").write_text("base: a\ndescription: b\ntrain: {steps: 9}\n")
