@@ -38,18 +38,29 @@ print(json.dumps({"state": state, "faults": faults}))
 """
 
 
-def steady_faults(policy: str) -> tuple[str, float]:
-    """-> (the policy in force, median page faults per step after 5 warm-up steps)."""
-    out = subprocess.run([sys.executable, "-c", PROBE, policy], capture_output=True, text=True,
-                         check=True, timeout=300)
-    r = json.loads(out.stdout.strip().splitlines()[-1])
-    return r["state"], statistics.median(r["faults"][5:])
+def steady_faults(*policies: str) -> list[tuple[str, float]]:
+    """-> per policy (the policy in force, median page faults per step after 5 warm-up steps).
+    The probes run side by side: a process's page faults are its own, whatever runs beside it."""
+    procs = [subprocess.Popen([sys.executable, "-c", PROBE, p], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for p in policies]
+    got = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err
+            r = json.loads(out.strip().splitlines()[-1])
+            got.append((r["state"], statistics.median(r["faults"][5:])))
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    return got
 
 
 @pytest.mark.mpi  # launches a process (steady_faults)
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the policy needs glibc")
 def test_keep_stops_the_refaulting_that_glibc_default_pays():
-    (s_state, system), (k_state, keep) = steady_faults("system"), steady_faults("keep")
+    (s_state, system), (k_state, keep) = steady_faults("system", "keep")
     assert (s_state, k_state) == ("system", "keep")
     grads = 8 * 1024 * 1024 * 4 // 4096               # pages of the weight gradients: 8,192
     assert system > grads // 8, system                  # glibc's own policy faults many again
