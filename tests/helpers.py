@@ -143,18 +143,17 @@ def weights(run_dir: Path, world: int) -> dict:
     return out
 
 
-def render_png(fig, min_width: int = 200):
-    """Save a figure to PNG in memory, close it, check it is a real picture; return the pixels."""
-    import io
-
+def render(fig, min_width: int = 200):
+    """Draw a figure on its canvas, close it, check it is a real picture; return the pixels
+    (RGB in 0..1). One draw at the figure's dpi: what savefig draws, without its tight crop's
+    second draw and the encoding at 300 dpi (3x the time); the CLIs' tests save for real."""
     import matplotlib.pyplot as plt
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    import numpy as np
+    fig.canvas.draw()
+    img = np.asarray(fig.canvas.buffer_rgba(), dtype=float)[..., :3] / 255
     plt.close(fig)
-    buf.seek(0)
-    img = plt.imread(buf)
     assert img.shape[0] > 100 and img.shape[1] > min_width
-    assert img[..., :3].std() > 0.05          # not a blank canvas
+    assert img.std() > 0.05          # not a blank canvas
     return img
 
 

@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from analysis import load_run, style  # noqa: E402
 from analysis.metrics import recv_split  # noqa: E402
 from analysis.plots import memory_plot, pebble_graph, planned_frame, timeline  # noqa: E402
-from helpers import render_png  # noqa: E402
+from helpers import render  # noqa: E402
 from harness.synthetic import make_run
 
 
@@ -24,7 +24,7 @@ def run(request, tmp_path_factory):
 
 
 def _png(fig):
-    return render_png(fig, 300)
+    return render(fig, 300)
 
 
 def _collections(fig, gid):

@@ -17,7 +17,7 @@ from analysis import figures as figs, load_run, metrics, style, sweep_stats  # n
 from analysis.plots import (breakdown_plot, bubble_plot, frame_states,  # noqa: E402
                             pebble_animation, peak_memory_plot, schedules_side_by_side)
 from experiments import sweep  # noqa: E402
-from helpers import Batches, declare_runs, hand_bubble, render_png  # noqa: E402
+from helpers import Batches, declare_runs, hand_bubble, render  # noqa: E402
 
 QUICK = Path(sweep.__file__).parent / "paper_quick.yaml"
 
@@ -50,7 +50,7 @@ def sw(tmp_path_factory):
 
 
 def _png(fig):
-    return render_png(fig, 200)
+    return render(fig, 200)
 
 
 def _run(sw, schedule, overlap=False):

@@ -10,7 +10,7 @@ import pandas as pd  # noqa: E402
 
 from analysis import gpt_memory as gm  # noqa: E402
 from analysis import style  # noqa: E402
-from helpers import render_png  # noqa: E402
+from helpers import render  # noqa: E402
 
 
 def test_measured_equals_derived_and_is_drawn():
@@ -23,7 +23,7 @@ def test_measured_equals_derived_and_is_drawn():
         line = next(ln for ln in axes[0].lines if ln.get_gid() == "measured-seq-none")
         want = t[(t["axis"] == "seq") & (t["recompute"] == "none")].sort_values("s")
         assert np.allclose(line.get_ydata(), want["measured"] / 2**20)
-        render_png(fig)
+        render(fig)
 
 
 def test_tradeoff_one_point_per_mode():
@@ -33,4 +33,4 @@ def test_tradeoff_one_point_per_mode():
         fig, ax = gm.plot_tradeoff(t)
         gids = sorted(ln.get_gid() for ln in ax.lines)
         assert gids == ["tradeoff-attention", "tradeoff-full", "tradeoff-none"]
-        render_png(fig)
+        render(fig)

@@ -8,7 +8,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from analysis import figures as figs, style, sweep_stats  # noqa: E402
 from analysis.plots import bubble_plot, peak_memory_plot  # noqa: E402
 from experiments import sweep  # noqa: E402
-from helpers import render_png, run_batch  # noqa: E402
+from helpers import render, run_batch  # noqa: E402
 
 SPEC = {"sweep": {
     "name": "gpt_t", "base": "gpt", "repeats": 1, "ranks": [2],
@@ -46,5 +46,5 @@ def test_a_gpt_sweep_runs_and_draws(tmp_path):
     rk = sw["ranks"]                       # every run's measured peak is its own theory
     assert len(rk) == 10 and (rk["peak_act"] == rk["peak_theory"]).all()
     with plt.rc_context(style.RC):
-        render_png(bubble_plot(bub, sw["cores"])[0])
-        render_png(peak_memory_plot(mem, sw["cores"])[0])
+        render(bubble_plot(bub, sw["cores"])[0])
+        render(peak_memory_plot(mem, sw["cores"])[0])
