@@ -79,8 +79,8 @@ def layer_times(events: pd.DataFrame, steps) -> pd.DataFrame:
                                                  np.asarray(list(steps)))
     ev = events.loc[use, ["step", "layer", "start", "end"]].assign(
         kind=act[use], d=(events["end"] - events["start"]).to_numpy()[use])
-    return ev.groupby(["step", "layer", "kind"], sort=True).agg(
-        busy=("d", "sum"), n=("d", "size")).reset_index()
+    g = ev.groupby(["step", "layer", "kind"], sort=True)["d"]
+    return pd.DataFrame({"busy": g.sum(), "n": g.size()}).reset_index()
 
 
 def schedule_table(sched) -> pd.DataFrame:

@@ -206,13 +206,18 @@ class CalStats:
         ss = ss.assign(both=ss["end"] - both, own=ss["end"] - ss["start"],
                        shows=tb <= both, shows_own=tb <= ss["start"],
                        first=ss["recv_start"] <= ss["start"])
-        for s, d in ss.groupby("step"):
-            for name, col, shows in (("send", "both", "shows"), ("send_eager", "own", "shows_own")):
-                d2 = d[d[shows]]
-                if name == "send" and d2["first"].any():
-                    d2 = d2[d2["first"]]
-                steps[s].msg[name] = {int(b): float(t) for b, t in
-                                      d2.groupby("bytes")[col].mean().items()}
+        # per step (one group-by over the kept steps, each step's rows in their order: the
+        # same means as step by step): "send" from the sends whose receive was posted first
+        # when the step has any, "send_eager" from every send that shows its own post
+        for s in pd.unique(ss["step"]):
+            steps[s].msg["send"], steps[s].msg["send_eager"] = {}, {}
+        sh = ss[ss["shows"].to_numpy()]
+        first = sh["first"].to_numpy(bool)
+        any_first = sh.assign(f=first).groupby("step")["f"].transform("any").to_numpy(bool)
+        for name, col, d in (("send", "both", sh[first | ~any_first]),
+                             ("send_eager", "own", ss[ss["shows_own"].to_numpy()])):
+            for (s, b), t in d.groupby(["step", "bytes"])[col].mean().items():
+                steps[s].msg[name][int(b)] = float(t)
         g = action_gaps(comm[comm["step"].isin(keep).to_numpy()], a, self.table())
         g = g.dropna(subset=["gap"])
         for (s, r, p_, k), v in g.groupby(["step", "rank", "prev", "kind"])["gap"].mean().items():
