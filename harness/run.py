@@ -30,11 +30,11 @@ def main(argv: list[str] | None = None, on_run=None) -> int:
         # imported only now: torch.distributed, which --help and our runs never need
         from .torchpipe.launch import main as torch_main
         return torch_main(argv, on_run)
-    # imported only now: they start MPI and torch (and their threads), which --help never needs
-    from .core import comm
-    from .train import Run
+    # imported only now: MPI (and its threads), which --help never needs; torch only once
+    # the ranks agreed that the configuration is good (harness.core.world has no torch)
+    from .core import world
 
-    rank, size = comm.rank_size()
+    rank, size = world.rank_size()
     alone = unjoined(size)
     if alone:  # every task is rank 0 of its own world: the first task says it
         if os.environ.get("SLURM_PROCID", "0") == "0":
@@ -53,12 +53,13 @@ def main(argv: list[str] | None = None, on_run=None) -> int:
     if error is None and cfg.runtime == "torch":
         error = (f"runtime=torch runs torch.distributed.pipelining, which torchrun starts: "
                  f"torchrun --nproc-per-node {size} -m harness.run runtime=torch ...")
-    errors = comm.allgather(error)
+    errors = world.allgather(error)
     if any(errors):
         first = next(r for r, e in enumerate(errors) if e)
         if rank == first:  # printed once
             print(f"harness.run: error: {errors[first]}", file=sys.stderr, flush=True)
         return 2
+    from .train import Run  # torch, its threads and the model: only for a run that will go
     run = Run(cfg, sched, rank, size)
     if on_run is None:
         return run.main()

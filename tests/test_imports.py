@@ -122,7 +122,7 @@ def test_the_cycle_finder_finds_and_names_a_cycle():
 def test_the_graph_sees_function_level_and_relative_imports():
     g = import_graph()
     assert "harness.schedule.ir" in g["harness.schedule.simulate"]         # from .ir import
-    assert "harness.core.comm" in g["harness.run"]                         # inside main()
+    assert "harness.core.world" in g["harness.run"]                        # inside main()
     assert "harness.schedule" in g["harness.core.executor"]                # from .. import schedule
 
 

@@ -2,11 +2,13 @@
 import csv
 import json
 import platform
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from helpers import SMALL, Batches, declare_runs, losses, meta, ok, run_harness, weights
+from helpers import REPO, SMALL, Batches, declare_runs, losses, meta, ok, run_harness, weights
 
 STEPS = ["train.steps=4"]
 
@@ -124,6 +126,17 @@ def test_bad_input_fails_fast_on_every_rank_with_one_message(tmp_path):
     assert proc.returncode != 0
     assert proc.stderr.count("unknown key 'train.stepz'") == 1, proc.stderr
     assert not (tmp_path / "r").exists(), "nothing is created for an invalid config"
+
+
+def test_a_refused_config_is_said_before_torch_is_imported(tmp_path):
+    # the verdict needs MPI and the config only: torch (~1 s a rank) is for runs that will go
+    code = ("import sys; from harness import run; "
+            f"rc = run.main(['train.stepz=2', 'run.dir={tmp_path / 'r'}']); "
+            "print(rc, 'torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, cwd=REPO)
+    assert proc.stdout.split() == ["2", "False"], proc.stderr
+    assert "unknown key 'train.stepz'" in proc.stderr
 
 
 def test_more_stages_than_layers_is_refused(tmp_path):
