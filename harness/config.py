@@ -123,6 +123,9 @@ class TraceCfg:
                             "microbatch sizes of m = 1, 2, 4, 8, 16 and the run's own "
                             "(meta.json ranks[r].block_times): what analysis.whatif predicts "
                             "other microbatch counts, splits and split backward from", True)
+    block_repeats: int = doc("timings of each block at each size for block_times, after one "
+                             "warm-up call; the shortest counts (fewer: a shorter set-up, "
+                             "noisier ratios between sizes)", 5)
     kineto: str = doc("START:END: record a torch.profiler (Kineto) trace on every rank for steps "
                       "START..END (inclusive) into trace/kineto.r<R>.json; the analysis merges "
                       "it into trace.json. Empty = off", "")
@@ -400,6 +403,8 @@ def validate(cfg: Config, world_size: int) -> S.Schedule:
            f"trace.sample_interval_ms={cfg.trace.sample_interval_ms}: must be > 0")
     _check(cfg.trace.clock_exchanges >= 1,
            f"trace.clock_exchanges={cfg.trace.clock_exchanges}: must be >= 1")
+    _check(cfg.trace.block_repeats >= 1,
+           f"trace.block_repeats={cfg.trace.block_repeats}: must be >= 1")
     if cfg.world_sizes is not None:
         _check(world_size in cfg.world_sizes,
                f"world size {world_size}: experiment {cfg.exp!r} runs with "

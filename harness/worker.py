@@ -111,7 +111,8 @@ class Worker:
             return None
         return blocktime.measure(
             st, [pl.stage(self.rank, c) for c in range(pl.v)], pl.stages - 1,
-            cfg.data.batch_size, self.mb_rows, device, lambda: stage.autocast(cfg, device.type))
+            cfg.data.batch_size, self.mb_rows, device, lambda: stage.autocast(cfg, device.type),
+            cfg.trace.block_repeats)
 
     def _trace(self, base, params, device):
         """The clock (debug.clock_* skews it), timer, trace files, memory sampler, watchdog and

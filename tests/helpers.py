@@ -17,9 +17,11 @@ from harness.ops.launch import mpirun, torchrun
 REPO = Path(__file__).resolve().parent.parent
 
 # A model small enough that a run costs ~import time; threads=1 so that runs with different
-# world sizes do bit-identical arithmetic.
+# world sizes do bit-identical arithmetic; the set-up's block times taken once per block and
+# size (trace.block_repeats: the tests assert nothing that their precision decides, and five
+# cost a third of a small run's set-up)
 SMALL = ["model.layers=6", "model.width=64", "model.in_features=32", "data.batch_size=32",
-         "threads=1", "quiet=true"]
+         "threads=1", "quiet=true", "trace.block_repeats=1"]
 
 
 def run_harness(n: int | None, *args: str, timeout: float = 240, cwd=None):

@@ -135,6 +135,13 @@ def test_non_finite_numbers_are_refused_for_every_float_key(key, value):
     assert str(e.value).startswith(f"{key}=") and "finite" in str(e.value)
 
 
+@pytest.mark.parametrize("arg, says", [("trace.block_repeats=0", "must be >= 1"),
+                                       ("trace.clock_exchanges=0", "must be >= 1")])
+def test_counts_below_one_are_refused(arg, says):
+    with pytest.raises(ConfigError, match=f"^{arg}: {says}$"):
+        config.load([arg], world_size=1)
+
+
 def test_non_finite_numbers_in_an_experiment_file_are_refused(tmp_path, monkeypatch):
     (tmp_path / "x.yaml").write_text("train: {lr: .inf}\n")
     monkeypatch.setattr(config, "EXPERIMENTS_DIR", tmp_path)

@@ -54,6 +54,9 @@ def test_whatif_cli_on_a_real_run(tmp_path, capsys):
     m8 = whatif("m=8")
     assert m8.returncode == 0, m8.stderr
     assert "proportional to rows" not in m8.stdout and "assumed" in m8.stdout
+    # timed once per block and size, as the tests' runs ask (trace.block_repeats=1)
+    meta = json.loads((d / "meta.json").read_text())
+    assert [r["block_times"]["repeats"] for r in meta["ranks"]] == [1, 1]
 
 
 def _steady_spans(d) -> list:
