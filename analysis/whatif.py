@@ -215,10 +215,10 @@ def main(argv=None) -> int:
     (out / f"{name}.json").write_text(json.dumps(res, indent=1))
     if a.json:
         print(json.dumps(res["predicted"]))
-    steps = meas["steady"][-1:] or runs[0].steps[-1:]
     if not fmts:
         print(out / f"{name}.json")
         return 0
+    steps = meas["steady"][-1:] or runs[0].steps[-1:]
     with plt.rc_context(style.RC):
         fig, _ = measured_and_predicted(runs[0].events, steps, pred.frame,
                                         f"predicted: {pred.schedule}, m={pred.m}, "

@@ -5,7 +5,8 @@ FILE is a JSON list of argument lists, each what `python -m harness.run` would t
 (`[["schedule=gpipe", "run.dir=r/a"], ["schedule=1f1b", "run.dir=r/b"]]`). The runs go one
 after another in the same P processes, each exactly as `harness.run` runs it (its own config,
 run directory, seed, trace files): only the start-up — imports, MPI's initialisation — is paid
-once. One difference: what the garbage collector leaves out of its reach (`_freeze_imports`). For small models that start-up is most of a run's time; the tests use it to check many
+once. One difference: what the garbage collector leaves out of its reach (`_freeze_imports`).
+For small models that start-up is most of a run's time; the tests use it to check many
 configurations in a few jobs. Every run prints its run directory as its last line, in order.
 
 The first run that fails ends the batch with its exit status: a config error (exit 2) before

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from helpers import REPO, SMALL, Batches, declare_runs
+from helpers import REPO, SMALL, Batches, declare_runs, meta
 
 declare_runs(__name__, {"gpipe": (2, [*SMALL, "schedule=gpipe", "pipeline.microbatches=2",
                                       "train.steps=6"])})
@@ -55,8 +55,7 @@ def test_whatif_cli_on_a_real_run(tmp_path, capsys):
     assert m8.returncode == 0, m8.stderr
     assert "proportional to rows" not in m8.stdout and "assumed" in m8.stdout
     # timed once per block and size, as the tests' runs ask (trace.block_repeats=1)
-    meta = json.loads((d / "meta.json").read_text())
-    assert [r["block_times"]["repeats"] for r in meta["ranks"]] == [1, 1]
+    assert [r["block_times"]["repeats"] for r in meta(d)["ranks"]] == [1, 1]
 
 
 def _steady_spans(d) -> list:
