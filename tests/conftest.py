@@ -1,4 +1,5 @@
 import inspect
+import os
 import re
 import sys
 from pathlib import Path
@@ -18,6 +19,12 @@ _LAUNCHES = re.compile(r"\b(run_harness|run_torch|run_batch|Batches|launch|mpiru
 
 
 def pytest_configure(config):
+    # a pytest-xdist worker shares the cores with the others: torch's threads are its share
+    # (two workers of two threads each on two cores spin against each other, ~5x slower)
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        import torch
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
     config.addinivalue_line("markers", "mpi: launches processes: mpirun jobs, the harness, a "
                             "command (set automatically by conftest.py)")
 
@@ -32,6 +39,15 @@ def _launches(fn) -> bool:
         except (OSError, TypeError):
             _SAYS[fn] = False
     return _SAYS[fn]
+
+
+def pytest_ignore_collect(collection_path, config):
+    # `-m "not mpi"`: a `*_mpi.py` module's tests are all deselected (below), so it is not
+    # imported at all (a fifth of the fast tier's collection)
+    if collection_path.name.endswith("_mpi.py") and \
+            " ".join((config.option.markexpr or "").split()) == "not mpi":
+        return True
+    return None
 
 
 def pytest_collection_modifyitems(config, items):
