@@ -296,15 +296,15 @@ def test_divergence_looks_for_the_loss_on_the_rank_that_holds_it():
         "training diverged: non-finite loss or gradient norm from step 0 (rank 0, 1 rows)"]
 
 
-def test_trace_written_beside_the_figures_equals_the_serial_one(run_dir, tmp_path, capsys):
-    # the forked writer (default) and the in-process one (--serial) give the same bytes, and
-    # every other output is there too
+def test_trace_written_in_a_child_equals_the_serial_one(run_dir, tmp_path, capsys):
+    # the forked writer (default) and the in-process one (--serial) give the same bytes (the
+    # figures the children draw beside it: test_stream's CLI test, forked against serial)
     for out, extra in ((tmp_path / "fork", []), (tmp_path / "serial", ["--serial"])):
-        assert main([str(run_dir), "--out", str(out), "--format", "png", "-q", *extra]) == 0
+        assert main([str(run_dir), "--out", str(out), "--format", "none", "-q", *extra]) == 0
     assert (tmp_path / "fork" / "trace.json").read_bytes() == \
         (tmp_path / "serial" / "trace.json").read_bytes()
     assert json.loads((tmp_path / "fork" / "trace.json").read_text())["traceEvents"]
-    for name in ("metrics.json", "steps.csv", "pebble.png", "timeline.png", "memory.png"):
+    for name in ("metrics.json", "steps.csv"):
         assert (tmp_path / "fork" / name).stat().st_size > 0
 
 

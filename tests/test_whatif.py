@@ -169,7 +169,7 @@ def test_cli_takes_options_and_keys_in_any_order(tmp_path, capsys):
     b = make_run(tmp_path / "b", schedule="gpipe", m=4, steps=3, scale_rows=True)
     out = tmp_path / "out"
     assert main([str(a), "--also", str(b), "schedule=gpipe", "--out", str(out), "m=8",
-                 "--scale", "rank=0,factor=1", "--json"]) == 0
+                 "--scale", "rank=0,factor=1", "--format", "none", "--json"]) == 0
     text = capsys.readouterr().out
     assert "calibrated on 2 run(s)" in text and "predicted: gpipe, m=8" in text
 
@@ -177,12 +177,12 @@ def test_cli_takes_options_and_keys_in_any_order(tmp_path, capsys):
 def test_cli_prints_what_it_assumed(tmp_path, capsys):
     # one run without set-up block times: another m assumes compute proportional to rows
     run = make_run(tmp_path / "r", schedule="gpipe", m=2, steps=3)
-    assert main([str(run), "m=4", "--out", str(tmp_path / "o")]) == 0
+    assert main([str(run), "m=4", "--out", str(tmp_path / "o"), "--format", "none"]) == 0
     text = capsys.readouterr().out
     assert "assumed (not measured in the given runs):" in text
     assert "proportional to rows" in text
     capsys.readouterr()
-    assert main([str(run), "--out", str(tmp_path / "o")]) == 0   # its own configuration
+    assert main([str(run), "--out", str(tmp_path / "o"), "--format", "none"]) == 0  # own config
     assert "assumed: nothing" in capsys.readouterr().out
 
 
