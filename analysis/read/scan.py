@@ -48,6 +48,10 @@ from harness.runformat import LANE, TRACE_COLS, trace_file
 KINDS = ("events", "pebbles", "memory")
 BLOCK = 1 << 16       # rows of batches taken together in the index pass
 TARGET = 400_000      # rows (events + pebbles) per chunk, by default
+# trace bytes from which the index pass forks (open_run's workers): below it a forked pool
+# costs more than it saves (2 cores, two 1F1B ranks: 14 vs 52 ms at 0.03 MiB, 135 vs 142 ms at
+# 15 MiB, 258 vs 275 ms at 29 MiB, 536 vs 401 ms at 59 MiB)
+PARALLEL_BYTES = 32 << 20
 _NONE = np.iinfo(np.int64).max   # a batch with no row to hand out: its key range is empty
 _TIMES = ("t0", "t1", "tb", "t_store", "t_free", "t")
 
@@ -303,7 +307,8 @@ class RunIndex:
 def open_run(path, workers: int = 1) -> RunIndex:
     """Read a run directory's meta, stats and the index of every trace file (module docstring).
     Raises RunFormatError (naming the file) when it is not a run or a file's format is
-    unknown. workers: processes that index the files side by side (forked; format 2 files)."""
+    unknown. workers: processes that index the files side by side (forked; format 2 files of
+    PARALLEL_BYTES in all or more)."""
     d = Path(path)
     meta, warnings = runmeta.read_meta(d)
     world = int(meta.get("world_size") or 0)
@@ -325,7 +330,9 @@ def open_run(path, workers: int = 1) -> RunIndex:
                 have[r] = True
     warnings += runmeta.local_dir_notes(meta, have)
     idx_files, per = {}, []        # per: rank, step, rows, t0, t1 (aligned), done
-    par = workers if fmt == 2 else 1   # format 1 tables would travel back by pipe
+    # format 1 tables would travel back by pipe; a small run is indexed faster here
+    par = workers if fmt == 2 and sum(tf.path.stat().st_size for tf in files.values()) >= \
+        PARALLEL_BYTES else 1
     jobs = [(k, (_scan_events, (tf, k[1], meta))) for k, tf in files.items() if k[0] == "events"]
     for (kind, r), (fi, agg, said) in _map(jobs, par):
         idx_files[kind, r] = fi
