@@ -8,7 +8,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from analysis import figures as figs, style, sweep_stats  # noqa: E402
 from analysis.plots import bubble_plot, peak_memory_plot  # noqa: E402
 from experiments import sweep  # noqa: E402
-from helpers import render, run_batch  # noqa: E402
+from helpers import Batches, declare_runs, render  # noqa: E402
 
 SPEC = {"sweep": {
     "name": "gpt_t", "base": "gpt", "repeats": 1, "ranks": [2],
@@ -17,21 +17,25 @@ SPEC = {"sweep": {
               "gpt.seq": 16, "gpt.vocab": 64, "train.steps": 3, "threads": 1},
     "points": [{"ranks": 2, "schedule": "naive", "pipeline.microbatches": 1}],
 }}
+POINTS = [p for p in map(sweep.check, sweep.expand(SPEC)) if not p.skip]
+# the grid's four runs, made with the session's other runs (one start-up for all)
+GRID = {f"{p.id}-r0": (p.ranks, [*p.args(), "quiet=true"]) for p in POINTS if p.tag == "grid"}
+declare_runs(__name__, GRID)
 
 
 def test_a_gpt_sweep_runs_and_draws(tmp_path):
-    # the grid's four runs made beforehand in one harness.batch job (one start-up); the sweep
-    # finds them complete, as when it resumes, and launches the one point left with its real
-    # launcher (mpirun)
-    points = [p for p in map(sweep.check, sweep.expand(SPEC)) if not p.skip]
-    grid = [p for p in points if p.tag == "grid"]
-    assert len(grid) == 4 and len(points) == 5
-    run_batch(2, {f"{p.id}-r0": [*p.args(), "quiet=true"] for p in grid}, tmp_path / "sw" / "runs")
+    # the grid's four runs made beforehand; the sweep finds them complete, as when it resumes,
+    # and launches the one point left with its real launcher (mpirun)
+    import shutil
+    assert len(GRID) == 4 and len(POINTS) == 5
+    made = Batches(__name__)
+    for name in GRID:
+        shutil.copytree(made[name], tmp_path / "sw" / "runs" / name)
     idx = sweep.run_sweep(SPEC, tmp_path / "sw", log=lambda *a, **k: None)
     assert (idx["status"] == "complete").all(), idx[["status", "message"]]
     assert len(idx) == 5
     launched = idx[idx["seconds"].notna()]
-    assert launched["point"].tolist() == [p.id for p in points if p.tag != "grid"]
+    assert launched["point"].tolist() == [p.id for p in POINTS if p.tag != "grid"]
     sw = figs.load_sweep(tmp_path / "sw")
     runs = sw["runs"]
     assert set(runs["schedule"]) == {"naive", "gpipe", "1f1b"}

@@ -1,6 +1,7 @@
 """The runnable core, end to end: real `mpirun -n P python -m harness.run` on CPU."""
 import csv
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -137,6 +138,18 @@ def test_a_refused_config_is_said_before_torch_is_imported(tmp_path):
                           timeout=60, cwd=REPO)
     assert proc.stdout.split() == ["2", "False"], proc.stderr
     assert "unknown key 'train.stepz'" in proc.stderr
+    # so is the torchrun path's, on each rank alone (torchrun's variables, as its agent sets
+    # them): a bad key, and our runtime under torchrun
+    env = dict(os.environ, RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", TORCHELASTIC_RUN_ID="t")
+    for args, says in ((["runtime=torch", "train.stepz=2"], "unknown key 'train.stepz'"),
+                       (["runtime=ours"], "add runtime=torch")):
+        argv = [*args, f"run.dir={tmp_path / 't'}"]
+        code = ("import sys; from harness import run; "
+                f"rc = run.main({argv!r}); print(rc, 'torch' in sys.modules)")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=60, cwd=REPO, env=env)
+        assert proc.stdout.split() == ["2", "False"], proc.stderr
+        assert says in proc.stderr
 
 
 def test_more_stages_than_layers_is_refused(tmp_path):

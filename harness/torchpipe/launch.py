@@ -2,9 +2,10 @@
 run of harness.run, with PyTorch's pipeline as the executor.
 
 harness.run hands a process that torchrun started to `main` here. The config is validated
-first, on every rank alone (as under mpirun, and before any communication), then the default
-process group (gloo, for PyTorch's pipeline) and our own collectives (harness.torchpipe.dist)
-are set up and the usual Run trains with the torch worker and the torchrun failure policy.
+first, on every rank alone (as under mpirun, and before any communication or torch's import),
+then the default process group (gloo, for PyTorch's pipeline) and our own collectives
+(harness.torchpipe.dist) are set up and the usual Run trains with the torch worker and the
+torchrun failure policy.
 """
 from __future__ import annotations
 
@@ -12,14 +13,8 @@ import sys
 from datetime import timedelta
 from functools import partial
 
-import torch.distributed as dist
-
 from .. import config
-from ..train import Run
-from .dist import DistComm
 from .env import rank_size
-from .failure import TorchFailurePolicy
-from .worker import TorchWorker
 
 
 def main(argv: list[str], on_run=None) -> int:
@@ -41,6 +36,13 @@ def main(argv: list[str], on_run=None) -> int:
         return error(f"torchrun started this job, so it runs torch.distributed.pipelining: add "
                      f"runtime=torch (runtime={cfg.runtime} is our executor, started with "
                      f"mpirun -n {size} python -m harness.run ...)")
+    # imported only now, for a configuration that will run: torch and the run (a refused one
+    # is said in a fraction of a second, as under mpirun)
+    import torch.distributed as dist
+    from ..train import Run
+    from .dist import DistComm
+    from .failure import TorchFailurePolicy
+    from .worker import TorchWorker
     # a gloo operation that never completes raises after this; our watchdog (comm.timeout_s)
     # explains a blocked receive first
     # (a batch's runs, harness.batch, share the first run's group: gloo's re-initialisation
