@@ -22,13 +22,20 @@ def _modules() -> dict[str, Path]:
     return out
 
 
+@functools.cache
+def _parsed(path: Path) -> tuple[list[str], ast.Module]:
+    """A file's lines and syntax tree (parsed once: several tests walk them)."""
+    text = path.read_text()
+    return text.splitlines(), ast.parse(text, str(path))
+
+
 def _imports(name: str, path: Path, known) -> list[tuple[str, ast.stmt]]:
     """(imported module, statement) for every import in the file, at any depth. `from a import b`
     is an import of module a.b when that is a module, else of a; a relative import is resolved
     against the file's package."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     out = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(_parsed(path)[1]):
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -154,8 +161,7 @@ def test_function_level_imports_say_why():
     for name, path in mods.items():
         if not name.startswith(("harness.", "analysis.")):
             continue
-        lines = path.read_text().splitlines()
-        tree = ast.parse("\n".join(lines))
+        lines, tree = _parsed(path)
         for fn in ast.walk(tree):
             if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 continue
