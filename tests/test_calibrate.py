@@ -55,17 +55,27 @@ def test_costs_set_by_hand_are_read_back_exactly(tmp_path):
     assert all(e == pytest.approx(0, abs=1e-12) for e, _ in st.extra.values())
 
 
+NAIVE_KW = dict(xfer=0, gaps=30 * US)
+
+
+@pytest.fixture(scope="module")
+def naive_cal(tmp_path_factory):
+    """The calibration of one naive run with set-up block times (predict leaves it as it is)."""
+    return calibrate([_run(tmp_path_factory.mktemp("cal"), "n1", schedule="naive", m=1,
+                           block_times=True, **NAIVE_KW)])
+
+
 @pytest.mark.parametrize("target", [("gpipe", 2, False), ("gpipe", 4, False), ("1f1b", 8, False),
                                     ("1f1b", 4, True), ("naive", 1, False)])
-def test_one_run_predicts_other_microbatch_counts_from_its_block_times(tmp_path, target):
+def test_one_run_predicts_other_microbatch_counts_from_its_block_times(tmp_path, naive_cal,
+                                                                       target):
     # compute a + b·rows, not proportional: only the set-up block times say how a block's
     # cost changes with rows. One gap for every transition: the target's transitions that
     # the naive run never made (send_act -> fwd ...) are taken from the ones it made, and
     # said so. Messages free here (their model is checked below)
-    kw = dict(xfer=0, gaps=30 * US)
-    cal = calibrate([_run(tmp_path, "n1", schedule="naive", m=1, block_times=True, **kw)])
+    cal = naive_cal
     sch, m, ov = target
-    truth = measured(_run(tmp_path, "truth", schedule=sch, m=m, overlap=ov, **kw))
+    truth = measured(_run(tmp_path, "truth", schedule=sch, m=m, overlap=ov, **NAIVE_KW))
     pred = predict(cal, sch, m, overlap=ov)
     assert pred.step_s == pytest.approx(truth["step_s"], rel=1e-9)
     assert pred.bubble == pytest.approx(truth["bubble"], abs=1e-9)

@@ -387,4 +387,4 @@ def test_a_swept_key_is_a_group_of_its_own_in_every_table(tmp_path, key, column,
     bub = sweep_stats.bubble_table(sw_["runs"])
     assert len(bub) == 2 and (bub["n"] == 1).all()
     with pytest.raises(figs.MixedSweep, match=f"2 configurations.*{column}="):
-        figs.make(out, tmp_path / "figs", formats=("png",), gif=False, log=lambda s: None)
+        figs.make(sw_, tmp_path / "figs", formats=("png",), gif=False, log=lambda s: None)

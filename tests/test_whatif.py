@@ -20,10 +20,17 @@ def _run(tmp_path, name, **kw):
     return load_run(make_run(tmp_path / name, **kw))
 
 
+@pytest.fixture(scope="module")
+def gpipe_m2_cal(tmp_path_factory):
+    """The calibration of one gpipe m=2 run (predict leaves it as it is)."""
+    return calibrate([_run(tmp_path_factory.mktemp("cal"), "cal", schedule="gpipe", m=2,
+                           scale_rows=True)])
+
+
 @pytest.mark.parametrize("target", [("gpipe", 4), ("1f1b", 4), ("1f1b", 8), ("naive", 1)])
-def test_calibrated_on_gpipe_m2_predicts_other_runs_exactly(tmp_path, target):
+def test_calibrated_on_gpipe_m2_predicts_other_runs_exactly(tmp_path, gpipe_m2_cal, target):
     # time and memory proportional to rows: one run is enough to calibrate a + b*rows (a = 0)
-    cal = calibrate([_run(tmp_path, "cal", schedule="gpipe", m=2, scale_rows=True)])
+    cal = gpipe_m2_cal
     assert cal.protocol == "eager"          # the synthetic writer's messages never wait
     sch, m = target
     truth = measured(_run(tmp_path, "truth", schedule=sch, m=m, scale_rows=True))
@@ -84,6 +91,12 @@ def test_cli_writes_prediction_and_figure(tmp_path, capsys):
     assert img.shape[1] > 500 and img[..., :3].std() > 0.05
 
 
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """gpipe, m=2, 3 steps: for the refusals, which write nothing."""
+    return make_run(tmp_path_factory.mktemp("small") / "r", schedule="gpipe", m=2, steps=3)
+
+
 @pytest.mark.parametrize("args, says", [
     (["colour=red"], "unknown key"),
     (["schedule=zb"], "schedule='zb'"),
@@ -94,9 +107,10 @@ def test_cli_writes_prediction_and_figure(tmp_path, capsys):
     (["--scale", "rank=1,kind=loss,factor=2"], "kind='loss'"),
     (["--format", "png,jpgg"], "cannot write 'jpgg'"),
 ])
-def test_cli_errors_are_one_line_exit_2(tmp_path, capsys, args, says):
-    run = make_run(tmp_path / "r", schedule="gpipe", m=2, steps=3)
-    assert main([str(run), *args]) == 2
+def test_cli_errors_are_one_line_exit_2(small_run, capsys, args, says):
+    files = sorted(small_run.rglob("*"))
+    assert main([str(small_run), *args]) == 2
+    assert sorted(small_run.rglob("*")) == files          # nothing written
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and says in err and "\n" not in err
 
