@@ -106,8 +106,11 @@ def frame_batches(kind: str, rank: int, df, ends) -> tuple:
     for f in schema:
         v = df[f.name] if f.name in df else pd.Series([None] * len(df), dtype=object)
         if pa.types.is_dictionary(f.type) or pa.types.is_string(f.type):
-            txt = v.astype(object).where(v.notna() & (v.astype(str) != ""), None)
-            cat = pd.Categorical(txt)
+            # empty text is missing too; only the present cells are compared (no str() each)
+            txt = v.astype(object)
+            obj, keep = txt.to_numpy(), v.notna().to_numpy().copy()
+            keep[keep] = obj[keep] != ""
+            cat = pd.Categorical(txt.where(keep, None))
             words = pa.array([str(x) for x in cat.categories], pa.string())
             codes = np.asarray(cat.codes, np.int32)
             if pa.types.is_dictionary(f.type):
