@@ -30,5 +30,7 @@ def test_every_relative_link_and_image_exists():
 
 def test_the_readme_test_command_is_what_ci_runs():
     ci = (REPO / ".ci" / "run").read_text().strip().splitlines()
-    assert ci[-1] == "python -m pytest"
-    assert "\npython -m pytest\n" in (REPO / "README.md").read_text()
+    setup = (REPO / "README.md").read_text().split("```bash\n", 1)[1].split("```", 1)[0]
+    assert setup.splitlines()[2] == ci[-1]            # the set-up's third line: the tests
+    # the two tiers together are every test: each is `mpi` or not
+    assert ci[-1] == 'python -m pytest -m "not mpi" -n 2 && python -m pytest -m mpi'
