@@ -24,9 +24,9 @@ def pytest_configure(config):
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if workers:
         import torch  # the workers only: imported by the tests anyway
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
-            os.cpu_count() or 1
-        torch.set_num_threads(max(1, cores // int(workers)))
+
+        from harness.config import cores_available
+        torch.set_num_threads(max(1, cores_available() // int(workers)))
     config.addinivalue_line("markers", "mpi: launches processes: mpirun jobs, the harness, a "
                             "command (set automatically by conftest.py)")
 

@@ -248,8 +248,11 @@ def test_zb_figures_drawn_and_their_numbers_right(zb_loaded, tmp_path, monkeypat
     drawn = {}
 
     def draw(fig, out, name, formats):
-        drawn[name] = render(fig, 300).shape if name[:4] in ("fig7", "fig8", "fig9") else \
+        if name[:4] in ("fig7", "fig8", "fig9"):
+            render(fig, 300)                 # draws, checks it is a picture, closes it
+        else:
             plt.close(fig)
+        drawn[name] = formats
         return [f"{name}.{fmt}" for fmt in formats]
     monkeypatch.setattr(figs.style, "save", draw)
     out = tmp_path / "figs"

@@ -130,25 +130,20 @@ def test_bad_input_fails_fast_on_every_rank_with_one_message(tmp_path):
 
 
 def test_a_refused_config_is_said_before_torch_is_imported(tmp_path):
-    # the verdict needs MPI and the config only: torch (~1 s a rank) is for runs that will go
-    code = ("import sys; from harness import run; "
-            f"rc = run.main(['train.stepz=2', 'run.dir={tmp_path / 'r'}']); "
-            "print(rc, 'torch' in sys.modules)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=60, cwd=REPO)
-    assert proc.stdout.split() == ["2", "False"], proc.stderr
-    assert "unknown key 'train.stepz'" in proc.stderr
-    # so is the torchrun path's, on each rank alone (torchrun's variables, as its agent sets
+    # the verdict needs MPI and the config only: torch (~1 s a rank) is for runs that will go.
+    # So is the torchrun path's, on each rank alone (torchrun's variables, as its agent sets
     # them): a bad key, and our runtime under torchrun
-    env = dict(os.environ, RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", TORCHELASTIC_RUN_ID="t")
-    for args, says in ((["runtime=torch", "train.stepz=2"], "unknown key 'train.stepz'"),
-                       (["runtime=ours"], "add runtime=torch")):
-        argv = [*args, f"run.dir={tmp_path / 't'}"]
+    torchrun = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "TORCHELASTIC_RUN_ID": "t"}
+    for env, args, says in (({}, ["train.stepz=2"], "unknown key 'train.stepz'"),
+                            (torchrun, ["runtime=torch", "train.stepz=2"],
+                             "unknown key 'train.stepz'"),
+                            (torchrun, ["runtime=ours"], "add runtime=torch")):
+        argv = [*args, f"run.dir={tmp_path / 'r'}"]
         code = ("import sys; from harness import run; "
                 f"rc = run.main({argv!r}); print(rc, 'torch' in sys.modules)")
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                              timeout=60, cwd=REPO, env=env)
-        assert proc.stdout.split() == ["2", "False"], proc.stderr
+                              timeout=60, cwd=REPO, env={**os.environ, **env})
+        assert proc.stdout.split() == ["2", "False"], (args, proc.stderr)
         assert says in proc.stderr
 
 
