@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from .ops import signals
+from .run import freeze_for_exit
 
 
 class _Current:
@@ -89,4 +90,4 @@ def _freeze_imports() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(freeze_for_exit(main()))
