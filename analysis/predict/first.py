@@ -30,8 +30,8 @@ def first_pebbles(first: dict, pebbles, own, rows: int) -> None:
         if f[0] is not None and f[0] <= step:
             continue
         one = d[d["step"] == step]
-        lead = one["shape"].astype(str).str.split("x").str[0]
-        scales = lead.eq(str(rows)).to_numpy()
+        scales = np.array([str(x).split("x", 1)[0] == str(rows) for x in one["shape"].tolist()],
+                          bool)
         b = one["bytes"].to_numpy(float)
         mbs = one["mb"].to_numpy()
         f[0], f[1] = step, {int(m): (float(b[(mbs == m) & ~scales].sum()),
