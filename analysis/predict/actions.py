@@ -30,7 +30,8 @@ ACTION_OF = {"fwd": "fwd", "loss": "fwd", "bwd": "bwd", "opt": "opt", "norms": "
 
 def action_of(kinds) -> np.ndarray:
     """The action kind of each event kind ('' for events that are no compute)."""
-    return pd.Series(kinds, dtype=object).map(ACTION_OF).fillna("").to_numpy(object)
+    codes, uniq = pd.factorize(np.asarray(kinds, dtype=object))   # each distinct kind once
+    return np.array([ACTION_OF.get(k, "") for k in uniq] + [""], dtype=object)[codes]
 
 
 def action_times(events: pd.DataFrame, steps, meta: dict | None = None) -> pd.DataFrame:
@@ -77,8 +78,9 @@ def layer_times(events: pd.DataFrame, steps) -> pd.DataFrame:
     act = action_of(events["kind"].astype(object).to_numpy())
     use = (act != "") & (act != "opt") & np.isin(events["step"].to_numpy(),
                                                  np.asarray(list(steps)))
-    ev = events.loc[use, ["step", "layer", "start", "end"]].assign(
-        kind=act[use], d=(events["end"] - events["start"]).to_numpy()[use])
+    ev = pd.DataFrame({"step": events["step"].to_numpy()[use],
+                       "layer": events["layer"].to_numpy()[use], "kind": act[use],
+                       "d": (events["end"] - events["start"]).to_numpy()[use]})
     g = ev.groupby(["step", "layer", "kind"], sort=True)["d"]
     return pd.DataFrame({"busy": g.sum(), "n": g.size()}).reset_index()
 
