@@ -182,3 +182,14 @@ def test_unmeasured_gaps_keep_the_category_of_the_transition(tmp_path, m):
     assert pred.step_s == pytest.approx(truth["step_s"], rel=1e-9)
     assert pred.bubble == pytest.approx(truth["bubble"], abs=1e-9)
     assert any("message call into a message call" in a for a in pred.assumed)
+
+
+def test_no_action_and_no_message_is_no_gap(tmp_path):
+    # action_gaps on frames without rows: no row (once one made-up row of NaNs)
+    from analysis.predict.actions import action_gaps, action_times, schedule_table
+    run = _run(tmp_path, "g", schedule="gpipe", m=2, steps=3)
+    table = schedule_table(S.build("gpipe", 2, 2))
+    acts = action_times(run.events, [1], run.meta)
+    assert len(action_gaps(run.events.iloc[:0], acts.iloc[:0], table)) == 0
+    g = action_gaps(run.events[run.events["step"] == 1], acts, table)   # every action once
+    assert len(g) == len(table) and g["prev"].eq("").sum() == 2      # one first action a rank

@@ -162,7 +162,7 @@ def action_gaps(events: pd.DataFrame, acts: pd.DataFrame, table: pd.DataFrame) -
     same = (out["rank"].to_numpy()[1:] == out["rank"].to_numpy()[:-1]) & \
            (out["step"].to_numpy()[1:] == out["step"].to_numpy()[:-1]) & \
            (out["i"].to_numpy()[1:] == out["i"].to_numpy()[:-1] + 1)
-    prev = np.r_[False, same]
+    prev = np.r_[False, same][:len(out)]      # (no row: no previous action either)
     kinds = out["kind"].to_numpy(object)
     out["prev"] = np.where(prev, np.r_[[""], kinds[:-1]], "")
     out["gap"] = np.where(prev, out["start"].to_numpy() - np.r_[np.nan, out["end"].to_numpy()[:-1]],
