@@ -1,3 +1,4 @@
+import gc
 import inspect
 import os
 import re
@@ -133,5 +134,4 @@ def pytest_unconfigure(config):
     # the session is over: the objects left (~10^6 after torch, pandas and matplotlib) out of
     # the collector's reach, so the interpreter's exit does not walk them in its last
     # collections (~0.7 s of each process's exit here; it frees what it frees by refcount)
-    import gc
     gc.freeze()

@@ -123,40 +123,24 @@ def action_gaps(events: pd.DataFrame, acts: pd.DataFrame, table: pd.DataFrame) -
             comp.setdefault((r, k, mb, c), []).append((i, k))
         else:
             (post if phase == "post" else wait).setdefault((r, side, tag), []).append((i, k))
-    rows, ii, kk = [], [], []           # per match: the measured row, the action's i, kind
-
-    def join(keys, lookup, base):
-        for n, key in enumerate(keys):
-            for i, k in lookup.get(key, ()):
-                rows.append(base + n)
-                ii.append(i)
-                kk.append(k)
-    a_cols = [acts[x].to_numpy() for x in ("rank", "step", "s", "e")]
-    join(zip(acts["rank"].tolist(), acts["kind"].tolist(), acts["mb"].tolist(),
-             acts["chunk"].tolist()), comp, 0)
-    n_comp, na = len(rows), len(acts)
     ev = events[events["lane"].isin(("send", "recv")).to_numpy()]
-    e_rank, e_side, e_tag = (ev["rank"].tolist(), ev["kind"].astype(str).tolist(),
-                             ev["tag"].tolist())
-    join(zip(e_rank, e_side, e_tag), post, na)
-    n_post = len(rows)
-    join(zip(e_rank, e_side, e_tag), wait, na)
-    src = np.asarray(rows, np.int64)
-    kind = np.asarray(kk, object)
+    keys = list(zip(ev["rank"].tolist(), ev["kind"].astype(str).tolist(), ev["tag"].tolist()))
+    ca, ci, ck = _join(zip(*(acts[x].tolist() for x in ("rank", "kind", "mb", "chunk"))), comp)
+    pe, pi, pk = _join(keys, post)
+    we, wi, wk = _join(keys, wait)
+    s_, e_ = (acts[x].to_numpy(np.float64) for x in ("s", "e"))
     t0, t1, tb = (ev[x].to_numpy(np.float64) for x in ("start", "end", "tb"))
-    # compute: its first span's start and last span's end; a blocking call [t0, t1], a
-    # non-blocking post the point t0; a wait [tb, t1]
-    blocking = np.array([not S.COMM[k][1].startswith("i") for k in kind[n_comp:n_post]], bool)
-    e = src[n_comp:] - na
-    start = np.concatenate([a_cols[2].astype(np.float64)[src[:n_comp]], t0[e[:n_post - n_comp]],
-                            tb[e[n_post - n_comp:]]])
-    end = np.concatenate([a_cols[3].astype(np.float64)[src[:n_comp]],
-                          np.where(blocking, t1[e[:n_post - n_comp]], t0[e[:n_post - n_comp]]),
-                          t1[e[n_post - n_comp:]]])
-    rank = np.concatenate([a_cols[0][src[:n_comp]], ev["rank"].to_numpy()[e]])
-    step = np.concatenate([a_cols[1][src[:n_comp]], ev["step"].to_numpy()[e]])
-    i = np.asarray(ii, np.int64)
-    order = np.lexsort((i, step, rank))      # stable: a tie keeps the join's order
+    e_rank, e_step = ev["rank"].to_numpy(), ev["step"].to_numpy()
+    # a compute action: its first span's start to its last span's end; a blocking call
+    # [t0, t1], a non-blocking post the point t0; a wait [tb, t1]
+    blocking = np.array([not S.COMM[k][1].startswith("i") for k in pk], bool)
+    start = np.concatenate([s_[ca], t0[pe], tb[we]])
+    end = np.concatenate([e_[ca], np.where(blocking, t1[pe], t0[pe]), t1[we]])
+    rank, step = (np.concatenate([acts[c].to_numpy()[ca], x[pe], x[we]]).astype(np.int64)
+                  for c, x in (("rank", e_rank), ("step", e_step)))   # (acts may be empty)
+    i = np.concatenate([ci, pi, wi])
+    kind = np.concatenate([ck, pk, wk])
+    order = np.lexsort((i, step, rank))      # stable: a tie keeps the joins' order
     out = pd.DataFrame({"rank": rank[order], "step": step[order], "i": i[order],
                         "kind": kind[order], "start": start[order], "end": end[order]})
     same = (out["rank"].to_numpy()[1:] == out["rank"].to_numpy()[:-1]) & \
@@ -168,3 +152,16 @@ def action_gaps(events: pd.DataFrame, acts: pd.DataFrame, table: pd.DataFrame) -
     out["gap"] = np.where(prev, out["start"].to_numpy() - np.r_[np.nan, out["end"].to_numpy()[:-1]],
                           np.nan)
     return out
+
+
+def _join(keys, lookup: dict) -> tuple:
+    """An inner join of rows (their keys, in order) with a table's rows grouped by key
+    (`lookup`: key -> [(i, kind)] in the table's order) -> (row number, i, kind) per match,
+    in the order pandas' merge gives them."""
+    rows, ii, kk = [], [], []
+    for n, key in enumerate(keys):
+        for i, k in lookup.get(key, ()):
+            rows.append(n)
+            ii.append(i)
+            kk.append(k)
+    return np.asarray(rows, np.int64), np.asarray(ii, np.int64), np.asarray(kk, object)
