@@ -68,6 +68,14 @@ def run(request, tmp_path_factory):
     return make_run(tmp_path_factory.mktemp("stream") / request.param, **RUNS[request.param])
 
 
+@pytest.fixture(scope="module")
+def whole(run):
+    """The run's summary in one piece (one per run, for both chunk sizes), as JSON gives it."""
+    r = load_run(run)
+    return json.loads(json.dumps(metrics.summarize(r.events, r.pebbles, r.memory, r.meta,
+                                                   r.steps)))
+
+
 def test_steps_overlap_in_time_where_they_should(tmp_path):
     """The runs above are the case they claim: windows that overlap, a receive posted before
     its step's window opens, and chunks of one step whose context had to widen."""
@@ -83,13 +91,11 @@ def test_steps_overlap_in_time_where_they_should(tmp_path):
 
 
 @pytest.mark.parametrize("target", [1, 400])
-def test_chunks_merge_into_the_whole(run, target):
+def test_chunks_merge_into_the_whole(run, whole, target):
     """Two halves merged = whole, and one step per chunk: every number of metrics.json."""
-    r = load_run(run)
-    whole = metrics.summarize(r.events, r.pebbles, r.memory, r.meta, r.steps)
     got, n = _summary_by_chunks(run, target)
     assert n > 1
-    _close(json.loads(json.dumps(whole)), json.loads(json.dumps(got)))
+    _close(whole, json.loads(json.dumps(got)))
 
 
 def test_pebbles_held_across_steps_are_handed_to_every_chunk(tmp_path):
