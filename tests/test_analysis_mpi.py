@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from analysis import load_run, metrics as M
+from analysis.pebble import main as pebble
 from helpers import REPO, SMALL, Batches, declare_runs
 
 
@@ -103,7 +104,6 @@ def test_compare_two_real_runs(runs, tmp_path):
     rows = list(csv.DictReader(open(out / "compare.csv")))
     # second way: each run's own metrics.json from analysis.pebble (in this process: the
     # command's own start-up is compare's above)
-    from analysis.pebble import main as pebble
     for run, col in ((a, "a"), (b, "b")):
         assert pebble([str(run), "-q", "--no-trace", "--format", "none", "--out",
                        str(tmp_path / col)]) == 0

@@ -1,6 +1,7 @@
 """harness.batch: several runs in one job, each exactly as harness.run runs it (the converted
 test modules compare batched runs with one-process references bit for bit or to 1e-5; here:
 what a bad batch file and a failing run in a batch do)."""
+import gc
 import json
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import pytest
 
 from harness import batch
 from harness.ops.launch import mpirun
+from harness.run import freeze_for_exit
 from helpers import REPO, SMALL, losses, meta, ok, run_harness
 
 
@@ -26,8 +28,6 @@ def test_a_bad_batch_file_is_one_line_and_exit_2(tmp_path, capsys, text, says):
 def test_the_exit_leaves_what_is_left_out_of_the_collectors_reach():
     # harness.run and harness.batch exit through it: the interpreter's last collections then
     # skip the frozen objects (the time it saves is measured in docs/results.md)
-    import gc
-    from harness.run import freeze_for_exit
     keep = [[] for _ in range(100)]            # objects the collector tracks
     gc.unfreeze()
     try:

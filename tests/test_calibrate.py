@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 from analysis import load_run
+from analysis.predict.actions import action_gaps, action_times, schedule_table
 from analysis.predict.calibrate import calibrate
 from analysis.whatif import measured, predict
 from harness import schedule as S
@@ -186,7 +187,6 @@ def test_unmeasured_gaps_keep_the_category_of_the_transition(tmp_path, m):
 
 def test_no_action_and_no_message_is_no_gap(tmp_path):
     # action_gaps on frames without rows: no row (once one made-up row of NaNs)
-    from analysis.predict.actions import action_gaps, action_times, schedule_table
     run = _run(tmp_path, "g", schedule="gpipe", m=2, steps=3)
     table = schedule_table(S.build("gpipe", 2, 2))
     acts = action_times(run.events, [1], run.meta)

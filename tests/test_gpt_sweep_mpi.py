@@ -1,5 +1,7 @@
 """Everything downstream works for the GPT: a real sweep of GPT runs (schedules x recompute), its
 index, the sweep statistics and the paper's bubble and memory figures."""
+import shutil
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -26,7 +28,6 @@ declare_runs(__name__, GRID)
 def test_a_gpt_sweep_runs_and_draws(tmp_path):
     # the grid's four runs made beforehand; the sweep finds them complete, as when it resumes,
     # and launches the one point left with its real launcher (mpirun)
-    import shutil
     assert len(GRID) == 4 and len(POINTS) == 5
     made = Batches(__name__)
     for name in GRID:
